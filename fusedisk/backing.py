@@ -1,0 +1,246 @@
+"""The only room that touches backing file descriptors.
+
+Every backing object is reached through an ``O_PATH | O_NOFOLLOW`` descriptor
+and ``*at()`` system calls relative to a directory descriptor, never through
+a joined path string: a name handed in by FUSE is a single component, and no
+symlink on a store is ever followed by the daemon. That is what keeps every
+request inside the store directory that holds its entry.
+
+Colour (see STYLE.md, habit 2): ``pread``/``pwrite``/``fstat`` and the
+namespace calls run on the trio thread. Measured on this machine they cost
+less than the hand-off to a worker thread (PERF-NOTES.md: 2.5x slower at
+QD1 when every call is offloaded); on a healthy local store they do not
+block for long. ``fsync``/``fdatasync`` and whole-file scans can block for
+a long time and are offloaded with :func:`run_blocking`.
+
+Backing files are opened *without* ``O_DIRECT``: a write that fusedisk
+acknowledged is in the kernel's page cache of the backing filesystem, where
+it survives a crash (even ``kill -9``) of the daemon, and ``fsync``/
+``fdatasync`` on the mount are passed through so data is on stable storage
+when the guest asks for it. The guest's own ``O_DIRECT`` (QEMU
+``cache=none``) bypasses the FUSE page cache in the kernel, so data is
+cached once, in the backing store.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import stat
+from collections.abc import Callable
+from typing import TypeVar
+
+import trio
+
+_T = TypeVar("_T")
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+AT_FDCWD = -100
+AT_SYMLINK_NOFOLLOW = 0x100
+AT_EMPTY_PATH = 0x1000
+RENAME_NOREPLACE = 1 << 0
+RENAME_EXCHANGE = 1 << 1
+UTIME_OMIT = (1 << 30) - 2
+
+#: Longest name a store accepts through the mount (checked against every store).
+NAME_MAX = 255
+
+# Blocking calls share one limiter, so a slow store cannot take every thread.
+_blocking_limiter = trio.CapacityLimiter(16)
+
+
+async def run_blocking(fn: Callable[..., _T], *args: object) -> _T:
+    """Run a call that may block for long (fsync, scans) on a worker thread."""
+    return await trio.to_thread.run_sync(fn, *args, limiter=_blocking_limiter)
+
+
+def _check(ret: int) -> None:
+    if ret != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+class _Timespec(ctypes.Structure):
+    _fields_ = (("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long))
+
+
+def proc_path(fd: int) -> str:
+    """The ``/proc`` path that re-opens what *fd* refers to (an O_PATH fd too)."""
+    return f"/proc/self/fd/{fd}"
+
+
+def check_name(name: bytes) -> str:
+    """Return *name* as str if it is a single path component, else raise OSError.
+
+    The kernel never hands FUSE a name with ``/``; this is the belt to that
+    braces, and also catches ``.``/``..`` and over-long names.
+    """
+    if not name or b"/" in name or b"\0" in name or name in (b".", b".."):
+        raise OSError(errno.EINVAL, "invalid name")
+    if len(name) > NAME_MAX:
+        raise OSError(errno.ENAMETOOLONG, "name too long")
+    return os.fsdecode(name)
+
+
+def open_path(dir_fd: int, name: str) -> int:
+    """Open *name* in *dir_fd* as an O_PATH handle, never following a symlink."""
+    return os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+
+
+def open_dir_path(path: str) -> int:
+    """Open the directory at *path* (a store root) as an O_PATH handle."""
+    return os.open(path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+
+
+def reopen(path_fd: int, flags: int) -> int:
+    """Open the object behind an O_PATH handle for I/O with *flags*."""
+    # The /proc magic link resolves to the object itself, not by walking a path.
+    return os.open(proc_path(path_fd), flags | os.O_CLOEXEC)
+
+
+def open_for_io(path_fd: int) -> tuple[int, bool]:
+    """Open a regular file read-write, or read-only where the store refuses writes.
+
+    Returns ``(fd, writable)``. One descriptor serves every handle of an
+    inode; permission checks are the kernel's (``default_permissions``).
+    """
+    try:
+        return reopen(path_fd, os.O_RDWR), True
+    except OSError as e:
+        if e.errno not in (errno.EROFS, errno.EACCES, errno.EPERM, errno.ETXTBSY):
+            raise
+    return reopen(path_fd, os.O_RDONLY), False
+
+
+def fstat(fd: int) -> os.stat_result:
+    """``fstat`` of any handle, O_PATH included; never follows a symlink."""
+    return os.fstat(fd)
+
+
+def lstat_at(dir_fd: int, name: str) -> os.stat_result:
+    return os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+
+
+def fchown(path_fd: int, uid: int, gid: int) -> None:
+    """Change owner of the object behind an O_PATH handle (symlinks included)."""
+    _check(
+        _libc.fchownat(path_fd, b"", uid, gid, AT_EMPTY_PATH | AT_SYMLINK_NOFOLLOW)
+    )
+
+
+def fchmod(path_fd: int, st_mode: int, mode: int) -> None:
+    """Change the mode of what an O_PATH handle refers to; symlinks have none."""
+    if stat.S_ISLNK(st_mode):
+        raise OSError(errno.EOPNOTSUPP, "symlinks have no mode")
+    os.chmod(proc_path(path_fd), stat.S_IMODE(mode))
+
+
+def futimens(path_fd: int, atime_ns: int | None, mtime_ns: int | None) -> None:
+    """Set access/modification times; ``None`` leaves a time as it is."""
+    times = (_Timespec * 2)()
+    for slot, value in enumerate((atime_ns, mtime_ns)):
+        if value is None:
+            times[slot].tv_sec, times[slot].tv_nsec = 0, UTIME_OMIT
+        else:
+            times[slot].tv_sec, times[slot].tv_nsec = divmod(value, 1_000_000_000)
+    _check(_libc.utimensat(path_fd, b"", times, AT_EMPTY_PATH | AT_SYMLINK_NOFOLLOW))
+
+
+def renameat2(old_dir_fd: int, old: str, new_dir_fd: int, new: str, flags: int) -> None:
+    _check(
+        _libc.renameat2(old_dir_fd, os.fsencode(old), new_dir_fd, os.fsencode(new), flags)
+    )
+
+
+def link(path_fd: int, new_dir_fd: int, new: str) -> None:
+    """Hard-link the object behind an O_PATH handle as *new* in *new_dir_fd*."""
+    os.link(proc_path(path_fd), new, dst_dir_fd=new_dir_fd, follow_symlinks=True)
+
+
+def readlink(path_fd: int) -> bytes:
+    return os.fsencode(os.readlink("", dir_fd=path_fd))
+
+
+def truncate(path_fd: int, length: int) -> None:
+    os.truncate(proc_path(path_fd), length)
+
+
+def pread(fd: int, length: int, offset: int) -> bytes:
+    return os.pread(fd, length, offset)
+
+
+def pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> int:
+    """Write all of *data* at *offset*; return how much landed.
+
+    A short count is returned only when an error stopped the write after
+    some bytes had landed; an error before any byte landed is raised.
+    """
+    view = memoryview(data)
+    done = 0
+    while done < len(view):
+        try:
+            n = os.pwrite(fd, view[done:], offset + done)
+        except OSError:
+            if done == 0:
+                raise
+            return done
+        if n == 0:
+            break
+        done += n
+    return done
+
+
+# xattrs go through the /proc path of the O_PATH handle: the kernel resolves
+# that magic link to the object itself, so no store path is re-walked.
+
+
+def getxattr(path_fd: int, name: str) -> bytes:
+    return os.getxattr(proc_path(path_fd), name)
+
+
+def setxattr(path_fd: int, name: str, value: bytes, flags: int) -> None:
+    os.setxattr(proc_path(path_fd), name, value, flags)
+
+
+def listxattr(path_fd: int) -> list[str]:
+    return os.listxattr(proc_path(path_fd))
+
+
+def removexattr(path_fd: int, name: str) -> None:
+    os.removexattr(proc_path(path_fd), name)
+
+
+def statvfs(path_fd: int) -> os.statvfs_result:
+    return os.fstatvfs(path_fd)
+
+
+def list_dir(path_fd: int) -> list[str]:
+    """Names in the directory behind an O_PATH handle (no ``.``/``..``)."""
+    fd = reopen(path_fd, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        return os.listdir(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync(fd: int, datasync: bool) -> None:
+    (os.fdatasync if datasync else os.fsync)(fd)
+
+
+def fsync_dir(path_fd: int) -> None:
+    """Make a directory's entries durable (after create/rename/unlink)."""
+    fd = reopen(path_fd, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def ftruncate(fd: int, length: int) -> None:
+    os.ftruncate(fd, length)
+
+
+def close(fd: int) -> None:
+    os.close(fd)

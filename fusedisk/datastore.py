@@ -1,0 +1,226 @@
+"""The datastore namespace: stores, top-level entries and their placement.
+
+Every top-level entry (a VM home directory, or a single file) lives on
+exactly one store. The placement table is the truth about where; it is
+persisted in the state directory as the ``datastore`` record together with
+the stores' numeric ids (which make inode numbers stable across mounts).
+
+Ordering rule for namespace changes at the top level: the backing change
+happens first, the placement record is saved second. A crash in between
+leaves a state that :meth:`Datastore.open` repairs without guessing: an
+entry found on exactly one store but missing from the table is adopted, an
+entry in the table that no store holds is dropped (both logged). A name
+found on several stores and absent from the table is *not* merged: it is
+reported as a conflict and left out of the namespace until an operator
+removes one copy.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from . import backing
+from .config import Config
+from .errors import ConfigError, StateError
+from .metadata import StateDir
+
+log = logging.getLogger(__name__)
+
+#: Top-level names with this prefix are fusedisk's own (relocation scratch).
+RESERVED_PREFIX = ".fusedisk"
+_RECORD = "datastore"
+#: Store ids are packed into the top bits of inode numbers (see fs.py).
+MAX_STORE_ID = (1 << 14) - 1
+
+
+@dataclass(eq=False, slots=True)
+class Store:
+    """A backing directory. ``root_fd`` is an O_PATH handle held for the mount's life."""
+
+    name: str
+    path: Path
+    store_id: int
+    root_fd: int
+
+    def statvfs(self) -> os.statvfs_result:
+        return backing.statvfs(self.root_fd)
+
+
+@dataclass(eq=False, slots=True)
+class Entry:
+    """A top-level entry. Only :class:`Datastore` changes ``name`` and ``store``."""
+
+    name: str
+    store: Store
+
+
+class Datastore:
+    """Stores and placement; the single writer of the ``datastore`` record."""
+
+    def __init__(self, state: StateDir, stores: dict[str, Store], default_store: str) -> None:
+        self.state = state
+        self.stores = stores
+        self.default_store = stores[default_store]
+        self.entries: dict[str, Entry] = {}
+        #: name → stores holding it, for names that could not be placed.
+        self.conflicts: dict[str, list[str]] = {}
+        self._store_ids: dict[str, int] = {}
+        self._save_lock = trio.Lock()
+
+    # -- opening -----------------------------------------------------------------
+
+    @classmethod
+    def open(cls, config: Config, state: StateDir) -> Datastore:
+        """Load the placement, open the stores, adopt and repair. Blocking."""
+        record = state.load(_RECORD) or {}
+        store_ids: dict[str, int] = dict(record.get("stores", {}))
+        placement: dict[str, str] = dict(record.get("placement", {}))
+        for name, store_name in sorted(placement.items()):
+            if store_name not in config.stores:
+                raise ConfigError(
+                    f"entry {name!r} is placed on store {store_name!r}, which is not "
+                    "configured any more; add the store back"
+                )
+        next_id = max(store_ids.values(), default=0) + 1
+        stores: dict[str, Store] = {}
+        try:
+            for name, path in sorted(config.stores.items()):
+                if name not in store_ids:
+                    if next_id > MAX_STORE_ID:
+                        raise StateError("too many stores have been configured over time")
+                    store_ids[name] = next_id
+                    next_id += 1
+                try:
+                    fd = backing.open_dir_path(str(path))
+                except OSError as e:
+                    raise ConfigError(f"store {name!r}: cannot open {path}: {e.strerror}") from None
+                stores[name] = Store(name, path, store_ids[name], fd)
+            ds = cls(state, stores, config.default_store)
+            ds._store_ids = store_ids
+            ds._adopt(placement)
+        except BaseException:
+            for store in stores.values():
+                os.close(store.root_fd)
+            raise
+        ds.save_nowait_blocking()
+        return ds
+
+    def _adopt(self, placement: dict[str, str]) -> None:
+        found: dict[str, list[str]] = {}
+        for store in self.stores.values():
+            for name in backing.list_dir(store.root_fd):
+                if not name.startswith(RESERVED_PREFIX):
+                    found.setdefault(name, []).append(store.name)
+        for name, store_name in sorted(placement.items()):
+            holders = found.get(name, [])
+            if store_name in holders:
+                self.entries[name] = Entry(name, self.stores[store_name])
+                for other in holders:
+                    if other != store_name:
+                        log.warning(
+                            "entry %r also exists on store %r; ignored, placement says %r",
+                            name, other, store_name,
+                        )
+            elif len(holders) == 1:
+                log.warning(
+                    "entry %r is placed on %r but found only on %r; following the data",
+                    name, store_name, holders[0],
+                )
+                self.entries[name] = Entry(name, self.stores[holders[0]])
+            elif not holders:
+                log.warning("entry %r is on no store any more; dropped from placement", name)
+            else:
+                self.conflicts[name] = sorted(holders)
+        for name, holders in sorted(found.items()):
+            if name in placement:
+                continue
+            if len(holders) == 1:
+                log.info("adopted entry %r found on store %r", name, holders[0])
+                self.entries[name] = Entry(name, self.stores[holders[0]])
+            else:
+                self.conflicts[name] = sorted(holders)
+        for name, holders in sorted(self.conflicts.items()):
+            log.error(
+                "entry %r exists on several stores (%s) and is not served; "
+                "remove all copies but one, then mount again",
+                name, ", ".join(holders),
+            )
+
+    def close(self) -> None:
+        for store in self.stores.values():
+            os.close(store.root_fd)
+
+    # -- persistence -------------------------------------------------------------
+
+    def _record(self) -> dict[str, Any]:
+        return {
+            "stores": dict(self._store_ids),
+            "placement": {name: e.store.name for name, e in sorted(self.entries.items())},
+        }
+
+    def save_nowait_blocking(self) -> None:
+        """Save the placement record synchronously (startup and shutdown)."""
+        self.state.save(_RECORD, self._record())
+
+    async def save(self) -> None:
+        """Durably save the placement as it is now; concurrent calls serialise."""
+        async with self._save_lock:
+            record = self._record()
+            await backing.run_blocking(self.state.save, _RECORD, record)
+
+    # -- namespace changes (backing first, then the record) -----------------------
+
+    def get(self, name: str) -> Entry | None:
+        return self.entries.get(name)
+
+    def names(self) -> list[str]:
+        return sorted(self.entries)
+
+    def is_reserved(self, name: str) -> bool:
+        return name.startswith(RESERVED_PREFIX) or name in self.conflicts
+
+    async def added(self, name: str, store: Store) -> Entry:
+        """Record a new entry whose backing object was just created on *store*."""
+        entry = Entry(name, store)
+        self.entries[name] = entry
+        await self.save()
+        return entry
+
+    async def removed(self, name: str) -> None:
+        """Forget an entry whose backing object was just removed."""
+        self.entries.pop(name, None)
+        await self.save()
+
+    async def renamed(self, old: str, new: str, exchange: bool) -> None:
+        """Record a rename (or exchange) that just happened on the backing store."""
+        moved = self.entries.pop(old)
+        displaced = self.entries.pop(new, None)
+        moved.name = new
+        self.entries[new] = moved
+        if exchange and displaced is not None:
+            displaced.name = old
+            self.entries[old] = displaced
+        await self.save()
+
+    def statistics(self) -> dict[str, Any]:
+        """Stores with their space, and the placement, for ``status``."""
+        stores = {}
+        for name, store in sorted(self.stores.items()):
+            try:
+                vfs = store.statvfs()
+                free, size = vfs.f_bavail * vfs.f_frsize, vfs.f_blocks * vfs.f_frsize
+            except OSError:
+                free = size = -1
+            stores[name] = {"path": str(store.path), "free_bytes": free, "size_bytes": size}
+        return {
+            "stores": stores,
+            "default_store": self.default_store.name,
+            "placement": {name: e.store.name for name, e in sorted(self.entries.items())},
+            "conflicts": dict(self.conflicts),
+        }

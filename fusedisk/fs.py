@@ -1,0 +1,633 @@
+"""pyfuse3 Operations: inodes, handles and errno translation, nothing else.
+
+Inode numbers belong to fusedisk. A backing object is identified by its
+``(st_dev, st_ino)``; its fusedisk inode number is ``store_id << 48 |
+st_ino`` (stable across mounts while the placement does not change), or a
+number from a private range when that would collide. The number stays with
+the :class:`Inode` for as long as the kernel knows it, whatever store holds
+the bytes later.
+
+Every known inode holds an ``O_PATH | O_NOFOLLOW`` handle on its backing
+object: names are resolved one component at a time with ``*at()`` calls
+relative to the parent's handle, never by joining strings, so no request can
+leave the store that holds its entry. Holding the handle also keeps the
+backing inode number from being reused while the kernel remembers it, and
+keeps an unlinked-but-open file usable.
+
+The mount root is virtual: its children are the datastore's entries, each
+on its own store. Hard links and renames across entries get ``EXDEV`` (an
+entry must stay self-contained to be relocatable), like crossing a
+filesystem boundary.
+
+errno lives only here: domain code raises ``OSError``; :func:`_errno_edge`
+turns it into ``FUSEError``. Any other exception is a bug and ends the
+mount, as pyfuse3 intends.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import logging
+import os
+import stat
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, ParamSpec, TypeVar
+
+import pyfuse3
+from pyfuse3 import FUSEError
+
+from . import backing
+from .datastore import Datastore, Entry
+from .vdisk import VFile
+
+log = logging.getLogger(__name__)
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+ROOT_INODE = pyfuse3.ROOT_INODE
+_STORE_SHIFT = 48
+_PRIVATE_INO_BASE = 1 << 62
+#: How long the kernel may cache attributes and names. Every change passes
+#: through this mount, so the kernel's own invalidation keeps it right.
+_ATTR_TIMEOUT_S = 1.0
+
+
+def _errno_edge(fn: Callable[_P, Awaitable[_R]]) -> Callable[_P, Awaitable[_R]]:
+    """Translate OSError raised below into the FUSE reply it stands for."""
+
+    @functools.wraps(fn)
+    async def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+        try:
+            return await fn(*args, **kwargs)
+        except OSError as e:
+            raise FUSEError(e.errno or errno.EIO) from None
+
+    return wrapper
+
+
+class Inode:
+    """A file, directory or other object the kernel knows by number.
+
+    ``lookups`` is the kernel's lookup count; ``vfile`` is set while the file
+    is open. The inode is dropped when both are gone.
+    """
+
+    __slots__ = ("entry", "ino", "is_entry_root", "key", "lookups", "path_fd", "vfile")
+
+    def __init__(
+        self, ino: int, path_fd: int, key: tuple[int, int], entry: Entry | None, is_entry_root: bool
+    ) -> None:
+        self.ino = ino
+        self.path_fd = path_fd
+        self.key = key
+        self.entry = entry
+        self.is_entry_root = is_entry_root
+        self.lookups = 0
+        self.vfile: VFile | None = None
+
+
+class _DirHandle:
+    __slots__ = ("inode", "names")
+
+    def __init__(self, inode: Inode) -> None:
+        self.inode = inode
+        self.names: list[str] | None = None
+
+
+class Operations(pyfuse3.Operations):
+    """Translate FUSE requests into calls on the datastore and the backing room."""
+
+    supports_dot_lookup = False
+    enable_writeback_cache = False  # would acknowledge writes the daemon never saw
+
+    def __init__(self, datastore: Datastore) -> None:
+        super().__init__()
+        self.datastore = datastore
+        self._root = Inode(ROOT_INODE, -1, (-1, -1), None, False)
+        self._root.lookups = 1
+        self._inodes: dict[int, Inode] = {ROOT_INODE: self._root}
+        self._by_key: dict[tuple[int, int], Inode] = {}
+        #: open regular files, by inode number (the FUSE file handle is the inode number)
+        self._vfiles: dict[int, VFile] = {}
+        self._dirs: dict[int, _DirHandle] = {}
+        self._next_dir_fh = 1
+        self._next_private_ino = _PRIVATE_INO_BASE
+        self._root_time_ns = time.time_ns()
+
+    # -- inode table --------------------------------------------------------------
+
+    def _inode(self, ino: int) -> Inode:
+        try:
+            return self._inodes[ino]
+        except KeyError:
+            raise FUSEError(errno.ESTALE) from None
+
+    def _remember(
+        self, path_fd: int, st: os.stat_result, entry: Entry, is_entry_root: bool
+    ) -> Inode:
+        """Return the Inode for a freshly opened backing handle; consumes *path_fd*.
+
+        The lookup count is *not* incremented: the caller does it once the
+        kernel is sure to have been told (see :meth:`readdir`).
+        """
+        key = (st.st_dev, st.st_ino)
+        known = self._by_key.get(key)
+        if known is not None:
+            backing.close(path_fd)
+            return known
+        ino = (entry.store.store_id << _STORE_SHIFT) | st.st_ino
+        if st.st_ino >> _STORE_SHIFT or ino in self._inodes:
+            ino = self._next_private_ino
+            self._next_private_ino += 1
+        inode = Inode(ino, path_fd, key, entry, is_entry_root)
+        self._inodes[ino] = inode
+        self._by_key[key] = inode
+        return inode
+
+    def _maybe_drop(self, inode: Inode) -> None:
+        if inode.lookups <= 0 and inode.vfile is None and inode is not self._root:
+            del self._inodes[inode.ino]
+            if self._by_key.get(inode.key) is inode:
+                del self._by_key[inode.key]
+            backing.close(inode.path_fd)
+
+    def _attr(self, inode: Inode, st: os.stat_result) -> pyfuse3.EntryAttributes:
+        attr = pyfuse3.EntryAttributes()
+        attr.st_ino = inode.ino
+        attr.generation = 0
+        attr.entry_timeout = _ATTR_TIMEOUT_S
+        attr.attr_timeout = _ATTR_TIMEOUT_S
+        attr.st_mode = st.st_mode
+        attr.st_nlink = st.st_nlink
+        attr.st_uid = st.st_uid
+        attr.st_gid = st.st_gid
+        attr.st_rdev = st.st_rdev
+        attr.st_size = st.st_size
+        attr.st_blksize = st.st_blksize
+        attr.st_blocks = st.st_blocks
+        attr.st_atime_ns = st.st_atime_ns
+        attr.st_mtime_ns = st.st_mtime_ns
+        attr.st_ctime_ns = st.st_ctime_ns
+        return attr
+
+    def _root_attr(self) -> pyfuse3.EntryAttributes:
+        attr = pyfuse3.EntryAttributes()
+        attr.st_ino = ROOT_INODE
+        attr.entry_timeout = _ATTR_TIMEOUT_S
+        attr.attr_timeout = _ATTR_TIMEOUT_S
+        attr.st_mode = stat.S_IFDIR | 0o755
+        attr.st_nlink = 2
+        attr.st_blksize = 4096
+        attr.st_atime_ns = attr.st_mtime_ns = attr.st_ctime_ns = self._root_time_ns
+        return attr
+
+    def _getattr(self, inode: Inode) -> pyfuse3.EntryAttributes:
+        if inode is self._root:
+            return self._root_attr()
+        return self._attr(inode, backing.fstat(inode.path_fd))
+
+    def _where(
+        self, parent: Inode, name: bytes, creating: bool = False
+    ) -> tuple[int, str, Entry | None]:
+        """``(dir_fd, name, entry)`` for a child of *parent*; entry is None for a
+        top-level name that has no entry yet (new ones go to the default store)."""
+        sname = backing.check_name(name)
+        if parent is not self._root:
+            return parent.path_fd, sname, parent.entry
+        if self.datastore.is_reserved(sname):
+            if not creating:
+                raise OSError(errno.ENOENT, "no such entry")
+            raise OSError(errno.EEXIST if sname in self.datastore.conflicts else errno.EPERM,
+                          "reserved name")
+        entry = self.datastore.get(sname)
+        store = entry.store if entry else self.datastore.default_store
+        return store.root_fd, sname, entry
+
+    def _lookup(self, parent: Inode, name: bytes) -> tuple[Inode, os.stat_result]:
+        dir_fd, sname, entry = self._where(parent, name)
+        if entry is None:
+            raise OSError(errno.ENOENT, "no such entry")
+        path_fd = backing.open_path(dir_fd, sname)
+        try:
+            st = backing.fstat(path_fd)
+        except BaseException:
+            backing.close(path_fd)
+            raise
+        return self._remember(path_fd, st, entry, parent is self._root), st
+
+    # -- lookups and attributes -----------------------------------------------------
+
+    @_errno_edge
+    async def lookup(
+        self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        parent = self._inode(parent_inode)
+        if name == b".":
+            inode = parent
+            attr = self._getattr(parent)
+        elif name == b"..":
+            if parent is self._root or parent.is_entry_root:
+                inode, attr = self._root, self._root_attr()
+            else:
+                assert parent.entry is not None
+                path_fd = backing.open_path(parent.path_fd, "..")
+                st = backing.fstat(path_fd)
+                inode = self._remember(path_fd, st, parent.entry, False)
+                attr = self._attr(inode, st)
+        else:
+            inode, st = self._lookup(parent, name)
+            attr = self._attr(inode, st)
+        inode.lookups += 1
+        return attr
+
+    async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
+        for ino, nlookup in inode_list:
+            inode = self._inodes.get(ino)
+            if inode is not None:
+                inode.lookups -= nlookup
+                self._maybe_drop(inode)
+
+    @_errno_edge
+    async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        return self._getattr(self._inode(inode))
+
+    @_errno_edge
+    async def setattr(
+        self,
+        inode: int,
+        attr: pyfuse3.EntryAttributes,
+        fields: pyfuse3.SetattrFields,
+        fh: int | None,
+        ctx: pyfuse3.RequestContext,
+    ) -> pyfuse3.EntryAttributes:
+        node = self._inode(inode)
+        if node is self._root:
+            raise OSError(errno.EPERM, "the datastore root cannot be changed")
+        if fields.update_size:
+            vfile = self._open_vfile(node)
+            try:
+                vfile.truncate(attr.st_size)
+            finally:
+                self._release_vfile(node)
+        st_mode = backing.fstat(node.path_fd).st_mode
+        if fields.update_uid or fields.update_gid:
+            backing.fchown(
+                node.path_fd,
+                attr.st_uid if fields.update_uid else -1,
+                attr.st_gid if fields.update_gid else -1,
+            )
+        if fields.update_mode:
+            backing.fchmod(node.path_fd, st_mode, attr.st_mode)
+        if fields.update_atime or fields.update_mtime:
+            backing.futimens(
+                node.path_fd,
+                attr.st_atime_ns if fields.update_atime else None,
+                attr.st_mtime_ns if fields.update_mtime else None,
+            )
+        return self._getattr(node)
+
+    @_errno_edge
+    async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
+        return backing.readlink(self._inode(inode).path_fd)
+
+    @_errno_edge
+    async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
+        # pyfuse3 does not say which inode a statfs is for, so this reports the
+        # default store (where new entries go); `fusedisk status` shows them all.
+        vfs = self.datastore.default_store.statvfs()
+        out = pyfuse3.StatvfsData()
+        out.f_bsize = vfs.f_bsize
+        out.f_frsize = vfs.f_frsize
+        out.f_blocks = vfs.f_blocks
+        out.f_bfree = vfs.f_bfree
+        out.f_bavail = vfs.f_bavail
+        out.f_files = vfs.f_files
+        out.f_ffree = vfs.f_ffree
+        out.f_favail = vfs.f_favail
+        out.f_namemax = min(
+            [backing.NAME_MAX] + [s.statvfs().f_namemax for s in self.datastore.stores.values()]
+        )
+        return out
+
+    async def access(self, inode: int, mode: int, ctx: pyfuse3.RequestContext) -> bool:
+        return True  # `default_permissions`: the kernel checks modes itself
+
+    # -- creating and removing names -----------------------------------------------
+
+    def _set_owner_and_mode(
+        self, path_fd: int, parent: Inode, mode: int, ctx: pyfuse3.RequestContext
+    ) -> os.stat_result:
+        """Give a new object the caller's uid, the right gid and the asked-for mode.
+
+        The daemon runs as root with umask 0, so the backing object starts as
+        root's; the kernel has applied the caller's umask to *mode* already.
+        A set-gid parent directory hands down its group (and, to directories,
+        the set-gid bit) as on any POSIX filesystem.
+        """
+        gid = ctx.gid
+        if parent is not self._root:
+            parent_st = backing.fstat(parent.path_fd)
+            if parent_st.st_mode & stat.S_ISGID:
+                gid = parent_st.st_gid
+                if stat.S_ISDIR(mode):
+                    mode |= stat.S_ISGID
+        backing.fchown(path_fd, ctx.uid, gid)
+        st = backing.fstat(path_fd)
+        if not stat.S_ISLNK(st.st_mode) and stat.S_IMODE(st.st_mode) != stat.S_IMODE(mode):
+            backing.fchmod(path_fd, st.st_mode, mode)
+            st = backing.fstat(path_fd)
+        return st
+
+    async def _created(
+        self, parent: Inode, sname: str, dir_fd: int, entry: Entry | None, mode: int,
+        ctx: pyfuse3.RequestContext,
+    ) -> tuple[Inode, pyfuse3.EntryAttributes]:
+        """Register an object just created as *sname* in *dir_fd*."""
+        path_fd = backing.open_path(dir_fd, sname)
+        try:
+            st = self._set_owner_and_mode(path_fd, parent, mode, ctx)
+        except BaseException:
+            backing.close(path_fd)
+            raise
+        if entry is None:  # a new top-level entry, created on the default store
+            entry = await self.datastore.added(sname, self.datastore.default_store)
+            self._root_time_ns = time.time_ns()
+        inode = self._remember(path_fd, st, entry, parent is self._root)
+        inode.lookups += 1
+        return inode, self._attr(inode, st)
+
+    @_errno_edge
+    async def create(
+        self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: pyfuse3.RequestContext
+    ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+        parent = self._inode(parent_inode)
+        dir_fd, sname, entry = self._where(parent, name, creating=True)
+        fd = os.open(
+            sname,
+            os.O_CREAT | os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC | (flags & os.O_EXCL),
+            stat.S_IMODE(mode),
+            dir_fd=dir_fd,
+        )
+        try:
+            inode, attr = await self._created(parent, sname, dir_fd, entry, mode, ctx)
+        except BaseException:
+            backing.close(fd)
+            raise
+        if inode.vfile is None:
+            inode.vfile = VFile(fd, True)
+            self._vfiles[inode.ino] = inode.vfile
+        else:  # raced with another open of the same file
+            backing.close(fd)
+        inode.vfile.opens += 1
+        return self._file_info(inode, flags), attr
+
+    @_errno_edge
+    async def mkdir(
+        self, parent_inode: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        parent = self._inode(parent_inode)
+        dir_fd, sname, entry = self._where(parent, name, creating=True)
+        os.mkdir(sname, stat.S_IMODE(mode), dir_fd=dir_fd)
+        return (await self._created(parent, sname, dir_fd, entry, stat.S_IFDIR | mode, ctx))[1]
+
+    @_errno_edge
+    async def mknod(
+        self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        parent = self._inode(parent_inode)
+        dir_fd, sname, entry = self._where(parent, name, creating=True)
+        os.mknod(sname, mode, rdev, dir_fd=dir_fd)
+        return (await self._created(parent, sname, dir_fd, entry, mode, ctx))[1]
+
+    @_errno_edge
+    async def symlink(
+        self, parent_inode: int, name: bytes, target: bytes, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        parent = self._inode(parent_inode)
+        dir_fd, sname, entry = self._where(parent, name, creating=True)
+        os.symlink(target, sname, dir_fd=dir_fd)
+        return (await self._created(parent, sname, dir_fd, entry, stat.S_IFLNK | 0o777, ctx))[1]
+
+    @_errno_edge
+    async def link(
+        self, inode: int, new_parent_inode: int, new_name: bytes, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        node = self._inode(inode)
+        new_parent = self._inode(new_parent_inode)
+        dir_fd, sname, entry = self._where(new_parent, new_name, creating=True)
+        if new_parent is self._root or entry is not node.entry:
+            raise OSError(errno.EXDEV, "hard links stay inside one entry")
+        backing.link(node.path_fd, dir_fd, sname)
+        node.lookups += 1
+        return self._getattr(node)
+
+    async def _remove(self, parent_inode: int, name: bytes, is_dir: bool) -> None:
+        parent = self._inode(parent_inode)
+        dir_fd, sname, entry = self._where(parent, name)
+        if entry is None:
+            raise OSError(errno.ENOENT, "no such entry")
+        if is_dir:
+            os.rmdir(sname, dir_fd=dir_fd)
+        else:
+            os.unlink(sname, dir_fd=dir_fd)
+        if parent is self._root:
+            await self.datastore.removed(sname)
+            self._root_time_ns = time.time_ns()
+
+    @_errno_edge
+    async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        await self._remove(parent_inode, name, is_dir=False)
+
+    @_errno_edge
+    async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        await self._remove(parent_inode, name, is_dir=True)
+
+    @_errno_edge
+    async def rename(
+        self,
+        parent_inode_old: int,
+        name_old: bytes,
+        parent_inode_new: int,
+        name_new: bytes,
+        flags: int,
+        ctx: pyfuse3.RequestContext,
+    ) -> None:
+        old_parent = self._inode(parent_inode_old)
+        new_parent = self._inode(parent_inode_new)
+        old_dir_fd, old_name, old_entry = self._where(old_parent, name_old)
+        new_dir_fd, new_name, new_entry = self._where(new_parent, name_new, creating=True)
+        if old_entry is None:
+            raise OSError(errno.ENOENT, "no such entry")
+        at_root = old_parent is self._root
+        if at_root != (new_parent is self._root):
+            raise OSError(errno.EXDEV, "moving into or out of the top level crosses entries")
+        if at_root:
+            if new_entry is not None and new_entry.store is not old_entry.store:
+                raise OSError(errno.EXDEV, "the two entries live on different stores")
+            new_dir_fd = old_entry.store.root_fd
+        elif new_entry is not old_entry:
+            raise OSError(errno.EXDEV, "renames stay inside one entry")
+        if flags & ~(pyfuse3.RENAME_EXCHANGE | pyfuse3.RENAME_NOREPLACE):
+            raise OSError(errno.EINVAL, "unknown rename flags")
+        backing.renameat2(old_dir_fd, old_name, new_dir_fd, new_name, flags)
+        if at_root:
+            await self.datastore.renamed(
+                old_name, new_name, exchange=bool(flags & pyfuse3.RENAME_EXCHANGE)
+            )
+            self._root_time_ns = time.time_ns()
+
+    # -- regular files ---------------------------------------------------------------
+
+    def _open_vfile(self, inode: Inode) -> VFile:
+        vfile = inode.vfile
+        if vfile is None:
+            fd, writable = backing.open_for_io(inode.path_fd)
+            vfile = inode.vfile = self._vfiles[inode.ino] = VFile(fd, writable)
+        vfile.opens += 1
+        return vfile
+
+    def _release_vfile(self, inode: Inode) -> None:
+        vfile = inode.vfile
+        assert vfile is not None
+        vfile.opens -= 1
+        if vfile.opens == 0:
+            del self._vfiles[inode.ino]
+            inode.vfile = None
+            vfile.close()
+            self._maybe_drop(inode)
+
+    def _file_info(self, inode: Inode, flags: int) -> pyfuse3.FileInfo:
+        # keep_cache: every change passes through this mount, so the kernel's
+        # page cache (used only by buffered openers) cannot go stale.
+        return pyfuse3.FileInfo(fh=inode.ino, keep_cache=True)
+
+    @_errno_edge
+    async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+        node = self._inode(inode)
+        if node is self._root:
+            raise OSError(errno.EISDIR, "is a directory")
+        self._open_vfile(node)
+        return self._file_info(node, flags)
+
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        try:
+            return self._vfiles[fh].read(off, size)
+        except OSError as e:
+            raise FUSEError(e.errno or errno.EIO) from None
+
+    async def write(self, fh: int, off: int, buf: bytes) -> int:
+        try:
+            return self._vfiles[fh].write(off, buf)
+        except OSError as e:
+            raise FUSEError(e.errno or errno.EIO) from None
+
+    async def flush(self, fh: int) -> None:
+        return None  # writes are not buffered in the daemon
+
+    @_errno_edge
+    async def fsync(self, fh: int, datasync: bool) -> None:
+        await self._vfiles[fh].fsync(datasync)
+
+    async def release(self, fh: int) -> None:
+        self._release_vfile(self._inodes[fh])
+
+    # -- directories -------------------------------------------------------------------
+
+    @_errno_edge
+    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
+        node = self._inode(inode)
+        if node is not self._root and not stat.S_ISDIR(backing.fstat(node.path_fd).st_mode):
+            raise OSError(errno.ENOTDIR, "not a directory")
+        fh = self._next_dir_fh
+        self._next_dir_fh += 1
+        self._dirs[fh] = _DirHandle(node)
+        node.lookups += 1  # keeps the inode while the handle lives
+        return fh
+
+    @_errno_edge
+    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        handle = self._dirs[fh]
+        parent = handle.inode
+        if handle.names is None or start_id == 0:
+            if parent is self._root:
+                handle.names = self.datastore.names()
+            else:
+                handle.names = sorted(backing.list_dir(parent.path_fd))
+        for index in range(start_id, len(handle.names)):
+            name = os.fsencode(handle.names[index])
+            try:
+                inode, st = self._lookup(parent, name)
+            except OSError:
+                continue  # gone since the listing was taken
+            if not pyfuse3.readdir_reply(token, name, self._attr(inode, st), index + 1):
+                self._maybe_drop(inode)
+                return
+            inode.lookups += 1
+
+    async def releasedir(self, fh: int) -> None:
+        handle = self._dirs.pop(fh)
+        handle.inode.lookups -= 1
+        self._maybe_drop(handle.inode)
+
+    @_errno_edge
+    async def fsyncdir(self, fh: int, datasync: bool) -> None:
+        inode = self._dirs[fh].inode
+        if inode is not self._root:
+            await backing.run_blocking(backing.fsync_dir, inode.path_fd)
+
+    # -- extended attributes -------------------------------------------------------------
+
+    def _xattr_target(self, inode: int) -> Inode:
+        node = self._inode(inode)
+        if node is self._root:
+            raise OSError(errno.ENOTSUP, "the datastore root has no extended attributes")
+        return node
+
+    @_errno_edge
+    async def setxattr(
+        self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext
+    ) -> None:
+        node = self._xattr_target(inode)
+        if stat.S_ISLNK(backing.fstat(node.path_fd).st_mode):
+            raise OSError(errno.EPERM, "symlinks take no extended attributes here")
+        backing.setxattr(node.path_fd, os.fsdecode(name), value, 0)
+
+    @_errno_edge
+    async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+        node = self._xattr_target(inode)
+        if stat.S_ISLNK(backing.fstat(node.path_fd).st_mode):
+            raise OSError(pyfuse3.ENOATTR, "no such attribute")
+        return backing.getxattr(node.path_fd, os.fsdecode(name))
+
+    @_errno_edge
+    async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
+        node = self._inode(inode)
+        if node is self._root or stat.S_ISLNK(backing.fstat(node.path_fd).st_mode):
+            return []
+        return [os.fsencode(n) for n in backing.listxattr(node.path_fd)]
+
+    @_errno_edge
+    async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        node = self._xattr_target(inode)
+        if stat.S_ISLNK(backing.fstat(node.path_fd).st_mode):
+            raise OSError(pyfuse3.ENOATTR, "no such attribute")
+        backing.removexattr(node.path_fd, os.fsdecode(name))
+
+    # -- introspection ----------------------------------------------------------------------
+
+    def statistics(self) -> dict[str, Any]:
+        return {"inodes": len(self._inodes), "open_files": len(self._vfiles)}
+
+    def close(self) -> None:
+        """Close every backing handle (after the session ended)."""
+        for vfile in self._vfiles.values():
+            vfile.close()
+        self._vfiles.clear()
+        for inode in self._inodes.values():
+            if inode is not self._root:
+                backing.close(inode.path_fd)
+        self._inodes = {ROOT_INODE: self._root}
+        self._by_key.clear()

@@ -1,0 +1,153 @@
+"""On-disk state: a versioned, crc32c-checked record, atomically replaced.
+
+Every state file is one *record*: a header line, then a JSON body::
+
+    fusedisk-state <kind> v<version> len=<bytes> crc32c=<8 hex digits>\\n
+    {...json...}
+
+A record is written to a temporary name, fsynced, renamed over the old one,
+and the directory is fsynced: after :meth:`StateDir.save` returns, either the
+old or the new record is on stable storage, never a mix. Records are
+committed only after the data they describe is durable (callers' duty).
+
+The state directory is held with an exclusive ``flock`` for the life of the
+daemon: a second daemon on the same state directory is refused, and a crashed
+daemon's lock goes away with its process, so a crash never blocks the next
+mount.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import crc32c
+
+from .errors import StateError
+
+#: The newest record format this fusedisk writes and reads.
+FORMAT_VERSION = 1
+_MAGIC = "fusedisk-state"
+_LOCK_NAME = "lock"
+
+
+def encode_record(kind: str, body: dict[str, Any]) -> bytes:
+    """Serialise *body* as a record of *kind*."""
+    payload = json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+    header = (
+        f"{_MAGIC} {kind} v{FORMAT_VERSION} len={len(payload)} "
+        f"crc32c={crc32c.crc32c(payload):08x}\n"
+    )
+    return header.encode() + payload
+
+
+def decode_record(kind: str, data: bytes, where: str) -> dict[str, Any]:
+    """Parse and verify a record of *kind*; *where* names it in errors."""
+    header, sep, payload = data.partition(b"\n")
+    fields = header.decode("ascii", "replace").split()
+    if not sep or len(fields) != 5 or fields[0] != _MAGIC:
+        raise StateError(f"{where}: not a fusedisk state file (bad header)")
+    if fields[1] != kind:
+        raise StateError(f"{where}: holds a {fields[1]!r} record, expected {kind!r}")
+    try:
+        version = int(fields[2].removeprefix("v"))
+        length = int(fields[3].removeprefix("len="))
+        crc = int(fields[4].removeprefix("crc32c="), 16)
+    except ValueError:
+        raise StateError(f"{where}: not a fusedisk state file (bad header)") from None
+    if version > FORMAT_VERSION:
+        raise StateError(
+            f"{where} was written by a newer fusedisk (state format v{version}; "
+            f"this version reads up to v{FORMAT_VERSION}); upgrade fusedisk"
+        )
+    if len(payload) != length or crc32c.crc32c(payload) != crc:
+        raise StateError(f"{where}: checksum mismatch, the state file is corrupt")
+    try:
+        body = json.loads(payload)
+    except ValueError:
+        raise StateError(f"{where}: corrupt body") from None
+    if not isinstance(body, dict):
+        raise StateError(f"{where}: corrupt body")
+    return body
+
+
+class StateDir:
+    """The daemon's state directory, locked for its lifetime."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._lock_fd: int | None = None
+
+    def open(self) -> None:
+        """Create the directory if needed and take the lock; raise StateError."""
+        try:
+            self.path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        except OSError as e:
+            raise StateError(f"cannot create state directory {self.path}: {e.strerror}") from None
+        if not self.path.is_dir():
+            raise StateError(f"state directory {self.path} is not a directory")
+        fd = os.open(self.path / _LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            os.close(fd)
+            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                raise StateError(
+                    f"state directory {self.path} is in use by another fusedisk daemon"
+                ) from None
+            raise
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._lock_fd = fd
+
+    def close(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def load(self, kind: str) -> dict[str, Any] | None:
+        """The record *kind*, or ``None`` if it was never saved."""
+        path = self.path / f"{kind}.state"
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            return None
+        return decode_record(kind, data, str(path))
+
+    def save(self, kind: str, body: dict[str, Any]) -> None:
+        """Durably and atomically replace the record *kind* (blocking: fsyncs)."""
+        atomic_write(self.path, f"{kind}.state", encode_record(kind, body))
+
+    def remove(self, kind: str) -> None:
+        try:
+            os.unlink(self.path / f"{kind}.state")
+        except FileNotFoundError:
+            return
+        fsync_path(self.path)
+
+
+def fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(directory: Path, name: str, data: bytes) -> None:
+    """tmp + fsync + rename + directory fsync."""
+    tmp = directory / f".{name}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.rename(tmp, directory / name)
+    fsync_path(directory)

@@ -1,0 +1,154 @@
+"""Run a real fusedisk daemon in a subprocess, and always take it down again.
+
+:class:`MountedDatastore` starts ``python -m fusedisk mount --foreground``
+with a ready pipe, so "mounted" is a fact when :meth:`start` returns. Its
+:meth:`teardown` never raises and never leaves a mount behind: clean
+unmount first, then a lazy detach and SIGKILL when that does not work
+in time. Tests never touch the mount from a thread of the daemon (it runs
+in another process), so nothing here can deadlock on the FUSE loop.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+READY_TIMEOUT_S = 30.0
+STOP_TIMEOUT_S = 30.0
+
+
+def is_mounted(path: Path) -> bool:
+    target = os.fsencode(os.path.abspath(path))
+    with open("/proc/self/mountinfo", "rb") as f:
+        return any(line.split()[4] == target for line in f)
+
+
+def force_unmount(path: Path) -> None:
+    """Detach whatever is mounted on *path* (lazy, so a hung daemon cannot block it)."""
+    for cmd in (["fusermount3", "-u", "-z", str(path)], ["umount", "-l", str(path)]):
+        if not is_mounted(path):
+            return
+        subprocess.run(cmd, check=False, capture_output=True)
+
+
+def fusedisk(*args: str, check: bool = False, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """Run the ``fusedisk`` command line as a user would."""
+    return subprocess.run(
+        [sys.executable, "-m", "fusedisk", *args],
+        capture_output=True, text=True, check=check, timeout=timeout,
+    )
+
+
+class MountedDatastore:
+    """A datastore with stores ``a`` and ``b`` (by default) under *root*."""
+
+    def __init__(
+        self,
+        root: Path,
+        stores: Sequence[str] = ("a", "b"),
+        default_store: str = "a",
+        extra_args: Sequence[str] = (),
+    ) -> None:
+        self.root = root
+        self.mnt = root / "mnt"
+        self.state_dir = root / "state"
+        self.stores = {name: root / "stores" / name for name in stores}
+        self.default_store = default_store
+        self.extra_args = list(extra_args)
+        self.log_path = root / "daemon.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.mnt.mkdir(parents=True, exist_ok=True)
+        for path in self.stores.values():
+            path.mkdir(parents=True, exist_ok=True)
+
+    # -- life cycle --------------------------------------------------------------
+
+    def argv(self, ready_fd: int | None = None) -> list[str]:
+        argv = [sys.executable, "-m", "fusedisk", "mount", "--foreground", str(self.mnt),
+                "--state-dir", str(self.state_dir), "--default-store", self.default_store]
+        for name, path in self.stores.items():
+            argv += ["--store", f"{name}={path}"]
+        if ready_fd is not None:
+            argv += ["--ready-fd", str(ready_fd)]
+        return argv + self.extra_args
+
+    def start(self) -> MountedDatastore:
+        read_end, write_end = os.pipe()
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                self.argv(write_end), stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                pass_fds=(write_end,),
+            )
+        os.close(write_end)
+        try:
+            ready, _, _ = select.select([read_end], [], [], READY_TIMEOUT_S)
+            answer = os.read(read_end, 4096).decode().strip() if ready else ""
+        finally:
+            os.close(read_end)
+        if answer != "OK":
+            self.teardown()
+            raise RuntimeError(f"daemon did not come up ({answer!r}); log:\n{self.log()}")
+        return self
+
+    def stop(self) -> int:
+        """Unmount cleanly the way an operator does; return the daemon's exit code."""
+        assert self.proc is not None
+        result = fusedisk("umount", str(self.mnt), timeout=STOP_TIMEOUT_S)
+        assert result.returncode == 0, result.stderr
+        code = self.proc.wait(timeout=STOP_TIMEOUT_S)
+        self.proc = None
+        return code
+
+    def kill(self) -> None:
+        """SIGKILL the daemon, as a crash would; the dead mount stays behind."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(timeout=STOP_TIMEOUT_S)
+        self.proc = None
+
+    def teardown(self) -> None:
+        """Never raises; leaves no mount and no daemon behind."""
+        proc, self.proc = self.proc, None
+        if proc is not None and proc.poll() is None:
+            if is_mounted(self.mnt):
+                subprocess.run(["fusermount3", "-u", str(self.mnt)], check=False,
+                               capture_output=True, timeout=STOP_TIMEOUT_S)
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        force_unmount(self.mnt)
+
+    # -- helpers -------------------------------------------------------------------
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return fusedisk(*args)
+
+    def status(self) -> dict[str, Any]:
+        result = fusedisk("status", str(self.mnt), "--json")
+        assert result.returncode == 0, result.stderr
+        status: dict[str, Any] = json.loads(result.stdout)
+        return status
+
+
+def wait_for(predicate: Any, timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.02)
