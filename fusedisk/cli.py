@@ -111,7 +111,7 @@ def _config_from(args: argparse.Namespace) -> Config:
 
 
 def cmd_mount(args: argparse.Namespace) -> int:
-    from .daemon import check_mountpoint  # noqa: PLC0415 (keeps pyfuse3 out of other commands)
+    from .daemon import check_mountpoint
 
     config = _config_from(args)
     if args.foreground:
@@ -180,7 +180,7 @@ def _spawn_daemon(config: Config, args: argparse.Namespace) -> int:
 
 
 def cmd_umount(args: argparse.Namespace) -> int:
-    from .daemon import FSNAME, _mount_fstype, detach_dead_mount  # noqa: PLC0415
+    from .daemon import FSNAME, _mount_fstype, detach_dead_mount
 
     mountpoint = Path(os.path.abspath(args.mountpoint))
     fstype = _mount_fstype(mountpoint)

@@ -64,7 +64,7 @@ class ControlServer:
         self._handlers = handlers
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        RUN_DIR.mkdir(mode=0o755, parents=True, exist_ok=True)
+        os.makedirs(RUN_DIR, mode=0o755, exist_ok=True)
         sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             self.path.unlink(missing_ok=True)

@@ -76,7 +76,9 @@ def check_mountpoint(mountpoint: Path) -> None:
         if e.errno != errno.ENOTCONN:
             raise MountError(f"mountpoint {mountpoint}: {e.strerror}") from None
         if _mount_fstype(mountpoint) != f"fuse.{FSNAME}":
-            raise MountError(f"mountpoint {mountpoint} is a dead mount of another filesystem")
+            raise MountError(
+                f"mountpoint {mountpoint} is a dead mount of another filesystem"
+            ) from None
         log.warning("detaching the dead fusedisk mount left on %s by a crash", mountpoint)
         detach_dead_mount(mountpoint)
     if not os.path.isdir(mountpoint):

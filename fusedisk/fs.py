@@ -32,7 +32,7 @@ import logging
 import os
 import stat
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, ParamSpec, TypeVar
 
 import pyfuse3
@@ -55,7 +55,9 @@ _PRIVATE_INO_BASE = 1 << 62
 _ATTR_TIMEOUT_S = 1.0
 
 
-def _errno_edge(fn: Callable[_P, Awaitable[_R]]) -> Callable[_P, Awaitable[_R]]:
+def _errno_edge(
+    fn: Callable[_P, Coroutine[Any, Any, _R]],
+) -> Callable[_P, Coroutine[Any, Any, _R]]:
     """Translate OSError raised below into the FUSE reply it stands for."""
 
     @functools.wraps(fn)

@@ -39,7 +39,9 @@ def force_unmount(path: Path) -> None:
         subprocess.run(cmd, check=False, capture_output=True)
 
 
-def fusedisk(*args: str, check: bool = False, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+def fusedisk(
+    *args: str, check: bool = False, timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
     """Run the ``fusedisk`` command line as a user would."""
     return subprocess.run(
         [sys.executable, "-m", "fusedisk", *args],

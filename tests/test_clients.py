@@ -17,7 +17,7 @@ pytestmark = pytest.mark.mount
 
 def run(*cmd: str | Path, timeout: float = 300) -> str:
     result = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=timeout)
-    assert result.returncode == 0, f"{cmd} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}"
+    assert result.returncode == 0, f"{cmd} failed:\n{result.stdout}\n{result.stderr}"
     return result.stdout
 
 
