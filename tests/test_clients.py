@@ -30,14 +30,14 @@ def test_fio_direct_verify(datastore: MountedDatastore) -> None:
         "fio", "--name=verify", f"--directory={vm}", "--size=32M", "--numjobs=2",
         "--rw=randwrite", "--bs=4k", "--bssplit=4k/50:64k/30:1m/20", "--direct=1",
         "--ioengine=libaio", "--iodepth=8", "--verify=crc32c", "--verify_fatal=1",
-        "--do_verify=1", "--group_reporting",
+        "--do_verify=1", "--verify_state_save=0", "--group_reporting",
     )
     # A second, verify-only pass proves the data is still there after the writers closed.
     run(
         "fio", "--name=verify", f"--directory={vm}", "--size=32M", "--numjobs=2",
         "--rw=randwrite", "--bs=4k", "--bssplit=4k/50:64k/30:1m/20", "--direct=1",
         "--ioengine=libaio", "--iodepth=8", "--verify=crc32c", "--verify_fatal=1",
-        "--verify_only", "--group_reporting",
+        "--verify_only", "--verify_state_save=0", "--group_reporting",
     )
     # the bytes live on store a, the default store
     assert any((datastore.stores["a"] / "vm1").iterdir())
