@@ -244,3 +244,24 @@ def ftruncate(fd: int, length: int) -> None:
 
 def close(fd: int) -> None:
     os.close(fd)
+
+
+def data_extents(fd: int) -> list[tuple[int, int]]:
+    """Allocated extents of a file as ``(offset, length)``, via SEEK_DATA/SEEK_HOLE.
+
+    Blocking (it walks the whole file): call it through :func:`run_blocking`.
+    """
+    size = os.fstat(fd).st_size
+    out: list[tuple[int, int]] = []
+    offset = 0
+    while offset < size:
+        try:
+            start = os.lseek(fd, offset, os.SEEK_DATA)
+        except OSError as e:
+            if e.errno == errno.ENXIO:  # only a hole is left
+                break
+            raise
+        end = os.lseek(fd, start, os.SEEK_HOLE)
+        out.append((start, min(end, size) - start))
+        offset = end
+    return out

@@ -17,8 +17,10 @@ removes one copy.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -207,6 +209,31 @@ class Datastore:
             displaced.name = old
             self.entries[old] = displaced
         await self.save()
+
+    def resolve(self, parts: Sequence[str]) -> tuple[Entry, int]:
+        """Open the path *parts* (from the mount root) as an O_PATH handle.
+
+        Walks one component at a time without following symlinks, so a
+        request from the control socket reaches only what a FUSE request
+        could. Returns the entry and the handle (the caller closes it);
+        raises OSError (ENOENT, ELOOP for a symlink on the way, EINVAL for
+        ``..`` or an empty path).
+        """
+        if not parts or any(p in ("", ".", "..") or "/" in p for p in parts):
+            raise OSError(errno.EINVAL, "not a path inside the datastore")
+        entry = self.entries.get(parts[0])
+        if entry is None:
+            raise OSError(errno.ENOENT, f"no entry {parts[0]!r} in this datastore")
+        fd = backing.open_path(entry.store.root_fd, parts[0])
+        try:
+            for part in parts[1:]:
+                next_fd = backing.open_path(fd, part)
+                backing.close(fd)
+                fd = next_fd
+        except BaseException:
+            backing.close(fd)
+            raise
+        return entry, fd
 
     def statistics(self) -> dict[str, Any]:
         """Stores with their space, and the placement, for ``status``."""

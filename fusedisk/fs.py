@@ -40,7 +40,7 @@ from pyfuse3 import FUSEError
 
 from . import backing
 from .datastore import Datastore, Entry
-from .vdisk import VFile
+from .vdisk import OpenFiles, VFile
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +53,9 @@ _PRIVATE_INO_BASE = 1 << 62
 #: How long the kernel may cache attributes and names. Every change passes
 #: through this mount, so the kernel's own invalidation keeps it right.
 _ATTR_TIMEOUT_S = 1.0
+_CAPS_XATTR = b"security.capability"
+#: fusedisk's own xattrs on backing files (the CBT file id); never shown to clients
+_PRIVATE_XATTR_PREFIX = b"trusted.fusedisk."
 
 
 def _errno_edge(
@@ -77,18 +80,36 @@ class Inode:
     is open. The inode is dropped when both are gone.
     """
 
-    __slots__ = ("entry", "ino", "is_entry_root", "key", "lookups", "path_fd", "vfile")
+    __slots__ = (
+        "entry", "file_type", "handles", "ino", "is_entry_root", "key", "lookups", "no_caps",
+        "path_fd", "vfile",
+    )
 
     def __init__(
-        self, ino: int, path_fd: int, key: tuple[int, int], entry: Entry | None, is_entry_root: bool
+        self,
+        ino: int,
+        path_fd: int,
+        key: tuple[int, int],
+        file_type: int,
+        entry: Entry | None,
+        is_entry_root: bool,
     ) -> None:
         self.ino = ino
         self.path_fd = path_fd
         self.key = key
+        #: ``S_IFMT`` bits; an object never changes its type.
+        self.file_type = file_type
         self.entry = entry
         self.is_entry_root = is_entry_root
         self.lookups = 0
+        #: open FUSE handles; ``vfile`` is set while there is at least one
+        self.handles = 0
         self.vfile: VFile | None = None
+        #: True once the file is known to carry no ``security.capability``.
+        #: The kernel asks for it before *every* write (to drop file
+        #: capabilities), so the answer is remembered; every change of that
+        #: xattr passes through :meth:`Operations.setxattr`/``removexattr``.
+        self.no_caps = False
 
 
 class _DirHandle:
@@ -105,10 +126,11 @@ class Operations(pyfuse3.Operations):
     supports_dot_lookup = False
     enable_writeback_cache = False  # would acknowledge writes the daemon never saw
 
-    def __init__(self, datastore: Datastore) -> None:
+    def __init__(self, datastore: Datastore, files: OpenFiles) -> None:
         super().__init__()
         self.datastore = datastore
-        self._root = Inode(ROOT_INODE, -1, (-1, -1), None, False)
+        self.files = files
+        self._root = Inode(ROOT_INODE, -1, (-1, -1), stat.S_IFDIR, None, False)
         self._root.lookups = 1
         self._inodes: dict[int, Inode] = {ROOT_INODE: self._root}
         self._by_key: dict[tuple[int, int], Inode] = {}
@@ -144,13 +166,13 @@ class Operations(pyfuse3.Operations):
         if st.st_ino >> _STORE_SHIFT or ino in self._inodes:
             ino = self._next_private_ino
             self._next_private_ino += 1
-        inode = Inode(ino, path_fd, key, entry, is_entry_root)
+        inode = Inode(ino, path_fd, key, stat.S_IFMT(st.st_mode), entry, is_entry_root)
         self._inodes[ino] = inode
         self._by_key[key] = inode
         return inode
 
     def _maybe_drop(self, inode: Inode) -> None:
-        if inode.lookups <= 0 and inode.vfile is None and inode is not self._root:
+        if inode.lookups <= 0 and inode.handles == 0 and inode is not self._root:
             del self._inodes[inode.ino]
             if self._by_key.get(inode.key) is inode:
                 del self._by_key[inode.key]
@@ -269,12 +291,13 @@ class Operations(pyfuse3.Operations):
         if node is self._root:
             raise OSError(errno.EPERM, "the datastore root cannot be changed")
         if fields.update_size:
-            vfile = self._open_vfile(node)
+            if node.file_type != stat.S_IFREG:
+                raise OSError(errno.EINVAL, "only regular files can be truncated")
+            vfile = self.files.open(node.path_fd, node.key)
             try:
-                vfile.truncate(attr.st_size)
+                await vfile.truncate(attr.st_size)
             finally:
-                self._release_vfile(node)
-        st_mode = backing.fstat(node.path_fd).st_mode
+                self.files.release(vfile)
         if fields.update_uid or fields.update_gid:
             backing.fchown(
                 node.path_fd,
@@ -282,7 +305,7 @@ class Operations(pyfuse3.Operations):
                 attr.st_gid if fields.update_gid else -1,
             )
         if fields.update_mode:
-            backing.fchmod(node.path_fd, st_mode, attr.st_mode)
+            backing.fchmod(node.path_fd, node.file_type, attr.st_mode)
         if fields.update_atime or fields.update_mtime:
             backing.futimens(
                 node.path_fd,
@@ -378,12 +401,8 @@ class Operations(pyfuse3.Operations):
         except BaseException:
             backing.close(fd)
             raise
-        if inode.vfile is None:
-            inode.vfile = VFile(fd, True)
-            self._vfiles[inode.ino] = inode.vfile
-        else:  # raced with another open of the same file
-            backing.close(fd)
-        inode.vfile.opens += 1
+        backing.close(fd)  # the data path opens its own (shared) descriptor
+        self._open_handle(inode)
         return self._file_info(inode, flags), attr
 
     @_errno_edge
@@ -483,22 +502,18 @@ class Operations(pyfuse3.Operations):
 
     # -- regular files ---------------------------------------------------------------
 
-    def _open_vfile(self, inode: Inode) -> VFile:
-        vfile = inode.vfile
-        if vfile is None:
-            fd, writable = backing.open_for_io(inode.path_fd)
-            vfile = inode.vfile = self._vfiles[inode.ino] = VFile(fd, writable)
-        vfile.opens += 1
-        return vfile
+    def _open_handle(self, inode: Inode) -> None:
+        if inode.vfile is None:
+            inode.vfile = self._vfiles[inode.ino] = self.files.open(inode.path_fd, inode.key)
+        inode.handles += 1
 
-    def _release_vfile(self, inode: Inode) -> None:
+    def _release_handle(self, inode: Inode) -> None:
+        inode.handles -= 1
         vfile = inode.vfile
-        assert vfile is not None
-        vfile.opens -= 1
-        if vfile.opens == 0:
+        if inode.handles == 0 and vfile is not None:
             del self._vfiles[inode.ino]
             inode.vfile = None
-            vfile.close()
+            self.files.release(vfile)
             self._maybe_drop(inode)
 
     def _file_info(self, inode: Inode, flags: int) -> pyfuse3.FileInfo:
@@ -509,9 +524,10 @@ class Operations(pyfuse3.Operations):
     @_errno_edge
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         node = self._inode(inode)
-        if node is self._root:
-            raise OSError(errno.EISDIR, "is a directory")
-        self._open_vfile(node)
+        if node.file_type != stat.S_IFREG:
+            raise OSError(errno.EISDIR if node.file_type == stat.S_IFDIR else errno.EINVAL,
+                          "not a regular file")
+        self._open_handle(node)
         return self._file_info(node, flags)
 
     async def read(self, fh: int, off: int, size: int) -> bytes:
@@ -522,7 +538,7 @@ class Operations(pyfuse3.Operations):
 
     async def write(self, fh: int, off: int, buf: bytes) -> int:
         try:
-            return self._vfiles[fh].write(off, buf)
+            return await self._vfiles[fh].write(off, buf)
         except OSError as e:
             raise FUSEError(e.errno or errno.EIO) from None
 
@@ -534,14 +550,14 @@ class Operations(pyfuse3.Operations):
         await self._vfiles[fh].fsync(datasync)
 
     async def release(self, fh: int) -> None:
-        self._release_vfile(self._inodes[fh])
+        self._release_handle(self._inodes[fh])
 
     # -- directories -------------------------------------------------------------------
 
     @_errno_edge
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
         node = self._inode(inode)
-        if node is not self._root and not stat.S_ISDIR(backing.fstat(node.path_fd).st_mode):
+        if node.file_type != stat.S_IFDIR:
             raise OSError(errno.ENOTDIR, "not a directory")
         fh = self._next_dir_fh
         self._next_dir_fh += 1
@@ -582,52 +598,62 @@ class Operations(pyfuse3.Operations):
 
     # -- extended attributes -------------------------------------------------------------
 
-    def _xattr_target(self, inode: int) -> Inode:
+    def _xattr_target(self, inode: int, name: bytes) -> Inode:
+        """The inode whose xattrs a request names; symlinks and the root have none."""
+        if name.startswith(_PRIVATE_XATTR_PREFIX):
+            raise OSError(errno.EPERM, "fusedisk's own attribute")
         node = self._inode(inode)
         if node is self._root:
             raise OSError(errno.ENOTSUP, "the datastore root has no extended attributes")
+        if node.file_type == stat.S_IFLNK:
+            raise OSError(errno.EPERM, "symlinks take no extended attributes here")
         return node
 
     @_errno_edge
     async def setxattr(
         self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext
     ) -> None:
-        node = self._xattr_target(inode)
-        if stat.S_ISLNK(backing.fstat(node.path_fd).st_mode):
-            raise OSError(errno.EPERM, "symlinks take no extended attributes here")
+        node = self._xattr_target(inode, name)
+        node.no_caps = False
         backing.setxattr(node.path_fd, os.fsdecode(name), value, 0)
 
-    @_errno_edge
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
-        node = self._xattr_target(inode)
-        if stat.S_ISLNK(backing.fstat(node.path_fd).st_mode):
-            raise OSError(pyfuse3.ENOATTR, "no such attribute")
-        return backing.getxattr(node.path_fd, os.fsdecode(name))
+        node = self._inodes.get(inode)
+        if node is not None and node.no_caps and name == _CAPS_XATTR:
+            raise FUSEError(pyfuse3.ENOATTR)  # the hot case: one per write
+        try:
+            node = self._xattr_target(inode, name)
+            return backing.getxattr(node.path_fd, os.fsdecode(name))
+        except OSError as e:
+            if e.errno == pyfuse3.ENOATTR and name == _CAPS_XATTR:
+                self._inodes[inode].no_caps = True
+            elif e.errno == errno.EPERM:  # a symlink: it simply has none
+                raise FUSEError(pyfuse3.ENOATTR) from None
+            raise FUSEError(e.errno or errno.EIO) from None
 
     @_errno_edge
     async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
         node = self._inode(inode)
-        if node is self._root or stat.S_ISLNK(backing.fstat(node.path_fd).st_mode):
+        if node is self._root or node.file_type == stat.S_IFLNK:
             return []
-        return [os.fsencode(n) for n in backing.listxattr(node.path_fd)]
+        names = (os.fsencode(n) for n in backing.listxattr(node.path_fd))
+        return [n for n in names if not n.startswith(_PRIVATE_XATTR_PREFIX)]
 
     @_errno_edge
     async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
-        node = self._xattr_target(inode)
-        if stat.S_ISLNK(backing.fstat(node.path_fd).st_mode):
-            raise OSError(pyfuse3.ENOATTR, "no such attribute")
+        node = self._xattr_target(inode, name)
+        node.no_caps = False
         backing.removexattr(node.path_fd, os.fsdecode(name))
 
     # -- introspection ----------------------------------------------------------------------
 
     def statistics(self) -> dict[str, Any]:
-        return {"inodes": len(self._inodes), "open_files": len(self._vfiles)}
+        return {"inodes": len(self._inodes), **self.files.statistics()}
 
     def close(self) -> None:
         """Close every backing handle (after the session ended)."""
-        for vfile in self._vfiles.values():
-            vfile.close()
         self._vfiles.clear()
+        self.files.close_all()
         for inode in self._inodes.values():
             if inode is not self._root:
                 backing.close(inode.path_fd)

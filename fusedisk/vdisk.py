@@ -1,48 +1,140 @@
-"""The data path of a regular file: between FUSE handles and the backing fd.
+"""The data path of a regular file: between its users and the backing fd.
 
-A :class:`VFile` exists while a file is open (or briefly, for a truncate).
-Every FUSE handle of the file reaches the backing descriptor through it, so
-a relocation re-points all of them at once by swapping ``VFile.fd``.
+A :class:`VFile` exists while a file is open, by FUSE handles or by an
+internal user (a CBT query, later a relocation). :class:`OpenFiles` keeps
+exactly one per backing file, so every user of a file shares one
+descriptor and one change tracker, and a relocation re-points all of them
+at once by swapping ``VFile.fd``.
 
-Hot path: ``read``/``write`` are plain ``def`` on purpose: they run on the
-trio thread without a checkpoint (see backing.py for why), and that is what
-makes them atomic with respect to every other task.
+Hot path: ``read`` is a plain ``def`` and ``write`` checkpoints only when
+the activity log must grow (see cbt.py); both run their syscalls on the
+trio thread (see backing.py for why), which is what makes "write, then
+mark" atomic with respect to every other task.
 """
 
 from __future__ import annotations
 
 import errno
+import math
+
+import trio
 
 from . import backing
+from .cbt import CbtStore, Tracker
 
 
 class VFile:
     """One open regular file. ``fd`` may be swapped only by a relocation's switchover."""
 
-    __slots__ = ("fd", "opens", "writable")
+    __slots__ = ("closing", "fd", "key", "opens", "tracker", "writable")
 
-    def __init__(self, fd: int, writable: bool) -> None:
+    def __init__(
+        self, fd: int, key: tuple[int, int], writable: bool, tracker: Tracker | None
+    ) -> None:
         self.fd = fd
+        self.key = key
         self.writable = writable
-        #: FUSE handles (plus internal users) that hold this VFile open.
+        #: changed block tracking; None for a file the store will not let us write
+        self.tracker = tracker
+        #: users holding this VFile open, and releases still saving (OpenFiles counts them)
         self.opens = 0
+        self.closing = 0
 
     def read(self, offset: int, length: int) -> bytes:
         return backing.pread(self.fd, length, offset)
 
-    def write(self, offset: int, data: bytes) -> int:
-        if not self.writable:
+    async def write(self, offset: int, data: bytes) -> int:
+        tracker = self.tracker
+        if tracker is None:
             raise OSError(errno.EROFS, "backing file is read-only")
-        return backing.pwrite_all(self.fd, data, offset)
+        while not tracker.logged(offset, len(data)):
+            await tracker.log(offset, len(data))
+        # no await from here on: the region stays logged, and the mark
+        # follows the write that it describes (the CBT ordering rule)
+        written = backing.pwrite_all(self.fd, data, offset)
+        tracker.mark(offset, written)
+        return written
 
-    def truncate(self, length: int) -> None:
-        if not self.writable:
+    async def truncate(self, length: int) -> None:
+        tracker = self.tracker
+        if tracker is None:
             raise OSError(errno.EROFS, "backing file is read-only")
+        old = backing.fstat(self.fd).st_size
+        if old == length:
+            return
+        start, span = min(old, length), abs(old - length)
+        await tracker.mark_durably(start, span)
         backing.ftruncate(self.fd, length)
+        tracker.mark(start, span)
 
     async def fsync(self, datasync: bool) -> None:
         await backing.run_blocking(backing.fsync, self.fd, datasync)
 
-    def close(self) -> None:
-        backing.close(self.fd)
-        self.fd = -1
+    def size(self) -> int:
+        return backing.fstat(self.fd).st_size
+
+
+class OpenFiles:
+    """The open VFiles, one per backing file, by backing ``(st_dev, st_ino)``.
+
+    A release that drops the last user does not wait for the tracker's clean
+    save: it hands the VFile to :meth:`run`, which saves and then closes it
+    unless it was opened again meanwhile. Until then the VFile stays in the
+    table, so a new open shares it rather than loading a stale history.
+    """
+
+    def __init__(self, cbt: CbtStore) -> None:
+        self.cbt = cbt
+        self._files: dict[tuple[int, int], VFile] = {}
+        self._to_close, self._closing = trio.open_memory_channel[VFile](math.inf)
+
+    def open(self, path_fd: int, key: tuple[int, int]) -> VFile:
+        """Open (or share) the file behind an O_PATH handle; pair with :meth:`release`."""
+        vfile = self._files.get(key)
+        if vfile is None:
+            fd, writable = backing.open_for_io(path_fd)
+            try:
+                tracker = self.cbt.open_tracker(path_fd, key) if writable else None
+            except BaseException:
+                backing.close(fd)
+                raise
+            vfile = self._files[key] = VFile(fd, key, writable, tracker)
+        vfile.opens += 1
+        return vfile
+
+    def release(self, vfile: VFile) -> None:
+        vfile.opens -= 1
+        if vfile.opens == 0 and not vfile.closing:
+            vfile.closing = 1
+            self._to_close.send_nowait(vfile)
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Close released files in the background (a service of the daemon's nursery)."""
+        task_status.started()
+        async for vfile in self._closing:
+            try:
+                tracker = vfile.tracker
+                if tracker is not None and vfile.opens == 0:
+                    await tracker.close()
+                    # opened, written and released again while that save ran?
+                    while vfile.opens == 0 and not tracker.clean:
+                        await tracker.close()
+            finally:
+                vfile.closing = 0
+            if vfile.opens == 0 and self._files.get(vfile.key) is vfile:
+                del self._files[vfile.key]
+                backing.close(vfile.fd)
+                vfile.fd = -1
+
+    def close_all(self) -> None:
+        """At unmount: save every tracker cleanly and close every descriptor. Blocking."""
+        for vfile in self._files.values():
+            try:
+                if vfile.tracker is not None:
+                    vfile.tracker.close_blocking()
+            finally:
+                backing.close(vfile.fd)
+        self._files.clear()
+
+    def statistics(self) -> dict[str, int]:
+        return {"open_files": len(self._files)}

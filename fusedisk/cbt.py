@@ -1,0 +1,337 @@
+"""Changed block tracking: per-file bitmaps, change ids, crash-safe persistence.
+
+**The CBT ordering rule.** A write sets its bits only *after* its data
+reached the backing file; a consumer (a relocation copy pass) clears a bit
+*before* it reads that block. Whatever interleaving the two take, a block
+whose newest data a consumer may have missed is dirty again afterwards. The
+rule is kept by :meth:`Tracker.mark` being called by the data path after
+``pwrite`` returns, with no checkpoint in between, and nowhere else.
+
+**Change ids** (VMware's ``changeId``): ``<file id>/<sequence>``. A file's
+history is a list of *segments*; the last one receives every mark, and
+:meth:`Tracker.checkpoint` starts a new one and names it. "Changes since
+id k" is the union of the segments from k on. At most
+:data:`MAX_CHECKPOINTS` live at once; the oldest is merged into the next
+and its id expires. The file id is kept in the backing file's
+``trusted.fusedisk.id`` xattr, so it follows the file through renames and
+relocations; clients never see that xattr.
+
+**Crash consistency** (after DRBD's activity log and dm-era): the bitmaps
+are saved (record ``<id>.bitmap``) only at checkpoints, activity-log
+evictions and clean close. In between, a write may land only in a coarse
+*region* (:data:`REGION_SIZE`) that is listed in the durable activity log
+(record ``<id>.al``). After a crash, every region of the log is marked
+dirty: the answer is a superset of the truth, larger by at most the hot
+window (:data:`AL_CAPACITY` x :data:`REGION_SIZE`), never smaller. A clean
+close saves the bitmaps and an empty log: the answer is then exact.
+
+Log protocol (see :meth:`Tracker.log`): a region added to the log carries
+the sequence number of the first log save that will contain it; a write
+into it proceeds only once that save completed. Evicting regions snapshots
+the bitmaps, drops the regions from the log *in the same step*, saves the
+bitmaps, then the log, all under one lock: a record that omits a region is
+durable only after the bitmaps that cover its writes are.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from . import backing
+from .bitmap import Bitmap
+from .errors import FusediskError, StateError
+from .metadata import atomic_write, decode_record, encode_record
+
+log = logging.getLogger(__name__)
+
+REGION_SHIFT = 24
+#: Activity-log granularity: 16 MiB.
+REGION_SIZE = 1 << REGION_SHIFT
+#: Regions in the log: the most a crash can over-report is 128 x 16 MiB = 2 GiB a file.
+AL_CAPACITY = 128
+#: Live change ids a file keeps; asking for an older one needs a full backup.
+MAX_CHECKPOINTS = 32
+ID_XATTR = "trusted.fusedisk.id"
+
+
+class ChangeIdError(FusediskError):
+    """A change id that cannot be answered exactly: the caller needs a full backup."""
+
+
+class Tracker:
+    """The change history of one regular file, while it is open."""
+
+    def __init__(
+        self,
+        home: Path,
+        file_id: str,
+        block_size: int,
+        key: tuple[int, int],
+        segments: list[tuple[int, Bitmap]] | None = None,
+        next_seq: int = 1,
+    ) -> None:
+        self.home = home
+        self.file_id = file_id
+        self.block_size = block_size
+        self._shift = block_size.bit_length() - 1
+        #: backing (st_dev, st_ino) this history belongs to
+        self.key = key
+        self.segments = segments or [(0, Bitmap())]
+        self.next_seq = next_seq
+        #: region → number of the first log save that contains it
+        self._al: OrderedDict[int, int] = OrderedDict()
+        self._al_next_save = 1
+        self._al_saved = 0
+        self._lock = trio.Lock()
+        self.al_saves = 0
+
+    # -- the data path ------------------------------------------------------------
+
+    def logged(self, offset: int, length: int) -> bool:
+        """True if a write of ``[offset, offset+length)`` may proceed now."""
+        al = self._al
+        saved = self._al_saved
+        last = (offset + max(length, 1) - 1) >> REGION_SHIFT
+        for region in range(offset >> REGION_SHIFT, last + 1):
+            seq = al.get(region)
+            if seq is None or seq > saved:
+                return False
+            al.move_to_end(region)
+        return True
+
+    async def log(self, offset: int, length: int) -> None:
+        """Make the regions of a write durable in the activity log (slow path)."""
+        first = offset >> REGION_SHIFT
+        last = (offset + max(length, 1) - 1) >> REGION_SHIFT
+        for region in range(first, last + 1):
+            if region not in self._al:
+                self._al[region] = self._al_next_save
+        async with self._lock:
+            if len(self._al) > AL_CAPACITY:
+                await self._evict()
+            if all(self._al.get(r, self._al_next_save) <= self._al_saved
+                   for r in range(first, last + 1)):
+                return
+            await self._save_al()
+
+    def mark(self, offset: int, length: int) -> None:
+        """Record that ``[offset, offset+length)`` changed; call after the data landed."""
+        if length <= 0:
+            return
+        first = offset >> self._shift
+        self.segments[-1][1].mark(first, ((offset + length - 1) >> self._shift) - first + 1)
+
+    async def mark_durably(self, offset: int, length: int) -> None:
+        """Mark a change and save the bitmaps *before* it happens (truncate).
+
+        A truncate may span far more than the activity log covers, so its
+        range is made durable in the bitmaps instead; the caller marks again
+        after the change landed, which keeps the CBT ordering rule.
+        """
+        self.mark(offset, length)
+        async with self._lock:
+            await self._save_bitmaps(self._bitmap_record())
+
+    @property
+    def clean(self) -> bool:
+        """True when no write happened since the last clean close."""
+        return not self._al
+
+    # -- change ids ------------------------------------------------------------------
+
+    async def checkpoint(self) -> str:
+        """Start a new segment; return its change id once it is durable."""
+        async with self._lock:
+            label = self.next_seq
+            self.next_seq += 1
+            self.segments.append((label, Bitmap()))
+            while len(self.segments) > MAX_CHECKPOINTS + 1:
+                (l0, b0), (_l1, b1) = self.segments[0], self.segments[1]
+                b0.update(b1)
+                self.segments[:2] = [(l0, b0)]
+            await self._save_bitmaps(self._bitmap_record())
+        return f"{self.file_id}/{label}"
+
+    def changes(self, change_id: str, file_size: int) -> list[tuple[int, int]]:
+        """Byte extents changed since *change_id*, merged, sorted, within *file_size*."""
+        file_id, _, seq_text = change_id.partition("/")
+        if file_id != self.file_id or not seq_text.isdigit():
+            raise ChangeIdError(
+                f"change id {change_id!r} does not belong to this file's current history "
+                "(another file's, or the history was reset); a full backup is needed"
+            )
+        seq = int(seq_text)
+        labels = [label for label, _ in self.segments]
+        if seq == 0 or seq not in labels:
+            raise ChangeIdError(
+                f"change id {change_id!r} is unknown or has expired (only the last "
+                f"{MAX_CHECKPOINTS} are kept); a full backup is needed"
+            )
+        union = Bitmap()
+        for label, bits in self.segments:
+            if label >= seq:
+                union.update(bits)
+        out: list[tuple[int, int]] = []
+        for blockno, nblocks in union.extents():
+            start = blockno << self._shift
+            end = min((blockno + nblocks) << self._shift, file_size)
+            if start < end:
+                out.append((start, end - start))
+        return out
+
+    def statistics(self) -> dict[str, Any]:
+        return {
+            "file_id": self.file_id,
+            "change_ids": [f"{self.file_id}/{label}" for label, _ in self.segments[1:]],
+            "dirty_blocks": self.segments[-1][1].count,
+            "al_regions": len(self._al),
+            "al_saves": self.al_saves,
+            "memory_bytes": sum(b.memory_bytes for _, b in self.segments),
+        }
+
+    # -- persistence -----------------------------------------------------------------
+
+    def _bitmap_record(self) -> dict[str, Any]:
+        return {
+            "file_id": self.file_id,
+            "block_size": self.block_size,
+            "key": list(self.key),
+            "next_seq": self.next_seq,
+            "segments": [{"label": label, "bits": b.to_record()} for label, b in self.segments],
+        }
+
+    async def _save_bitmaps(self, record: dict[str, Any]) -> None:
+        await backing.run_blocking(_save, self.home, f"{self.file_id}.bitmap", "cbt-bitmap", record)
+
+    async def _save_al(self) -> None:
+        seq = self._al_next_save
+        self._al_next_save += 1
+        record = {"regions": sorted(self._al), "region_size": REGION_SIZE}
+        await backing.run_blocking(_save, self.home, f"{self.file_id}.al", "cbt-al", record)
+        self._al_saved = seq
+        self.al_saves += 1
+
+    async def _evict(self, keep: int = AL_CAPACITY // 2) -> None:
+        # no await between the snapshot and dropping the regions (see module doc)
+        record = self._bitmap_record()
+        while len(self._al) > keep:
+            self._al.popitem(last=False)
+        await self._save_bitmaps(record)
+        await self._save_al()
+
+    async def close(self) -> None:
+        """Clean close: exact bitmaps, and a log without the regions written so far."""
+        async with self._lock:
+            await self._evict(keep=0)
+
+    def close_blocking(self) -> None:
+        """Clean close at unmount, when no other task runs. Blocking."""
+        _save(self.home, f"{self.file_id}.bitmap", "cbt-bitmap", self._bitmap_record())
+        empty_log = {"regions": [], "region_size": REGION_SIZE}
+        _save(self.home, f"{self.file_id}.al", "cbt-al", empty_log)
+        self._al.clear()
+
+
+def _save(home: Path, name: str, kind: str, body: dict[str, Any]) -> None:
+    atomic_write(home, name, encode_record(kind, body))
+
+
+def _load(path: Path, kind: str) -> dict[str, Any] | None:
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return None
+    return decode_record(kind, data, str(path))
+
+
+class CbtStore:
+    """Finds, creates and loads the trackers of files; owns ``<state>/cbt/``."""
+
+    def __init__(self, state_dir: Path, block_size: int) -> None:
+        self.home = state_dir / "cbt"
+        self.block_size = block_size
+        self.home.mkdir(mode=0o700, exist_ok=True)
+
+    def file_id(self, path_fd: int) -> str | None:
+        try:
+            return backing.getxattr(path_fd, ID_XATTR).decode()
+        except OSError:
+            return None
+
+    def _new_id(self, path_fd: int) -> str:
+        file_id = secrets.token_hex(8)
+        try:
+            backing.setxattr(path_fd, ID_XATTR, file_id.encode(), 0)
+        except OSError as e:
+            # Tracking still works while the file is open; its change ids just
+            # cannot be recognised after it is closed (they ask for a full backup).
+            log.warning("cannot keep a CBT file id on the store (%s); ids last one open", e)
+        return file_id
+
+    def open_tracker(self, path_fd: int, key: tuple[int, int]) -> Tracker:
+        """Load (or start) the history of the file behind *path_fd*. Blocking, small I/O.
+
+        A history that cannot be trusted (corrupt records, another block size,
+        another file's) is replaced by a new one under a new file id, so its
+        old change ids are refused rather than answered wrongly.
+        """
+        file_id = self.file_id(path_fd)
+        if file_id is not None and all(c in "0123456789abcdef" for c in file_id):
+            try:
+                tracker = self._load_tracker(file_id, key)
+            except StateError as e:
+                log.warning("CBT history of file %s is not usable (%s); starting anew", file_id, e)
+                tracker = None
+            if tracker is not None:
+                return tracker
+        return Tracker(self.home, self._new_id(path_fd), self.block_size, key)
+
+    def _load_tracker(self, file_id: str, key: tuple[int, int]) -> Tracker | None:
+        bitmap = _load(self.home / f"{file_id}.bitmap", "cbt-bitmap")
+        al = _load(self.home / f"{file_id}.al", "cbt-al")
+        if bitmap is None:
+            if al and al.get("regions"):
+                raise StateError("activity log without bitmaps")
+            return None
+        if bitmap.get("block_size") != self.block_size:
+            log.warning(
+                "CBT block size of file %s changed (%s → %s); its change ids are reset",
+                file_id, bitmap.get("block_size"), self.block_size,
+            )
+            return None
+        if tuple(bitmap.get("key", ())) != key:
+            return None  # a copy of another file (its xattr came along): its own history
+        try:
+            segments = [
+                (int(seg["label"]), Bitmap.from_record(seg["bits"])) for seg in bitmap["segments"]
+            ]
+            next_seq = int(bitmap["next_seq"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise StateError(f"malformed bitmap record: {e}") from None
+        tracker = Tracker(self.home, file_id, self.block_size, key, segments, next_seq)
+        regions = (al or {}).get("regions", [])
+        if regions:
+            region_blocks = REGION_SIZE // self.block_size
+            for region in regions:
+                segments[-1][1].mark(int(region) * region_blocks, region_blocks)
+            log.warning(
+                "file %s was not closed cleanly: marked %d hot region(s) (%d MiB) changed",
+                file_id, len(regions), len(regions) * REGION_SIZE >> 20,
+            )
+            # the recovered marks must be durable before a new log replaces the old
+            tracker.close_blocking()
+        return tracker
+
+    def forget_ids_of(self, file_id: str) -> None:
+        for suffix in (".bitmap", ".al"):
+            try:
+                os.unlink(self.home / f"{file_id}{suffix}")
+            except FileNotFoundError:
+                pass
