@@ -18,7 +18,9 @@ DEFAULT_BLOCK_SIZE = 64 << 10
 MIN_BLOCK_SIZE = 4 << 10
 MAX_BLOCK_SIZE = 64 << 20
 
-_KNOWN_KEYS = {"mountpoint", "state_dir", "default_store", "block_size", "allow_other", "stores"}
+_KNOWN_KEYS = {
+    "mountpoint", "state_dir", "default_store", "block_size", "allow_other", "cbt", "stores",
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,6 +33,9 @@ class Config:
     default_store: str
     block_size: int = DEFAULT_BLOCK_SIZE
     allow_other: bool = False
+    #: changed block tracking with crash-safe change ids (off: no change ids, a
+    #: little less work per write)
+    cbt: bool = True
     source: str = "command line"
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -74,8 +79,9 @@ def load_file(path: Path) -> dict[str, Any]:
     for key in ("mountpoint", "state_dir", "default_store"):
         if key in raw and not isinstance(raw[key], str):
             raise ConfigError(f"{path}: key {key!r} must be a string")
-    if "allow_other" in raw and not isinstance(raw["allow_other"], bool):
-        raise ConfigError(f"{path}: key 'allow_other' must be true or false")
+    for key in ("allow_other", "cbt"):
+        if key in raw and not isinstance(raw[key], bool):
+            raise ConfigError(f"{path}: key {key!r} must be true or false")
     if "block_size" in raw and not isinstance(raw["block_size"], str | int):
         raise ConfigError(f"{path}: key 'block_size' must be a size such as \"64K\"")
     stores = raw.get("stores", {})
@@ -96,6 +102,7 @@ def build_config(
     state_dir: str | None,
     block_size: str | None,
     allow_other: bool | None,
+    cbt: bool | None = None,
 ) -> Config:
     """Merge a config file (if any) with flags; flags win. Validate everything."""
     raw: dict[str, Any] = load_file(config_file) if config_file else {}
@@ -151,6 +158,7 @@ def build_config(
         default_store=default,
         block_size=parse_block_size(bs, bs_where),
         allow_other=bool(allow_other if allow_other is not None else raw.get("allow_other", False)),
+        cbt=bool(cbt if cbt is not None else raw.get("cbt", True)),
         source=where,
     )
 

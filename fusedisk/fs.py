@@ -403,6 +403,8 @@ class Operations(pyfuse3.Operations):
             raise
         backing.close(fd)  # the data path opens its own (shared) descriptor
         self._open_handle(inode)
+        if flags & os.O_TRUNC:  # it may have existed after all (a racing create)
+            await self._truncate_on_open(inode)
         return self._file_info(inode, flags), attr
 
     @_errno_edge
@@ -516,6 +518,20 @@ class Operations(pyfuse3.Operations):
             self.files.release(vfile)
             self._maybe_drop(inode)
 
+    async def _truncate_on_open(self, inode: Inode) -> None:
+        """Empty a file opened with O_TRUNC.
+
+        libfuse 3 negotiates FUSE_ATOMIC_O_TRUNC (pyfuse3 cannot turn it off),
+        so the kernel sends no SETATTR for ``open(O_TRUNC)``: the filesystem
+        must empty the file itself. Through the VFile, so CBT records it.
+        """
+        assert inode.vfile is not None
+        try:
+            await inode.vfile.truncate(0)
+        except BaseException:
+            self._release_handle(inode)
+            raise
+
     def _file_info(self, inode: Inode, flags: int) -> pyfuse3.FileInfo:
         # keep_cache: every change passes through this mount, so the kernel's
         # page cache (used only by buffered openers) cannot go stale.
@@ -528,6 +544,8 @@ class Operations(pyfuse3.Operations):
             raise OSError(errno.EISDIR if node.file_type == stat.S_IFDIR else errno.EINVAL,
                           "not a regular file")
         self._open_handle(node)
+        if flags & os.O_TRUNC:
+            await self._truncate_on_open(node)
         return self._file_info(node, flags)
 
     async def read(self, fh: int, off: int, size: int) -> bytes:

@@ -34,7 +34,7 @@ class VFile:
         self.fd = fd
         self.key = key
         self.writable = writable
-        #: changed block tracking; None for a file the store will not let us write
+        #: changed block tracking; None for a read-only file or with CBT off
         self.tracker = tracker
         #: users holding this VFile open, and releases still saving (OpenFiles counts them)
         self.opens = 0
@@ -44,9 +44,11 @@ class VFile:
         return backing.pread(self.fd, length, offset)
 
     async def write(self, offset: int, data: bytes) -> int:
+        if not self.writable:
+            raise OSError(errno.EROFS, "backing file is read-only")
         tracker = self.tracker
         if tracker is None:
-            raise OSError(errno.EROFS, "backing file is read-only")
+            return backing.pwrite_all(self.fd, data, offset)
         while not tracker.logged(offset, len(data)):
             await tracker.log(offset, len(data))
         # no await from here on: the region stays logged, and the mark
@@ -56,16 +58,18 @@ class VFile:
         return written
 
     async def truncate(self, length: int) -> None:
-        tracker = self.tracker
-        if tracker is None:
+        if not self.writable:
             raise OSError(errno.EROFS, "backing file is read-only")
+        tracker = self.tracker
         old = backing.fstat(self.fd).st_size
         if old == length:
             return
         start, span = min(old, length), abs(old - length)
-        await tracker.mark_durably(start, span)
+        if tracker is not None:
+            await tracker.mark_durably(start, span)
         backing.ftruncate(self.fd, length)
-        tracker.mark(start, span)
+        if tracker is not None:
+            tracker.mark(start, span)
 
     async def fsync(self, datasync: bool) -> None:
         await backing.run_blocking(backing.fsync, self.fd, datasync)
@@ -83,7 +87,8 @@ class OpenFiles:
     table, so a new open shares it rather than loading a stale history.
     """
 
-    def __init__(self, cbt: CbtStore) -> None:
+    def __init__(self, cbt: CbtStore | None) -> None:
+        #: None when changed block tracking is off for the datastore
         self.cbt = cbt
         self._files: dict[tuple[int, int], VFile] = {}
         self._to_close, self._closing = trio.open_memory_channel[VFile](math.inf)
@@ -94,7 +99,9 @@ class OpenFiles:
         if vfile is None:
             fd, writable = backing.open_for_io(path_fd)
             try:
-                tracker = self.cbt.open_tracker(path_fd, key) if writable else None
+                tracker = (
+                    self.cbt.open_tracker(path_fd, key) if writable and self.cbt else None
+                )
             except BaseException:
                 backing.close(fd)
                 raise
