@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import trio
+import trio.lowlevel
 
 from fusedisk import cbt
 from fusedisk.bitmap import CHUNK_BITS, Bitmap
@@ -175,11 +176,11 @@ async def copy_pass(vfile_fd: int, replica_fd: int, dirty: Bitmap, clear_first: 
         if clear_first:
             dirty.clear(blockno)  # the rule: clear before reading
         data = os.pread(vfile_fd, BLOCK, blockno * BLOCK)
-        await trio.sleep(0)  # a guest write may land right here
+        await trio.lowlevel.checkpoint()  # a guest write may land right here
         if not clear_first:
             dirty.clear(blockno)
         os.pwrite(replica_fd, data, blockno * BLOCK)
-        await trio.sleep(0)
+        await trio.lowlevel.checkpoint()
         blockno = dirty.next_dirty(blockno + 1)
 
 
@@ -206,7 +207,7 @@ async def race(tmp_path: Path, clear_first: bool, seed: int) -> bool:
             for _ in range(300):
                 offset = rng.randrange(nblocks) * BLOCK + rng.randrange(BLOCK - 512)
                 await vfile.write(offset, rng.randbytes(512))
-                await trio.sleep(0)
+                await trio.lowlevel.checkpoint()
             running -= 1
 
         async with trio.open_nursery() as nursery:
@@ -214,7 +215,7 @@ async def race(tmp_path: Path, clear_first: bool, seed: int) -> bool:
             nursery.start_soon(writer)
             while running:  # copy passes while the writers run
                 await copy_pass(vfile.fd, replica_fd, dirty, clear_first)
-                await trio.sleep(0)
+                await trio.lowlevel.checkpoint()
         await copy_pass(vfile.fd, replica_fd, dirty, clear_first)  # writers done: last pass
         return source.read_bytes() == replica.read_bytes()
     finally:

@@ -100,7 +100,9 @@ def test_truncate_marks_what_it_changes(datastore: MountedDatastore) -> None:
     assert changes(datastore, "vm/t.img", change_id) == [(4 * BLOCK, 8 * BLOCK)]
 
 
-def test_incremental_backup_reproduces_the_file(datastore: MountedDatastore, tmp_path: Path) -> None:
+def test_incremental_backup_reproduces_the_file(
+    datastore: MountedDatastore, tmp_path: Path
+) -> None:
     """A backup tool's loop: full copy at id 1, then only the changed extents."""
     disk = datastore.mnt / "vm" / "disk.img"
     disk.parent.mkdir()
