@@ -265,3 +265,66 @@ def data_extents(fd: int) -> list[tuple[int, int]]:
         out.append((start, min(end, size) - start))
         offset = end
     return out
+
+
+def exists_at(dir_fd: int, relpath: str) -> bool:
+    """Whether *relpath* (no symlinks followed on the way) exists under *dir_fd*."""
+    fd = dir_fd
+    try:
+        for part in relpath.split("/"):
+            next_fd = open_path(fd, part)
+            if fd != dir_fd:
+                os.close(fd)
+            fd = next_fd
+    except FileNotFoundError:
+        return False
+    finally:
+        if fd != dir_fd:
+            os.close(fd)
+    return True
+
+
+def remove_tree(dir_fd: int, name: str) -> None:
+    """Remove *name* in *dir_fd* and everything below it; never follows a symlink.
+
+    A missing *name* is not an error. Blocking (it walks the tree).
+    """
+    try:
+        st = lstat_at(dir_fd, name)
+    except FileNotFoundError:
+        return
+    if stat.S_ISDIR(st.st_mode):
+        fd = open_path(dir_fd, name)
+        try:
+            for child in list_dir(fd):
+                remove_tree(fd, child)
+        finally:
+            os.close(fd)
+        os.rmdir(name, dir_fd=dir_fd)
+    else:
+        os.unlink(name, dir_fd=dir_fd)
+
+
+def copy_attributes(src_fd: int, dst_fd: int, st: os.stat_result) -> None:
+    """Give the object behind O_PATH *dst_fd* the owner, mode, xattrs and times of *src_fd*.
+
+    *st* is the source's stat. Times come last: setting anything else would
+    touch ctime only, but writing xattrs may move mtime on some stores.
+    """
+    fchown(dst_fd, st.st_uid, st.st_gid)
+    if not stat.S_ISLNK(st.st_mode):
+        os.chmod(proc_path(dst_fd), stat.S_IMODE(st.st_mode))
+        for name in listxattr(src_fd):
+            setxattr(dst_fd, name, getxattr(src_fd, name), 0)
+    futimens(dst_fd, st.st_atime_ns, st.st_mtime_ns)
+
+
+def punch_hole(fd: int, offset: int, length: int) -> None:
+    """Deallocate ``[offset, offset+length)``, keeping the size; reads give zeros."""
+    falloc_fl_keep_size, falloc_fl_punch_hole = 0x01, 0x02
+    _check(
+        _libc.fallocate(
+            fd, falloc_fl_keep_size | falloc_fl_punch_hole,
+            ctypes.c_longlong(offset), ctypes.c_longlong(length),
+        )
+    )

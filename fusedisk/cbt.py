@@ -91,8 +91,6 @@ class Tracker:
         self._al_saved = 0
         self._lock = trio.Lock()
         self.al_saves = 0
-        #: bitmaps of consumers (a relocation's copy loop) marked with every change
-        self.consumers: list[Bitmap] = []
 
     # -- the data path ------------------------------------------------------------
 
@@ -130,8 +128,6 @@ class Tracker:
         first = offset >> self._shift
         nblocks = ((offset + length - 1) >> self._shift) - first + 1
         self.segments[-1][1].mark(first, nblocks)
-        for bits in self.consumers:
-            bits.mark(first, nblocks)
 
     async def mark_durably(self, offset: int, length: int) -> None:
         """Mark a change and save the bitmaps *before* it happens (truncate).

@@ -19,7 +19,7 @@ from typing import Any
 from . import __version__, control
 from .config import Config, build_config, check_directories
 from .errors import ControlError, FusediskError, MountError
-from .sizes import format_size
+from .sizes import format_size, parse_size
 
 log = logging.getLogger("fusedisk")
 
@@ -80,6 +80,8 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--block-size", metavar="SIZE", help="CBT block size, 4K..64M (default 64K)")
     m.add_argument("--allow-other", action="store_true", default=None,
                    help="let users other than root use the mount (e.g. a qemu user)")
+    m.add_argument("--no-cbt", action="store_true",
+                   help="no changed block tracking (no change ids for backup tools)")
     m.add_argument("--foreground", "-f", action="store_true",
                    help="stay in the foreground and log to stderr (systemd runs it so)")
     m.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
@@ -95,6 +97,87 @@ def _parser() -> argparse.ArgumentParser:
                        "every entry, and relocation jobs.")
     s.add_argument("mountpoint", metavar="MOUNTPOINT")
     s.add_argument("--json", action="store_true", help="one JSON object, for scripts")
+
+    i = sub.add_parser(
+        "install-service", help="install the systemd unit fusedisk@.service",
+        description="Install PREFIX/systemd/system/fusedisk@.service (running this fusedisk "
+        "executable) and PREFIX/fusedisk/example.toml.sample; reload systemd if it runs.",
+    )
+    i.add_argument("--prefix", type=Path, default=Path("/etc"),
+                   help="configuration root (default /etc)")
+
+    c = sub.add_parser(
+        "cleanup", help="detach a datastore mount whose daemon died",
+        description="Detach the mount on MOUNTPOINT (or the config file's mountpoint) if it "
+        "is a fusedisk mount whose daemon is gone; otherwise do nothing. The systemd unit "
+        "runs it after the daemon exits.",
+    )
+    c.add_argument("mountpoint", metavar="MOUNTPOINT", nargs="?")
+    c.add_argument("--config", type=Path, help="TOML config file naming the mountpoint")
+
+    mg = sub.add_parser(
+        "migrate", help="relocate an entry (a VM home) to another store, live",
+        description="Copy ENTRY to store STORE while it stays in use, then switch it over "
+        "atomically: the path never changes. Waits and shows progress unless --no-wait; "
+        "Ctrl-C only detaches (the relocation goes on).",
+    )
+    mg.add_argument("mountpoint", metavar="MOUNTPOINT")
+    mg.add_argument("entry", metavar="ENTRY", help="a top-level entry of the datastore")
+    mg.add_argument("--to", required=True, metavar="STORE", help="the destination store")
+    mg.add_argument("--rate", metavar="SIZE/s", default="0",
+                    help="copy rate limit, e.g. 200M (default: unlimited); change it later "
+                    "with `fusedisk rate`")
+    mg.add_argument("--max-pause", type=int, default=100, metavar="MS",
+                    help="pause budget of the switchover in ms (default 100)")
+    mg.add_argument("--mode", choices=("auto", "precopy", "mirror"), default="auto",
+                    help="auto: pre-copy, then mirror writes if the VM outruns the copy "
+                    "(default); precopy: never mirror; mirror: mirror from the start")
+    mg.add_argument("--keep-source", action="store_true",
+                    help="keep the old copy on the source store (as .fusedisk-kept-ENTRY)")
+    mg.add_argument("--no-wait", action="store_true", help="return once the relocation started")
+    mg.add_argument("--json", action="store_true", help="print only the final job as JSON")
+    for verb, text in (("pause", "pause a relocation's copy"),
+                         ("resume", "resume a paused relocation"),
+                         ("cancel", "cancel a relocation (before its commit)")):
+        a = sub.add_parser(verb, help=text, description=text[0].upper() + text[1:] + ".")
+        a.add_argument("mountpoint", metavar="MOUNTPOINT")
+        a.add_argument("entry", metavar="ENTRY")
+    r = sub.add_parser("rate", help="change a running relocation's copy rate limit")
+    r.add_argument("mountpoint", metavar="MOUNTPOINT")
+    r.add_argument("entry", metavar="ENTRY")
+    r.add_argument("rate", metavar="SIZE/s", help="e.g. 100M, or 0 for unlimited")
+
+    d = sub.add_parser(
+        "demo", help="a guided run on a default local layout",
+        description="Mount a datastore with two local stores under ROOT, create a VM home "
+        "with a disk image, drive it with fio, use CBT, show the status, unmount.",
+    )
+    d.add_argument("--root", type=Path, default=None, metavar="ROOT",
+                   help="where the demo keeps everything (default /var/lib/fusedisk-demo)")
+    d.add_argument("--seconds", type=int, default=10, help="how long fio writes (default 10)")
+    d.add_argument("--keep", action="store_true", help="leave the datastore mounted")
+
+    cbt = sub.add_parser(
+        "cbt", help="changed block tracking: change ids and changed areas",
+        description="Changed block tracking, as backup tools use it: take a checkpoint "
+        "(prints a change id), later ask which areas changed since that id. FILE is a path "
+        "inside the mount, absolute or relative to the mount root.",
+    )
+    cbt_sub = cbt.add_subparsers(dest="cbt_command", metavar="ACTION", required=True)
+    cp = cbt_sub.add_parser("checkpoint", help="start a new change id and print it")
+    ch = cbt_sub.add_parser(
+        "changes", help="areas changed since a change id",
+        description="Print the byte extents of FILE that changed since change id ID "
+        "(merged and sorted), or every allocated extent with --since '*'. An id that cannot "
+        "be answered exactly is refused: the caller then needs a full backup.",
+    )
+    ch.add_argument("--since", required=True, metavar="ID", help="a change id, or '*'")
+    inf = cbt_sub.add_parser("info", help="a file's CBT state: its live change ids, dirty blocks")
+    for action in (cp, ch, inf):
+        action.add_argument("mountpoint", metavar="MOUNTPOINT")
+        action.add_argument("file", metavar="FILE")
+    for action in (ch, inf):
+        action.add_argument("--json", action="store_true", help="one JSON object, for scripts")
     return p
 
 
@@ -107,6 +190,7 @@ def _config_from(args: argparse.Namespace) -> Config:
         state_dir=args.state_dir,
         block_size=args.block_size,
         allow_other=args.allow_other,
+        cbt=False if args.no_cbt else None,
     )
 
 
@@ -160,6 +244,8 @@ def _spawn_daemon(config: Config, args: argparse.Namespace) -> int:
         argv += ["--store", f"{name}={path}"]
     if config.allow_other:
         argv.append("--allow-other")
+    if not config.cbt:
+        argv.append("--no-cbt")
     with open(log_path, "ab") as logf:
         os.chmod(log_path, 0o600)
         child = subprocess.Popen(
@@ -258,7 +344,155 @@ def _print_status(status: dict[str, Any]) -> None:
         print("no relocation jobs")
 
 
-_COMMANDS = {"mount": cmd_mount, "umount": cmd_umount, "status": cmd_status}
+def cmd_install_service(args: argparse.Namespace) -> int:
+    from . import service
+
+    for line in service.install(args.prefix):
+        print(line)
+    return 0
+
+
+def cmd_cleanup(args: argparse.Namespace) -> int:
+    from . import service
+
+    print(service.cleanup(service.cleanup_target(args.mountpoint, args.config)))
+    return 0
+
+
+def _file_in_mount(mountpoint: Path, file: str) -> str:
+    """FILE as a path relative to the mount root (lexical: nothing on the mount is touched)."""
+    full = os.path.abspath(file)
+    if file.startswith("/") or full.startswith(str(mountpoint).rstrip("/") + "/"):
+        return control.mount_relative(mountpoint, file)
+    return file  # relative to the mount root
+
+
+def _rate_arg(text: str) -> int:
+    try:
+        return parse_size(text.removesuffix("/s"))
+    except ValueError as e:
+        raise FusediskError(f"--rate: {e}") from None
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    mountpoint = Path(os.path.abspath(args.mountpoint))
+    job = control.request(
+        mountpoint, "migrate", entry=args.entry, to=args.to, rate=_rate_arg(args.rate),
+        max_pause_ms=args.max_pause, mode=args.mode, keep_source=args.keep_source,
+    )
+    if args.no_wait:
+        if args.json:
+            print(json.dumps(job, sort_keys=True))
+        else:
+            print(f"relocation of {args.entry} to {args.to} started; "
+                  f"watch it with: fusedisk status {mountpoint}")
+        return 0
+    try:
+        job = _watch(mountpoint, args.entry, quiet=args.json)
+    except KeyboardInterrupt:
+        print(f"\ndetached: the relocation of {args.entry} goes on "
+              f"(fusedisk status {mountpoint}; fusedisk cancel {mountpoint} {args.entry})",
+              file=sys.stderr)
+        return 130
+    if args.json:
+        print(json.dumps(job, sort_keys=True))
+    if job["state"] == "done":
+        if not args.json:
+            print(f"relocated {args.entry} from {job['from']} to {job['to']}: "
+                  f"{format_size(job['bytes_copied'])} copied in {job['elapsed_s']:.1f} s, "
+                  f"{job['pass']} pass(es), switchover pause {job['pause_ms']:.1f} ms")
+        return 0
+    if job["state"] == "cancelled":
+        raise FusediskError(f"the relocation of {args.entry} was cancelled; "
+                            f"it stays on {job['from']}")
+    raise FusediskError(f"relocation of {args.entry} failed: {job['error']}")
+
+
+def _job(mountpoint: Path, entry: str) -> dict[str, Any]:
+    for job in control.request(mountpoint, "status")["jobs"]:
+        if job["entry"] == entry:
+            return dict(job)
+    raise FusediskError(f"the daemon has no relocation job for {entry}")
+
+
+def _watch(mountpoint: Path, entry: str, quiet: bool) -> dict[str, Any]:
+    """Show a job's progress until it ends: a live line on a terminal, periodic lines otherwise."""
+    tty = sys.stderr.isatty() and not quiet
+    last_line, last_print = "", 0.0
+    while True:
+        job = _job(mountpoint, entry)
+        final = job["state"] in ("done", "failed", "cancelled")
+        line = _progress_line(job)
+        now = time.monotonic()
+        if tty:
+            print(f"\r\x1b[K{line}", end="" if not final else "\n", file=sys.stderr, flush=True)
+        elif not quiet and (final or now - last_print >= 2.0) and line != last_line:
+            print(line, file=sys.stderr, flush=True)
+            last_line, last_print = line, now
+        if final:
+            return job
+        time.sleep(0.2)
+
+
+def _progress_line(job: dict[str, Any]) -> str:
+    width = 24
+    filled = int(job["progress"] * width)
+    bar = "#" * filled + "-" * (width - filled)
+    eta = job.get("eta_s")
+    eta_text = f"ETA {eta:.0f}s" if isinstance(eta, int | float) and eta > 0 else ""
+    state = job["state"] + (" (paused)" if job.get("paused") else "")
+    return (f"{job['entry']} {job['from']}->{job['to']} {state:<10} pass {job['pass']} "
+            f"[{bar}] {job['progress']:4.0%} {format_size(job['bytes_copied'])}"
+            f"/{format_size(job['bytes_total'])} {format_size(job['copy_rate'])}/s "
+            f"dirty {format_size(job['dirty_bytes'])} {eta_text}").rstrip()
+
+
+def cmd_job(args: argparse.Namespace) -> int:
+    mountpoint = Path(os.path.abspath(args.mountpoint))
+    extra = {"rate": _rate_arg(args.rate)} if args.command == "rate" else {}
+    job = control.request(mountpoint, args.command, entry=args.entry, **extra)
+    print(_progress_line(job))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import DEFAULT_ROOT, run_demo
+
+    return run_demo(args.root or DEFAULT_ROOT, args.seconds, args.keep)
+
+
+def cmd_cbt(args: argparse.Namespace) -> int:
+    mountpoint = Path(os.path.abspath(args.mountpoint))
+    path = _file_in_mount(mountpoint, args.file)
+    if args.cbt_command == "checkpoint":
+        print(control.request(mountpoint, "cbt-checkpoint", path=path)["change_id"])
+        return 0
+    if args.cbt_command == "info":
+        info = control.request(mountpoint, "cbt-info", path=path)
+        if args.json:
+            print(json.dumps(info, indent=2, sort_keys=True))
+        else:
+            print(f"file id      {info['file_id']}")
+            print(f"block size   {format_size(info['block_size'])}")
+            print(f"dirty        {info['dirty_blocks']} block(s) since the newest change id")
+            print(f"change ids   {' '.join(info['change_ids']) or '(none yet)'}")
+        return 0
+    result = control.request(mountpoint, "cbt-changes", path=path, since=args.since)
+    if args.json:
+        print(json.dumps(result, sort_keys=True))
+        return 0
+    total = sum(length for _, length in result["extents"])
+    for offset, length in result["extents"]:
+        print(f"{offset} {length}")
+    print(f"# {len(result['extents'])} extent(s), {format_size(total)} of "
+          f"{format_size(result['file_size'])}", file=sys.stderr)
+    return 0
+
+
+_COMMANDS = {"mount": cmd_mount, "umount": cmd_umount, "status": cmd_status,
+             "install-service": cmd_install_service, "cleanup": cmd_cleanup, "cbt": cmd_cbt,
+             "demo": cmd_demo, "migrate": cmd_migrate, "pause": cmd_job, "resume": cmd_job,
+             "cancel": cmd_job, "rate": cmd_job}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,45 +1,73 @@
-"""The control socket: one JSON request per line, one JSON response per line.
+"""The control socket: one JSON request per line, one JSON reply (or a stream) back.
 
-Protocol (documented in README.md, "Control protocol")::
+Protocol (``docs/control-protocol.md`` has the full text)::
 
     → {"cmd": "status"}
     ← {"ok": true, "result": {...}}
-    ← {"ok": false, "error": "one-line message", "code": "unknown-command"}
+    ← {"ok": false, "code": "unknown-command", "error": "one-line message"}
+
+A handler may answer with a :class:`Stream` instead: every item it yields
+goes out as ``{"event": ...}``, and a final ``{"ok": ...}`` line ends it.
 
 The socket lives in :data:`RUN_DIR` under a name derived from the
-mountpoint, so the CLI finds it from the mountpoint alone. It is a Unix
-socket with mode 0600 (root only). Every request is validated; a bad one
-gets a structured error and the connection stays usable. Lines longer than
-:data:`MAX_LINE` close the connection. The server never waits on a client
-for long: a client that stops reading is dropped after
-:data:`SEND_TIMEOUT_S`.
+mountpoint, so the CLI finds it from the mountpoint alone. It is created
+with mode 0600 (root only) before it gets its public name, so there is no
+moment in which anyone else could connect.
+
+Robustness rules, each with a test: every request is validated and a bad
+one gets a structured error while the connection stays usable; a line
+longer than :data:`MAX_LINE` gets an error and the connection is closed; a
+client that stops reading is dropped once a reply has waited
+:data:`SEND_TIMEOUT_S` for it; more than :data:`MAX_CLIENTS` connections are
+turned away; running out of file descriptors pauses accepting instead of
+ending the daemon; a handler that fails unexpectedly is logged as an error
+and answered with ``internal-error`` — the mount outlives a bug in a
+control command. Clients are served concurrently, so one of them can never
+hold up another.
 
 This room knows nothing of FUSE or the datastore: the composition root hands
-it a table of command handlers.
+it a table of command handlers. The argument helpers below (``*_arg``) are
+for those handlers: each returns a checked value or raises
+:class:`RequestError` with code ``bad-argument`` naming the key.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
 import os
 import socket
-from collections.abc import Awaitable, Callable
+import struct
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import trio
 
 from .errors import ControlError
+from .sizes import parse_size
 
 log = logging.getLogger(__name__)
 
 RUN_DIR = Path(os.environ.get("FUSEDISK_RUN_DIR", "/run/fusedisk"))
+#: Longest request line, newline excluded.
 MAX_LINE = 64 * 1024
+#: How long one reply may wait for a client to read it before the client is dropped.
 SEND_TIMEOUT_S = 10.0
+#: Connections served at once; more are answered ``too-many-clients`` and closed.
+MAX_CLIENTS = 64
+#: Pause before accepting again when the process is out of file descriptors.
+ACCEPT_RETRY_S = 0.5
+#: Longest name of a top-level entry, in bytes (NAME_MAX).
+MAX_NAME_BYTES = 255
 
-Handler = Callable[[dict[str, Any]], Awaitable[Any]]
+_RECV_SIZE = 64 * 1024
+_ACCEPT_RESOURCE_ERRORS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
+#: Error codes that mean the client broke the protocol (logged as warnings).
+_PROTOCOL_ERRORS = {"bad-json", "bad-request", "unknown-command", "bad-argument"}
 
 
 class RequestError(Exception):
@@ -50,10 +78,164 @@ class RequestError(Exception):
         self.code = code
 
 
+class RequestRefused(ControlError):
+    """The daemon answered a request with an error (client side); carries its ``code``."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass(frozen=True, slots=True)
+class Stream:
+    """A handler's answer that is a series of events, ended by ``{"ok": true, "result": null}``.
+
+    The server closes *events* (``aclose``) when the client goes away.
+    """
+
+    events: AsyncIterator[Any]
+
+
+Handler = Callable[[dict[str, Any]], Awaitable[Any]]
+
+
+@dataclass(frozen=True, slots=True)
+class ControlStatistics:
+    clients: int  #: connections open now
+    requests: int  #: request lines answered, ok or not
+    refused: int  #: of those, answered with an error
+    dropped: int  #: connections closed by the server (line too long, stopped reading, too many)
+
+
 def socket_path(mountpoint: Path) -> Path:
     """Where the daemon serving *mountpoint* listens."""
     digest = hashlib.sha256(os.fsencode(os.path.abspath(mountpoint))).hexdigest()[:20]
     return RUN_DIR / f"{digest}.sock"
+
+
+# -- argument checking, for handlers -----------------------------------------------
+
+_REQUIRED: Any = object()
+
+
+def _bad(key: str, what: str) -> RequestError:
+    return RequestError("bad-argument", f"argument {key!r} {what}")
+
+
+def check_args(request: dict[str, Any], *allowed: str) -> None:
+    """Refuse any key of *request* other than ``cmd`` and *allowed*."""
+    unknown = sorted(set(request) - {"cmd", *allowed})
+    if unknown:
+        raise RequestError("bad-argument", f"unknown argument {unknown[0]!r}")
+
+
+def _get(request: dict[str, Any], key: str, default: Any) -> Any:
+    if key in request:
+        return request[key]
+    if default is _REQUIRED:
+        raise _bad(key, "is missing")
+    return default
+
+
+def str_arg(request: dict[str, Any], key: str, default: Any = _REQUIRED) -> Any:
+    """A string argument (or *default*, which may be any value, when absent)."""
+    value = _get(request, key, default)
+    if key in request and not isinstance(value, str):
+        raise _bad(key, "must be a string")
+    return value
+
+
+def int_arg(
+    request: dict[str, Any], key: str, default: Any = _REQUIRED,
+    *, minimum: int | None = None, maximum: int | None = None,
+) -> Any:
+    """An integer argument within [*minimum*, *maximum*]; booleans are not integers."""
+    value = _get(request, key, default)
+    if key not in request:
+        return value
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise _bad(key, "must be an integer")
+    if minimum is not None and value < minimum:
+        raise _bad(key, f"must be at least {minimum}")
+    if maximum is not None and value > maximum:
+        raise _bad(key, f"must be at most {maximum}")
+    return value
+
+
+def bool_arg(request: dict[str, Any], key: str, default: Any = _REQUIRED) -> Any:
+    value = _get(request, key, default)
+    if key in request and not isinstance(value, bool):
+        raise _bad(key, "must be true or false")
+    return value
+
+
+def size_arg(request: dict[str, Any], key: str, default: Any = _REQUIRED) -> Any:
+    """A byte count: a non-negative integer, or a string such as ``"64M"``."""
+    value = _get(request, key, default)
+    if key not in request:
+        return value
+    if isinstance(value, str):
+        try:
+            return parse_size(value)
+        except ValueError as e:
+            raise _bad(key, f"is not a size: {e}") from None
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise _bad(key, 'must be a size (a byte count, or a string such as "64M")')
+    return value
+
+
+def check_name(name: str, key: str = "entry") -> str:
+    """*name* if it is a possible directory entry name: not empty, '.', '..', no '/' or NUL."""
+    if name in ("", ".", ".."):
+        raise _bad(key, f"{name!r} is not a name")
+    if "/" in name or "\0" in name:
+        raise _bad(key, f"{name!r} must be a single name, without '/'")
+    try:
+        encoded = name.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        raise _bad(key, "is not a valid file name") from None
+    if len(encoded) > MAX_NAME_BYTES:
+        raise _bad(key, f"is longer than {MAX_NAME_BYTES} bytes")
+    return name
+
+
+def entry_arg(request: dict[str, Any], key: str = "entry") -> str:
+    """The name of a top-level entry (a VM home): syntax only; the caller checks it exists."""
+    name: str = str_arg(request, key)
+    return check_name(name, key)
+
+
+def path_arg(request: dict[str, Any], key: str = "path") -> tuple[str, ...]:
+    """A path inside the mount, relative to its root, as its components.
+
+    The first component is the top-level entry. Absolute paths, empty
+    components, '.' and '..' are refused, so a path can never name anything
+    outside the entry it starts with. Symlinks are not resolved here: a
+    handler must open the components without following links.
+    """
+    path: str = str_arg(request, key)
+    if path.startswith("/"):
+        raise _bad(key, "must be relative to the mountpoint")
+    parts = tuple(path.split("/"))
+    for part in parts:
+        check_name(part, key)
+    return parts
+
+
+def mount_relative(mountpoint: Path, path: str | os.PathLike[str]) -> str:
+    """*path* (absolute, or relative to the current directory) relative to *mountpoint*.
+
+    For the CLI: raises ControlError when *path* is not inside the mount.
+    Purely lexical, so it never stats anything on the mount.
+    """
+    root = os.path.abspath(mountpoint)
+    full = os.path.abspath(path)
+    if full == root or not full.startswith(root.rstrip("/") + "/"):
+        raise ControlError(f"{path} is not a path inside the datastore {mountpoint}")
+    return full[len(root.rstrip("/")) + 1 :]
+
+
+# -- the server ----------------------------------------------------------------------
 
 
 class ControlServer:
@@ -62,104 +244,282 @@ class ControlServer:
     def __init__(self, mountpoint: Path, handlers: dict[str, Handler]) -> None:
         self.path = socket_path(mountpoint)
         self._handlers = handlers
+        self._clients = 0
+        self._requests = 0
+        self._refused = 0
+        self._dropped = 0
+
+    def statistics(self) -> ControlStatistics:
+        return ControlStatistics(self._clients, self._requests, self._refused, self._dropped)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        os.makedirs(RUN_DIR, mode=0o755, exist_ok=True)
-        sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock = await self._bind()
         try:
-            self.path.unlink(missing_ok=True)
-            await sock.bind(str(self.path))
-            os.chmod(self.path, 0o600)
-            sock.listen(16)
             listener = trio.SocketListener(sock)
         except BaseException:
             sock.close()
+            self.path.unlink(missing_ok=True)
             raise
         try:
             async with listener, trio.open_nursery() as nursery:
                 task_status.started()
                 log.info("control socket listening on %s", self.path)
                 while True:
-                    stream = await listener.accept()
+                    try:
+                        stream = await listener.accept()
+                    except OSError as e:
+                        if e.errno not in _ACCEPT_RESOURCE_ERRORS:
+                            raise
+                        log.warning("control socket: cannot accept (%s); retrying", e.strerror)
+                        await trio.sleep(ACCEPT_RETRY_S)
+                        continue
                     nursery.start_soon(self._serve_client, stream)
         finally:
             self.path.unlink(missing_ok=True)
 
+    async def _bind(self) -> trio.socket.SocketType:
+        """A listening socket at :attr:`path`, mode 0600 from the moment it has that name.
+
+        The daemon runs with umask 0, so the socket is bound inside a private
+        (0700) directory, restricted there, then renamed into place.
+        """
+        os.makedirs(RUN_DIR, mode=0o755, exist_ok=True)
+        private = RUN_DIR / f".{self.path.stem}.{os.getpid()}.tmp"
+        _remove_private_dir(private)
+        os.mkdir(private, 0o700)
+        sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            staged = private / "sock"
+            await sock.bind(str(staged))
+            os.chmod(staged, 0o600)
+            os.rename(staged, self.path)
+            sock.listen(MAX_CLIENTS)
+        except BaseException:
+            sock.close()
+            raise
+        finally:
+            _remove_private_dir(private)
+        return sock
+
     async def _serve_client(self, stream: trio.SocketStream) -> None:
-        async with stream:
-            buffer = bytearray()
-            try:
-                while True:
-                    newline = buffer.find(b"\n")
-                    if newline < 0:
-                        if len(buffer) > MAX_LINE:
-                            await self._send(stream, _error("line-too-long", "request too long"))
-                            return
-                        chunk = await stream.receive_some(65536)
-                        if not chunk:
-                            return
-                        buffer += chunk
-                        continue
-                    line = bytes(buffer[:newline])
-                    del buffer[: newline + 1]
-                    if len(line) > MAX_LINE:
-                        await self._send(stream, _error("line-too-long", "request too long"))
-                        return
-                    await self._send(stream, await self._dispatch(line))
-            except (trio.BrokenResourceError, trio.ClosedResourceError, TimeoutError):
+        peer = _peer_pid(stream)
+        self._clients += 1
+        try:
+            async with stream:
+                if self._clients > MAX_CLIENTS:
+                    log.warning("control client pid %s turned away: too many clients", peer)
+                    self._dropped += 1
+                    await self._send(stream, _error("too-many-clients", "too many control "
+                                                    f"connections (at most {MAX_CLIENTS})"))
+                    return
+                await self._serve_lines(stream, peer)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            return
+        except trio.TooSlowError:
+            log.warning("control client pid %s stopped reading its replies: dropped", peer)
+            self._dropped += 1
+        finally:
+            self._clients -= 1
+
+    async def _serve_lines(self, stream: trio.SocketStream, peer: int | None) -> None:
+        """Answer request lines in order until the client hangs up or sends too much."""
+        buffer = bytearray()
+        while True:
+            newline = buffer.find(b"\n")
+            if newline > MAX_LINE or (newline < 0 and len(buffer) > MAX_LINE):
+                log.warning("control client pid %s sent a line over %d bytes: dropped",
+                            peer, MAX_LINE)
+                self._dropped += 1
+                await self._send(stream, _error(
+                    "line-too-long", f"request line longer than {MAX_LINE} bytes"))
                 return
+            if newline < 0:
+                chunk = await stream.receive_some(_RECV_SIZE)
+                if not chunk:
+                    return
+                buffer += chunk
+                continue
+            line = bytes(buffer[:newline])
+            del buffer[: newline + 1]
+            await self._answer(stream, line, peer)
 
-    async def _send(self, stream: trio.SocketStream, reply: dict[str, Any]) -> None:
-        with trio.fail_after(SEND_TIMEOUT_S):
-            await stream.send_all(json.dumps(reply).encode() + b"\n")
+    async def _answer(self, stream: trio.SocketStream, line: bytes, peer: int | None) -> None:
+        self._requests += 1
+        reply = await self._dispatch(line)
+        if isinstance(reply, Stream):
+            reply = await self._send_stream(stream, reply)
+        if not reply["ok"]:
+            self._refused += 1
+            if reply["code"] in _PROTOCOL_ERRORS:
+                log.warning("control client pid %s: %s", peer, reply["error"])
+        await self._send(stream, reply)
 
-    async def _dispatch(self, line: bytes) -> dict[str, Any]:
+    async def _dispatch(self, line: bytes) -> dict[str, Any] | Stream:
         try:
             request = json.loads(line)
-        except ValueError:
+        except (ValueError, RecursionError):
             return _error("bad-json", "request is not valid JSON")
         if not isinstance(request, dict) or not isinstance(request.get("cmd"), str):
-            return _error("bad-request", 'request must be an object with a string "cmd"')
-        handler = self._handlers.get(request["cmd"])
+            return _error("bad-request", 'request must be a JSON object with a string "cmd"')
+        cmd = request["cmd"]
+        handler = self._handlers.get(cmd)
         if handler is None:
-            return _error("unknown-command", f"unknown command {request['cmd']!r}")
+            known = ", ".join(sorted(self._handlers))
+            return _error("unknown-command", f"unknown command {cmd[:64]!r} (known: {known})")
         try:
-            return {"ok": True, "result": await handler(request)}
+            result = await handler(request)
         except RequestError as e:
             return _error(e.code, str(e))
+        except Exception:
+            log.exception("control command %r failed", cmd)
+            return _internal_error(cmd)
+        if isinstance(result, Stream):
+            return result
+        return {"ok": True, "result": result}
+
+    async def _send_stream(self, stream: trio.SocketStream, events: Stream) -> dict[str, Any]:
+        """Send every event; return the closing line (the caller sends it)."""
+        iterator = events.events
+        try:
+            async for event in iterator:
+                await self._send(stream, {"event": event})
+        except RequestError as e:
+            return _error(e.code, str(e))
+        except Exception:
+            log.exception("control event stream failed")
+            return _internal_error("stream")
+        finally:
+            aclose = getattr(iterator, "aclose", None)
+            if aclose is not None:
+                with trio.CancelScope(shield=True):
+                    await aclose()
+        return {"ok": True, "result": None}
+
+    async def _send(self, stream: trio.SocketStream, reply: dict[str, Any]) -> None:
+        try:
+            data = json.dumps(reply).encode() + b"\n"
+        except (TypeError, ValueError):
+            log.exception("control reply cannot be encoded as JSON")
+            data = json.dumps(_error("internal-error", "the reply could not be encoded")).encode()
+            data += b"\n"
+        with trio.fail_after(SEND_TIMEOUT_S):
+            await stream.send_all(data)
 
 
 def _error(code: str, message: str) -> dict[str, Any]:
     return {"ok": False, "code": code, "error": message}
 
 
-def request(mountpoint: Path, cmd: str, timeout_s: float = 30.0, **args: Any) -> Any:
-    """Send one request to the daemon of *mountpoint*; blocking client for the CLI.
+def _internal_error(cmd: str) -> dict[str, Any]:
+    return _error("internal-error", f"command {cmd!r} failed inside the daemon; see its log")
 
-    Raises ControlError with a one-line message on any failure.
-    """
+
+def _peer_pid(stream: trio.SocketStream) -> int | None:
+    try:
+        creds = stream.socket.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                         struct.calcsize("3i"))
+    except OSError:
+        return None
+    pid: int = struct.unpack("3i", creds)[0]
+    return pid
+
+
+def _remove_private_dir(path: Path) -> None:
+    try:
+        (path / "sock").unlink(missing_ok=True)
+        path.rmdir()
+    except FileNotFoundError:
+        pass
+
+
+# -- the client (blocking, for the CLI) ---------------------------------------------------
+
+
+def _connect(mountpoint: Path, timeout_s: float | None) -> socket.socket:
     path = socket_path(mountpoint)
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.settimeout(timeout_s)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    sock.settimeout(timeout_s)
+    try:
+        sock.connect(str(path))
+    except (FileNotFoundError, ConnectionRefusedError):
+        sock.close()
+        raise ControlError(f"{mountpoint} is not served by a running fusedisk daemon") from None
+    except PermissionError:
+        sock.close()
+        raise ControlError(f"permission denied on the control socket of {mountpoint} "
+                           "(only root may control a datastore)") from None
+    except OSError as e:
+        sock.close()
+        raise ControlError(f"cannot reach the daemon of {mountpoint}: {e.strerror}") from None
+    return sock
+
+
+def _lines(sock: socket.socket, mountpoint: Path) -> Iterator[dict[str, Any]]:
+    """The daemon's reply lines, parsed; ControlError on anything unexpected."""
+    buffer = b""
+    while True:
+        newline = buffer.find(b"\n")
+        if newline >= 0:
+            line, buffer = buffer[:newline], buffer[newline + 1 :]
+            try:
+                reply = json.loads(line)
+            except ValueError:
+                raise ControlError(f"the daemon of {mountpoint} sent a garbled reply") from None
+            if not isinstance(reply, dict):
+                raise ControlError(f"the daemon of {mountpoint} sent a garbled reply")
+            yield reply
+            continue
         try:
-            sock.connect(str(path))
-        except FileNotFoundError:
-            raise ControlError(f"{mountpoint} is not served by a running fusedisk daemon") from None
-        except OSError as e:
-            raise ControlError(f"cannot reach the daemon of {mountpoint}: {e.strerror}") from None
-        try:
-            sock.sendall(json.dumps({"cmd": cmd, **args}).encode() + b"\n")
-            data = b""
-            while not data.endswith(b"\n"):
-                chunk = sock.recv(1 << 20)
-                if not chunk:
-                    raise ControlError("the daemon closed the connection without answering")
-                data += chunk
+            chunk = sock.recv(1 << 20)
         except TimeoutError:
             raise ControlError(f"the daemon of {mountpoint} did not answer in time") from None
         except OSError as e:
             raise ControlError(f"control connection failed: {e.strerror}") from None
-    reply = json.loads(data)
-    if not reply.get("ok"):
-        raise ControlError(reply.get("error", "request failed"))
-    return reply["result"]
+        if not chunk:
+            raise ControlError("the daemon closed the connection without answering")
+        buffer += chunk
+
+
+def _send_request(sock: socket.socket, mountpoint: Path, cmd: str, args: dict[str, Any]) -> None:
+    try:
+        sock.sendall(json.dumps({"cmd": cmd, **args}).encode() + b"\n")
+    except TimeoutError:
+        raise ControlError(f"the daemon of {mountpoint} did not answer in time") from None
+    except OSError as e:
+        raise ControlError(f"control connection failed: {e.strerror}") from None
+
+
+def _result(reply: dict[str, Any]) -> Any:
+    if reply.get("ok") is True:
+        return reply.get("result")
+    raise RequestRefused(str(reply.get("code", "error")), str(reply.get("error", "request failed")))
+
+
+def request(mountpoint: Path, cmd: str, timeout_s: float = 30.0, **args: Any) -> Any:
+    """Send one request to the daemon of *mountpoint* and return its result.
+
+    Raises ControlError (RequestRefused when the daemon said no) with a
+    one-line message on any failure.
+    """
+    with _connect(mountpoint, timeout_s) as sock:
+        _send_request(sock, mountpoint, cmd, args)
+        for reply in _lines(sock, mountpoint):
+            return _result(reply)
+    raise AssertionError("unreachable")
+
+
+def events(mountpoint: Path, cmd: str, timeout_s: float | None = None,
+           **args: Any) -> Iterator[Any]:
+    """Send a streaming request; yield each event until the daemon ends the stream.
+
+    A plain (non-streaming) reply ends the iteration at once. Closing the
+    generator closes the connection, which ends the stream in the daemon.
+    """
+    with _connect(mountpoint, timeout_s) as sock:
+        _send_request(sock, mountpoint, cmd, args)
+        for reply in _lines(sock, mountpoint):
+            if "event" in reply and "ok" not in reply:
+                yield reply["event"]
+                continue
+            _result(reply)
+            return

@@ -38,6 +38,7 @@ from .datastore import Datastore, Entry
 from .errors import MountError
 from .fs import Operations
 from .metadata import StateDir
+from .relocation import Mode, Options, RelocationError, Relocator
 from .vdisk import OpenFiles, VFile
 
 log = logging.getLogger(__name__)
@@ -162,7 +163,10 @@ class Daemon:
         self.state.open()
         try:
             self.datastore = Datastore.open(self.config, self.state)
-            self.files = OpenFiles(CbtStore(self.config.state_dir, self.config.block_size))
+            cbt = None
+            if self.config.cbt:
+                cbt = CbtStore(self.config.state_dir, self.config.block_size)
+            self.files = OpenFiles(cbt, self.config.block_size)
         except BaseException:
             self.state.close()
             raise
@@ -174,6 +178,9 @@ class Daemon:
         os.chdir("/")  # every configured path is absolute; hold no directory busy
         _raise_fd_limit()
         self.ops = Operations(self.datastore, self.files)
+        self.relocator = Relocator(
+            self.datastore, self.files, self.config.block_size, self.ops.repoint
+        )
         options = set(pyfuse3.default_options)
         options |= {f"fsname={FSNAME}", f"subtype={FSNAME}"}
         if self.config.allow_other:
@@ -188,6 +195,7 @@ class Daemon:
                 nursery.start_soon(self._serve_fuse, nursery.cancel_scope)
                 nursery.start_soon(self._handle_signals)
                 await nursery.start(self.files.run)
+                await nursery.start(self.relocator.run)
                 control_server = ControlServer(self.config.mountpoint, self._control_handlers())
                 await nursery.start(control_server.run)
                 await trio.to_thread.run_sync(os.stat, self.config.mountpoint)
@@ -216,6 +224,7 @@ class Daemon:
                     continue
                 log.info("%s received: unmounting", signal.Signals(signum).name)
                 self._notify_stopping()
+                await self.relocator.stop()
                 pyfuse3.terminate()
 
     def _status_line(self) -> str:
@@ -225,6 +234,13 @@ class Daemon:
         line = f"serving {n} {'entry' if n == 1 else 'entries'} on {self.config.mountpoint}"
         if self.datastore.conflicts:
             line += f"; {len(self.datastore.conflicts)} in conflict (not served)"
+        for job in self.relocator.statistics():
+            if job["state"] in ("copying", "mirroring", "switching", "finishing"):
+                line += (
+                    f"; relocating {job['entry']} {job['from']}->{job['to']}: "
+                    f"{job['state']}, pass {job['pass']}, {job['progress']:.0%}, "
+                    f"{job['copy_rate'] / 1e6:.0f} MB/s, {job['dirty_bytes'] >> 20} MiB dirty"
+                )
         return line
 
     async def _report_status(self) -> None:
@@ -232,7 +248,8 @@ class Daemon:
         if not os.environ.get("NOTIFY_SOCKET"):
             return
         while True:
-            await trio.sleep(STATUS_INTERVAL_S)
+            busy = any(not job.finished.is_set() for job in self.relocator.jobs.values())
+            await trio.sleep(1.0 if busy else STATUS_INTERVAL_S)
             notify_status(self._status_line())
 
     def _notify_stopping(self) -> None:
@@ -252,7 +269,7 @@ class Daemon:
                 "block_size": self.config.block_size,
                 **self.datastore.statistics(),
                 "fs": self.ops.statistics(),
-                "jobs": [],
+                "jobs": self.relocator.statistics(),
             }
 
         async def locate(request: dict[str, Any]) -> dict[str, Any]:
@@ -290,7 +307,60 @@ class Daemon:
                 return {"block_size": self.config.block_size, "file_size": vfile.size(),
                         **vfile.tracker.statistics()}
 
-        return {"status": status, "locate": locate, "cbt-checkpoint": cbt_checkpoint,
+        async def migrate(request: dict[str, Any]) -> dict[str, Any]:
+            control.check_args(
+                request, "entry", "to", "rate", "max_pause_ms", "mode", "keep_source"
+            )
+            assert self.datastore is not None
+            entry = self._entry(request)
+            to = control.str_arg(request, "to")
+            dst = self.datastore.stores.get(to)
+            if dst is None:
+                raise control.RequestError(
+                    "unknown-store", f"{to!r} is not a store of this datastore "
+                    f"({', '.join(sorted(self.datastore.stores))})")
+            mode = control.str_arg(request, "mode", "auto")
+            if mode not in {m.value for m in Mode}:
+                raise control.RequestError(
+                    "bad-argument", "mode must be one of auto, precopy, mirror")
+            options = Options(
+                mode=Mode(mode),
+                rate=control.size_arg(request, "rate", 0),
+                max_pause_ms=control.int_arg(request, "max_pause_ms", 100, minimum=1,
+                                             maximum=60_000),
+                keep_source=control.bool_arg(request, "keep_source", False),
+            )
+            try:
+                job = self.relocator.start(entry, dst, options)
+            except RelocationError as e:
+                raise control.RequestError("refused", str(e)) from None
+            return job.statistics().as_dict()
+
+        def job_command(action: str) -> Any:
+            async def handler(request: dict[str, Any]) -> dict[str, Any]:
+                control.check_args(request, "entry", *(["rate"] if action == "rate" else []))
+                name = control.entry_arg(request)
+                job = self.relocator.jobs.get(name)
+                if job is None or job.finished.is_set():
+                    raise control.RequestError(
+                        "no-job", f"{name!r} is not being relocated")
+                if action == "pause":
+                    job.pause()
+                elif action == "resume":
+                    job.resume()
+                elif action == "rate":
+                    job.set_rate(control.size_arg(request, "rate"))
+                elif not job.cancel():
+                    raise control.RequestError(
+                        "too-late", f"the relocation of {name!r} is already committed")
+                return job.statistics().as_dict()
+
+            return handler
+
+        return {"status": status, "locate": locate, "migrate": migrate,
+                "pause": job_command("pause"), "resume": job_command("resume"),
+                "cancel": job_command("cancel"), "rate": job_command("rate"),
+                "cbt-checkpoint": cbt_checkpoint,
                 "cbt-changes": cbt_changes, "cbt-info": cbt_info}
 
     @contextlib.asynccontextmanager
@@ -299,7 +369,7 @@ class Daemon:
         assert self.datastore is not None and self.files is not None
         parts = control.path_arg(request)
         try:
-            _entry, path_fd = self.datastore.resolve(parts)
+            entry, path_fd = self.datastore.resolve(parts)
         except OSError as e:
             raise control.RequestError(
                 "bad-path", f"{'/'.join(parts)}: {e.strerror or e}") from None
@@ -308,11 +378,14 @@ class Daemon:
             if not stat.S_ISREG(st.st_mode):
                 raise control.RequestError("bad-path", f"{'/'.join(parts)} is not a regular file")
             try:
-                vfile = self.files.open(path_fd, (st.st_dev, st.st_ino))
+                vfile = self.files.open(path_fd, (st.st_dev, st.st_ino), entry.gate)
             except OSError as e:
                 raise control.RequestError("io-error", f"cannot open: {e.strerror}") from None
             if vfile.tracker is None:
                 self.files.release(vfile)
+                if not self.config.cbt:
+                    raise control.RequestError(
+                        "cbt-off", "changed block tracking is off on this datastore")
                 raise control.RequestError("read-only", "the file is read-only on its store")
             try:
                 yield vfile

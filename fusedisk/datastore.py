@@ -21,7 +21,7 @@ import errno
 import logging
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +30,7 @@ import trio
 from . import backing
 from .config import Config
 from .errors import ConfigError, StateError
+from .gate import Gate
 from .metadata import StateDir
 
 log = logging.getLogger(__name__)
@@ -56,10 +57,27 @@ class Store:
 
 @dataclass(eq=False, slots=True)
 class Entry:
-    """A top-level entry. Only :class:`Datastore` changes ``name`` and ``store``."""
+    """A top-level entry. Only :class:`Datastore` changes ``name`` and ``store``.
+
+    ``gate`` quiesces the entry's requests for a switchover; ``relocating``
+    is True from the start of a relocation to its end (renames and removals
+    of the entry itself are refused meanwhile).
+    """
 
     name: str
     store: Store
+    gate: Gate = field(default_factory=Gate)
+    relocating: bool = False
+
+
+def staging_name(entry_name: str) -> str:
+    """Where a relocation builds its copy of *entry_name* on the destination store."""
+    return f"{RESERVED_PREFIX}-reloc-{entry_name}"
+
+
+def kept_source_name(entry_name: str) -> str:
+    """Where ``--keep-source`` leaves the old copy on the source store."""
+    return f"{RESERVED_PREFIX}-kept-{entry_name}"
 
 
 class Datastore:
@@ -74,6 +92,8 @@ class Datastore:
         self.conflicts: dict[str, list[str]] = {}
         self._store_ids: dict[str, int] = {}
         self._save_lock = trio.Lock()
+        #: entry → relocation record: {"from", "to", "phase": "copying"|"committed", "keep_source"}
+        self.relocations: dict[str, dict[str, Any]] = {}
 
     # -- opening -----------------------------------------------------------------
 
@@ -105,6 +125,8 @@ class Datastore:
                 stores[name] = Store(name, path, store_ids[name], fd)
             ds = cls(state, stores, config.default_store)
             ds._store_ids = store_ids
+            for name, reloc in sorted(dict(record.get("relocations", {})).items()):
+                ds._recover_relocation(name, reloc, placement)
             ds._adopt(placement)
         except BaseException:
             for store in stores.values():
@@ -112,6 +134,49 @@ class Datastore:
             raise
         ds.save_nowait_blocking()
         return ds
+
+    def _recover_relocation(
+        self, name: str, reloc: dict[str, Any], placement: dict[str, str]
+    ) -> None:
+        """Finish or undo a relocation that a crash interrupted (before adoption).
+
+        Before the commit record the source is the truth: the partial copy is
+        removed and the operator may start the relocation again. After it,
+        the destination is: its staged tree takes the entry's name, and the
+        source copy is removed (or kept aside with ``keep_source``).
+        """
+        src, dst = self.stores.get(reloc.get("from", "")), self.stores.get(reloc.get("to", ""))
+        if src is None or dst is None:
+            raise ConfigError(
+                f"entry {name!r} was being relocated between stores {reloc.get('from')!r} and "
+                f"{reloc.get('to')!r}; configure both stores again to finish the recovery"
+            )
+        staging = staging_name(name)
+        if reloc.get("phase") == "committed":
+            if backing.exists_at(dst.root_fd, staging + "/tree"):
+                staging_fd = backing.open_path(dst.root_fd, staging)
+                try:
+                    backing.renameat2(staging_fd, "tree", dst.root_fd, name, 0)
+                finally:
+                    backing.close(staging_fd)
+            backing.remove_tree(dst.root_fd, staging)
+            if backing.exists_at(src.root_fd, name):
+                if reloc.get("keep_source"):
+                    backing.remove_tree(src.root_fd, kept_source_name(name))
+                    backing.renameat2(src.root_fd, name, src.root_fd, kept_source_name(name), 0)
+                else:
+                    backing.remove_tree(src.root_fd, name)
+            placement[name] = dst.name
+            log.warning(
+                "relocation of %r from %r to %r was committed before a crash; finished it",
+                name, src.name, dst.name,
+            )
+        else:
+            backing.remove_tree(dst.root_fd, staging)
+            log.warning(
+                "relocation of %r from %r to %r was interrupted before its commit; %r is "
+                "authoritative, the partial copy was removed", name, src.name, dst.name, src.name,
+            )
 
     def _adopt(self, placement: dict[str, str]) -> None:
         found: dict[str, list[str]] = {}
@@ -161,9 +226,14 @@ class Datastore:
     # -- persistence -------------------------------------------------------------
 
     def _record(self) -> dict[str, Any]:
+        placement = {name: e.store.name for name, e in sorted(self.entries.items())}
+        for name, reloc in self.relocations.items():
+            if reloc["phase"] == "committed" and name in placement:
+                placement[name] = reloc["to"]  # committed: the destination is the truth
         return {
             "stores": dict(self._store_ids),
-            "placement": {name: e.store.name for name, e in sorted(self.entries.items())},
+            "placement": placement,
+            "relocations": dict(self.relocations),
         }
 
     def save_nowait_blocking(self) -> None:
@@ -197,6 +267,39 @@ class Datastore:
     async def removed(self, name: str) -> None:
         """Forget an entry whose backing object was just removed."""
         self.entries.pop(name, None)
+        await self.save()
+
+    async def relocation_started(self, entry: Entry, dst: Store, keep_source: bool) -> None:
+        """Durably record that *entry* is being copied to *dst* (the source stays the truth)."""
+        self.relocations[entry.name] = {
+            "from": entry.store.name, "to": dst.name, "phase": "copying",
+            "keep_source": keep_source,
+        }
+        entry.relocating = True
+        await self.save()
+
+    async def relocation_committed(self, entry: Entry) -> None:
+        """THE commit record: one atomic save flips the placement to the destination.
+
+        In memory the entry keeps its store until :meth:`relocation_switched`:
+        the switchover renames the staged tree into place first.
+        """
+        reloc = self.relocations[entry.name]
+        reloc["phase"] = "committed"
+        try:
+            await self.save()
+        except BaseException:
+            reloc["phase"] = "copying"
+            raise
+
+    def relocation_switched(self, entry: Entry, dst: Store) -> None:
+        """The staged tree now has the entry's name on *dst*: serve it from there."""
+        entry.store = dst
+
+    async def relocation_ended(self, entry: Entry) -> None:
+        """Forget the relocation record (after cleanup, committed or not)."""
+        self.relocations.pop(entry.name, None)
+        entry.relocating = False
         await self.save()
 
     async def renamed(self, old: str, new: str, exchange: bool) -> None:

@@ -40,7 +40,7 @@ from pyfuse3 import FUSEError
 
 from . import backing
 from .datastore import Datastore, Entry
-from .vdisk import OpenFiles, VFile
+from .vdisk import OpenFiles, Resolver, VFile
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +69,33 @@ def _errno_edge(
             return await fn(*args, **kwargs)
         except OSError as e:
             raise FUSEError(e.errno or errno.EIO) from None
+
+    return wrapper
+
+
+def _quiesced(
+    fn: Callable[..., Coroutine[Any, Any, _R]],
+) -> Callable[..., Coroutine[Any, Any, _R]]:
+    """Run a request that changes an entry inside that entry's gate.
+
+    The first argument after ``self`` is an inode number (for ``fsync`` the
+    file handle, which is the inode number too). A switchover closes the gate
+    and waits for such requests to leave; new ones wait until it opens again.
+    Requests on the mount root itself pass freely.
+    """
+
+    @functools.wraps(fn)
+    async def wrapper(self: Operations, ino: int, *args: Any) -> _R:
+        node = self._inodes.get(ino)
+        entry = node.entry if node is not None else None
+        if entry is None:
+            return await fn(self, ino, *args)
+        gate = entry.gate
+        await gate.enter()
+        try:
+            return await fn(self, ino, *args)
+        finally:
+            gate.leave()
 
     return wrapper
 
@@ -279,6 +306,7 @@ class Operations(pyfuse3.Operations):
         return self._getattr(self._inode(inode))
 
     @_errno_edge
+    @_quiesced
     async def setattr(
         self,
         inode: int,
@@ -293,7 +321,8 @@ class Operations(pyfuse3.Operations):
         if fields.update_size:
             if node.file_type != stat.S_IFREG:
                 raise OSError(errno.EINVAL, "only regular files can be truncated")
-            vfile = self.files.open(node.path_fd, node.key)
+            assert node.entry is not None
+            vfile = self.files.open(node.path_fd, node.key, node.entry.gate)
             try:
                 await vfile.truncate(attr.st_size)
             finally:
@@ -385,6 +414,7 @@ class Operations(pyfuse3.Operations):
         return inode, self._attr(inode, st)
 
     @_errno_edge
+    @_quiesced
     async def create(
         self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: pyfuse3.RequestContext
     ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
@@ -408,6 +438,7 @@ class Operations(pyfuse3.Operations):
         return self._file_info(inode, flags), attr
 
     @_errno_edge
+    @_quiesced
     async def mkdir(
         self, parent_inode: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
@@ -417,6 +448,7 @@ class Operations(pyfuse3.Operations):
         return (await self._created(parent, sname, dir_fd, entry, stat.S_IFDIR | mode, ctx))[1]
 
     @_errno_edge
+    @_quiesced
     async def mknod(
         self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
@@ -426,6 +458,7 @@ class Operations(pyfuse3.Operations):
         return (await self._created(parent, sname, dir_fd, entry, mode, ctx))[1]
 
     @_errno_edge
+    @_quiesced
     async def symlink(
         self, parent_inode: int, name: bytes, target: bytes, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
@@ -435,6 +468,7 @@ class Operations(pyfuse3.Operations):
         return (await self._created(parent, sname, dir_fd, entry, stat.S_IFLNK | 0o777, ctx))[1]
 
     @_errno_edge
+    @_quiesced
     async def link(
         self, inode: int, new_parent_inode: int, new_name: bytes, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
@@ -452,6 +486,8 @@ class Operations(pyfuse3.Operations):
         dir_fd, sname, entry = self._where(parent, name)
         if entry is None:
             raise OSError(errno.ENOENT, "no such entry")
+        if parent is self._root and entry.relocating:
+            raise OSError(errno.EBUSY, "the entry is being relocated")
         if is_dir:
             os.rmdir(sname, dir_fd=dir_fd)
         else:
@@ -461,14 +497,17 @@ class Operations(pyfuse3.Operations):
             self._root_time_ns = time.time_ns()
 
     @_errno_edge
+    @_quiesced
     async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         await self._remove(parent_inode, name, is_dir=False)
 
     @_errno_edge
+    @_quiesced
     async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         await self._remove(parent_inode, name, is_dir=True)
 
     @_errno_edge
+    @_quiesced
     async def rename(
         self,
         parent_inode_old: int,
@@ -488,6 +527,8 @@ class Operations(pyfuse3.Operations):
         if at_root != (new_parent is self._root):
             raise OSError(errno.EXDEV, "moving into or out of the top level crosses entries")
         if at_root:
+            if old_entry.relocating or (new_entry is not None and new_entry.relocating):
+                raise OSError(errno.EBUSY, "the entry is being relocated")
             if new_entry is not None and new_entry.store is not old_entry.store:
                 raise OSError(errno.EXDEV, "the two entries live on different stores")
             new_dir_fd = old_entry.store.root_fd
@@ -506,7 +547,10 @@ class Operations(pyfuse3.Operations):
 
     def _open_handle(self, inode: Inode) -> None:
         if inode.vfile is None:
-            inode.vfile = self._vfiles[inode.ino] = self.files.open(inode.path_fd, inode.key)
+            assert inode.entry is not None
+            inode.vfile = self._vfiles[inode.ino] = self.files.open(
+                inode.path_fd, inode.key, inode.entry.gate
+            )
         inode.handles += 1
 
     def _release_handle(self, inode: Inode) -> None:
@@ -538,6 +582,7 @@ class Operations(pyfuse3.Operations):
         return pyfuse3.FileInfo(fh=inode.ino, keep_cache=True)
 
     @_errno_edge
+    @_quiesced
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         node = self._inode(inode)
         if node.file_type != stat.S_IFREG:
@@ -555,15 +600,23 @@ class Operations(pyfuse3.Operations):
             raise FUSEError(e.errno or errno.EIO) from None
 
     async def write(self, fh: int, off: int, buf: bytes) -> int:
+        vfile = self._vfiles[fh]
+        gate = vfile.gate
+        if gate.closed:
+            await gate.wait_open()
+        gate.inside += 1  # a write may wait for the CBT activity log
         try:
-            return await self._vfiles[fh].write(off, buf)
+            return await vfile.write(off, buf)
         except OSError as e:
             raise FUSEError(e.errno or errno.EIO) from None
+        finally:
+            gate.leave()
 
     async def flush(self, fh: int) -> None:
         return None  # writes are not buffered in the daemon
 
     @_errno_edge
+    @_quiesced
     async def fsync(self, fh: int, datasync: bool) -> None:
         await self._vfiles[fh].fsync(datasync)
 
@@ -628,6 +681,7 @@ class Operations(pyfuse3.Operations):
         return node
 
     @_errno_edge
+    @_quiesced
     async def setxattr(
         self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext
     ) -> None:
@@ -658,10 +712,35 @@ class Operations(pyfuse3.Operations):
         return [n for n in names if not n.startswith(_PRIVATE_XATTR_PREFIX)]
 
     @_errno_edge
+    @_quiesced
     async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         node = self._xattr_target(inode, name)
         node.no_caps = False
         backing.removexattr(node.path_fd, os.fsdecode(name))
+
+    # -- relocation -----------------------------------------------------------------------
+
+    def repoint(self, entry: Entry, resolve: Resolver) -> None:
+        """Move the inodes and open files of *entry* to their new backing objects.
+
+        Called by a switchover after its commit, with the entry quiesced. Inode
+        numbers do not change, so the kernel sees the same files. Objects that
+        *resolve* does not know (unlinked but still open) stay where they are.
+        """
+        for inode in list(self._inodes.values()):
+            if inode.entry is not entry:
+                continue
+            found = resolve(inode.key)
+            if found is None:
+                continue
+            path_fd, st = found
+            if self._by_key.get(inode.key) is inode:
+                del self._by_key[inode.key]
+            old_fd, inode.path_fd = inode.path_fd, path_fd
+            inode.key = (st.st_dev, st.st_ino)
+            self._by_key[inode.key] = inode
+            backing.close(old_fd)
+        self.files.repoint(resolve)
 
     # -- introspection ----------------------------------------------------------------------
 

@@ -16,26 +16,56 @@ from __future__ import annotations
 
 import errno
 import math
+import os
+from collections.abc import Callable
 
 import trio
 
 from . import backing
+from .bitmap import Bitmap
 from .cbt import CbtStore, Tracker
+from .gate import Gate
+
+#: key of a source object → a fresh O_PATH handle and stat of its new self, or None
+Resolver = Callable[[tuple[int, int]], "tuple[int, os.stat_result] | None"]
 
 
 class VFile:
-    """One open regular file. ``fd`` may be swapped only by a relocation's switchover."""
+    """One open regular file. ``fd`` may be swapped only by a relocation's switchover.
 
-    __slots__ = ("closing", "fd", "key", "opens", "tracker", "writable")
+    During a relocation the copy engine attaches ``consumers`` (dirty bitmaps
+    it clears before it copies a block: the CBT ordering rule) and, once it
+    mirrors, ``mirror_fd``: every write then lands on both stores before it
+    is acknowledged. A failed mirror write does not fail the guest's write
+    (the source is the truth until the commit): it stops the mirroring and
+    is reported in ``mirror_error`` for the engine to fail the relocation.
+    """
+
+    __slots__ = (
+        "block_shift", "closing", "consumers", "fd", "gate", "key", "mirror_error", "mirror_fd",
+        "opens", "tracker", "writable",
+    )
 
     def __init__(
-        self, fd: int, key: tuple[int, int], writable: bool, tracker: Tracker | None
+        self,
+        fd: int,
+        key: tuple[int, int],
+        writable: bool,
+        tracker: Tracker | None,
+        gate: Gate,
+        block_size: int,
     ) -> None:
         self.fd = fd
         self.key = key
         self.writable = writable
         #: changed block tracking; None for a read-only file or with CBT off
         self.tracker = tracker
+        #: the gate of the entry the file belongs to
+        self.gate = gate
+        self.block_shift = block_size.bit_length() - 1
+        self.consumers: list[Bitmap] = []
+        self.mirror_fd: int | None = None
+        self.mirror_error: OSError | None = None
         #: users holding this VFile open, and releases still saving (OpenFiles counts them)
         self.opens = 0
         self.closing = 0
@@ -47,15 +77,38 @@ class VFile:
         if not self.writable:
             raise OSError(errno.EROFS, "backing file is read-only")
         tracker = self.tracker
-        if tracker is None:
-            return backing.pwrite_all(self.fd, data, offset)
-        while not tracker.logged(offset, len(data)):
-            await tracker.log(offset, len(data))
-        # no await from here on: the region stays logged, and the mark
-        # follows the write that it describes (the CBT ordering rule)
+        if tracker is not None:
+            while not tracker.logged(offset, len(data)):
+                await tracker.log(offset, len(data))
+        # No await from here on: the region stays logged, the marks follow the
+        # write they describe (the CBT ordering rule), and a copy of the same
+        # blocks (also checkpoint-free) is wholly before or after this write.
         written = backing.pwrite_all(self.fd, data, offset)
-        tracker.mark(offset, written)
+        if tracker is not None:
+            tracker.mark(offset, written)
+        if self.mirror_fd is not None:
+            self._mirror(offset, data[:written])
+        elif self.consumers:
+            self._mark_consumers(offset, written)
         return written
+
+    def _mark_consumers(self, offset: int, length: int) -> None:
+        if length <= 0:
+            return
+        first = offset >> self.block_shift
+        nblocks = ((offset + length - 1) >> self.block_shift) - first + 1
+        for bits in self.consumers:
+            bits.mark(first, nblocks)
+
+    def _mirror(self, offset: int, data: bytes) -> None:
+        assert self.mirror_fd is not None
+        try:
+            if backing.pwrite_all(self.mirror_fd, data, offset) != len(data):
+                raise OSError(errno.EIO, "short write on the destination")
+        except OSError as e:
+            self.mirror_error = e
+            self.mirror_fd = None
+            self._mark_consumers(offset, len(data))
 
     async def truncate(self, length: int) -> None:
         if not self.writable:
@@ -67,9 +120,18 @@ class VFile:
         start, span = min(old, length), abs(old - length)
         if tracker is not None:
             await tracker.mark_durably(start, span)
+        # no await from here on (as in write)
         backing.ftruncate(self.fd, length)
         if tracker is not None:
             tracker.mark(start, span)
+        if self.mirror_fd is not None:
+            try:
+                backing.ftruncate(self.mirror_fd, length)
+            except OSError as e:
+                self.mirror_error, self.mirror_fd = e, None
+                self._mark_consumers(start, span)
+        else:
+            self._mark_consumers(start, span)
 
     async def fsync(self, datasync: bool) -> None:
         await backing.run_blocking(backing.fsync, self.fd, datasync)
@@ -87,13 +149,14 @@ class OpenFiles:
     table, so a new open shares it rather than loading a stale history.
     """
 
-    def __init__(self, cbt: CbtStore | None) -> None:
+    def __init__(self, cbt: CbtStore | None, block_size: int) -> None:
         #: None when changed block tracking is off for the datastore
         self.cbt = cbt
+        self.block_size = block_size
         self._files: dict[tuple[int, int], VFile] = {}
         self._to_close, self._closing = trio.open_memory_channel[VFile](math.inf)
 
-    def open(self, path_fd: int, key: tuple[int, int]) -> VFile:
+    def open(self, path_fd: int, key: tuple[int, int], gate: Gate) -> VFile:
         """Open (or share) the file behind an O_PATH handle; pair with :meth:`release`."""
         vfile = self._files.get(key)
         if vfile is None:
@@ -105,7 +168,7 @@ class OpenFiles:
             except BaseException:
                 backing.close(fd)
                 raise
-            vfile = self._files[key] = VFile(fd, key, writable, tracker)
+            vfile = self._files[key] = VFile(fd, key, writable, tracker, gate, self.block_size)
         vfile.opens += 1
         return vfile
 
@@ -132,6 +195,30 @@ class OpenFiles:
                 del self._files[vfile.key]
                 backing.close(vfile.fd)
                 vfile.fd = -1
+
+    def repoint(self, resolve: Resolver) -> None:
+        """Switch every open file that *resolve* knows to its new backing file.
+
+        Called inside a switchover (entry quiesced), after the commit. No
+        checkpoint: every user sees either the old or the new descriptor.
+        """
+        for vfile in list(self._files.values()):
+            found = resolve(vfile.key)
+            if found is None:
+                continue  # unlinked but open: it stays where its data is
+            path_fd, st = found
+            try:
+                fd, writable = backing.open_for_io(path_fd)
+            finally:
+                backing.close(path_fd)
+            old_fd, vfile.fd = vfile.fd, fd
+            backing.close(old_fd)
+            del self._files[vfile.key]
+            vfile.key = (st.st_dev, st.st_ino)
+            vfile.writable = writable
+            self._files[vfile.key] = vfile
+            if vfile.tracker is not None:
+                vfile.tracker.key = vfile.key
 
     def close_all(self) -> None:
         """At unmount: save every tracker cleanly and close every descriptor. Blocking."""

@@ -11,11 +11,14 @@ PACKAGE = Path(__file__).resolve().parent.parent / "fusedisk"
 # fs (the FUSE edge) and control (the control edge) never import each other.
 LAYERS: list[set[str]] = [
     {"errors", "sizes"},
-    {"bitmap", "metadata", "config"},
+    {"bitmap", "metadata", "config", "gate"},
     {"backing"},
     {"cbt"},
     {"vdisk"},
     {"datastore"},
+    {"mirror"},
+    {"switchover"},
+    {"relocation"},
     {"fs", "control"},
     {"daemon"},
     {"service", "demo"},

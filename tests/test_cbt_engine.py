@@ -13,6 +13,7 @@ import trio.lowlevel
 from fusedisk import cbt
 from fusedisk.bitmap import CHUNK_BITS, Bitmap
 from fusedisk.cbt import AL_CAPACITY, REGION_SIZE, CbtStore, ChangeIdError, Tracker
+from fusedisk.gate import Gate
 from fusedisk.vdisk import OpenFiles
 
 BLOCK = 64 << 10
@@ -191,13 +192,13 @@ async def race(tmp_path: Path, clear_first: bool, seed: int) -> bool:
     source.write_bytes(os.urandom(nblocks * BLOCK))
     replica = tmp_path / f"replica{seed}"
     replica.write_bytes(source.read_bytes())
-    files = OpenFiles(CbtStore(tmp_path, BLOCK))
+    files = OpenFiles(CbtStore(tmp_path, BLOCK), BLOCK)
     path_fd = os.open(source, os.O_PATH)
     st = os.fstat(path_fd)
-    vfile = files.open(path_fd, (st.st_dev, st.st_ino))
+    vfile = files.open(path_fd, (st.st_dev, st.st_ino), Gate())
     assert vfile.tracker is not None
     dirty = Bitmap()
-    vfile.tracker.consumers.append(dirty)
+    vfile.consumers.append(dirty)
     replica_fd = os.open(replica, os.O_RDWR)
     rng = random.Random(seed)
     running = 2

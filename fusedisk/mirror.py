@@ -1,0 +1,300 @@
+"""The copy engine: pre-copy passes over dirty bitmaps, rate limit, mirroring.
+
+A :class:`Copier` copies the regular files of one entry into a *pool* on
+the destination store: one pool file per source file (by backing inode, so
+hard links stay one file), named ``<dev>-<ino>``. Names, directories and
+attributes are not copied here: the switchover rebuilds the tree from the
+pool inside the pause (see switchover.py).
+
+Each :class:`FileCopy` attaches a *consumer* bitmap to the file's shared
+:class:`~fusedisk.vdisk.VFile`: every guest write marks it after landing.
+Pass 1 marks every allocated block (holes stay holes); a pass copies what
+is marked. The CBT ordering rule holds: a pass clears a run's bits *before*
+it reads the run. And since a run's clear, read and write happen without a
+checkpoint, as a guest write does, the two never interleave: the trio
+thread is the range lock.
+
+When mirroring is on, ``VFile.mirror_fd`` points at the pool file: guest
+writes land on both stores and no longer mark the consumer, so the dirty set
+only shrinks and the next pass converges.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import stat
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import trio
+
+from . import backing
+from .bitmap import Bitmap
+from .gate import Gate
+from .vdisk import OpenFiles, VFile
+
+log = logging.getLogger(__name__)
+
+#: Largest read/write of one copy step. Each step runs on the trio thread
+#: without a checkpoint, so this bounds how long a guest request can wait.
+CHUNK_SIZE = 1 << 20
+#: Unflushed bytes a pool file may gather before the copier fdatasyncs it,
+#: which keeps the flush inside the switchover's pause short.
+FLUSH_BYTES = 64 << 20
+_ZEROS = bytes(CHUNK_SIZE)
+
+
+class FileCopy:
+    """One source regular file and its pool file on the destination."""
+
+    __slots__ = ("copied", "dirty", "dst_fd", "key", "pool_name", "unflushed", "vfile")
+
+    def __init__(self, vfile: VFile, dst_fd: int, pool_name: str) -> None:
+        self.vfile = vfile
+        self.key = vfile.key
+        self.dst_fd = dst_fd
+        self.pool_name = pool_name
+        #: blocks to copy (the consumer bitmap attached to the VFile)
+        self.dirty = Bitmap()
+        #: blocks the pool file holds data for (so a block that became zeros
+        #: on the source is punched on the destination, not skipped)
+        self.copied = Bitmap()
+        self.unflushed = 0
+
+
+@dataclass(frozen=True, slots=True)
+class CopyStatistics:
+    files: int
+    bytes_copied: int
+    dirty_bytes: int
+    copy_rate: float  #: bytes/s, smoothed
+    mirroring: bool
+
+
+def walk(
+    dir_fd: int, parts: tuple[str, ...] = ()
+) -> Iterator[tuple[tuple[str, ...], int, os.stat_result]]:
+    """Every object below the directory *dir_fd* as ``(path parts, O_PATH fd, stat)``.
+
+    The fd is valid only until the next item; nothing is followed, objects
+    that vanish while the walk runs are skipped.
+    """
+    for name in sorted(backing.list_dir(dir_fd)):
+        try:
+            fd = backing.open_path(dir_fd, name)
+        except FileNotFoundError:
+            continue
+        try:
+            st = backing.fstat(fd)
+            yield (*parts, name), fd, st
+            if stat.S_ISDIR(st.st_mode):
+                yield from walk(fd, (*parts, name))
+        finally:
+            backing.close(fd)
+
+
+class Copier:
+    """Copies the files of one entry into a pool directory; see the module doc."""
+
+    def __init__(self, files: OpenFiles, gate: Gate, pool_fd: int, block_size: int) -> None:
+        self.files = files
+        self.gate = gate
+        self.pool_fd = pool_fd
+        self.block_size = block_size
+        self._shift = block_size.bit_length() - 1
+        self.copies: dict[tuple[int, int], FileCopy] = {}
+        self.mirroring = False
+        self.rate_limit = 0  #: bytes/s, 0 = unlimited; may change at any time
+        self.bytes_copied = 0
+        self._rate = 0.0
+        self._rate_window: list[tuple[float, int]] = []
+        self._bucket_time = time.monotonic()
+        self._bucket = 0.0
+        self._unpaused = trio.Event()
+        self._unpaused.set()
+
+    # -- control ------------------------------------------------------------------
+
+    @property
+    def paused(self) -> bool:
+        return not self._unpaused.is_set()
+
+    def pause(self) -> None:
+        if not self.paused:
+            self._unpaused = trio.Event()
+
+    def resume(self) -> None:
+        self._unpaused.set()
+
+    # -- files ----------------------------------------------------------------------
+
+    def discover(self, entry_fd: int) -> int:
+        """Start copying every regular file of the entry not yet known; return how many.
+
+        Blocking, but small: one walk of the entry's directory tree.
+        """
+        found = 0
+        root = backing.fstat(entry_fd)
+        if stat.S_ISREG(root.st_mode):  # an entry that is a single file
+            if (root.st_dev, root.st_ino) not in self.copies:
+                self._add(entry_fd, (root.st_dev, root.st_ino))
+                found += 1
+            return found
+        for _parts, fd, st in walk(entry_fd):
+            key = (st.st_dev, st.st_ino)
+            if not stat.S_ISREG(st.st_mode) or key in self.copies:
+                continue
+            self._add(fd, key)
+            found += 1
+        return found
+
+    def _add(self, path_fd: int, key: tuple[int, int]) -> None:
+        vfile = self.files.open(path_fd, key, self.gate)
+        pool_name = f"{key[0]}-{key[1]}"
+        try:
+            dst_fd = os.open(
+                pool_name, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600,
+                dir_fd=self.pool_fd,
+            )
+        except BaseException:
+            self.files.release(vfile)
+            raise
+        copy = FileCopy(vfile, dst_fd, pool_name)
+        # Attach first, then scan: a write in between is marked by the consumer.
+        vfile.consumers.append(copy.dirty)
+        for offset, length in backing.data_extents(vfile.fd):
+            first = offset >> self._shift
+            copy.dirty.mark(first, ((offset + length - 1) >> self._shift) - first + 1)
+        backing.ftruncate(dst_fd, vfile.size())
+        if self.mirroring:
+            vfile.mirror_fd = dst_fd
+        self.copies[key] = copy
+
+    def start_mirroring(self) -> None:
+        """From now on every guest write lands on both stores before it is acknowledged."""
+        self.mirroring = True
+        for copy in self.copies.values():
+            copy.vfile.mirror_fd = copy.dst_fd
+
+    def mirror_error(self) -> OSError | None:
+        for copy in self.copies.values():
+            if copy.vfile.mirror_error is not None:
+                return copy.vfile.mirror_error
+        return None
+
+    def detach(self) -> None:
+        """Stop mirroring and consuming; close pool files; release the sources."""
+        for copy in self.copies.values():
+            vfile = copy.vfile
+            vfile.mirror_fd = None
+            vfile.mirror_error = None
+            if copy.dirty in vfile.consumers:
+                vfile.consumers.remove(copy.dirty)
+            backing.close(copy.dst_fd)
+            self.files.release(vfile)
+        self.copies.clear()
+        self.mirroring = False
+
+    # -- copying --------------------------------------------------------------------
+
+    def dirty_bytes(self) -> int:
+        return sum(c.dirty.count for c in self.copies.values()) << self._shift
+
+    async def copy_pass(self, *, throttle: bool = True) -> None:
+        """Copy every block that is dirty when the pass reaches it, smallest files first."""
+        for copy in sorted(self.copies.values(), key=lambda c: c.vfile.size()):
+            if copy.key in self.copies:  # not detached meanwhile
+                await self._copy_file(copy, throttle)
+
+    async def _copy_file(self, copy: FileCopy, throttle: bool) -> None:
+        max_blocks = max(1, CHUNK_SIZE >> self._shift)
+        blockno = copy.dirty.next_dirty(0)
+        while blockno is not None:
+            if throttle:
+                await self._unpaused.wait()
+            nblocks = 1
+            while nblocks < max_blocks and copy.dirty.test(blockno + nblocks):
+                nblocks += 1
+            # no await from the clear to the write (see the module doc)
+            copy.dirty.clear(blockno, nblocks)
+            copied = self._copy_run(copy, blockno << self._shift, nblocks << self._shift)
+            self._account(copied)
+            if copy.unflushed >= FLUSH_BYTES:
+                copy.unflushed = 0
+                await backing.run_blocking(backing.fsync, copy.dst_fd, True)
+            if throttle:
+                await self._throttle(copied)
+            else:
+                await trio.lowlevel.checkpoint()
+            blockno = copy.dirty.next_dirty(blockno + nblocks)
+
+    def _copy_run(self, copy: FileCopy, offset: int, length: int) -> int:
+        """Copy one run from source to pool file; holes and zeros stay unallocated."""
+        data = backing.pread(copy.vfile.fd, length, offset)
+        if not data:
+            return 0  # beyond the end: the file shrank
+        first, nblocks = offset >> self._shift, (len(data) + self.block_size - 1) >> self._shift
+        if data == _ZEROS[: len(data)]:
+            if any(copy.copied.test(b) for b in range(first, first + nblocks)):
+                backing.punch_hole(copy.dst_fd, offset, len(data))
+                copy.copied.clear(first, nblocks)
+            return len(data)
+        written = backing.pwrite_all(copy.dst_fd, data, offset)
+        if written != len(data):
+            raise OSError(errno.ENOSPC, "short write on the destination")
+        copy.copied.mark(first, nblocks)
+        copy.unflushed += written
+        return written
+
+    def _account(self, nbytes: int) -> None:
+        self.bytes_copied += nbytes
+        now = time.monotonic()
+        window = self._rate_window
+        window.append((now, self.bytes_copied))
+        while len(window) > 2 and now - window[0][0] > 2.0:
+            window.pop(0)
+        span = now - window[0][0]
+        if span > 0.05:
+            self._rate = (self.bytes_copied - window[0][1]) / span
+
+    async def _throttle(self, nbytes: int) -> None:
+        """Token bucket at ``rate_limit`` bytes/s; always a checkpoint."""
+        limit = self.rate_limit
+        if limit <= 0:
+            await trio.lowlevel.checkpoint()
+            return
+        now = time.monotonic()
+        self._bucket = min(float(limit), self._bucket + (now - self._bucket_time) * limit)
+        self._bucket_time = now
+        self._bucket -= nbytes
+        if self._bucket < 0:
+            await trio.sleep(-self._bucket / limit)
+        else:
+            await trio.lowlevel.checkpoint()
+
+    async def flush(self) -> None:
+        """fdatasync every pool file (blocking work on worker threads)."""
+        for copy in list(self.copies.values()):
+            await backing.run_blocking(backing.fsync, copy.dst_fd, True)
+            copy.unflushed = 0
+
+    def copy_rate(self) -> float:
+        return self._rate
+
+    def statistics(self) -> CopyStatistics:
+        return CopyStatistics(
+            files=len(self.copies),
+            bytes_copied=self.bytes_copied,
+            dirty_bytes=self.dirty_bytes(),
+            copy_rate=self._rate,
+            mirroring=self.mirroring,
+        )
+
+
+def estimate_s(nbytes: int, rate: float) -> float:
+    """Seconds to copy *nbytes* at *rate* (a floor when no rate was measured yet)."""
+    return nbytes / max(rate, 50e6) if nbytes else 0.0
+

@@ -1,0 +1,433 @@
+"""Relocation jobs: move one entry to another store while it is in use.
+
+A :class:`Relocation` runs::
+
+    preflight → record "copying" → staging + pool → pass 1 (every allocated
+    block) → passes over what was dirtied → [mirroring, when the dirty set
+    stops shrinking] → flush → switchover (switchover.py) → source removed
+    → record ended
+
+Until the switchover's commit the source is the truth: a failure, a cancel
+or a crash leaves it untouched and removes the partial copy. Convergence is
+guaranteed in ``auto`` mode: when a pass does not shrink the dirty set by
+at least a fifth, or after :data:`MAX_PRECOPY_PASSES`, writes are mirrored
+to both stores and the next pass finishes the copy. ``precopy`` never
+mirrors (and fails if it cannot converge); ``mirror`` mirrors from the start.
+
+The :class:`Relocator` is the daemon's service that owns the jobs' tasks:
+one job per entry at a time, any number of entries at once.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import math
+import os
+import stat
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import trio
+
+from . import backing
+from .datastore import Datastore, Entry, Store, kept_source_name, staging_name
+from .errors import FusediskError
+from .mirror import Copier, estimate_s, walk
+from .switchover import switch_over
+from .vdisk import OpenFiles, Resolver
+
+log = logging.getLogger(__name__)
+
+MAX_PRECOPY_PASSES = 8
+#: A pass must leave at most this share of the previous pass's dirty bytes,
+#: or the writer is outrunning the copy.
+CONVERGE_RATIO = 0.8
+#: Share of ``max_pause`` the last copy may take (the rest: drain, tree, flush, commit).
+PAUSE_COPY_SHARE = 0.5
+
+
+class RelocationError(FusediskError):
+    """A relocation failed; the source is still the truth."""
+
+
+class State(enum.StrEnum):
+    COPYING = "copying"
+    MIRRORING = "mirroring"
+    SWITCHING = "switching"
+    FINISHING = "finishing"  # committed: removing the source copy
+    DONE = "done"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+FINAL_STATES = {State.DONE, State.FAILED, State.CANCELLED}
+
+
+class Mode(enum.StrEnum):
+    AUTO = "auto"
+    PRECOPY = "precopy"
+    MIRROR = "mirror"
+
+
+@dataclass(frozen=True, slots=True)
+class Options:
+    mode: Mode = Mode.AUTO
+    rate: int = 0  #: bytes/s, 0 = unlimited
+    max_pause_ms: int = 100
+    keep_source: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class JobStatistics:
+    """What ``status`` shows of a job; ``as_dict`` is the ``--json`` form."""
+
+    entry: str
+    src: str
+    dst: str
+    state: str
+    paused: bool
+    mode: str
+    pass_no: int
+    files: int
+    bytes_total: int
+    bytes_copied: int
+    dirty_bytes: int
+    copy_rate: float
+    dirty_rate: float
+    rate_limit: int
+    eta_s: float | None
+    progress: float
+    mirroring: bool
+    pause_ms: float | None
+    elapsed_s: float
+    error: str | None
+
+    def as_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["from"], out["to"], out["pass"] = out.pop("src"), out.pop("dst"), out.pop("pass_no")
+        return out
+
+
+def allocated_bytes(entry_fd: int) -> int:
+    """Bytes the entry occupies on its store (what the destination must hold)."""
+    root = backing.fstat(entry_fd)
+    total = root.st_blocks * 512
+    if not stat.S_ISDIR(root.st_mode):
+        return total
+    seen: set[tuple[int, int]] = set()
+    for _parts, _fd, st in walk(entry_fd):
+        if (st.st_dev, st.st_ino) not in seen:
+            seen.add((st.st_dev, st.st_ino))
+            total += st.st_blocks * 512
+    return total
+
+
+class Relocation:
+    """One entry moving to another store. ``statistics()`` may be called any time."""
+
+    def __init__(
+        self,
+        datastore: Datastore,
+        files: OpenFiles,
+        entry: Entry,
+        dst: Store,
+        options: Options,
+        block_size: int,
+        on_commit: Callable[[Entry, Resolver], None],
+    ) -> None:
+        self.datastore = datastore
+        self.files = files
+        self.entry = entry
+        self.src = entry.store
+        self.dst = dst
+        self.options = options
+        self.block_size = block_size
+        self.on_commit = on_commit
+        self.state = State.COPYING
+        self.error: str | None = None
+        self.pass_no = 0
+        self.bytes_total = 0
+        self.pause_ms: float | None = None
+        self.committed = False
+        self.copier: Copier | None = None
+        self._rate_limit = options.rate
+        self._dirty_rate = 0.0
+        self._progress = 0.0
+        self._started = time.monotonic()
+        self._ended: float | None = None
+        self._cancel_scope = trio.CancelScope()
+        self._staging_fd: int | None = None
+        self._pool_fd: int | None = None
+        self.finished = trio.Event()
+
+    # -- control --------------------------------------------------------------------
+
+    def cancel(self) -> bool:
+        """Cancel unless committed; return whether a cancel was requested."""
+        if self.committed or self.state in FINAL_STATES:
+            return False
+        self._cancel_scope.cancel()
+        return True
+
+    def pause(self) -> None:
+        if self.copier is not None:
+            self.copier.pause()
+
+    def resume(self) -> None:
+        if self.copier is not None:
+            self.copier.resume()
+
+    def set_rate(self, rate: int) -> None:
+        self._rate_limit = rate
+        if self.copier is not None:
+            self.copier.rate_limit = rate
+
+    # -- the run --------------------------------------------------------------------
+
+    async def run(self) -> None:
+        name = self.entry.name
+        log.info("relocation of %r from %r to %r started (%s mode, max pause %d ms)",
+                 name, self.src.name, self.dst.name, self.options.mode, self.options.max_pause_ms)
+        try:
+            with self._cancel_scope:
+                await self._run()
+            if not self.committed:
+                self.state = State.CANCELLED
+                log.info("relocation of %r cancelled; %r is still authoritative", name,
+                         self.src.name)
+        except (OSError, FusediskError) as e:
+            self.state = State.FAILED
+            self.error = _one_line(e)
+            log.error("relocation of %r to %r failed: %s; %r is still authoritative",
+                      name, self.dst.name, self.error, self.src.name)
+        finally:
+            with trio.CancelScope(shield=True):
+                await self._cleanup()
+            self._ended = time.monotonic()
+            self.finished.set()
+
+    async def _run(self) -> None:
+        entry, dst = self.entry, self.dst
+        src_fd = backing.open_path(entry.store.root_fd, entry.name)
+        try:
+            needed = await backing.run_blocking(allocated_bytes, src_fd)
+        finally:
+            backing.close(src_fd)
+        vfs = dst.statvfs()
+        free = vfs.f_bavail * vfs.f_frsize
+        if needed > free:
+            raise RelocationError(
+                f"store {dst.name!r} has {free >> 20} MiB free, {entry.name!r} needs "
+                f"{needed >> 20} MiB"
+            )
+        await self.datastore.relocation_started(entry, dst, self.options.keep_source)
+        staging = staging_name(entry.name)
+        await backing.run_blocking(backing.remove_tree, dst.root_fd, staging)
+        os.mkdir(staging, 0o700, dir_fd=dst.root_fd)
+        self._staging_fd = backing.open_path(dst.root_fd, staging)
+        os.mkdir("pool", 0o700, dir_fd=self._staging_fd)
+        self._pool_fd = backing.open_path(self._staging_fd, "pool")
+        copier = self.copier = Copier(self.files, entry.gate, self._pool_fd, self.block_size)
+        copier.rate_limit = self._rate_limit
+        self._discover()
+        self.bytes_total = copier.dirty_bytes()
+        if self.options.mode == Mode.MIRROR:
+            self._start_mirroring()
+
+        previous_dirty: int | None = None
+        while True:
+            self.pass_no += 1
+            pass_start = time.monotonic()
+            await copier.copy_pass()
+            self._check_mirror()
+            self._discover()
+            dirty = copier.dirty_bytes()
+            self._dirty_rate = dirty / max(time.monotonic() - pass_start, 1e-3)
+            log.info("relocation of %r: pass %d done, %d MiB dirty", entry.name, self.pass_no,
+                     dirty >> 20)
+            if estimate_s(dirty, copier.copy_rate()) * 1000 <= (
+                self.options.max_pause_ms * PAUSE_COPY_SHARE
+            ):
+                break
+            if self.options.mode == Mode.PRECOPY:
+                if self.pass_no >= MAX_PRECOPY_PASSES:
+                    raise RelocationError(
+                        f"pre-copy did not converge in {self.pass_no} passes (the VM writes "
+                        "faster than the copy); use --mode auto or mirror, or a higher --rate"
+                    )
+            elif not copier.mirroring and (
+                self.pass_no >= MAX_PRECOPY_PASSES
+                or (previous_dirty is not None and dirty > previous_dirty * CONVERGE_RATIO)
+            ):
+                self._start_mirroring()
+            previous_dirty = dirty
+
+        await copier.flush()  # the flush inside the pause stays small
+        self._check_mirror()
+        self.state = State.SWITCHING
+        assert self._staging_fd is not None
+        self.pause_ms = await switch_over(
+            self.datastore, entry, dst, copier, self._staging_fd, self._committed
+        )
+        self.state = State.FINISHING
+        log.info("relocation of %r committed: now on %r (pause %.1f ms)", entry.name, dst.name,
+                 self.pause_ms)
+
+    def _committed(self, entry: Entry, resolve: Resolver) -> None:
+        self.committed = True
+        self.on_commit(entry, resolve)
+
+    def _discover(self) -> None:
+        assert self.copier is not None
+        src_fd = backing.open_path(self.entry.store.root_fd, self.entry.name)
+        try:
+            self.copier.discover(src_fd)
+        finally:
+            backing.close(src_fd)
+
+    def _start_mirroring(self) -> None:
+        assert self.copier is not None
+        self.copier.start_mirroring()
+        self.state = State.MIRRORING
+        log.info("relocation of %r: mirroring writes to %r from now on", self.entry.name,
+                 self.dst.name)
+
+    def _check_mirror(self) -> None:
+        assert self.copier is not None
+        error = self.copier.mirror_error()
+        if error is not None:
+            raise RelocationError(f"writing to store {self.dst.name!r} failed: {error.strerror}")
+
+    async def _cleanup(self) -> None:
+        """Undo (not committed) or finish (committed) on the stores; end the record."""
+        if self.copier is not None:
+            self.copier.detach()
+        for fd in (self._pool_fd, self._staging_fd):
+            if fd is not None:
+                backing.close(fd)
+        self._pool_fd = self._staging_fd = None
+        name = self.entry.name
+        try:
+            await backing.run_blocking(backing.remove_tree, self.dst.root_fd, staging_name(name))
+            if self.committed:
+                if self.options.keep_source:
+                    kept = kept_source_name(name)
+                    await backing.run_blocking(backing.remove_tree, self.src.root_fd, kept)
+                    backing.renameat2(self.src.root_fd, name, self.src.root_fd, kept, 0)
+                    log.info("relocation of %r: the old copy is kept as %s", name,
+                             self.src.path / kept)
+                else:
+                    await backing.run_blocking(backing.remove_tree, self.src.root_fd, name)
+            if name in self.datastore.relocations:
+                await self.datastore.relocation_ended(self.entry)
+        except OSError as e:
+            # the next mount finishes this from the record; nothing is lost
+            log.error("relocation of %r: cleanup failed (%s); the next mount retries it",
+                      name, e.strerror)
+        if self.committed:
+            self.state = State.DONE
+            log.info("relocation of %r to %r done in %.1f s", name, self.dst.name,
+                     time.monotonic() - self._started)
+
+    # -- introspection -------------------------------------------------------------------
+
+    def statistics(self) -> JobStatistics:
+        copier = self.copier
+        copied = copier.bytes_copied if copier else 0
+        dirty = copier.dirty_bytes() if copier else 0
+        rate = copier.copy_rate() if copier else 0.0
+        total = max(self.bytes_total, copied + dirty)
+        if self.state == State.DONE:
+            self._progress = 1.0
+        elif total:
+            self._progress = max(self._progress, min(copied / total, 0.99))
+        end = self._ended if self._ended is not None else time.monotonic()
+        return JobStatistics(
+            entry=self.entry.name,
+            src=self.src.name,
+            dst=self.dst.name,
+            state=str(self.state),
+            paused=bool(copier and copier.paused),
+            mode=str(self.options.mode),
+            pass_no=self.pass_no,
+            files=len(copier.copies) if copier else 0,
+            bytes_total=total,
+            bytes_copied=copied,
+            dirty_bytes=dirty,
+            copy_rate=rate,
+            dirty_rate=self._dirty_rate,
+            rate_limit=self._rate_limit,
+            eta_s=(dirty / rate if rate > 0 else None) if self.state not in FINAL_STATES else 0.0,
+            progress=self._progress,
+            mirroring=bool(copier and copier.mirroring),
+            pause_ms=self.pause_ms,
+            elapsed_s=end - self._started,
+            error=self.error,
+        )
+
+
+def _one_line(error: BaseException) -> str:
+    if isinstance(error, OSError) and error.strerror:
+        where = f" ({error.filename})" if error.filename else ""
+        return f"{error.strerror}{where}"
+    return str(error).splitlines()[0] if str(error) else type(error).__name__
+
+
+class Relocator:
+    """The daemon's relocation service: starts, tracks and stops jobs."""
+
+    def __init__(
+        self,
+        datastore: Datastore,
+        files: OpenFiles,
+        block_size: int,
+        on_commit: Callable[[Entry, Resolver], None],
+    ) -> None:
+        self.datastore = datastore
+        self.files = files
+        self.block_size = block_size
+        self.on_commit = on_commit
+        self.jobs: dict[str, Relocation] = {}
+        self._nursery: trio.Nursery | None = None
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            task_status.started()
+            await trio.sleep_forever()
+
+    def start(self, entry: Entry, dst: Store, options: Options) -> Relocation:
+        """Start relocating *entry* to *dst*; raise RelocationError for a bad request."""
+        assert self._nursery is not None, "the relocator is not running"
+        current = self.jobs.get(entry.name)
+        if entry.relocating or (current is not None and current.state not in FINAL_STATES):
+            raise RelocationError(f"{entry.name!r} is already being relocated")
+        if dst is entry.store:
+            raise RelocationError(f"{entry.name!r} is already on store {dst.name!r}")
+        if not math.isfinite(options.max_pause_ms) or options.max_pause_ms <= 0:
+            raise RelocationError("the pause budget must be a positive number of milliseconds")
+        st = backing.lstat_at(entry.store.root_fd, entry.name)
+        if not (stat.S_ISDIR(st.st_mode) or stat.S_ISREG(st.st_mode)):
+            raise RelocationError(f"{entry.name!r} is neither a directory nor a regular file")
+        job = Relocation(self.datastore, self.files, entry, dst, options, self.block_size,
+                         self.on_commit)
+        self.jobs[entry.name] = job
+        self._nursery.start_soon(job.run, name=f"relocate {entry.name}")
+        return job
+
+    async def stop(self) -> None:
+        """Before unmounting: cancel jobs still copying; let a switchover finish first."""
+        for job in list(self.jobs.values()):
+            if job.finished.is_set():
+                continue
+            if job.state == State.SWITCHING or job.committed:
+                log.info("waiting for the switchover of %r to finish", job.entry.name)
+            else:
+                job.cancel()
+            await job.finished.wait()
+
+    def statistics(self) -> list[dict[str, Any]]:
+        return [job.statistics().as_dict() for job in self.jobs.values()]
