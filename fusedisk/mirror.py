@@ -45,6 +45,7 @@ CHUNK_SIZE = 1 << 20
 #: which keeps the flush inside the switchover's pause short.
 FLUSH_BYTES = 64 << 20
 _ZEROS = bytes(CHUNK_SIZE)
+_PAGE = 4096
 
 
 class FileCopy:
@@ -237,16 +238,38 @@ class Copier:
         if not data:
             return 0  # beyond the end: the file shrank
         first, nblocks = offset >> self._shift, (len(data) + self.block_size - 1) >> self._shift
-        if data == _ZEROS[: len(data)]:
-            if any(copy.copied.test(b) for b in range(first, first + nblocks)):
-                backing.punch_hole(copy.dst_fd, offset, len(data))
-                copy.copied.clear(first, nblocks)
+        dest_has_data = any(copy.copied.test(b) for b in range(first, first + nblocks))
+        if not dest_has_data:
+            # the destination is a hole here: write only the pages that hold data
+            written = self._write_pages(copy.dst_fd, memoryview(data), offset)
+        elif data == _ZEROS[: len(data)]:
+            backing.punch_hole(copy.dst_fd, offset, len(data))
+            copy.copied.clear(first, nblocks)
             return len(data)
-        written = backing.pwrite_all(copy.dst_fd, data, offset)
-        if written != len(data):
-            raise OSError(errno.ENOSPC, "short write on the destination")
-        copy.copied.mark(first, nblocks)
-        copy.unflushed += written
+        else:
+            if backing.pwrite_all(copy.dst_fd, data, offset) != len(data):
+                raise OSError(errno.ENOSPC, "short write on the destination")
+            written = len(data)
+        if written:
+            copy.copied.mark(first, nblocks)
+            copy.unflushed += written
+        return len(data)
+
+    @staticmethod
+    def _write_pages(fd: int, data: memoryview, offset: int) -> int:
+        """Write the runs of non-zero 4 KiB pages of *data*; return the bytes written."""
+        size, pos, written = len(data), 0, 0
+        while pos < size:
+            while pos < size and data[pos : pos + _PAGE] == _ZEROS[: min(_PAGE, size - pos)]:
+                pos += _PAGE
+            start = pos
+            while pos < size and data[pos : pos + _PAGE] != _ZEROS[: min(_PAGE, size - pos)]:
+                pos += _PAGE
+            if start < pos:
+                run = data[start : min(pos, size)]
+                if backing.pwrite_all(fd, run, offset + start) != len(run):
+                    raise OSError(errno.ENOSPC, "short write on the destination")
+                written += len(run)
         return written
 
     def _account(self, nbytes: int) -> None:

@@ -35,6 +35,7 @@ import trio
 from . import backing
 from .datastore import Datastore, Entry, Store, kept_source_name, staging_name
 from .errors import FusediskError
+from .failpoint import failpoint
 from .mirror import Copier, estimate_s, walk
 from .switchover import switch_over
 from .vdisk import OpenFiles, Resolver
@@ -100,7 +101,8 @@ class JobStatistics:
     rate_limit: int
     eta_s: float | None
     progress: float
-    mirroring: bool
+    mirroring: bool  #: writes go to both stores now
+    mirrored: bool  #: the job switched to mirroring at some point
     pause_ms: float | None
     elapsed_s: float
     error: str | None
@@ -156,6 +158,7 @@ class Relocation:
         self._rate_limit = options.rate
         self._dirty_rate = 0.0
         self._progress = 0.0
+        self._mirrored = False
         self._started = time.monotonic()
         self._ended: float | None = None
         self._cancel_scope = trio.CancelScope()
@@ -201,7 +204,7 @@ class Relocation:
         except (OSError, FusediskError) as e:
             self.state = State.FAILED
             self.error = _one_line(e)
-            log.error("relocation of %r to %r failed: %s; %r is still authoritative",
+            log.warning("relocation of %r to %r failed: %s; %r is still authoritative",
                       name, self.dst.name, self.error, self.src.name)
         finally:
             with trio.CancelScope(shield=True):
@@ -248,6 +251,7 @@ class Relocation:
             self._dirty_rate = dirty / max(time.monotonic() - pass_start, 1e-3)
             log.info("relocation of %r: pass %d done, %d MiB dirty", entry.name, self.pass_no,
                      dirty >> 20)
+            failpoint("mirroring" if copier.mirroring else "copying")
             if estimate_s(dirty, copier.copy_rate()) * 1000 <= (
                 self.options.max_pause_ms * PAUSE_COPY_SHARE
             ):
@@ -291,6 +295,7 @@ class Relocation:
     def _start_mirroring(self) -> None:
         assert self.copier is not None
         self.copier.start_mirroring()
+        self._mirrored = True
         self.state = State.MIRRORING
         log.info("relocation of %r: mirroring writes to %r from now on", self.entry.name,
                  self.dst.name)
@@ -363,6 +368,7 @@ class Relocation:
             eta_s=(dirty / rate if rate > 0 else None) if self.state not in FINAL_STATES else 0.0,
             progress=self._progress,
             mirroring=bool(copier and copier.mirroring),
+            mirrored=self._mirrored,
             pause_ms=self.pause_ms,
             elapsed_s=end - self._started,
             error=self.error,

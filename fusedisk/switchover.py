@@ -36,6 +36,7 @@ import trio
 from . import backing
 from .datastore import Datastore, Entry, Store
 from .errors import FusediskError
+from .failpoint import failpoint
 from .mirror import Copier
 from .vdisk import Resolver
 
@@ -187,9 +188,11 @@ async def switch_over(
         finally:
             backing.close(src_fd)
         await backing.run_blocking(_flush, staging_fd, copier, dirs)
+        failpoint("before-commit")
         with trio.CancelScope(shield=True):
             await datastore.relocation_committed(entry)
             # committed: from here on the switch only goes forward
+            failpoint("after-commit")
             backing.renameat2(
                 staging_fd, "tree", dst.root_fd, entry.name, backing.RENAME_NOREPLACE
             )

@@ -82,12 +82,13 @@ class MountedDatastore:
             argv += ["--ready-fd", str(ready_fd)]
         return argv + self.extra_args
 
-    def start(self) -> MountedDatastore:
+    def start(self, env: dict[str, str] | None = None) -> MountedDatastore:
+        """Mount; *env* adds to the daemon's environment (e.g. a failpoint)."""
         read_end, write_end = os.pipe()
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
                 self.argv(write_end), stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                pass_fds=(write_end,),
+                pass_fds=(write_end,), env={**os.environ, **(env or {})},
             )
         os.close(write_end)
         try:
@@ -115,6 +116,13 @@ class MountedDatastore:
         self.proc.send_signal(signal.SIGKILL)
         self.proc.wait(timeout=STOP_TIMEOUT_S)
         self.proc = None
+
+    def wait_exit(self, timeout_s: float = STOP_TIMEOUT_S) -> int:
+        """Wait for a daemon that ends by itself (a failpoint); the dead mount stays."""
+        assert self.proc is not None
+        code = self.proc.wait(timeout=timeout_s)
+        self.proc = None
+        return code
 
     def teardown(self) -> None:
         """Never raises; leaves no mount and no daemon behind."""

@@ -1,0 +1,387 @@
+"""Live relocation on a real mount, with real writers, crashes and failures."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from . import journal_writer
+from .conftest import require_tools
+from .mounting import MountedDatastore, fusedisk, is_mounted, wait_for
+
+pytestmark = pytest.mark.mount
+
+WRITER = Path(journal_writer.__file__)
+
+
+def migrate(ds: MountedDatastore, entry: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return fusedisk("migrate", str(ds.mnt), entry, *args, timeout=300)
+
+
+def job(ds: MountedDatastore, entry: str) -> dict[str, Any]:
+    jobs = [j for j in ds.status()["jobs"] if j["entry"] == entry]
+    assert jobs, f"no job for {entry}"
+    return jobs[0]
+
+
+def wait_state(ds: MountedDatastore, entry: str, states: set[str], timeout_s: float = 60) -> None:
+    wait_for(lambda: job(ds, entry)["state"] in states, timeout_s, f"{entry} in {states}")
+
+
+def make_vm(ds: MountedDatastore, name: str = "vm1", disk_mib: int = 64) -> Path:
+    """A VM home: config, nvram, logs, a symlink, and a disk with random data."""
+    home = ds.mnt / name
+    home.mkdir()
+    (home / f"{name}.vmx").write_text(f'displayName = "{name}"\n')
+    (home / "nvram").write_bytes(os.urandom(8192))
+    (home / "logs").mkdir()
+    (home / "logs" / "vmware.log").write_text("boot\n" * 100)
+    (home / "current.log").symlink_to("logs/vmware.log")
+    disk = home / "disk0.img"
+    with open(disk, "wb") as f:
+        f.truncate(disk_mib << 20)
+        for i in range(0, disk_mib, 4):
+            f.seek(i << 20)
+            f.write(os.urandom(1 << 20))
+    return disk
+
+
+def tree_view(root: Path) -> dict[str, Any]:
+    """Everything a client can see of a tree: names, types, modes, owners, sizes,
+    link counts, contents, symlink targets and user xattrs."""
+    view: dict[str, Any] = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in sorted(dirnames + filenames):
+            path = Path(dirpath) / name
+            st = path.lstat()
+            rel = str(path.relative_to(root))
+            item: dict[str, Any] = {"mode": st.st_mode, "uid": st.st_uid, "gid": st.st_gid,
+                                    "nlink": st.st_nlink, "mtime": st.st_mtime_ns}
+            if path.is_symlink():
+                item["target"] = os.readlink(path)
+            elif path.is_file():
+                item["size"] = st.st_size
+                item["sha"] = hashlib.sha1(path.read_bytes()).hexdigest()
+            if not path.is_symlink():  # fusedisk's own (the CBT id) shows on a store only
+                item["xattrs"] = {n: os.getxattr(path, n) for n in os.listxattr(path)
+                                  if not n.startswith("trusted.fusedisk.")}
+            view[rel] = item
+    return view
+
+
+@pytest.fixture
+def writer_procs() -> Iterator[list[subprocess.Popen[bytes]]]:
+    procs: list[subprocess.Popen[bytes]] = []
+    yield procs
+    for proc in procs:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def start_writer(
+    procs: list[subprocess.Popen[bytes]], disk: Path, journal: Path, nblocks: int,
+    pause_s: float = 0.0,
+) -> subprocess.Popen[bytes]:
+    proc = subprocess.Popen(
+        [sys.executable, str(WRITER), str(disk), str(journal), "7", str(nblocks), str(pause_s)]
+    )
+    procs.append(proc)
+    wait_for(lambda: journal.exists() and journal.stat().st_size > 2000, 30, "the writer")
+    return proc
+
+
+# -- the main path -------------------------------------------------------------------------
+
+
+def test_relocation_under_fio_verify(datastore: MountedDatastore) -> None:
+    """fio writes with crc32c verification while the VM home moves; then a verify pass."""
+    require_tools("fio")
+    disk = make_vm(datastore, disk_mib=16)
+    ino_before = disk.stat().st_ino
+    # every block written exactly once (no time_based), so a verify-only replay matches
+    fio = ["fio", "--name=guest", f"--filename={datastore.mnt / 'vm1' / 'fio.img'}",
+           "--size=64M", "--rw=randwrite", "--bs=4k", "--direct=1", "--ioengine=libaio",
+           "--iodepth=4", "--verify=crc32c", "--verify_state_save=0", "--verify_fatal=1"]
+    with open(datastore.root / "fio.out", "w") as out:
+        guest = subprocess.Popen([*fio, "--do_verify=1"], stdout=out, stderr=subprocess.STDOUT)
+    try:
+        wait_for(lambda: (datastore.mnt / "vm1" / "fio.img").exists(), 30, "fio")
+        time.sleep(1.0)
+        result = migrate(datastore, "vm1", "--to", "b")
+        assert guest.poll() is None, "fio ended before the switchover: the test proved nothing"
+        assert result.returncode == 0, result.stderr
+        assert "relocated vm1 from a to b" in result.stdout
+        assert guest.wait(timeout=120) == 0, (datastore.root / "fio.out").read_text()
+    finally:
+        if guest.poll() is None:
+            guest.kill()
+            guest.wait()
+    verify = subprocess.run([*fio, "--verify_only"], capture_output=True, text=True)
+    assert verify.returncode == 0, verify.stdout + verify.stderr
+    assert datastore.status()["placement"]["vm1"] == "b"
+    assert (datastore.stores["b"] / "vm1" / "fio.img").stat().st_size == 64 << 20
+    assert not (datastore.stores["a"] / "vm1").exists()
+    assert not [p for p in datastore.stores["b"].iterdir() if p.name.startswith(".fusedisk")]
+    assert disk.stat().st_ino == ino_before  # the inode number did not change
+    done = job(datastore, "vm1")
+    assert done["state"] == "done" and done["pause_ms"] > 0 and done["progress"] == 1.0
+
+
+def test_namespace_changes_during_the_copy_end_up_exact(datastore: MountedDatastore) -> None:
+    make_vm(datastore, disk_mib=48)
+    home = datastore.mnt / "vm1"
+    result = migrate(datastore, "vm1", "--to", "b", "--rate", "2M", "--no-wait")
+    assert result.returncode == 0, result.stderr
+    wait_state(datastore, "vm1", {"copying"})
+    # what a hypervisor does while the copy runs
+    (home / "vm1.vmx").write_text('displayName = "vm1"\nmemsize = "4096"\n')  # O_TRUNC rewrite
+    (home / "logs" / "vmware.log").rename(home / "logs" / "vmware-1.log")
+    (home / "logs" / "vmware.log").write_text("second boot\n")
+    (home / "nvram").unlink()
+    (home / "snapshot.vmsn").write_bytes(os.urandom(300_000))
+    os.link(home / "snapshot.vmsn", home / "snapshot-hardlink.vmsn")
+    (home / "newdir" / "deeper").mkdir(parents=True)
+    (home / "newdir" / "deeper" / "f").write_text("x")
+    os.chmod(home / "vm1.vmx", 0o600)
+    os.setxattr(home / "vm1.vmx", "user.owner", b"ops")
+    os.truncate(home / "disk0.img", 40 << 20)
+    os.mkfifo(home / "fifo")
+    with open(home / "disk0.img", "r+b") as f:
+        f.seek(5 << 20)
+        f.write(b"written during the copy")
+    before = tree_view(home)
+    assert job(datastore, "vm1")["state"] in ("copying", "mirroring")  # the test raced nothing
+    fusedisk("rate", str(datastore.mnt), "vm1", "0", check=True)  # unlimited: finish now
+    wait_state(datastore, "vm1", {"done", "failed"}, timeout_s=120)
+    assert job(datastore, "vm1")["state"] == "done", job(datastore, "vm1")
+    after = tree_view(home)
+    assert after == before
+    assert tree_view(datastore.stores["b"] / "vm1") == before
+    assert not (datastore.stores["a"] / "vm1").exists()
+
+
+def test_open_files_follow_the_switchover(datastore: MountedDatastore) -> None:
+    """A descriptor opened before the move reads and writes the new copy after it."""
+    disk = make_vm(datastore, disk_mib=8)
+    with open(disk, "r+b", buffering=0) as f:
+        assert migrate(datastore, "vm1", "--to", "b").returncode == 0
+        f.seek(1 << 20)
+        f.write(b"after the move")
+        os.fsync(f.fileno())
+        f.seek(1 << 20)
+        assert f.read(14) == b"after the move"
+    with open(datastore.stores["b"] / "vm1" / "disk0.img", "rb") as raw:
+        raw.seek(1 << 20)
+        assert raw.read(14) == b"after the move"
+
+
+def test_a_writer_that_outruns_the_copy_still_converges(
+    datastore: MountedDatastore, writer_procs: list[subprocess.Popen[bytes]]
+) -> None:
+    disk = make_vm(datastore, disk_mib=32)
+    journal = datastore.root / "journal"
+    start_writer(writer_procs, disk, journal, nblocks=(32 << 20) // 4096)
+    start = time.monotonic()
+    result = migrate(datastore, "vm1", "--to", "b", "--rate", "8M", "--json")
+    assert result.returncode == 0, result.stderr
+    final = json.loads(result.stdout)
+    assert final["mirrored"] and final["state"] == "done", final
+    assert time.monotonic() - start < 120
+    writer_procs[0].terminate()
+    writer_procs[0].wait(timeout=10)
+    acked, wrong = journal_writer.check(disk, journal)
+    assert acked > 100 and not wrong
+
+
+def test_precopy_refuses_to_loop_forever(
+    datastore: MountedDatastore, writer_procs: list[subprocess.Popen[bytes]]
+) -> None:
+    disk = make_vm(datastore, disk_mib=16)
+    start_writer(writer_procs, disk, datastore.root / "journal", nblocks=2048)
+    result = migrate(datastore, "vm1", "--to", "b", "--rate", "8M", "--mode", "precopy",
+                     "--max-pause", "1")
+    assert result.returncode == 1
+    assert "did not converge" in result.stderr and "Traceback" not in result.stderr
+    assert datastore.status()["placement"]["vm1"] == "a"
+    assert not list(datastore.stores["b"].iterdir())
+
+
+@pytest.mark.parametrize("mode", ["precopy", "mirror"])
+def test_cancel_leaves_the_source_authoritative(
+    datastore: MountedDatastore, writer_procs: list[subprocess.Popen[bytes]], mode: str
+) -> None:
+    disk = make_vm(datastore, disk_mib=32)
+    journal = datastore.root / "journal"
+    start_writer(writer_procs, disk, journal, nblocks=2048, pause_s=0.001)
+    assert migrate(datastore, "vm1", "--to", "b", "--rate", "4M", "--mode", mode,
+                   "--no-wait").returncode == 0
+    wait_state(datastore, "vm1", {"mirroring" if mode == "mirror" else "copying"})
+    assert fusedisk("pause", str(datastore.mnt), "vm1").returncode == 0
+    assert job(datastore, "vm1")["paused"]
+    assert fusedisk("resume", str(datastore.mnt), "vm1").returncode == 0
+    result = fusedisk("cancel", str(datastore.mnt), "vm1")
+    assert result.returncode == 0, result.stderr
+    wait_state(datastore, "vm1", {"cancelled"})
+    assert datastore.status()["placement"]["vm1"] == "a"
+    wait_for(lambda: not list(datastore.stores["b"].iterdir()), 10, "the partial copy to go")
+    time.sleep(0.5)  # the guest keeps writing to the source
+    writer_procs[0].terminate()
+    writer_procs[0].wait(timeout=10)
+    acked, wrong = journal_writer.check(disk, journal)
+    assert acked > 50 and not wrong
+    again = fusedisk("cancel", str(datastore.mnt), "vm1")
+    assert again.returncode == 1 and "not being relocated" in again.stderr
+
+
+# -- crashes -----------------------------------------------------------------------------
+
+
+@pytest.mark.daemon_errors
+@pytest.mark.parametrize(
+    ("failpoint", "truth"),
+    [("copying", "a"), ("mirroring", "a"), ("before-commit", "a"), ("after-commit", "b")],
+)
+def test_kill_9_at_each_phase(
+    datastore: MountedDatastore, writer_procs: list[subprocess.Popen[bytes]],
+    failpoint: str, truth: str,
+) -> None:
+    """SIGKILL at an exact phase (a failpoint), remount: the right store serves
+    exactly the acknowledged data, and the leftovers are gone."""
+    disk = make_vm(datastore, disk_mib=16)
+    datastore.stop()
+    datastore.start(env={"FUSEDISK_FAILPOINT": failpoint})
+    journal = datastore.root / "journal"
+    writer = start_writer(writer_procs, disk, journal, nblocks=(16 << 20) // 4096,
+                          pause_s=0.0005)
+    mode = "mirror" if failpoint == "mirroring" else "auto"
+    fusedisk("migrate", str(datastore.mnt), "vm1", "--to", "b", "--mode", mode, "--no-wait")
+    assert datastore.wait_exit(timeout_s=60) == -signal.SIGKILL
+    writer.wait(timeout=30)  # it stops at its first error
+    assert f"failpoint {failpoint} reached" in datastore.log()
+    datastore.start()
+    assert datastore.status()["placement"]["vm1"] == truth
+    other = "b" if truth == "a" else "a"
+    assert (datastore.stores[truth] / "vm1" / "disk0.img").exists()
+    assert not (datastore.stores[other] / "vm1").exists()
+    leftovers = [p for s in datastore.stores.values() for p in s.iterdir()
+                 if p.name.startswith(".fusedisk")]
+    assert not leftovers
+    acked, wrong = journal_writer.check(disk, journal)
+    assert acked > 20 and not wrong, f"{len(wrong)} acknowledged writes lost"
+    assert (datastore.mnt / "vm1" / "logs" / "vmware.log").read_text() == "boot\n" * 100
+
+
+# -- failures ----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def small_store(tmp_path: Path) -> Iterator[Path]:
+    """A 24 MiB tmpfs to relocate onto."""
+    path = tmp_path / "small"
+    path.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(path)], check=True)
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+        assert not is_mounted(path)
+
+
+@pytest.mark.daemon_errors
+def test_destination_full(tmp_path: Path, small_store: Path) -> None:
+    ds = MountedDatastore(tmp_path, stores=("a",))
+    ds.stores["small"] = small_store
+    ds.start()
+    try:
+        (ds.mnt / "big").mkdir()
+        (ds.mnt / "big" / "disk.img").write_bytes(os.urandom(40 << 20))
+        refused = migrate(ds, "big", "--to", "small")
+        assert refused.returncode == 1 and "needs" in refused.stderr
+        assert "MiB free" in refused.stderr
+        disk = make_vm(ds, "vm1", disk_mib=32)
+        assert migrate(ds, "vm1", "--to", "small", "--rate", "2M", "--no-wait").returncode == 0
+        wait_state(ds, "vm1", {"copying"})
+        with open(small_store / "filler", "wb") as filler:  # someone else fills the store
+            try:
+                while True:
+                    filler.write(b"\1" * (1 << 20))
+                    filler.flush()
+            except OSError:
+                pass
+        wait_state(ds, "vm1", {"failed"}, timeout_s=60)
+        failed = job(ds, "vm1")
+        assert "No space left on device" in failed["error"]
+        assert ds.status()["placement"]["vm1"] == "a"
+        with open(disk, "r+b") as f:  # the VM's I/O keeps working on the source
+            f.write(b"still writable")
+        assert disk.read_bytes()[:14] == b"still writable"
+        (small_store / "filler").unlink()
+        assert sorted(p.name for p in small_store.iterdir()) == []
+    finally:
+        ds.teardown()
+
+
+def test_sparse_disk_stays_sparse(datastore: MountedDatastore) -> None:
+    home = datastore.mnt / "vm1"
+    home.mkdir()
+    disk = home / "disk.img"
+    chunks = {}
+    with open(disk, "wb") as f:
+        f.truncate(8 << 30)
+        for i in range(64):
+            offset = i * (128 << 20) + (i % 5) * 4096
+            data = os.urandom(1 << 20)
+            f.seek(offset)
+            f.write(data)
+            chunks[offset] = hashlib.sha1(data).hexdigest()
+    source_blocks = (datastore.stores["a"] / "vm1" / "disk.img").stat().st_blocks
+    result = migrate(datastore, "vm1", "--to", "b", "--json")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["bytes_copied"] <= 70 << 20
+    dest = datastore.stores["b"] / "vm1" / "disk.img"
+    assert dest.stat().st_size == 8 << 30
+    assert dest.stat().st_blocks <= source_blocks + 256  # holes stayed holes
+    with open(disk, "rb") as f:
+        for offset, digest in chunks.items():
+            f.seek(offset)
+            assert hashlib.sha1(f.read(1 << 20)).hexdigest() == digest
+
+
+def test_bad_relocation_requests(datastore: MountedDatastore) -> None:
+    make_vm(datastore, disk_mib=4)
+    cases = [
+        (("nosuch", "--to", "b"), "not an entry"),
+        (("vm1", "--to", "nosuch"), "not a store"),
+        (("vm1", "--to", "a"), "already on store"),
+        (("../etc", "--to", "b"), "entry"),
+        (("vm1", "--to", "b", "--rate", "fast"), "not a size"),
+    ]
+    for args, message in cases:
+        result = migrate(datastore, *args)
+        assert result.returncode != 0, args
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and message in lines[0] and "Traceback" not in result.stderr, (
+            args, result.stderr)
+    assert migrate(datastore, "vm1", "--to", "b", "--rate", "1M", "--no-wait").returncode == 0
+    second = migrate(datastore, "vm1", "--to", "b")
+    assert second.returncode == 1 and "already being relocated" in second.stderr
+    busy = subprocess.run(["mv", str(datastore.mnt / "vm1"), str(datastore.mnt / "vm2")],
+                          capture_output=True, text=True)
+    assert busy.returncode != 0 and "busy" in busy.stderr.lower()
+    assert fusedisk("cancel", str(datastore.mnt), "vm1").returncode == 0
+    wait_state(datastore, "vm1", {"cancelled"})
