@@ -148,13 +148,15 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("rate", metavar="SIZE/s", help="e.g. 100M, or 0 for unlimited")
 
     d = sub.add_parser(
-        "demo", help="a guided run on a default local layout",
+        "demo", help="a live relocation on a default local layout",
         description="Mount a datastore with two local stores under ROOT, create a VM home "
-        "with a disk image, drive it with fio, use CBT, show the status, unmount.",
+        "with a disk image, move it from one store to the other while fio writes to it, "
+        "verify every block, show CBT and the status, unmount.",
     )
     d.add_argument("--root", type=Path, default=None, metavar="ROOT",
                    help="where the demo keeps everything (default /var/lib/fusedisk-demo)")
-    d.add_argument("--seconds", type=int, default=10, help="how long fio writes (default 10)")
+    d.add_argument("--seconds", type=int, default=20,
+                   help="about how long the guest writes (default 20)")
     d.add_argument("--keep", action="store_true", help="leave the datastore mounted")
 
     cbt = sub.add_parser(

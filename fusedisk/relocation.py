@@ -252,10 +252,16 @@ class Relocation:
             log.info("relocation of %r: pass %d done, %d MiB dirty", entry.name, self.pass_no,
                      dirty >> 20)
             failpoint("mirroring" if copier.mirroring else "copying")
-            if estimate_s(dirty, copier.copy_rate()) * 1000 <= (
-                self.options.max_pause_ms * PAUSE_COPY_SHARE
-            ):
-                break
+            if self._fits_pause(dirty):
+                if self.options.mode != Mode.PRECOPY and not copier.mirroring:
+                    # Close to done: mirror from here on, so what the pause has to
+                    # copy no longer depends on how fast the guest writes.
+                    self._start_mirroring()
+                    continue
+                await copier.flush()  # the flush inside the pause stays small
+                self._check_mirror()
+                if self._fits_pause(copier.dirty_bytes()):
+                    break
             if self.options.mode == Mode.PRECOPY:
                 if self.pass_no >= MAX_PRECOPY_PASSES:
                     raise RelocationError(
@@ -269,8 +275,6 @@ class Relocation:
                 self._start_mirroring()
             previous_dirty = dirty
 
-        await copier.flush()  # the flush inside the pause stays small
-        self._check_mirror()
         self.state = State.SWITCHING
         assert self._staging_fd is not None
         self.pause_ms = await switch_over(
@@ -279,6 +283,12 @@ class Relocation:
         self.state = State.FINISHING
         log.info("relocation of %r committed: now on %r (pause %.1f ms)", entry.name, dst.name,
                  self.pause_ms)
+
+    def _fits_pause(self, dirty: int) -> bool:
+        """Can *dirty* bytes be copied within the pause budget's share for copying?"""
+        assert self.copier is not None
+        budget_ms = self.options.max_pause_ms * PAUSE_COPY_SHARE
+        return estimate_s(dirty, self.copier.copy_rate()) * 1000 <= budget_ms
 
     def _committed(self, entry: Entry, resolve: Resolver) -> None:
         self.committed = True

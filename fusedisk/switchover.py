@@ -26,6 +26,7 @@ same bytes as the destination.
 
 from __future__ import annotations
 
+import logging
 import os
 import stat
 import time
@@ -39,6 +40,8 @@ from .errors import FusediskError
 from .failpoint import failpoint
 from .mirror import Copier
 from .vdisk import Resolver
+
+log = logging.getLogger(__name__)
 
 #: The tree of an entry: backing key of each source object → its path parts.
 Mapping = dict[tuple[int, int], tuple[str, ...]]
@@ -173,24 +176,34 @@ async def switch_over(
     """
     gate = entry.gate
     start = time.monotonic()
+    steps: dict[str, float] = {}
+
+    def step(name: str) -> None:
+        steps[name] = round((time.monotonic() - start) * 1000 - sum(steps.values()), 2)
+
     await gate.close_and_drain()
+    step("drain")
     try:
         src_fd = backing.open_path(entry.store.root_fd, entry.name)
         try:
             copier.discover(src_fd)
             await copier.copy_pass(throttle=False)
+            step("copy")
             error = copier.mirror_error()
             if error is not None:
                 raise SwitchoverError(f"writing to the destination failed: {error.strerror}")
             for copy in copier.copies.values():
                 backing.ftruncate(copy.dst_fd, copy.vfile.size())
             mapping, dirs = build_tree(src_fd, staging_fd, copier)
+            step("tree")
         finally:
             backing.close(src_fd)
         await backing.run_blocking(_flush, staging_fd, copier, dirs)
+        step("flush")
         failpoint("before-commit")
         with trio.CancelScope(shield=True):
             await datastore.relocation_committed(entry)
+            step("commit")
             # committed: from here on the switch only goes forward
             failpoint("after-commit")
             backing.renameat2(
@@ -200,6 +213,8 @@ async def switch_over(
             datastore.relocation_switched(entry, dst)
             on_commit(entry, resolver(dst, entry.name, mapping))
             copier.detach()  # before the gate opens: no write goes to the pool twice
+            step("repoint")
     finally:
         gate.open()
+        log.info("switchover of %r: %s ms", entry.name, steps)
     return (time.monotonic() - start) * 1000
