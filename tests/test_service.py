@@ -11,6 +11,7 @@ import socket
 import stat
 import subprocess
 import sys
+import time
 import tomllib
 from collections.abc import Iterator
 from pathlib import Path
@@ -265,6 +266,20 @@ def receive(sock: socket.socket, proc: subprocess.Popen[bytes], until: str) -> l
     return got
 
 
+def receive_matching(
+    sock: socket.socket, proc: subprocess.Popen[bytes], prefix: str, needle: str
+) -> str:
+    """The first notify assignment that starts with *prefix* and contains *needle*."""
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([sock], [], [], max(0.0, deadline - time.monotonic()))
+        if ready:
+            for line in sock.recv(4096).decode().splitlines():
+                if line.startswith(prefix) and needle in line:
+                    return line
+    raise AssertionError(f"no {prefix}...{needle} within {READY_TIMEOUT_S}s (exit {proc.poll()})")
+
+
 def test_exec_start_notifies_ready_status_and_stopping(tmp_path: Path) -> None:
     mnt, state = tmp_path / "mnt", tmp_path / "state"
     ssd, hdd = tmp_path / "srv" / "ssd", tmp_path / "srv" / "hdd"
@@ -300,6 +315,15 @@ def test_exec_start_notifies_ready_status_and_stopping(tmp_path: Path) -> None:
         after_ready = receive(notify, proc, f"STATUS=serving 0 entries on {mnt}")
         assert "STOPPING=1" not in after_ready
 
+        # A relocation shows its progress in STATUS=; stopping cancels it while it copies.
+        with open(mnt / "vm1" / "disk.img", "wb") as f:
+            f.write(os.urandom(8 << 20))
+        started = fusedisk("migrate", str(mnt), "vm1", "--to", "hdd", "--rate", "1M",
+                           "--no-wait")
+        assert started.returncode == 0, started.stderr
+        progress = receive_matching(notify, proc, "STATUS=serving 1 entry", "relocating vm1")
+        assert "ssd->hdd: copying" in progress
+
         proc.send_signal(signal.SIGTERM)
         stopping = receive(notify, proc, "STOPPING=1")
         assert proc.wait(timeout=STOP_TIMEOUT_S) == 0
@@ -308,6 +332,8 @@ def test_exec_start_notifies_ready_status_and_stopping(tmp_path: Path) -> None:
         assert stopping.count("STOPPING=1") == 1
         assert not is_mounted(mnt)
         assert not socket_path(mnt).exists()
+        assert (ssd / "vm1" / "disk.img").stat().st_size == 8 << 20  # the source stays
+        assert not list(hdd.iterdir())  # the cancelled copy is gone
         # Under systemd every log line carries a syslog priority for journald.
         lines = log_path.read_text().splitlines()
         assert lines and all(line.startswith(("<6>", "<7>")) for line in lines), lines
