@@ -8,30 +8,31 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import signal
 import sys
 import tempfile
-from contextlib import ExitStack
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from bench import fusedisk_cli
+from bench.context import Outcome, ScenarioContext
 from bench.errors import BenchError
 from bench.fio import FioRunner, find_fio
 from bench.jobs import Job, all_jobs, parse_size, select_jobs
 from bench.machine import machine_info
-from bench.mount import REPO_ROOT, is_mounted, mounted
+from bench.mount import REPO_ROOT, mount_table
 from bench.report import build_results, draw_charts, markdown, text_table
-from bench.scenarios import MOUNT, RAW, SCENARIOS, RunRecord, ScenarioContext, Target
+from bench.scenarios import SCENARIOS, needing_migrate
 
 DEFAULT_OUT = REPO_ROOT / "bench" / "results"
 DEFAULT_STORE_PARENT = Path("/var/tmp")
-TEST_FILE_NAME = "bench.dat"
-QUICK = {"size": 64 << 20, "runtime_s": 2, "reps": 1}
-FULL = {"size": 1 << 30, "runtime_s": 10, "reps": 3}
+QUICK = {"size": 64 << 20, "runtime_s": 2}
+FULL = {"size": 1 << 30, "runtime_s": 10}
 
 
 class Interrupted(BaseException):
@@ -53,7 +54,7 @@ class Options:
     quick: bool
     raw_only: bool
     out: Path
-    reps: int
+    reps: int | None
     size: int
     runtime_s: int
     jobs: list[Job]
@@ -63,8 +64,10 @@ class Options:
 
     @property
     def complete(self) -> bool:
-        """A full run of every job against both targets: the one that updates ``latest.*``."""
-        return not self.quick and not self.raw_only and len(self.jobs) == len(all_jobs())
+        """A full run of every job and scenario, default repetitions: the one that updates
+        ``latest.*``."""
+        return (not self.quick and not self.raw_only and len(self.jobs) == len(all_jobs())
+                and sorted(self.scenarios) == sorted(SCENARIOS) and self.reps is None)
 
 
 def _size(text: str) -> int:
@@ -103,27 +106,33 @@ def parse_args(argv: list[str] | None) -> Options:
         epilog=(
             f"jobs: {', '.join(job.name for job in all_jobs())}. "
             f"scenarios: {', '.join(SCENARIOS)}. "
-            "A full run (no --quick, no --raw-only, all jobs) also writes latest.md, "
-            "latest.json and latest-*.png, the files meant to be committed."
+            "A full run (no --quick, --raw-only, --jobs, --scenarios or --reps) also writes "
+            "latest.md, latest.json and latest-*.png, the files meant to be committed. "
+            "Relocation scenarios need 'fusedisk migrate'. Exit status 1 if a scenario "
+            "failed (the others' results are still written)."
         ),
     )
     parser.add_argument("--quick", action="store_true",
                         help=f"small and short: {QUICK['size'] >> 20} MiB file, "
-                             f"{QUICK['runtime_s']} s per job, {QUICK['reps']} repetition "
-                             "(explicit --size/--runtime/--reps still win)")
+                             f"{QUICK['runtime_s']} s per job, 1 repetition, small relocation "
+                             "disks (explicit --size/--runtime/--reps still win)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, metavar="DIR",
                         help="where results go (default: bench/results/)")
     parser.add_argument("--reps", type=_positive, metavar="N",
-                        help=f"repetitions per job and target; medians are reported "
-                             f"(default {FULL['reps']})")
+                        help="repetitions of the repeated scenarios (idle, cbt, relocate-idle, "
+                             "switchover-pause); medians are reported (default 3 for idle and "
+                             "relocate-idle, 5 for cbt and switchover-pause; 1 with --quick)")
     parser.add_argument("--size", type=_size, metavar="SIZE",
-                        help="test file size, e.g. 256M, 1G (default 1G)")
+                        help="test file size of the idle and cbt scenarios, e.g. 256M, 1G "
+                             "(default 1G); relocation scenarios use fixed disk sizes "
+                             "(bench/relocation.py SIZES)")
     parser.add_argument("--runtime", type=_positive, metavar="SECONDS",
                         help=f"seconds per job after a 1 s ramp (default {FULL['runtime_s']})")
     parser.add_argument("--jobs", type=_names, metavar="NAME,...",
                         help="run only these jobs (see the list below)")
-    parser.add_argument("--scenarios", type=_names, default=["idle"], metavar="NAME,...",
-                        help="scenarios to run (default: idle)")
+    parser.add_argument("--scenarios", type=_names, metavar="NAME,...",
+                        help="scenarios to run, in registry order (default: all; with "
+                             "--raw-only: idle)")
     parser.add_argument("--store-dir", type=Path, default=DEFAULT_STORE_PARENT, metavar="DIR",
                         help="a fresh scratch directory for the stores, state and mountpoint "
                              "is made in here (default /var/tmp)")
@@ -132,9 +141,16 @@ def parse_args(argv: list[str] | None) -> Options:
     parser.add_argument("--keep-scratch", action="store_true",
                         help="keep the scratch directory (test files, daemon log) afterwards")
     args = parser.parse_args(argv)
+    if args.scenarios is None:
+        args.scenarios = ["idle"] if args.raw_only else list(SCENARIOS)
     unknown = [name for name in args.scenarios if name not in SCENARIOS]
     if unknown:
         parser.error(f"unknown scenario(s) {', '.join(unknown)}; known: {', '.join(SCENARIOS)}")
+    args.scenarios = [name for name in SCENARIOS if name in args.scenarios]
+    if args.raw_only:
+        mounting = [name for name in args.scenarios if SCENARIOS[name].needs_mount]
+        if mounting:
+            parser.error(f"--raw-only: scenario(s) {', '.join(mounting)} need a mount")
     defaults = QUICK if args.quick else FULL
     try:
         jobs = select_jobs(args.jobs)
@@ -142,62 +158,63 @@ def parse_args(argv: list[str] | None) -> Options:
         parser.error(str(exc))
     return Options(
         quick=args.quick, raw_only=args.raw_only, out=args.out.resolve(),
-        reps=args.reps or defaults["reps"], size=args.size or defaults["size"],
+        reps=args.reps, size=args.size or defaults["size"],
         runtime_s=args.runtime or defaults["runtime_s"], jobs=jobs, scenarios=args.scenarios,
         store_parent=args.store_dir.resolve(), keep_scratch=args.keep_scratch,
     )
 
 
 def _measure(options: Options, fio: str, scratch: Path
-             ) -> tuple[dict[str, list[RunRecord]], dict[str, str], dict[str, Any]]:
-    """Run the scenarios; returns (records per scenario, lay-out commands, machine info).
+             ) -> tuple[dict[str, Outcome], dict[str, Any], list[Path]]:
+    """Run the scenarios; returns (outcome per scenario, machine info, daemon logs).
 
-    The mount, if any, is gone when this returns or raises.
+    A scenario that fails with a BenchError gets an Outcome with ``error`` set
+    and the others still run. Every mount is gone when this returns or raises.
     """
-    dirs = {name: scratch / name for name in ("raw", "storeA", "storeB", "state", "mnt")}
-    for path in dirs.values():
-        path.mkdir()
     runner = FioRunner(fio, size=options.size, runtime_s=options.runtime_s,
                        output_dir=options.out / "fio")
-    machine = machine_info(fio, {"raw store": dirs["raw"], "store a": dirs["storeA"]})
-    with ExitStack() as stack:
-        targets = [Target(RAW, dirs["raw"] / TEST_FILE_NAME, None)]
-        daemon = None
-        if not options.raw_only:
-            daemon = stack.enter_context(mounted(
-                dirs["mnt"], {"a": dirs["storeA"], "b": dirs["storeB"]}, "a", dirs["state"],
-                scratch / "daemon.log",
-            ))
-            print(f"bench: mounted {dirs['mnt']} (daemon pid {daemon.pid})", file=sys.stderr)
-            targets.append(Target(MOUNT, dirs["mnt"] / TEST_FILE_NAME, daemon))
-        layout = {}
-        for target in targets:
-            print(f"bench: laying out {options.size >> 20} MiB at {target.file}", file=sys.stderr)
-            layout[target.name] = runner.lay_out(target.file, target.name)
-        context = ScenarioContext(runner=runner, jobs=options.jobs, reps=options.reps,
-                                  targets=targets, daemon=daemon)
-        records = {name: SCENARIOS[name](context) for name in options.scenarios}
-    return records, layout, machine
+    machine = machine_info(fio, {"stores (scratch)": scratch})
+    context = ScenarioContext(runner=runner, jobs=options.jobs, reps=options.reps,
+                              quick=options.quick, raw_only=options.raw_only, size=options.size,
+                              runtime_s=options.runtime_s, scratch=scratch, out=options.out)
+    outcomes: dict[str, Outcome] = {}
+    try:
+        for name in options.scenarios:
+            print(f"bench: scenario {name}", file=sys.stderr, flush=True)
+            try:
+                outcomes[name] = SCENARIOS[name].run(context)
+            except BenchError as exc:
+                print(f"bench: scenario {name} failed: {exc}", file=sys.stderr)
+                for line in exc.detail.splitlines():
+                    print(f"  | {line}", file=sys.stderr)
+                outcomes[name] = Outcome(caption=name, error=str(exc))
+    finally:
+        logs = context.daemon_logs()
+    return outcomes, machine, logs
 
 
-def _write_outputs(options: Options, records: dict[str, list[RunRecord]],
-                   layout: dict[str, str], machine: dict[str, Any], created: str) -> None:
+def _write_outputs(options: Options, outcomes: dict[str, Outcome], machine: dict[str, Any],
+                   created: str) -> None:
     results = build_results(
         mode="quick" if options.quick else "full", raw_only=options.raw_only,
         parameters={"size_bytes": options.size, "runtime_s": options.runtime_s,
                     "ramp_s": 1, "reps": options.reps,
+                    "idle_reps": outcomes["idle"].summary.get("reps")
+                    if "idle" in outcomes else None,
                     "jobs": [job.name for job in options.jobs], "scenarios": options.scenarios},
-        machine=machine, jobs=options.jobs, layout_commands=layout, records=records,
+        machine=machine, jobs=options.jobs, outcomes=outcomes,
         created=created, repo_root=REPO_ROOT,
     )
     out = options.out
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    charts = {name: draw_charts(results, name, options.jobs, out) for name in records}
+    charts = {name: draw_charts(results, name, options.jobs, out) for name in outcomes}
     (out / "report.md").write_text(markdown(results, options.jobs, charts))
     written = ["results.json", "report.md", *(n for c in charts.values() for n in c.values())]
-    if options.complete:
+    if options.complete and not results["failed"]:
         latest_charts = {scenario: {title: f"latest-{name}" for title, name in c.items()}
                          for scenario, c in charts.items()}
+        for stale in out.glob("latest-*.png"):  # charts of an older set of scenarios
+            stale.unlink()
         for scenario, chart_names in charts.items():
             for title, name in chart_names.items():
                 shutil.copyfile(out / name, out / latest_charts[scenario][title])
@@ -205,15 +222,30 @@ def _write_outputs(options: Options, records: dict[str, list[RunRecord]],
         shutil.copyfile(out / "results.json", out / "latest.json")
         written += ["latest.md", "latest.json",
                     *(n for c in latest_charts.values() for n in c.values())]
-    for scenario in records:
+    for scenario in outcomes:
         print(text_table(results, scenario, options.jobs))
         print()
     print(f"wrote {', '.join(written)} to {out}")
+    if results["failed"]:
+        raise BenchError("scenario(s) failed: " + "; ".join(
+            f"{name}: {error}" for name, error in results["failed"].items()))
+
+
+def _mounts_under(root: Path) -> list[str]:
+    prefix = os.path.realpath(root) + "/"
+    return [point for point, _ in mount_table() if point.startswith(prefix)]
 
 
 def run(options: Options) -> None:
     """Measure and write every output file; raises BenchError on failure."""
     fio = find_fio()
+    needs_migrate = needing_migrate(options.scenarios)
+    if needs_migrate and not fusedisk_cli.has_migrate():
+        raise BenchError(
+            f"scenario(s) {', '.join(needs_migrate)} need 'fusedisk migrate', which this "
+            "fusedisk does not have ('python -m fusedisk migrate --help' fails); leave them "
+            "out with --scenarios "
+            + ",".join(n for n in options.scenarios if n not in needs_migrate))
     if not options.store_parent.is_dir():
         raise BenchError(f"--store-dir {options.store_parent} is not a directory")
     try:
@@ -222,18 +254,20 @@ def run(options: Options) -> None:
         raise BenchError(f"cannot create --out {options.out}: {exc.strerror}") from None
     created = datetime.now(UTC).isoformat(timespec="seconds")
     scratch = Path(tempfile.mkdtemp(prefix="fusedisk-bench-", dir=options.store_parent))
+    logs: list[Path] = []
     try:
-        records, layout, machine = _measure(options, fio, scratch)
+        outcomes, machine, logs = _measure(options, fio, scratch)
     finally:
-        log = scratch / "daemon.log"
-        if log.exists():
-            shutil.copyfile(log, options.out / "daemon.log")
-        if is_mounted(scratch / "mnt"):
-            print(f"bench: warning: {scratch / 'mnt'} is still mounted; keeping {scratch}",
+        for log in logs or list(scratch.glob("*/daemon.log")):
+            if log.exists():
+                shutil.copyfile(log, options.out / f"daemon-{log.parent.name}.log")
+        leftovers = _mounts_under(scratch)
+        if leftovers:
+            print(f"bench: warning: {', '.join(leftovers)} still mounted; keeping {scratch}",
                   file=sys.stderr)
         elif not options.keep_scratch:
             shutil.rmtree(scratch, ignore_errors=True)
-    _write_outputs(options, records, layout, machine, created)
+    _write_outputs(options, outcomes, machine, created)
 
 
 def main(argv: list[str] | None = None) -> int:

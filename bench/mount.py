@@ -109,6 +109,17 @@ class Daemon:
         fields = stat.rsplit(")", 1)[1].split()
         return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
 
+    def rss_bytes(self) -> int:
+        """The daemon's resident set size (VmRSS of /proc/PID/status) in bytes."""
+        try:
+            for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+        except OSError as exc:
+            self.check_alive()
+            raise BenchError(f"cannot read the daemon's memory use: {exc}") from None
+        raise BenchError(f"/proc/{self.pid}/status has no VmRSS line")
+
 
 def _wait_for_mount(daemon: Daemon, timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
@@ -166,11 +177,13 @@ def _signals_deferred() -> Iterator[None]:
 
 @contextmanager
 def mounted(mountpoint: Path, stores: dict[str, Path], default_store: str, state_dir: Path,
-            log_path: Path, timeout_s: float = MOUNT_TIMEOUT_S) -> Iterator[Daemon]:
+            log_path: Path, timeout_s: float = MOUNT_TIMEOUT_S,
+            extra_args: tuple[str, ...] = ()) -> Iterator[Daemon]:
     """Run ``python -m fusedisk mount --foreground`` as our child until the block exits.
 
     Yields once ``mountpoint`` is mounted and answers. On every exit path
     (exceptions, KeyboardInterrupt) it unmounts and then stops the child;
+    ``extra_args`` go to ``fusedisk mount`` (e.g. ``--no-cbt``);
     leftovers are reported on stderr, since raising there would hide the
     original error.
     """
@@ -181,7 +194,8 @@ def mounted(mountpoint: Path, stores: dict[str, Path], default_store: str, state
     argv = [sys.executable, "-m", "fusedisk", "mount", "--foreground"]
     for name, path in stores.items():
         argv += ["--store", f"{name}={path}"]
-    argv += ["--default-store", default_store, "--state-dir", str(state_dir), str(mountpoint)]
+    argv += ["--default-store", default_store, "--state-dir", str(state_dir), *extra_args,
+             str(mountpoint)]
     daemon = None
     try:
         with open(log_path, "wb") as log:

@@ -7,8 +7,9 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from bench.charts import CHARTS
+from bench.context import MOUNT, RAW, Outcome, RunRecord
 from bench.jobs import Job
-from bench.scenarios import MOUNT, RAW, RunRecord
 
 BACKING_MODE = "mount measured with fusedisk default backing I/O"
 METRIC_LABELS = {"mbps": "MB/s", "iops": "IOPS", "p99_us": "p99 µs"}
@@ -48,17 +49,32 @@ def summarise(records: list[RunRecord], jobs: list[Job]) -> dict[str, dict[str, 
     return summary
 
 
+def _scenario_json(name: str, outcome: Outcome, jobs: list[Job]) -> dict[str, Any]:
+    if outcome.error is not None:
+        return {"error": outcome.error}
+    if name == "idle":
+        return {"summary": summarise(outcome.records, jobs),
+                "runs": [asdict(r) for r in outcome.records]}
+    data = {"caption": outcome.caption, "summary": outcome.summary, "table": outcome.table,
+            "extra_tables": outcome.extra_tables, "targets": outcome.targets,
+            "runs": outcome.runs, "series": outcome.series, "commands": outcome.commands,
+            "notes": outcome.notes}
+    if outcome.records:
+        data["fio_runs"] = [asdict(r) for r in outcome.records]
+    return data
+
+
 def build_results(*, mode: str, raw_only: bool, parameters: dict[str, Any],
-                  machine: dict[str, Any], jobs: list[Job], layout_commands: dict[str, str],
-                  records: dict[str, list[RunRecord]], created: str,
-                  repo_root: Path) -> dict[str, Any]:
+                  machine: dict[str, Any], jobs: list[Job], outcomes: dict[str, Outcome],
+                  created: str, repo_root: Path) -> dict[str, Any]:
     """The JSON document of one benchmark run (``results.json``)."""
     fio_commands: dict[str, dict[str, str]] = {}
-    for runs in records.values():
-        for record in runs:
-            fio_commands.setdefault(record.job, {}).setdefault(record.target, record.command)
+    idle = outcomes.get("idle")
+    for record in idle.records if idle is not None else []:
+        fio_commands.setdefault(record.job, {}).setdefault(record.target, record.command)
+    layout = idle.summary.get("layout", {}) if idle is not None and idle.error is None else {}
     return {
-        "schema_version": 1,
+        "schema_version": 2,
         "created": created,
         "mode": mode,
         "raw_only": raw_only,
@@ -71,12 +87,14 @@ def build_results(*, mode: str, raw_only: bool, parameters: dict[str, Any],
                        "metric": job.metric}
             for job in jobs
         },
-        "layout_commands": layout_commands,
+        "layout_commands": layout,
         "fio_commands": fio_commands,
-        "scenarios": {
-            name: {"summary": summarise(runs, jobs), "runs": [asdict(r) for r in runs]}
-            for name, runs in records.items()
-        },
+        "scenarios": {name: _scenario_json(name, outcome, jobs)
+                      for name, outcome in outcomes.items()},
+        "targets": [{"scenario": name, **target} for name, outcome in outcomes.items()
+                    for target in outcome.targets],
+        "failed": {name: outcome.error for name, outcome in outcomes.items()
+                   if outcome.error is not None},
     }
 
 
@@ -104,19 +122,43 @@ def _caption(results: dict[str, Any], scenario: str) -> str:
     params = results["parameters"]
     size_mib = params["size_bytes"] / 2**20
     backing = "raw store only" if results["raw_only"] else results["backing_mode"]
-    return (f"{scenario}: medians of {params['reps']} rep(s); {size_mib:g} MiB file, "
+    reps = params.get("idle_reps") or params["reps"]
+    return (f"{scenario}: medians of {reps} rep(s); {size_mib:g} MiB file, "
             f"{params['runtime_s']} s per job; {backing}")
 
 
-def text_table(results: dict[str, Any], scenario: str, jobs: list[Job]) -> str:
-    """The terminal table of one scenario's medians and ratios."""
-    rows = [_HEADER, *_rows(results["scenarios"][scenario]["summary"], jobs)]
-    widths = [max(len(row[i]) for row in rows) for i in range(len(_HEADER))]
-    lines = [_caption(results, scenario)]
+def _text_rows(rows: list[list[str]], text_columns: int = 2) -> list[str]:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = []
     for row in rows:
-        cells = [row[0].ljust(widths[0]), row[1].ljust(widths[1])]
-        cells += [cell.rjust(width) for cell, width in zip(row[2:], widths[2:], strict=True)]
-        lines.append("  ".join(cells))
+        cells = [cell.ljust(width) for cell, width in zip(row[:text_columns], widths,
+                                                          strict=False)]
+        cells += [cell.rjust(width) for cell, width in zip(row[text_columns:],
+                                                           widths[text_columns:], strict=True)]
+        lines.append("  ".join(cells).rstrip())
+    return lines
+
+
+def _target_line(target: dict[str, Any]) -> str:
+    value = target["value"]
+    shown = "—" if value is None else f"{value:,.3g}" if isinstance(value, float) else str(value)
+    verdict = {True: "met", False: "NOT met", None: "not measured"}[target["met"]]
+    return f"target (issue {target['issue']}): {target['figure']} = {shown}, want " \
+           f"{target['target']}: {verdict}"
+
+
+def text_table(results: dict[str, Any], scenario: str, jobs: list[Job]) -> str:
+    """The terminal table of one scenario (for idle: medians and ratios per job)."""
+    data = results["scenarios"][scenario]
+    if "error" in data:
+        return f"{scenario}: FAILED: {data['error']}"
+    if scenario == "idle":
+        return "\n".join([_caption(results, scenario),
+                          *_text_rows([_HEADER, *_rows(data["summary"], jobs)])])
+    lines = [data["caption"], *_text_rows(data["table"], 1)]
+    for title, rows in data["extra_tables"].items():
+        lines += [f"{title}:", *_text_rows(rows, 1)]
+    lines += [_target_line(target) for target in data["targets"]]
     return "\n".join(lines)
 
 
@@ -131,7 +173,7 @@ def markdown(results: dict[str, Any], jobs: list[Job],
     """The Markdown report; ``charts`` maps scenario → {chart title: image file name}."""
     machine = results["machine"]
     lines = [
-        "# fusedisk benchmark: raw store vs mount", "",
+        "# fusedisk benchmark: raw store vs mount, CBT, live relocation", "",
         f"- created: {results['created']} ({results['mode']} run)",
         f"- git revision: {machine['git_revision'] or 'unknown'}",
         f"- backing: {results['backing_mode'] or 'raw store only (no mount)'}",
@@ -152,7 +194,32 @@ def markdown(results: dict[str, Any], jobs: list[Job],
               for name, fstype in machine["filesystems"].items()),
         ]),
     ]
+    if results["targets"] or results["failed"]:
+        lines += ["", "## Targets", "",
+                  *_md_table(["scenario", "figure", "value", "target", "verdict", "issue"], [
+                      [t["scenario"], t["figure"],
+                       _number(t["value"], 3) if isinstance(t["value"], float)
+                       else str(t["value"]), t["target"],
+                       {True: "met", False: "**not met**", None: "not measured"}[t["met"]],
+                       str(t["issue"])]
+                      for t in results["targets"]
+                  ] + [[name, "**failed**", "—", "—", error, "—"]
+                       for name, error in results["failed"].items()], text_columns=6)]
     for scenario, data in results["scenarios"].items():
+        if "error" in data:
+            lines += ["", f"## Scenario `{scenario}`", "", f"**Failed:** {data['error']}"]
+            continue
+        if scenario != "idle":
+            lines += ["", f"## Scenario `{scenario}`", "", data["caption"], "",
+                      *_md_table(data["table"][0], data["table"][1:], text_columns=1)]
+            for title, rows in data["extra_tables"].items():
+                lines += ["", f"{title}:", "", *_md_table(rows[0], rows[1:], text_columns=1)]
+            lines += [""] + [f"- {_target_line(t)}" for t in data["targets"]]
+            lines += [f"- {note}" for note in data["notes"]]
+            lines += [""] + [f"![{title}]({name})"
+                             for title, name in charts.get(scenario, {}).items()]
+            lines += ["", "Commands:", "", "```", *data["commands"], "```"]
+            continue
         summary = data["summary"]
         lines += ["", f"## Scenario `{scenario}`", "", _caption(results, scenario), "",
                   *_md_table(_HEADER, _rows(summary, jobs)), ""]
@@ -190,12 +257,18 @@ def draw_charts(results: dict[str, Any], scenario: str, jobs: list[Job],
     One grouped bar chart per metric (MB/s jobs, IOPS jobs) and, when the
     mount was measured, one chart of mount/raw ratios of each job's metric.
     """
+    data = results["scenarios"][scenario]
+    if "error" in data:
+        return {}
+    if scenario != "idle":
+        draw = CHARTS.get(scenario)
+        return draw(scenario, data, out_dir) if draw is not None else {}
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    summary = results["scenarios"][scenario]["summary"]
+    summary = data["summary"]
     charts: dict[str, str] = {}
     for metric in ("mbps", "iops"):
         chosen = [job for job in jobs if job.metric == metric]

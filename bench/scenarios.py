@@ -1,112 +1,97 @@
-"""Benchmark scenarios: what runs against which target, in which order.
+"""Benchmark scenarios: the registry, and ``idle`` (raw store vs mount, nothing else running).
 
-A scenario is a function ``(ScenarioContext) -> list[RunRecord]`` registered
-under a name with ``@scenario``. Only ``idle`` exists today; relocation
-scenarios (fio while ``fusedisk migrate`` runs, switchover pause, relocation
-time) are meant to be added here, using ``ScenarioContext.daemon`` to reach
-the mount.
+A scenario is a function ``(ScenarioContext) -> Outcome`` (see
+``bench/context.py``) registered here under a name. ``python -m bench``
+runs all of them by default, in registry order; ``--scenarios`` picks some.
+
+- ``idle``: every fio job against the raw store and the mount, alternating.
+- ``cbt``: the cost of changed block tracking (mount vs ``--no-cbt`` mount)
+  and the daemon's memory for a 100 GiB sparse file (``bench/cbtcost.py``).
+- ``relocate-idle``, ``relocate-busy``, ``switchover-pause``,
+  ``relocate-sparse``, ``relocate-outrun``: live relocation with
+  ``fusedisk migrate`` (``bench/relocation.py``).
 """
 
 from __future__ import annotations
 
-import sys
-from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import dataclass
-from pathlib import Path
 
-from bench.errors import BenchError
-from bench.fio import Figures, FioRunner
-from bench.jobs import Job
-from bench.mount import Daemon
+from bench import cbtcost, relocation
+from bench.context import (
+    MOUNT,
+    RAW,
+    Outcome,
+    RunRecord,
+    Scenario,
+    ScenarioContext,
+    Target,
+    measure,
+    say,
+)
 
-RAW = "raw"
-MOUNT = "mount"
+__all__ = ["MOUNT", "RAW", "SCENARIOS", "Outcome", "RunRecord", "ScenarioContext",
+           "ScenarioSpec", "Target", "needing_migrate"]
+
+TEST_FILE_NAME = "bench.dat"
 
 
 @dataclass(frozen=True, slots=True)
-class Target:
-    """A file fio runs against: in the raw store (``daemon`` None) or on the mount."""
+class ScenarioSpec:
+    """A registered scenario: its function and what it needs."""
 
     name: str
-    file: Path
-    daemon: Daemon | None
+    run: Scenario
+    needs_mount: bool
+    needs_migrate: bool
 
 
-@dataclass(frozen=True, slots=True)
-class RunRecord:
-    """One fio run of one job against one target; ``daemon_cpu_s`` is None for raw runs."""
-
-    scenario: str
-    job: str
-    target: str
-    rep: int
-    figures: Figures
-    daemon_cpu_s: float | None
-    wall_s: float
-    command: str
+SCENARIOS: dict[str, ScenarioSpec] = {}
 
 
-@dataclass(frozen=True, slots=True)
-class ScenarioContext:
-    """Everything a scenario may use; ``targets`` holds raw first, then the mount if any."""
-
-    runner: FioRunner
-    jobs: list[Job]
-    reps: int
-    targets: list[Target]
-    daemon: Daemon | None
+def register(name: str, run: Scenario, *, needs_mount: bool = True,
+             needs_migrate: bool = False) -> None:
+    """Add a scenario to the registry (registry order is run order)."""
+    SCENARIOS[name] = ScenarioSpec(name, run, needs_mount, needs_migrate)
 
 
-Scenario = Callable[[ScenarioContext], list[RunRecord]]
-SCENARIOS: dict[str, Scenario] = {}
+def needing_migrate(names: list[str]) -> list[str]:
+    """The scenarios among ``names`` that need ``fusedisk migrate``."""
+    return [name for name in names if SCENARIOS[name].needs_migrate]
 
 
-def scenario(name: str) -> Callable[[Scenario], Scenario]:
-    """Register the decorated function as the scenario ``name``."""
-
-    def register(function: Scenario) -> Scenario:
-        SCENARIOS[name] = function
-        return function
-
-    return register
-
-
-def measure(scenario_name: str, job: Job, target: Target, rep: int,
-            runner: FioRunner) -> RunRecord:
-    """Run ``job`` once against ``target``, with the daemon's CPU time over the run."""
-    daemon = target.daemon
-    cpu_before_s = daemon.cpu_time_s() if daemon is not None else 0.0
-    tag = f"{scenario_name}-{job.name}-{target.name}-r{rep}"
-    try:
-        run = runner.run(job.path, target.file, tag)
-    except BenchError:
-        if daemon is not None:
-            daemon.check_alive()  # a dead daemon explains the failure better than fio does
-        raise
-    cpu_s = None
-    if daemon is not None:
-        cpu_s = daemon.cpu_time_s() - cpu_before_s
-    record = RunRecord(scenario=scenario_name, job=job.name, target=target.name, rep=rep,
-                       figures=run.figures, daemon_cpu_s=cpu_s, wall_s=run.wall_s,
-                       command=run.command)
-    cpu_note = f"  daemon CPU {cpu_s:.2f} s" if cpu_s is not None else ""
-    print(f"  {scenario_name} rep {rep + 1} {job.name:<26} {target.name:<5} "
-          f"{run.figures.mbps:10.1f} MB/s {run.figures.iops:10.0f} IOPS "
-          f"p99 {run.figures.p99_us:9.0f} µs{cpu_note}", file=sys.stderr, flush=True)
-    return record
-
-
-@scenario("idle")
-def idle(context: ScenarioContext) -> list[RunRecord]:
-    """Every job against every target, nothing else running.
+def idle(context: ScenarioContext) -> Outcome:
+    """Every job against the raw store and the mount, nothing else running.
 
     The target order flips each repetition (raw first, then mount first, ...)
     so slow drifts of the machine hit both sides alike.
     """
-    records = []
-    for rep in range(context.reps):
-        order = context.targets if rep % 2 == 0 else context.targets[::-1]
-        for job in context.jobs:
-            for target in order:
-                records.append(measure("idle", job, target, rep, context.runner))
-    return records
+    reps = context.repetitions(3)
+    with ExitStack() as stack:
+        raw = context.work("idle-raw")
+        targets = [Target(RAW, raw / TEST_FILE_NAME, None)]
+        if not context.raw_only:
+            mount = stack.enter_context(context.mount("idle"))
+            targets.append(Target(MOUNT, mount.mountpoint / TEST_FILE_NAME, mount.daemon))
+        layout = []
+        for target in targets:
+            say(f"laying out {context.size >> 20} MiB at {target.file}")
+            layout.append(context.runner.lay_out(target.file, target.name))
+        records: list[RunRecord] = []
+        for rep in range(reps):
+            order = targets if rep % 2 == 0 else targets[::-1]
+            for job in context.jobs:
+                for target in order:
+                    records.append(measure("idle", job, target, rep, context.runner))
+    return Outcome(caption="", records=records, commands=layout,
+                   summary={"reps": reps, "layout": dict(zip((t.name for t in targets), layout,
+                                                             strict=True))})
+
+
+register("idle", idle, needs_mount=False)
+register("cbt", cbtcost.cbt)
+register("relocate-idle", relocation.relocate_idle, needs_migrate=True)
+register("relocate-busy", relocation.relocate_busy, needs_migrate=True)
+register("switchover-pause", relocation.switchover_pause, needs_migrate=True)
+register("relocate-sparse", relocation.relocate_sparse, needs_migrate=True)
+register("relocate-outrun", relocation.relocate_outrun, needs_migrate=True)

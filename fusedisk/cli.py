@@ -340,8 +340,14 @@ def _print_status(status: dict[str, Any]) -> None:
         print(f"{entry:<32} CONFLICT: on {', '.join(stores)} (not served)")
     print()
     if status["jobs"]:
+        print("RELOCATIONS")
         for job in status["jobs"]:
-            print(f"job {job['entry']}: {job['from']} → {job['to']} {job['state']}")
+            print(_progress_line(job))
+            if job.get("pause_ms") is not None:
+                print(f"  switched over with a {job['pause_ms']:.1f} ms pause "
+                      f"after {job['elapsed_s']:.1f} s")
+            if job.get("error"):
+                print(f"  failed: {job['error']}")
     else:
         print("no relocation jobs")
 

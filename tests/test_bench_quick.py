@@ -1,27 +1,46 @@
-"""End to end: ``python -m bench --quick`` against a real mount yields complete, sane results.
+"""End to end: ``python -m bench --quick`` against real mounts yields complete, sane results.
 
-Checks completeness and sanity only, never speed: every job has raw and mount
-figures, ratios are finite, charts are PNGs, the report names every job, and
-no mount is left behind.
+One quick run of every scenario (the relocation ones only when this fusedisk
+has ``migrate``) is shared by the tests below. They check completeness and
+sanity only, never speed: every figure is there and finite, charts are PNGs,
+the report names every job and scenario, and no mount is left behind. The
+switchover probe is also tested on its own (CLI, signals, error samples).
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from bench import cli as bench_cli
+from bench import fusedisk_cli, probe
+from bench.fusedisk_cli import has_migrate
+from bench.scenarios import SCENARIOS, needing_migrate
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 RUN_TIMEOUT_S = 240
 CLEANUP_TIMEOUT_S = 60
-CHARTS = ("idle-mbps.png", "idle-iops.png", "idle-ratio.png")
+TEST_TIMEOUT_S = RUN_TIMEOUT_S + CLEANUP_TIMEOUT_S + 60
+IDLE_CHARTS = ("idle-mbps.png", "idle-iops.png", "idle-ratio.png")
+SCENARIO_CHARTS = {"cbt": "cbt.png", "relocate-busy": "relocate-busy.png",
+                   "relocate-outrun": "relocate-outrun.png",
+                   "switchover-pause": "switchover-pause.png"}
+DAEMON_LOG_BUGS = ("Traceback", " ERROR ", " CRITICAL ")
+MIGRATE = has_migrate()
+needs_migrate = pytest.mark.skipif(not MIGRATE, reason="this fusedisk has no 'migrate' yet")
 
 
 def _mounts_under(root: Path) -> list[str]:
@@ -32,70 +51,292 @@ def _mounts_under(root: Path) -> list[str]:
     return [point for point in points if point.startswith(prefix)]
 
 
-def _run_bench(out: Path, store_dir: Path) -> subprocess.CompletedProcess[str]:
-    """Run the quick benchmark; on timeout, SIGTERM it so it cleans up, then fail."""
-    argv = [sys.executable, "-m", "bench", "--quick", "--out", str(out),
-            "--store-dir", str(store_dir)]
-    with subprocess.Popen(argv, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                          text=True) as process:
-        try:
-            stdout, stderr = process.communicate(timeout=RUN_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            process.terminate()
-            _, stderr = process.communicate(timeout=CLEANUP_TIMEOUT_S)
-            pytest.fail(f"bench --quick did not finish in {RUN_TIMEOUT_S} s:\n{stderr[-3000:]}")
-    return subprocess.CompletedProcess(argv, process.returncode, stdout, stderr)
-
-
-def _assert_positive_figures(side: dict[str, Any] | None, where: str) -> None:
-    assert side is not None, f"{where}: missing"
-    for name in ("mbps", "iops", "p99_us"):
-        value = side[name]
-        assert math.isfinite(value) and value > 0, f"{where}: {name} = {value}"
-
-
-@pytest.mark.mount
-@pytest.mark.timeout(RUN_TIMEOUT_S + CLEANUP_TIMEOUT_S + 60)
-def test_quick_benchmark_results_are_complete(tmp_path: Path) -> None:
-    out = tmp_path / "out"
-    store_dir = tmp_path / "stores"
-    store_dir.mkdir()
+def _run_bench(args: list[str], store_dir: Path) -> subprocess.CompletedProcess[str]:
+    """Run the benchmark; on timeout, SIGTERM it so it cleans up, then fail."""
+    argv = [sys.executable, "-m", "bench", *args, "--store-dir", str(store_dir)]
     try:
-        done = _run_bench(out, store_dir)
+        with subprocess.Popen(argv, cwd=REPO_ROOT, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) as process:
+            try:
+                stdout, stderr = process.communicate(timeout=RUN_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                process.terminate()
+                _, stderr = process.communicate(timeout=CLEANUP_TIMEOUT_S)
+                pytest.fail(f"bench did not finish in {RUN_TIMEOUT_S} s:\n{stderr[-3000:]}")
     finally:
         leftovers = _mounts_under(store_dir)
         for mountpoint in leftovers:
             subprocess.run(["fusermount3", "-uz", mountpoint], capture_output=True, check=False)
     assert not leftovers, f"bench left mounts behind: {leftovers}"
-    assert done.returncode == 0, f"bench failed:\n{done.stderr[-3000:]}"
+    assert not list(store_dir.iterdir()), "bench left its scratch directory behind"
+    return subprocess.CompletedProcess(argv, process.returncode, stdout, stderr)
 
-    job_names = sorted(path.stem for path in (REPO_ROOT / "bench" / "jobs").glob("*.fio"))
-    assert job_names
-    results = json.loads((out / "results.json").read_text())
+
+@dataclass(frozen=True)
+class QuickRun:
+    out: Path
+    scenarios: list[str]
+    done: subprocess.CompletedProcess[str]
+    elapsed_s: float
+
+    @property
+    def results(self) -> dict[str, Any]:
+        return json.loads((self.out / "results.json").read_text())
+
+    def scenario(self, name: str) -> dict[str, Any]:
+        data: dict[str, Any] = self.results["scenarios"][name]
+        assert "error" not in data, f"{name} failed: {data['error']}"
+        return data
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[QuickRun]:
+    """One ``--quick`` run of every scenario this fusedisk supports."""
+    root = tmp_path_factory.mktemp("bench")
+    out, store_dir = root / "out", root / "stores"
+    store_dir.mkdir()
+    scenarios = [n for n in SCENARIOS if MIGRATE or n not in needing_migrate([n])]
+    started = time.monotonic()
+    done = _run_bench(["--quick", "--out", str(out), "--scenarios", ",".join(scenarios)],
+                      store_dir)
+    yield QuickRun(out, scenarios, done, time.monotonic() - started)
+
+
+def _finite(value: Any, where: str, positive: bool = True) -> None:
+    assert isinstance(value, (int, float)) and math.isfinite(value), f"{where} = {value!r}"
+    assert value > 0 if positive else value >= 0, f"{where} = {value!r}"
+
+
+def _assert_positive_figures(side: dict[str, Any] | None, where: str) -> None:
+    assert side is not None, f"{where}: missing"
+    for name in ("mbps", "iops", "p99_us"):
+        _finite(side[name], f"{where}: {name}")
+
+
+def _assert_relocation(summary: dict[str, Any], where: str) -> None:
+    _finite(summary["relocation_s"], f"{where} relocation_s")
+    assert summary["final_state"] == "done", f"{where}: final state {summary['final_state']}"
+    assert isinstance(summary["passes"], int) and summary["passes"] >= 1, where
+    _finite(summary["bytes_copied"], f"{where} bytes_copied")
+    assert summary["source_removed"] is True, f"{where}: source left on store a"
+
+
+@pytest.mark.mount
+@pytest.mark.timeout(TEST_TIMEOUT_S)
+def test_quick_run_succeeds(quick_run: QuickRun) -> None:
+    assert quick_run.done.returncode == 0, f"bench failed:\n{quick_run.done.stderr[-3000:]}"
+    results = quick_run.results
     assert results["mode"] == "quick"
     assert results["raw_only"] is False
     assert results["backing_mode"]
-    assert sorted(results["jobs"]) == job_names
+    assert results["failed"] == {}
+    assert list(results["scenarios"]) == quick_run.scenarios
     for key in ("cpu_model", "cpu_count", "kernel", "fio", "filesystems"):
         assert results["machine"][key], f"machine info lacks {key}"
+    report = (quick_run.out / "report.md").read_text()
+    for name in quick_run.scenarios:
+        assert f"## Scenario `{name}`" in report, f"report.md lacks {name}"
+        assert name in quick_run.done.stdout, f"terminal output lacks {name}"
+    for target in results["targets"]:
+        assert target["met"] in (True, False, None), target
+    for log in quick_run.out.glob("daemon-*.log"):
+        bad = [line for line in log.read_text().splitlines()
+               if any(b in line for b in DAEMON_LOG_BUGS)]
+        assert not bad, f"{log.name}:\n" + "\n".join(bad[:20])
+    assert not (quick_run.out / "latest.json").exists(), "a quick run must not replace latest.*"
 
-    summary = results["scenarios"]["idle"]["summary"]
+
+@pytest.mark.mount
+@pytest.mark.timeout(TEST_TIMEOUT_S)
+def test_idle_results_are_complete(quick_run: QuickRun) -> None:
+    job_names = sorted(path.stem for path in (REPO_ROOT / "bench" / "jobs").glob("*.fio"))
+    assert job_names
+    results = quick_run.results
+    assert sorted(results["jobs"]) == job_names
+    summary = quick_run.scenario("idle")["summary"]
     assert sorted(summary) == job_names
     for job in job_names:
         entry = summary[job]
         _assert_positive_figures(entry["raw"], f"{job} raw")
         _assert_positive_figures(entry["mount"], f"{job} mount")
-        cpu_s = entry["mount"]["daemon_cpu_s"]
-        assert math.isfinite(cpu_s) and cpu_s >= 0, f"{job}: daemon CPU {cpu_s}"
+        _finite(entry["mount"]["daemon_cpu_s"], f"{job}: daemon CPU", positive=False)
         for name, ratio in entry["ratio"].items():
-            assert ratio is not None and math.isfinite(ratio) and ratio > 0, f"{job} {name}"
+            _finite(ratio, f"{job} ratio {name}")
         for target in ("raw", "mount"):
             command = results["fio_commands"][job][target]
             assert f"{job}.fio" in command and "--output-format=json" in command
-
-    for chart in CHARTS:
-        assert (out / chart).read_bytes().startswith(PNG_MAGIC), chart
-    report = (out / "report.md").read_text()
+    for chart in IDLE_CHARTS:
+        assert (quick_run.out / chart).read_bytes().startswith(PNG_MAGIC), chart
+    report = (quick_run.out / "report.md").read_text()
     missing = [job for job in job_names if job not in report]
     assert not missing, f"report.md lacks {missing}"
-    assert not (out / "latest.json").exists(), "a quick run must not replace latest.*"
+
+
+@pytest.mark.mount
+@pytest.mark.timeout(TEST_TIMEOUT_S)
+def test_cbt_results_are_complete(quick_run: QuickRun) -> None:
+    data = quick_run.scenario("cbt")
+    jobs = data["summary"]["jobs"]
+    assert sorted(jobs) == ["randwrite-4k-qd1", "seqwrite-1m-qd1"]
+    for job, entry in jobs.items():
+        _assert_positive_figures(entry["cbt-on"], f"{job} CBT on")
+        _assert_positive_figures(entry["cbt-off"], f"{job} CBT off")
+        _finite(entry["ratio_on_off"], f"{job} on/off")
+    memory = data["summary"]["memory"]
+    for label in ("cbt-on", "cbt-off"):
+        for key in ("rss_after_mount_bytes", "rss_after_writes_bytes", "rss_after_changes_bytes"):
+            _finite(memory[label][key], f"{label} {key}")
+    on = memory["cbt-on"]
+    assert on["extents"] >= 1 and on["changed_bytes"] >= on["writes"] * on["write_bytes"]
+    assert len(data["targets"]) == 2
+    assert (quick_run.out / SCENARIO_CHARTS["cbt"]).read_bytes().startswith(PNG_MAGIC)
+
+
+@pytest.mark.mount
+@needs_migrate
+@pytest.mark.timeout(TEST_TIMEOUT_S)
+def test_relocate_idle_results_are_complete(quick_run: QuickRun) -> None:
+    data = quick_run.scenario("relocate-idle")
+    for run in data["runs"]:
+        _assert_relocation(run, f"rep {run['rep']}")
+        _finite(run["cp_s"], "cp_s")
+        assert run["cp_sync_s"] >= run["cp_s"]
+        assert run["data_intact"] is True
+    _finite(data["summary"]["ratio"], "relocation/cp ratio")
+    assert any("cp --sparse=always" in c for c in data["commands"])
+    assert any(c.startswith("fusedisk migrate ") for c in data["commands"])
+
+
+@pytest.mark.mount
+@needs_migrate
+@pytest.mark.timeout(TEST_TIMEOUT_S)
+def test_relocate_busy_results_are_complete(quick_run: QuickRun) -> None:
+    data = quick_run.scenario("relocate-busy")
+    summary = data["summary"]
+    _assert_relocation(summary, "relocate-busy")
+    for key in ("idle_iops", "during_iops", "ratio"):
+        _finite(summary[key], key)
+    series = data["series"]
+    assert series["status"], "no status samples during the relocation"
+    assert all("t" in point for point in series["status"])
+    assert series["iops"] and series["passes"]
+    assert (quick_run.out / SCENARIO_CHARTS["relocate-busy"]).read_bytes().startswith(PNG_MAGIC)
+
+
+@pytest.mark.mount
+@needs_migrate
+@pytest.mark.timeout(TEST_TIMEOUT_S)
+def test_switchover_pause_results_are_complete(quick_run: QuickRun) -> None:
+    data = quick_run.scenario("switchover-pause")
+    for run in data["runs"]:
+        _assert_relocation(run, f"rep {run['rep']}")
+        _finite(run["window_max_ms"], "window max")
+        assert run["window_start_s"] <= run["window_end_s"] <= run["relocation_s"] + 1e-3
+        assert run["probe_writes"] > 100, "the probe hardly wrote"
+        samples = probe.load(Path(run["probe_file"]))["samples"]
+        assert len(samples) == run["probe_writes"]
+    _finite(data["summary"]["max_stall_ms"], "median max stall")
+    assert data["series"]["latency"]
+    chart = quick_run.out / SCENARIO_CHARTS["switchover-pause"]
+    assert chart.read_bytes().startswith(PNG_MAGIC)
+
+
+@pytest.mark.mount
+@needs_migrate
+@pytest.mark.timeout(TEST_TIMEOUT_S)
+def test_relocate_sparse_results_are_complete(quick_run: QuickRun) -> None:
+    summary = quick_run.scenario("relocate-sparse")["summary"]
+    _assert_relocation(summary, "relocate-sparse")
+    assert summary["data_intact"] is True
+    _finite(summary["source_allocated_bytes"], "source allocated")
+    _finite(summary["dest_allocated_bytes"], "destination allocated")
+    assert summary["source_allocated_bytes"] < summary["disk_bytes"], "source is not sparse"
+
+
+@pytest.mark.mount
+@needs_migrate
+@pytest.mark.timeout(TEST_TIMEOUT_S)
+def test_relocate_outrun_results_are_complete(quick_run: QuickRun) -> None:
+    data = quick_run.scenario("relocate-outrun")
+    summary = data["summary"]
+    _assert_relocation(summary, "relocate-outrun")
+    _finite(summary["writer_mbps_whole_run"], "writer MB/s")
+    assert data["series"]["status"]
+    chart = quick_run.out / SCENARIO_CHARTS["relocate-outrun"]
+    assert chart.read_bytes().startswith(PNG_MAGIC)
+
+
+@pytest.mark.timeout(60)
+def test_relocation_without_migrate_fails_in_one_line(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Before anything is mounted or measured, whether or not this fusedisk has migrate."""
+    monkeypatch.setattr(fusedisk_cli, "has_migrate", lambda: False)
+    store_dir = tmp_path / "stores"
+    store_dir.mkdir()
+    status = bench_cli.main(["--quick", "--out", str(tmp_path / "out"), "--store-dir",
+                             str(store_dir), "--scenarios", "idle,relocate-idle"])
+    assert status == 1
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("bench: error:"), lines
+    assert "migrate" in lines[0] and "relocate-idle" in lines[0] and "--scenarios idle" in lines[0]
+    assert not list(store_dir.iterdir())
+
+
+# ------------------------------------------------------------------ the probe on its own
+
+def _check_probe_document(data: dict[str, Any], path: Path) -> None:
+    assert data["file"] == str(path)
+    assert data["clock"] == "CLOCK_MONOTONIC"
+    samples = data["samples"]
+    assert samples and data["writes"] == len(samples)
+    starts = [s[0] for s in samples]
+    assert starts == sorted(starts)
+    assert all(len(s) == 3 and s[1] >= 0 for s in samples)
+    assert data["max_latency_s"] == max(s[1] for s in samples)
+    assert data["started_monotonic_s"] <= starts[0] <= data["stopped_monotonic_s"]
+
+
+@pytest.mark.timeout(60)
+def test_probe_command_line_stops_on_sigterm(tmp_path: Path) -> None:
+    target, out = tmp_path / "probe.img", tmp_path / "probe.json"
+    with subprocess.Popen([sys.executable, "-m", "bench.probe", str(target), "--interval-ms", "1",
+                           "--out", str(out)], cwd=REPO_ROOT, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True) as process:
+        time.sleep(1.0)
+        process.send_signal(signal.SIGTERM)
+        stdout, stderr = process.communicate(timeout=30)
+    assert process.returncode == 0, stderr
+    assert "max latency" in stdout
+    data = probe.load(out)
+    _check_probe_document(data, target)
+    assert data["writes"] > 50 and data["errors"] == 0
+    assert target.stat().st_size == probe.BLOCK
+
+
+@pytest.mark.timeout(60)
+def test_probe_records_errors_and_goes_on(tmp_path: Path,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    real_pwrite = os.pwrite
+    calls = 0
+
+    def flaky_pwrite(fd: int, data: Any, offset: int) -> int:
+        nonlocal calls
+        calls += 1
+        if calls % 10 == 3:
+            raise OSError(errno.EIO, "injected")
+        if calls % 10 == 6:
+            raise OSError(errno.ENOTCONN, "injected")
+        return real_pwrite(fd, data, offset)
+
+    monkeypatch.setattr(probe.os, "pwrite", flaky_pwrite)
+    target = tmp_path / "probe.img"
+    data = probe.run_probe(target, 0.001, lambda: calls >= 50)
+    _check_probe_document(data, target)
+    codes = [s[2] for s in data["samples"]]
+    assert len(codes) == 50
+    assert codes.count(errno.EIO) == 5 and codes.count(errno.ENOTCONN) == 5
+    assert codes[-1] == 0, "the probe stopped writing after an error"
+    assert data["errors"] == 10 and data["error_codes"] == ["EIO", "ENOTCONN"]
+    window = probe.summarise(data["samples"], data["samples"][10][0], data["samples"][19][0])
+    assert window["writes"] == 10 and window["errors"] == 2
