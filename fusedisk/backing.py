@@ -177,8 +177,10 @@ def pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> int:
     A short count is returned only when an error stopped the write after
     some bytes had landed; an error before any byte landed is raised.
     """
+    done = os.pwrite(fd, data, offset)  # almost always all of it
+    if done == len(data):
+        return done
     view = memoryview(data)
-    done = 0
     while done < len(view):
         try:
             n = os.pwrite(fd, view[done:], offset + done)

@@ -29,6 +29,16 @@ class Bitmap:
 
     def mark(self, blockno: int, nblocks: int = 1) -> None:
         """Set the bits of blocks ``[blockno, blockno + nblocks)``."""
+        if nblocks == 1:  # the common case on the write path
+            chunk = self._chunks.get(blockno >> _CHUNK_SHIFT)
+            if chunk is None:
+                chunk = self._chunks[blockno >> _CHUNK_SHIFT] = bytearray(_CHUNK_BYTES)
+            bit = blockno & (CHUNK_BITS - 1)
+            byte, mask = chunk[bit >> 3], 1 << (bit & 7)
+            if not byte & mask:
+                chunk[bit >> 3] = byte | mask
+                self.count += 1
+            return
         end = blockno + nblocks
         while blockno < end:
             index = blockno >> _CHUNK_SHIFT
