@@ -41,6 +41,12 @@ log = logging.getLogger(__name__)
 #: Largest read/write of one copy step. Each step runs on the trio thread
 #: without a checkpoint, so this bounds how long a guest request can wait.
 CHUNK_SIZE = 1 << 20
+#: The step size while guests are doing I/O: shorter waits for them.
+BUSY_CHUNK_SIZE = 256 << 10
+#: Share of the trio thread the copy takes while guests are doing I/O: after
+#: a step that took t seconds it sleeps t * (1 - share) / share. Measured:
+#: without it a QD1 guest kept ~23 % of its IOPS during an unlimited copy.
+BUSY_COPY_SHARE = 0.4
 #: Unflushed bytes a pool file may gather before the copier fdatasyncs it,
 #: which keeps the flush inside the switchover's pause short.
 FLUSH_BYTES = 64 << 20
@@ -211,14 +217,19 @@ class Copier:
                 await self._copy_file(copy, throttle)
 
     async def _copy_file(self, copy: FileCopy, throttle: bool) -> None:
-        max_blocks = max(1, CHUNK_SIZE >> self._shift)
+        activity = self.files.activity
+        seen = activity.requests
         blockno = copy.dirty.next_dirty(0)
         while blockno is not None:
             if throttle:
                 await self._unpaused.wait()
+            busy = throttle and activity.requests != seen
+            seen = activity.requests
+            max_blocks = max(1, (BUSY_CHUNK_SIZE if busy else CHUNK_SIZE) >> self._shift)
             nblocks = 1
             while nblocks < max_blocks and copy.dirty.test(blockno + nblocks):
                 nblocks += 1
+            started = time.monotonic()
             # no await from the clear to the write (see the module doc)
             copy.dirty.clear(blockno, nblocks)
             copied = self._copy_run(copy, blockno << self._shift, nblocks << self._shift)
@@ -226,6 +237,9 @@ class Copier:
             if copy.unflushed >= FLUSH_BYTES:
                 copy.unflushed = 0
                 await backing.run_blocking(backing.fsync, copy.dst_fd, True)
+            if busy:  # leave the guests their share of the trio thread
+                step_s = time.monotonic() - started
+                await trio.sleep(step_s * (1 - BUSY_COPY_SHARE) / BUSY_COPY_SHARE)
             if throttle:
                 await self._throttle(copied)
             else:

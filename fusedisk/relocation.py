@@ -43,8 +43,8 @@ from .vdisk import OpenFiles, Resolver
 log = logging.getLogger(__name__)
 
 MAX_PRECOPY_PASSES = 8
-#: A pass must leave at most this share of the previous pass's dirty bytes,
-#: or the writer is outrunning the copy.
+#: A pass must leave at most this share of what it copied (and of the previous
+#: pass's dirty bytes), or the writer is outrunning the copy.
 CONVERGE_RATIO = 0.8
 #: Share of ``max_pause`` the last copy may take (the rest: drain, tree, flush, commit).
 PAUSE_COPY_SHARE = 0.5
@@ -244,7 +244,9 @@ class Relocation:
         while True:
             self.pass_no += 1
             pass_start = time.monotonic()
+            copied_before = copier.bytes_copied
             await copier.copy_pass()
+            copied_in_pass = copier.bytes_copied - copied_before
             self._check_mirror()
             self._discover()
             dirty = copier.dirty_bytes()
@@ -270,6 +272,7 @@ class Relocation:
                     )
             elif not copier.mirroring and (
                 self.pass_no >= MAX_PRECOPY_PASSES
+                or dirty > copied_in_pass * CONVERGE_RATIO
                 or (previous_dirty is not None and dirty > previous_dirty * CONVERGE_RATIO)
             ):
                 self._start_mirroring()

@@ -30,6 +30,15 @@ from .gate import Gate
 Resolver = Callable[[tuple[int, int]], "tuple[int, os.stat_result] | None"]
 
 
+class Activity:
+    """Counts guest reads and writes, so background work can yield to them."""
+
+    __slots__ = ("requests",)
+
+    def __init__(self) -> None:
+        self.requests = 0
+
+
 class VFile:
     """One open regular file. ``fd`` may be swapped only by a relocation's switchover.
 
@@ -42,8 +51,8 @@ class VFile:
     """
 
     __slots__ = (
-        "block_shift", "closing", "consumers", "fd", "gate", "key", "mirror_error", "mirror_fd",
-        "opens", "tracker", "writable",
+        "activity", "block_shift", "closing", "consumers", "fd", "gate", "key", "mirror_error",
+        "mirror_fd", "opens", "tracker", "writable",
     )
 
     def __init__(
@@ -54,8 +63,10 @@ class VFile:
         tracker: Tracker | None,
         gate: Gate,
         block_size: int,
+        activity: Activity,
     ) -> None:
         self.fd = fd
+        self.activity = activity
         self.key = key
         self.writable = writable
         #: changed block tracking; None for a read-only file or with CBT off
@@ -71,11 +82,13 @@ class VFile:
         self.closing = 0
 
     def read(self, offset: int, length: int) -> bytes:
+        self.activity.requests += 1
         return backing.pread(self.fd, length, offset)
 
     async def write(self, offset: int, data: bytes) -> int:
         if not self.writable:
             raise OSError(errno.EROFS, "backing file is read-only")
+        self.activity.requests += 1
         tracker = self.tracker
         if tracker is not None:
             while not tracker.logged(offset, len(data)):
@@ -153,6 +166,8 @@ class OpenFiles:
         #: None when changed block tracking is off for the datastore
         self.cbt = cbt
         self.block_size = block_size
+        #: guest reads and writes on every file (the copy engine yields to them)
+        self.activity = Activity()
         self._files: dict[tuple[int, int], VFile] = {}
         self._to_close, self._closing = trio.open_memory_channel[VFile](math.inf)
 
@@ -168,7 +183,9 @@ class OpenFiles:
             except BaseException:
                 backing.close(fd)
                 raise
-            vfile = self._files[key] = VFile(fd, key, writable, tracker, gate, self.block_size)
+            vfile = self._files[key] = VFile(
+                fd, key, writable, tracker, gate, self.block_size, self.activity
+            )
         vfile.opens += 1
         return vfile
 
