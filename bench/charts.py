@@ -1,0 +1,152 @@
+"""PNG charts of the cbt and relocation scenarios, drawn from ``results.json`` data.
+
+Each function takes the scenario's entry of ``results["scenarios"]`` and
+writes one PNG into ``out_dir``; it returns {title: file name} (empty when
+the data has nothing to draw).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+_MIB = 2**20
+
+
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def cbt_chart(name: str, data: dict[str, Any], out_dir: Path) -> dict[str, str]:
+    """Bars: each job's figure with CBT on and off."""
+    jobs = data["summary"].get("jobs") or {}
+    if not jobs:
+        return {}
+    plt = _pyplot()
+    figure, axes = plt.subplots(1, len(jobs), figsize=(5 * len(jobs), 4), squeeze=False)
+    for axis, (job, entry) in zip(axes[0], jobs.items(), strict=True):
+        metric = entry["metric"]
+        values = [entry["cbt-on"][metric], entry["cbt-off"][metric]]
+        bars = axis.bar(["CBT on", "CBT off (--no-cbt)"], values, color=["tab:blue", "tab:gray"])
+        axis.bar_label(bars, fmt="{:,.0f}", fontsize=8)
+        ratio = entry["ratio_on_off"]
+        axis.set_title(f"{job}: on/off {ratio:.3f}" if ratio else job, fontsize=10)
+        axis.set_ylabel("MB/s" if metric == "mbps" else "IOPS")
+    title = f"{name}: CBT on vs off"
+    figure.suptitle(title)
+    figure.tight_layout()
+    file = f"{name}.png"
+    figure.savefig(out_dir / file, dpi=100)
+    plt.close(figure)
+    return {title: file}
+
+
+def relocation_chart(name: str, data: dict[str, Any], out_dir: Path) -> dict[str, str]:
+    """Three panels: the writer's IOPS over time (relocation shaded), dirty bytes over time
+    (pass changes marked), dirty bytes per pass."""
+    series = data.get("series") or {}
+    status = series.get("status") or []
+    if not status and not series.get("iops"):
+        return {}
+    plt = _pyplot()
+    figure, (top, middle, bottom) = plt.subplots(3, 1, figsize=(10, 10))
+    end = series.get("relocation_s") or 0
+    iops = series.get("iops") or []
+    if iops:
+        top.plot([t for t, _ in iops], [v for _, v in iops], marker=".", linewidth=1,
+                 label="fio IOPS (per log interval)")
+    if series.get("idle_iops"):
+        top.axhline(series["idle_iops"], color="black", linestyle="--", linewidth=1,
+                    label="idle IOPS (before)")
+        top.axhline(series["idle_iops"] / 2, color="red", linestyle=":", linewidth=1,
+                    label="50 % of idle (target floor)")
+    top.axvspan(0, end, color="tab:orange", alpha=0.15, label="relocation")
+    top.set_ylabel("IOPS")
+    top.set_xlabel("seconds after fusedisk migrate started")
+    top.legend(fontsize=8, loc="lower left")
+    top.set_title("guest writes during the relocation")
+
+    points = [p for p in status if p.get("dirty_bytes") is not None]
+    if points:
+        middle.plot([p["t"] for p in points], [p["dirty_bytes"] / _MIB for p in points],
+                    marker=".", label="dirty bytes")
+        copied = [p for p in status if p.get("bytes_copied") is not None]
+        middle.plot([p["t"] for p in copied], [p["bytes_copied"] / _MIB for p in copied],
+                    linestyle="--", label="bytes copied")
+        previous = None
+        for p in status:
+            if p.get("pass") is not None and p.get("pass") != previous:
+                middle.axvline(p["t"], color="gray", linewidth=0.8, linestyle=":")
+                middle.annotate(f"pass {p['pass']}", (p["t"], 0), fontsize=7, rotation=90,
+                                xytext=(2, 2), textcoords="offset points")
+                previous = p.get("pass")
+            if p.get("state") == "mirroring":
+                middle.axvspan(p["t"] - 0.25, p["t"] + 0.25, color="tab:purple", alpha=0.1)
+        middle.legend(fontsize=8)
+    middle.axvspan(0, end, color="tab:orange", alpha=0.08)
+    middle.set_ylabel("MiB")
+    middle.set_xlabel("seconds after fusedisk migrate started (status every 0.5 s; "
+                      "purple = mirroring)")
+    middle.set_title("dirty and copied bytes over time")
+
+    passes = [p for p in series.get("passes") or [] if p.get("dirty_first") is not None]
+    if passes:
+        bars = bottom.bar([str(p["pass"]) for p in passes],
+                          [p["dirty_first"] / _MIB for p in passes])
+        bottom.bar_label(bars, fmt="{:,.1f}", fontsize=8)
+    bottom.set_xlabel("pass")
+    bottom.set_ylabel("MiB dirty when the pass was first seen")
+    bottom.set_title("dirty bytes per pass")
+    title = f"{name}: IOPS and dirty bytes during the relocation"
+    figure.suptitle(title)
+    figure.tight_layout()
+    file = f"{name}.png"
+    figure.savefig(out_dir / file, dpi=100)
+    plt.close(figure)
+    return {title: file}
+
+
+def pause_chart(name: str, data: dict[str, Any], out_dir: Path) -> dict[str, str]:
+    """The probe's latency over time for the median repetition, switchover marked."""
+    series = data.get("series") or {}
+    latency = series.get("latency") or []
+    if not latency:
+        return {}
+    plt = _pyplot()
+    figure, axes = plt.subplots(figsize=(10, 5))
+    axes.plot([p[0] for p in latency], [max(p[1], 1e-3) for p in latency], linewidth=0.7,
+              label="probe write latency (max per 10 ms)")
+    errors = [p for p in latency if p[2]]
+    if errors:
+        axes.scatter([p[0] for p in errors], [max(p[1], 1e-3) for p in errors], color="red",
+                     marker="x", label="failed writes", zorder=3)
+    axes.axvspan(0, series.get("relocation_s") or 0, color="tab:orange", alpha=0.12,
+                 label="relocation (migrate running)")
+    start, end = series.get("window") or (0, 0)
+    axes.axvspan(start, end, color="tab:red", alpha=0.2, label="switchover window")
+    if series.get("max_ms") is not None and series.get("max_at_s") is not None:
+        axes.annotate(f"{series['max_ms']:.1f} ms", (series["max_at_s"], series["max_ms"]),
+                      xytext=(5, 5), textcoords="offset points", fontsize=8)
+    axes.axhline(100, color="black", linestyle=":", linewidth=1, label="100 ms target")
+    axes.set_yscale("log")
+    axes.set_xlabel("seconds after fusedisk migrate started")
+    axes.set_ylabel("latency, ms (log)")
+    pause = series.get("pause_ms")
+    title = (f"{name}: probe latency, rep {int(series.get('rep', 0)) + 1}"
+             + (f" (daemon pause_ms {pause:.1f})" if isinstance(pause, (int, float)) else ""))
+    axes.set_title(title)
+    axes.legend(fontsize=8, loc="upper left")
+    figure.tight_layout()
+    file = f"{name}.png"
+    figure.savefig(out_dir / file, dpi=100)
+    plt.close(figure)
+    return {title: file}
+
+
+CHARTS = {"cbt": cbt_chart, "relocate-busy": relocation_chart,
+          "relocate-outrun": relocation_chart, "switchover-pause": pause_chart}
