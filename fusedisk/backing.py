@@ -163,10 +163,6 @@ def readlink(path_fd: int) -> bytes:
     return os.fsencode(os.readlink("", dir_fd=path_fd))
 
 
-def truncate(path_fd: int, length: int) -> None:
-    os.truncate(proc_path(path_fd), length)
-
-
 def pread(fd: int, length: int, offset: int) -> bytes:
     return os.pread(fd, length, offset)
 

@@ -36,7 +36,6 @@ durable only after the bitmaps that cover its writes are.
 from __future__ import annotations
 
 import logging
-import os
 import secrets
 from collections import OrderedDict
 from pathlib import Path
@@ -329,10 +328,3 @@ class CbtStore:
             # the recovered marks must be durable before a new log replaces the old
             tracker.close_blocking()
         return tracker
-
-    def forget_ids_of(self, file_id: str) -> None:
-        for suffix in (".bitmap", ".al"):
-            try:
-                os.unlink(self.home / f"{file_id}{suffix}")
-            except FileNotFoundError:
-                pass
