@@ -46,7 +46,13 @@ import trio
 from . import backing
 from .bitmap import Bitmap
 from .errors import FusediskError, StateError
-from .metadata import atomic_write, decode_record, encode_record
+from .metadata import (
+    atomic_write,
+    decode_record,
+    encode_record,
+    read_slotted,
+    write_slotted,
+)
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +64,8 @@ AL_CAPACITY = 128
 #: Live change ids a file keeps; asking for an older one needs a full backup.
 MAX_CHECKPOINTS = 32
 ID_XATTR = "trusted.fusedisk.id"
+#: Size of each of the activity log's two slots (a record of 128 regions is ~1.5 KiB).
+AL_SLOT_SIZE = 8192
 
 
 class ChangeIdError(FusediskError):
@@ -213,8 +221,8 @@ class Tracker:
     async def _save_al(self) -> None:
         seq = self._al_next_save
         self._al_next_save += 1
-        record = {"regions": sorted(self._al), "region_size": REGION_SIZE}
-        await backing.run_blocking(_save, self.home, f"{self.file_id}.al", "cbt-al", record)
+        regions = sorted(self._al)
+        await backing.run_blocking(_write_al, self.home / f"{self.file_id}.al", seq, regions)
         self._al_saved = seq
         self.al_saves += 1
 
@@ -234,13 +242,32 @@ class Tracker:
     def close_blocking(self) -> None:
         """Clean close at unmount, when no other task runs. Blocking."""
         _save(self.home, f"{self.file_id}.bitmap", "cbt-bitmap", self._bitmap_record())
-        empty_log = {"regions": [], "region_size": REGION_SIZE}
-        _save(self.home, f"{self.file_id}.al", "cbt-al", empty_log)
+        seq = self._al_next_save
+        self._al_next_save += 1
+        _write_al(self.home / f"{self.file_id}.al", seq, [])
+        self._al_saved = seq
         self._al.clear()
 
 
 def _save(home: Path, name: str, kind: str, body: dict[str, Any]) -> None:
     atomic_write(home, name, encode_record(kind, body))
+
+
+def _write_al(path: Path, seq: int, regions: list[int]) -> None:
+    body = {"regions": regions, "region_size": REGION_SIZE}
+    write_slotted(path, "cbt-al", seq, body, AL_SLOT_SIZE)
+
+
+def _read_al(path: Path) -> tuple[int, list[int]] | None:
+    """The newest activity-log record as ``(seq, regions)``, or None if there is none."""
+    found = read_slotted(path, "cbt-al", AL_SLOT_SIZE)
+    if found is None:
+        return None
+    seq, body = found
+    try:
+        return seq, [int(r) for r in body["regions"]]
+    except (KeyError, TypeError, ValueError):
+        raise StateError(f"{path}: malformed activity log") from None
 
 
 def _load(path: Path, kind: str) -> dict[str, Any] | None:
@@ -295,9 +322,9 @@ class CbtStore:
 
     def _load_tracker(self, file_id: str, key: tuple[int, int]) -> Tracker | None:
         bitmap = _load(self.home / f"{file_id}.bitmap", "cbt-bitmap")
-        al = _load(self.home / f"{file_id}.al", "cbt-al")
+        al = _read_al(self.home / f"{file_id}.al")
         if bitmap is None:
-            if al and al.get("regions"):
+            if al and al[1]:
                 raise StateError("activity log without bitmaps")
             return None
         if bitmap.get("block_size") != self.block_size:
@@ -316,7 +343,8 @@ class CbtStore:
         except (KeyError, TypeError, ValueError) as e:
             raise StateError(f"malformed bitmap record: {e}") from None
         tracker = Tracker(self.home, file_id, self.block_size, key, segments, next_seq)
-        regions = (al or {}).get("regions", [])
+        al_seq, regions = al or (0, [])
+        tracker._al_saved, tracker._al_next_save = al_seq, al_seq + 1
         if regions:
             region_blocks = REGION_SIZE // self.block_size
             for region in regions:

@@ -151,3 +151,47 @@ def atomic_write(directory: Path, name: str, data: bytes) -> None:
         os.close(fd)
     os.rename(tmp, directory / name)
     fsync_path(directory)
+
+
+def write_slotted(path: Path, kind: str, seq: int, body: dict[str, Any], slot_size: int) -> None:
+    """Durably write record *seq* of a two-slot file, into slot ``seq % 2``. Blocking.
+
+    For records rewritten often (the CBT activity log): one ``pwrite`` and one
+    ``fdatasync``, no rename. A torn write spoils one slot only; the newest
+    valid slot is the record, so a crash never loses one that was durable.
+    """
+    data = encode_record(kind, {"seq": seq, **body})
+    if len(data) > slot_size:
+        raise StateError(f"{path}: record too large for its slot")
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        created = os.fstat(fd).st_size == 0
+        os.pwrite(fd, data.ljust(slot_size, b"\0"), (seq % 2) * slot_size)
+        os.fdatasync(fd)
+    finally:
+        os.close(fd)
+    if created:  # the new file's name must be durable too
+        fsync_path(path.parent)
+
+
+def read_slotted(path: Path, kind: str, slot_size: int) -> tuple[int, dict[str, Any]] | None:
+    """The newest valid record of a two-slot file as ``(seq, body)``; None if it has none."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return None
+    best: tuple[int, dict[str, Any]] | None = None
+    for slot in range(2):
+        chunk = data[slot * slot_size : (slot + 1) * slot_size].rstrip(b"\0")
+        if not chunk:
+            continue
+        try:
+            body = decode_record(kind, chunk, str(path))
+            seq = int(body["seq"])
+        except (StateError, KeyError, TypeError, ValueError):
+            continue  # a torn or damaged slot: the other one holds the record
+        if best is None or seq > best[0]:
+            best = (seq, body)
+    if best is None and data.strip(b"\0"):
+        raise StateError(f"{path}: no valid record in either slot")
+    return best

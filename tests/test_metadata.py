@@ -57,3 +57,19 @@ def test_one_daemon_per_state_directory(tmp_path: Path) -> None:
 def test_format_version_is_written(tmp_path: Path) -> None:
     header = encode_record("datastore", {}).split(b"\n", 1)[0]
     assert f" v{metadata.FORMAT_VERSION} ".encode() in header
+
+
+def test_slotted_records_survive_a_torn_write(tmp_path: Path) -> None:
+    path = tmp_path / "log"
+    assert metadata.read_slotted(path, "cbt-al", 4096) is None
+    metadata.write_slotted(path, "cbt-al", 1, {"regions": [1]}, 4096)
+    metadata.write_slotted(path, "cbt-al", 2, {"regions": [1, 2]}, 4096)
+    assert metadata.read_slotted(path, "cbt-al", 4096) == (2, {"seq": 2, "regions": [1, 2]})
+    data = bytearray(path.read_bytes())
+    data[0 * 4096 + 60] ^= 0xFF  # tear the newest record (seq 2 lives in slot 0)
+    path.write_bytes(bytes(data))
+    assert metadata.read_slotted(path, "cbt-al", 4096) == (1, {"seq": 1, "regions": [1]})
+    data[1 * 4096 + 60] ^= 0xFF  # and the older one
+    path.write_bytes(bytes(data))
+    with pytest.raises(StateError, match="no valid record"):
+        metadata.read_slotted(path, "cbt-al", 4096)
