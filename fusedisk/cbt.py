@@ -96,6 +96,8 @@ class Tracker:
         self._al: OrderedDict[int, int] = OrderedDict()
         self._al_next_save = 1
         self._al_saved = 0
+        #: no write since the last clean close (the log on disk says "clean")
+        self._clean = True
         self._lock = trio.Lock()
         self.al_saves = 0
 
@@ -150,7 +152,7 @@ class Tracker:
     @property
     def clean(self) -> bool:
         """True when no write happened since the last clean close."""
-        return not self._al
+        return self._clean
 
     # -- change ids ------------------------------------------------------------------
 
@@ -222,7 +224,10 @@ class Tracker:
         seq = self._al_next_save
         self._al_next_save += 1
         regions = sorted(self._al)
-        await backing.run_blocking(_write_al, self.home / f"{self.file_id}.al", seq, regions)
+        self._clean = False
+        await backing.run_blocking(
+            _write_al, self.home / f"{self.file_id}.al", seq, regions, False
+        )
         self._al_saved = seq
         self.al_saves += 1
 
@@ -234,38 +239,61 @@ class Tracker:
         await self._save_bitmaps(record)
         await self._save_al()
 
-    async def close(self) -> None:
-        """Clean close: exact bitmaps, and a log without the regions written so far."""
-        async with self._lock:
-            await self._evict(keep=0)
+    def _snapshot_for_clean_close(self) -> tuple[dict[str, Any], int, list[int]]:
+        """Bitmaps, log sequence and regions of a clean close; disarms the regions.
 
-    def close_blocking(self) -> None:
-        """Clean close at unmount, when no other task runs. Blocking."""
-        _save(self.home, f"{self.file_id}.bitmap", "cbt-bitmap", self._bitmap_record())
+        No await may come between this and the caller's first save: a write
+        after it finds its region disarmed and must log it again (an unclean
+        record, saved after the clean one), so "clean" never hides a write.
+        """
+        record = self._bitmap_record()
         seq = self._al_next_save
         self._al_next_save += 1
-        _write_al(self.home / f"{self.file_id}.al", seq, [])
+        for region in self._al:
+            self._al[region] = self._al_next_save
+        return record, seq, sorted(self._al)
+
+    async def close(self) -> None:
+        """Clean close: exact bitmaps, and a log that says so.
+
+        The log keeps its regions (disarmed): the next open's first write
+        re-arms them all with one save instead of one save per region.
+        """
+        async with self._lock:
+            record, seq, regions = self._snapshot_for_clean_close()
+            await self._save_bitmaps(record)
+            await backing.run_blocking(
+                _write_al, self.home / f"{self.file_id}.al", seq, regions, True
+            )
+            self._al_saved = max(self._al_saved, seq)
+            self._clean = self._al_next_save > self._al_saved  # no write re-armed meanwhile
+
+    def close_blocking(self) -> None:
+        """Clean close at unmount (or after recovery), when no other task runs. Blocking."""
+        record, seq, regions = self._snapshot_for_clean_close()
+        _save(self.home, f"{self.file_id}.bitmap", "cbt-bitmap", record)
+        _write_al(self.home / f"{self.file_id}.al", seq, regions, True)
         self._al_saved = seq
-        self._al.clear()
+        self._clean = True
 
 
 def _save(home: Path, name: str, kind: str, body: dict[str, Any]) -> None:
     atomic_write(home, name, encode_record(kind, body))
 
 
-def _write_al(path: Path, seq: int, regions: list[int]) -> None:
-    body = {"regions": regions, "region_size": REGION_SIZE}
+def _write_al(path: Path, seq: int, regions: list[int], clean: bool) -> None:
+    body = {"regions": regions, "region_size": REGION_SIZE, "clean": clean}
     write_slotted(path, "cbt-al", seq, body, AL_SLOT_SIZE)
 
 
-def _read_al(path: Path) -> tuple[int, list[int]] | None:
-    """The newest activity-log record as ``(seq, regions)``, or None if there is none."""
+def _read_al(path: Path) -> tuple[int, list[int], bool] | None:
+    """The newest activity-log record as ``(seq, regions, clean)``, or None."""
     found = read_slotted(path, "cbt-al", AL_SLOT_SIZE)
     if found is None:
         return None
     seq, body = found
     try:
-        return seq, [int(r) for r in body["regions"]]
+        return seq, [int(r) for r in body["regions"]], bool(body["clean"])
     except (KeyError, TypeError, ValueError):
         raise StateError(f"{path}: malformed activity log") from None
 
@@ -324,7 +352,7 @@ class CbtStore:
         bitmap = _load(self.home / f"{file_id}.bitmap", "cbt-bitmap")
         al = _read_al(self.home / f"{file_id}.al")
         if bitmap is None:
-            if al and al[1]:
+            if al and not al[2]:
                 raise StateError("activity log without bitmaps")
             return None
         if bitmap.get("block_size") != self.block_size:
@@ -343,9 +371,11 @@ class CbtStore:
         except (KeyError, TypeError, ValueError) as e:
             raise StateError(f"malformed bitmap record: {e}") from None
         tracker = Tracker(self.home, file_id, self.block_size, key, segments, next_seq)
-        al_seq, regions = al or (0, [])
+        al_seq, regions, clean = al or (0, [], True)
         tracker._al_saved, tracker._al_next_save = al_seq, al_seq + 1
-        if regions:
+        for region in regions[-AL_CAPACITY:]:  # disarmed: the first write re-arms them
+            tracker._al[int(region)] = tracker._al_next_save
+        if not clean:
             region_blocks = REGION_SIZE // self.block_size
             for region in regions:
                 segments[-1][1].mark(int(region) * region_blocks, region_blocks)
