@@ -26,8 +26,7 @@ import pytest
 
 from bench import cli as bench_cli
 from bench import fusedisk_cli, probe
-from bench.fusedisk_cli import has_migrate
-from bench.scenarios import SCENARIOS, needing_migrate
+from bench.scenarios import SCENARIOS
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -39,8 +38,6 @@ SCENARIO_CHARTS = {"cbt": "cbt.png", "relocate-busy": "relocate-busy.png",
                    "relocate-outrun": "relocate-outrun.png",
                    "switchover-pause": "switchover-pause.png"}
 DAEMON_LOG_BUGS = ("Traceback", " ERROR ", " CRITICAL ")
-MIGRATE = has_migrate()
-needs_migrate = pytest.mark.skipif(not MIGRATE, reason="this fusedisk has no 'migrate' yet")
 
 
 def _mounts_under(root: Path) -> list[str]:
@@ -95,7 +92,7 @@ def quick_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[QuickRun]:
     root = tmp_path_factory.mktemp("bench")
     out, store_dir = root / "out", root / "stores"
     store_dir.mkdir()
-    scenarios = [n for n in SCENARIOS if MIGRATE or n not in needing_migrate([n])]
+    scenarios = list(SCENARIOS)
     started = time.monotonic()
     done = _run_bench(["--quick", "--out", str(out), "--scenarios", ",".join(scenarios)],
                       store_dir)
@@ -193,7 +190,6 @@ def test_cbt_results_are_complete(quick_run: QuickRun) -> None:
 
 
 @pytest.mark.mount
-@needs_migrate
 @pytest.mark.timeout(TEST_TIMEOUT_S)
 def test_relocate_idle_results_are_complete(quick_run: QuickRun) -> None:
     data = quick_run.scenario("relocate-idle")
@@ -208,7 +204,6 @@ def test_relocate_idle_results_are_complete(quick_run: QuickRun) -> None:
 
 
 @pytest.mark.mount
-@needs_migrate
 @pytest.mark.timeout(TEST_TIMEOUT_S)
 def test_relocate_busy_results_are_complete(quick_run: QuickRun) -> None:
     data = quick_run.scenario("relocate-busy")
@@ -224,7 +219,6 @@ def test_relocate_busy_results_are_complete(quick_run: QuickRun) -> None:
 
 
 @pytest.mark.mount
-@needs_migrate
 @pytest.mark.timeout(TEST_TIMEOUT_S)
 def test_switchover_pause_results_are_complete(quick_run: QuickRun) -> None:
     data = quick_run.scenario("switchover-pause")
@@ -242,7 +236,6 @@ def test_switchover_pause_results_are_complete(quick_run: QuickRun) -> None:
 
 
 @pytest.mark.mount
-@needs_migrate
 @pytest.mark.timeout(TEST_TIMEOUT_S)
 def test_relocate_sparse_results_are_complete(quick_run: QuickRun) -> None:
     summary = quick_run.scenario("relocate-sparse")["summary"]
@@ -254,7 +247,6 @@ def test_relocate_sparse_results_are_complete(quick_run: QuickRun) -> None:
 
 
 @pytest.mark.mount
-@needs_migrate
 @pytest.mark.timeout(TEST_TIMEOUT_S)
 def test_relocate_outrun_results_are_complete(quick_run: QuickRun) -> None:
     data = quick_run.scenario("relocate-outrun")
