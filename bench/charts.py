@@ -38,12 +38,7 @@ def cbt_chart(name: str, data: dict[str, Any], out_dir: Path) -> dict[str, str]:
         axis.set_title(f"{job}: on/off {ratio:.3f}" if ratio else job, fontsize=10)
         axis.set_ylabel("MB/s" if metric == "mbps" else "IOPS")
     title = f"{name}: CBT on vs off"
-    figure.suptitle(title)
-    figure.tight_layout()
-    file = f"{name}.png"
-    figure.savefig(out_dir / file, dpi=100)
-    plt.close(figure)
-    return {title: file}
+    return _save(figure, title, name, out_dir)
 
 
 def relocation_chart(name: str, data: dict[str, Any], out_dir: Path) -> dict[str, str]:
@@ -103,12 +98,7 @@ def relocation_chart(name: str, data: dict[str, Any], out_dir: Path) -> dict[str
     bottom.set_ylabel("MiB dirty when the pass was first seen")
     bottom.set_title("dirty bytes per pass")
     title = f"{name}: IOPS and dirty bytes during the relocation"
-    figure.suptitle(title)
-    figure.tight_layout()
-    file = f"{name}.png"
-    figure.savefig(out_dir / file, dpi=100)
-    plt.close(figure)
-    return {title: file}
+    return _save(figure, title, name, out_dir)
 
 
 def pause_chart(name: str, data: dict[str, Any], out_dir: Path) -> dict[str, str]:
@@ -141,12 +131,21 @@ def pause_chart(name: str, data: dict[str, Any], out_dir: Path) -> dict[str, str
              + (f" (daemon pause_ms {pause:.1f})" if isinstance(pause, (int, float)) else ""))
     axes.set_title(title)
     axes.legend(fontsize=8, loc="upper left")
-    figure.tight_layout()
-    file = f"{name}.png"
-    figure.savefig(out_dir / file, dpi=100)
-    plt.close(figure)
-    return {title: file}
+    return _save(figure, title, name, out_dir, suptitle=False)
 
 
 CHARTS = {"cbt": cbt_chart, "relocate-busy": relocation_chart,
           "relocate-outrun": relocation_chart, "switchover-pause": pause_chart}
+
+
+def _save(
+    figure: Any, title: str, name: str, out_dir: Path, suptitle: bool = True
+) -> dict[str, str]:
+    """Title, lay out, write ``<name>.png`` and close *figure*; ``{title: file}``."""
+    if suptitle:
+        figure.suptitle(title)
+    figure.tight_layout()
+    file = f"{name}.png"
+    figure.savefig(out_dir / file, dpi=100)
+    _pyplot().close(figure)
+    return {title: file}
