@@ -385,3 +385,20 @@ def test_bad_relocation_requests(datastore: MountedDatastore) -> None:
     assert busy.returncode != 0 and "busy" in busy.stderr.lower()
     assert fusedisk("cancel", str(datastore.mnt), "vm1").returncode == 0
     wait_state(datastore, "vm1", {"cancelled"})
+
+
+def test_two_entries_relocate_at_once(datastore: MountedDatastore) -> None:
+    disks = {name: make_vm(datastore, name, disk_mib=16) for name in ("vm1", "vm2")}
+    digests = {name: hashlib.sha1(d.read_bytes()).hexdigest() for name, d in disks.items()}
+    for name in disks:
+        result = migrate(datastore, name, "--to", "b", "--rate", "8M", "--no-wait")
+        assert result.returncode == 0, result.stderr
+    states = {j["entry"]: j["state"] for j in datastore.status()["jobs"]}
+    assert set(states) == {"vm1", "vm2"}  # both run side by side
+    for name in disks:
+        wait_state(datastore, name, {"done", "failed"}, timeout_s=60)
+        assert job(datastore, name)["state"] == "done"
+    assert datastore.status()["placement"] == {"vm1": "b", "vm2": "b"}
+    for name, disk in disks.items():
+        assert hashlib.sha1(disk.read_bytes()).hexdigest() == digests[name]
+        assert not (datastore.stores["a"] / name).exists()
