@@ -28,7 +28,7 @@ import ctypes
 import errno
 import os
 import stat
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TypeVar
 
 import trio
@@ -265,20 +265,28 @@ def data_extents(fd: int) -> list[tuple[int, int]]:
     return out
 
 
+def open_parts(dir_fd: int, parts: Sequence[str]) -> int:
+    """Open ``dir_fd/parts...`` as an O_PATH handle, one component at a time,
+    never following a symlink. The caller closes the result (for no parts, a
+    duplicate of *dir_fd*)."""
+    fd = os.dup(dir_fd)
+    try:
+        for part in parts:
+            next_fd = open_path(fd, part)
+            os.close(fd)
+            fd = next_fd
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
 def exists_at(dir_fd: int, relpath: str) -> bool:
     """Whether *relpath* (no symlinks followed on the way) exists under *dir_fd*."""
-    fd = dir_fd
     try:
-        for part in relpath.split("/"):
-            next_fd = open_path(fd, part)
-            if fd != dir_fd:
-                os.close(fd)
-            fd = next_fd
+        os.close(open_parts(dir_fd, relpath.split("/")))
     except FileNotFoundError:
         return False
-    finally:
-        if fd != dir_fd:
-            os.close(fd)
     return True
 
 

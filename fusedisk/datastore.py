@@ -327,16 +327,7 @@ class Datastore:
         entry = self.entries.get(parts[0])
         if entry is None:
             raise OSError(errno.ENOENT, f"no entry {parts[0]!r} in this datastore")
-        fd = backing.open_path(entry.store.root_fd, parts[0])
-        try:
-            for part in parts[1:]:
-                next_fd = backing.open_path(fd, part)
-                backing.close(fd)
-                fd = next_fd
-        except BaseException:
-            backing.close(fd)
-            raise
-        return entry, fd
+        return entry, backing.open_parts(entry.store.root_fd, parts)
 
     def statistics(self) -> dict[str, Any]:
         """Stores with their space, and the placement, for ``status``."""

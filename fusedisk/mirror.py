@@ -27,7 +27,6 @@ import os
 import stat
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 import trio
 
@@ -70,15 +69,6 @@ class FileCopy:
         #: on the source is punched on the destination, not skipped)
         self.copied = Bitmap()
         self.unflushed = 0
-
-
-@dataclass(frozen=True, slots=True)
-class CopyStatistics:
-    files: int
-    bytes_copied: int
-    dirty_bytes: int
-    copy_rate: float  #: bytes/s, smoothed
-    mirroring: bool
 
 
 def walk(
@@ -320,15 +310,6 @@ class Copier:
 
     def copy_rate(self) -> float:
         return self._rate
-
-    def statistics(self) -> CopyStatistics:
-        return CopyStatistics(
-            files=len(self.copies),
-            bytes_copied=self.bytes_copied,
-            dirty_bytes=self.dirty_bytes(),
-            copy_rate=self._rate,
-            mirroring=self.mirroring,
-        )
 
 
 def estimate_s(nbytes: int, rate: float) -> float:

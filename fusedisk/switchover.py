@@ -126,14 +126,10 @@ def _flush(staging_fd: int, copier: Copier, dirs: list[tuple[str, ...]]) -> None
     tree_fd = backing.open_path(staging_fd, "tree")
     try:
         for parts in dirs:
-            fd = tree_fd
-            for part in parts:
-                next_fd = backing.open_path(fd, part)
-                if fd != tree_fd:
-                    backing.close(fd)
-                fd = next_fd
-            backing.fsync_dir(fd)
-            if fd != tree_fd:
+            fd = backing.open_parts(tree_fd, parts)
+            try:
+                backing.fsync_dir(fd)
+            finally:
                 backing.close(fd)
     finally:
         backing.close(tree_fd)
@@ -147,12 +143,8 @@ def resolver(dst: Store, name: str, mapping: Mapping) -> Resolver:
         parts = mapping.get(key)
         if parts is None:
             return None
-        fd = backing.open_path(dst.root_fd, name)
+        fd = backing.open_parts(dst.root_fd, (name, *parts))
         try:
-            for part in parts:
-                next_fd = backing.open_path(fd, part)
-                backing.close(fd)
-                fd = next_fd
             return fd, backing.fstat(fd)
         except BaseException:
             backing.close(fd)

@@ -15,7 +15,7 @@ _LOG_BUGS = ("Traceback", " ERROR ", " CRITICAL ")
 
 
 def require_tools(*tools: str) -> None:
-    """Fail (never skip) when a tool the README's setup installs is missing."""
+    """Fail the test when a tool that the README's setup installs is missing."""
     missing = [t for t in tools if shutil.which(t) is None]
     if missing:
         pytest.fail(f"missing tools {missing}: run the README's test command, which installs them")
