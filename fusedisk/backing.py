@@ -167,19 +167,33 @@ def pread(fd: int, length: int, offset: int) -> bytes:
     return os.pread(fd, length, offset)
 
 
-def pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> int:
-    """Write all of *data* at *offset*; return how much landed.
+#: The largest single write issued to a backing file. The page cache sizes a
+#: folio after the write that creates it, and ext4 (6.x, large folios) walks
+#: every buffer head of a folio on each write into it: a 4 KiB guest write
+#: into a folio made by a 1 MiB write costs about 20-30 µs instead of 3-4 µs
+#: (measured here with buffered pwrite on a 1 GiB file). Pieces of 64 KiB
+#: keep later small writes cheap and cost a sequential 1 MiB write little.
+WRITE_PIECE = 64 * 1024
 
-    A short count is returned only when an error stopped the write after
-    some bytes had landed; an error before any byte landed is raised.
+
+def pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> int:
+    """Write all of *data* at *offset*, in pieces of at most :data:`WRITE_PIECE`.
+
+    Returns how much landed. A short count is returned only when an error
+    stopped the write after some bytes had landed; an error before any byte
+    landed is raised.
     """
-    done = os.pwrite(fd, data, offset)  # almost always all of it
-    if done == len(data):
-        return done
+    size = len(data)
+    if size <= WRITE_PIECE:
+        done = os.pwrite(fd, data, offset)  # almost always all of it
+        if done == size:
+            return done
+    else:
+        done = 0
     view = memoryview(data)
-    while done < len(view):
+    while done < size:
         try:
-            n = os.pwrite(fd, view[done:], offset + done)
+            n = os.pwrite(fd, view[done:done + WRITE_PIECE], offset + done)
         except OSError:
             if done == 0:
                 raise
