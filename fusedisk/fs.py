@@ -36,6 +36,7 @@ from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, ParamSpec, TypeVar
 
 import pyfuse3
+import trio
 from pyfuse3 import FUSEError
 
 from . import backing
@@ -50,6 +51,9 @@ _R = TypeVar("_R")
 ROOT_INODE = pyfuse3.ROOT_INODE
 _STORE_SHIFT = 48
 _PRIVATE_INO_BASE = 1 << 62
+#: Set in the FUSE file handle of an ``O_DIRECT`` open served with
+#: ``direct_io`` (see :meth:`Operations._file_info`); inode numbers stay below it.
+_DIRECT_FH = 1 << 63
 #: How long the kernel may cache attributes and names. Every change passes
 #: through this mount, so the kernel's own invalidation keeps it right.
 _ATTR_TIMEOUT_S = 1.0
@@ -108,8 +112,8 @@ class Inode:
     """
 
     __slots__ = (
-        "entry", "file_type", "handles", "ino", "is_entry_root", "key", "lookups", "no_caps",
-        "path_fd", "vfile",
+        "cache_stale", "direct_handles", "entry", "file_type", "handles", "ino", "is_entry_root",
+        "key", "killpriv", "lookups", "no_caps", "path_fd", "vfile",
     )
 
     def __init__(
@@ -137,6 +141,14 @@ class Inode:
         #: capabilities), so the answer is remembered; every change of that
         #: xattr passes through :meth:`Operations.setxattr`/``removexattr``.
         self.no_caps = False
+        #: of ``handles``, those opened with O_DIRECT and served with ``direct_io``
+        self.direct_handles = 0
+        #: the kernel's page cache of this file may be older than the backing
+        #: file (a ``direct_io`` handle wrote past it): the next cached open drops it
+        self.cache_stale = False
+        #: set-id bits or file capabilities appeared while ``direct_io`` handles
+        #: are open: their next write must remove them (the kernel does not)
+        self.killpriv = False
 
 
 class _DirHandle:
@@ -161,7 +173,8 @@ class Operations(pyfuse3.Operations):
         self._root.lookups = 1
         self._inodes: dict[int, Inode] = {ROOT_INODE: self._root}
         self._by_key: dict[tuple[int, int], Inode] = {}
-        #: open regular files, by inode number (the FUSE file handle is the inode number)
+        #: open regular files, by FUSE file handle: the inode number, with
+        #: ``_DIRECT_FH`` added for ``direct_io`` handles (both keys are present)
         self._vfiles: dict[int, VFile] = {}
         self._dirs: dict[int, _DirHandle] = {}
         self._next_dir_fh = 1
@@ -335,6 +348,8 @@ class Operations(pyfuse3.Operations):
             )
         if fields.update_mode:
             backing.fchmod(node.path_fd, node.file_type, attr.st_mode)
+            if node.direct_handles and attr.st_mode & (stat.S_ISUID | stat.S_ISGID):
+                node.killpriv = True
         if fields.update_atime or fields.update_mtime:
             backing.futimens(
                 node.path_fd,
@@ -432,10 +447,11 @@ class Operations(pyfuse3.Operations):
             backing.close(fd)
             raise
         backing.close(fd)  # the data path opens its own (shared) descriptor
-        self._open_handle(inode)
+        direct = self._serve_direct(inode, flags)
+        self._open_handle(inode, direct)
         if flags & os.O_TRUNC:  # it may have existed after all (a racing create)
-            await self._truncate_on_open(inode)
-        return self._file_info(inode, flags), attr
+            await self._truncate_on_open(inode, direct)
+        return self._file_info(inode, direct), attr
 
     @_errno_edge
     @_quiesced
@@ -545,24 +561,28 @@ class Operations(pyfuse3.Operations):
 
     # -- regular files ---------------------------------------------------------------
 
-    def _open_handle(self, inode: Inode) -> None:
+    def _open_handle(self, inode: Inode, direct: bool) -> None:
         if inode.vfile is None:
             assert inode.entry is not None
-            inode.vfile = self._vfiles[inode.ino] = self.files.open(
-                inode.path_fd, inode.key, inode.entry.gate
-            )
+            inode.vfile = self.files.open(inode.path_fd, inode.key, inode.entry.gate)
+            self._vfiles[inode.ino] = self._vfiles[inode.ino | _DIRECT_FH] = inode.vfile
         inode.handles += 1
+        if direct:
+            inode.direct_handles += 1
+            inode.cache_stale = True
 
-    def _release_handle(self, inode: Inode) -> None:
+    def _release_handle(self, inode: Inode, direct: bool) -> None:
         inode.handles -= 1
+        if direct:
+            inode.direct_handles -= 1
         vfile = inode.vfile
         if inode.handles == 0 and vfile is not None:
-            del self._vfiles[inode.ino]
+            del self._vfiles[inode.ino], self._vfiles[inode.ino | _DIRECT_FH]
             inode.vfile = None
             self.files.release(vfile)
             self._maybe_drop(inode)
 
-    async def _truncate_on_open(self, inode: Inode) -> None:
+    async def _truncate_on_open(self, inode: Inode, direct: bool) -> None:
         """Empty a file opened with O_TRUNC.
 
         libfuse 3 negotiates FUSE_ATOMIC_O_TRUNC (pyfuse3 cannot turn it off),
@@ -573,13 +593,45 @@ class Operations(pyfuse3.Operations):
         try:
             await inode.vfile.truncate(0)
         except BaseException:
-            self._release_handle(inode)
+            self._release_handle(inode, direct)
             raise
 
-    def _file_info(self, inode: Inode, flags: int) -> pyfuse3.FileInfo:
-        # keep_cache: every change passes through this mount, so the kernel's
-        # page cache (used only by buffered openers) cannot go stale.
-        return pyfuse3.FileInfo(fh=inode.ino, keep_cache=True)
+    def _serve_direct(self, inode: Inode, flags: int) -> bool:
+        """Whether an open with *flags* is served with FUSE ``direct_io``.
+
+        An ``O_DIRECT`` opener (QEMU ``cache=none``, fio ``--direct=1``) wants
+        no page cache. Served the ordinary way, the kernel sends a
+        ``getxattr("security.capability")`` round trip before *every* write,
+        to drop file capabilities (pyfuse3 cannot negotiate
+        FUSE_HANDLE_KILLPRIV_V2, which would spare it); with ``direct_io`` it
+        sends the write alone. The kernel then neither clears set-id bits nor
+        capabilities on write, so a file that has any is served the ordinary
+        way, and :attr:`Inode.killpriv` covers those that gain some later.
+        """
+        if not flags & os.O_DIRECT:
+            return False
+        mode = backing.fstat(inode.path_fd).st_mode
+        if mode & stat.S_ISUID or mode & (stat.S_ISGID | stat.S_IXGRP) == (
+            stat.S_ISGID | stat.S_IXGRP
+        ):
+            return False
+        if not inode.no_caps:
+            try:
+                backing.getxattr(inode.path_fd, os.fsdecode(_CAPS_XATTR))
+            except OSError as e:
+                if e.errno != pyfuse3.ENOATTR:
+                    raise
+                inode.no_caps = True
+        return inode.no_caps
+
+    def _file_info(self, inode: Inode, direct: bool) -> pyfuse3.FileInfo:
+        if direct:
+            return pyfuse3.FileInfo(fh=inode.ino | _DIRECT_FH, direct_io=True)
+        # keep_cache: every change passes through this mount, and a direct_io
+        # write that the kernel's cache did not see marks it stale.
+        keep_cache = not inode.cache_stale
+        inode.cache_stale = inode.direct_handles > 0
+        return pyfuse3.FileInfo(fh=inode.ino, keep_cache=keep_cache)
 
     @_errno_edge
     @_quiesced
@@ -588,10 +640,11 @@ class Operations(pyfuse3.Operations):
         if node.file_type != stat.S_IFREG:
             raise OSError(errno.EISDIR if node.file_type == stat.S_IFDIR else errno.EINVAL,
                           "not a regular file")
-        self._open_handle(node)
+        direct = self._serve_direct(node, flags)
+        self._open_handle(node, direct)
         if flags & os.O_TRUNC:
-            await self._truncate_on_open(node)
-        return self._file_info(node, flags)
+            await self._truncate_on_open(node, direct)
+        return self._file_info(node, direct)
 
     async def read(self, fh: int, off: int, size: int) -> bytes:
         try:
@@ -606,11 +659,55 @@ class Operations(pyfuse3.Operations):
             await gate.wait_open()
         gate.inside += 1  # a write may wait for the CBT activity log
         try:
-            return await vfile.write(off, buf)
+            written = await vfile.write(off, buf)
+            if fh & _DIRECT_FH:
+                node = self._inodes[fh ^ _DIRECT_FH]
+                if node.killpriv:
+                    self._kill_privileges(node)
+                if node.handles != node.direct_handles:
+                    await self._invalidate_cache(node)
+            return written
         except OSError as e:
             raise FUSEError(e.errno or errno.EIO) from None
         finally:
             gate.leave()
+
+    def _kill_privileges(self, node: Inode) -> None:
+        """Drop set-id bits and capabilities, as a write must (see :meth:`_serve_direct`).
+
+        The writer's capabilities are unknown here (a FUSE write carries no
+        credentials), so they are dropped even for a writer with CAP_FSETID.
+        """
+        st = backing.fstat(node.path_fd)
+        mode = stat.S_IMODE(st.st_mode)
+        cleared = mode & ~stat.S_ISUID
+        if cleared & stat.S_IXGRP:
+            cleared &= ~stat.S_ISGID
+        if cleared != mode:
+            backing.fchmod(node.path_fd, st.st_mode, cleared)
+        try:
+            backing.removexattr(node.path_fd, os.fsdecode(_CAPS_XATTR))
+        except OSError as e:
+            if e.errno != pyfuse3.ENOATTR:
+                raise
+        node.no_caps = True
+        node.killpriv = False
+
+    async def _invalidate_cache(self, node: Inode) -> None:
+        """Drop the kernel's page cache of a file that buffered handles also use.
+
+        A ``direct_io`` write passes the kernel's cache by, so a buffered
+        reader holding the file open could read old pages. Kernels from 6.10
+        drop them after such a write themselves; older ones (Debian 12 runs
+        6.1) do not, hence this. Only files open both ways pay for it. The
+        notification runs on a thread: the kernel takes page locks that a
+        buffered READ, served by this loop, may be holding.
+        """
+        try:
+            await trio.to_thread.run_sync(pyfuse3.invalidate_inode, node.ino, False)
+        except OSError as e:  # ENOENT: the kernel no longer caches it at all
+            if e.errno != errno.ENOENT:
+                raise
 
     async def flush(self, fh: int) -> None:
         return None  # writes are not buffered in the daemon
@@ -621,7 +718,7 @@ class Operations(pyfuse3.Operations):
         await self._vfiles[fh].fsync(datasync)
 
     async def release(self, fh: int) -> None:
-        self._release_handle(self._inodes[fh])
+        self._release_handle(self._inodes[fh & ~_DIRECT_FH], bool(fh & _DIRECT_FH))
 
     # -- directories -------------------------------------------------------------------
 
@@ -688,11 +785,13 @@ class Operations(pyfuse3.Operations):
         node = self._xattr_target(inode, name)
         node.no_caps = False
         backing.setxattr(node.path_fd, os.fsdecode(name), value, 0)
+        if name == _CAPS_XATTR and node.direct_handles:
+            node.killpriv = True
 
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
         node = self._inodes.get(inode)
         if node is not None and node.no_caps and name == _CAPS_XATTR:
-            raise FUSEError(pyfuse3.ENOATTR)  # the hot case: one per write
+            raise FUSEError(pyfuse3.ENOATTR)  # the hot case: one per buffered write
         try:
             node = self._xattr_target(inode, name)
             return backing.getxattr(node.path_fd, os.fsdecode(name))
