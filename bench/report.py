@@ -53,7 +53,7 @@ def _scenario_json(name: str, outcome: Outcome, jobs: list[Job]) -> dict[str, An
     if outcome.error is not None:
         return {"error": outcome.error}
     if name == "idle":
-        return {"summary": summarise(outcome.records, jobs),
+        return {"summary": summarise(outcome.records, jobs), "targets": outcome.targets,
                 "runs": [asdict(r) for r in outcome.records]}
     data = {"caption": outcome.caption, "summary": outcome.summary, "table": outcome.table,
             "extra_tables": outcome.extra_tables, "targets": outcome.targets,
@@ -154,7 +154,8 @@ def text_table(results: dict[str, Any], scenario: str, jobs: list[Job]) -> str:
         return f"{scenario}: FAILED: {data['error']}"
     if scenario == "idle":
         return "\n".join([_caption(results, scenario),
-                          *_text_rows([_HEADER, *_rows(data["summary"], jobs)])])
+                          *_text_rows([_HEADER, *_rows(data["summary"], jobs)]),
+                          *(_target_line(target) for target in data["targets"])])
     lines = [data["caption"], *_text_rows(data["table"], 1)]
     for title, rows in data["extra_tables"].items():
         lines += [f"{title}:", *_text_rows(rows, 1)]
@@ -223,6 +224,7 @@ def markdown(results: dict[str, Any], jobs: list[Job],
         summary = data["summary"]
         lines += ["", f"## Scenario `{scenario}`", "", _caption(results, scenario), "",
                   *_md_table(_HEADER, _rows(summary, jobs)), ""]
+        lines += [f"- {_target_line(t)}" for t in data["targets"]] + [""]
         lines += [f"![{title}]({name})" for title, name in charts.get(scenario, {}).items()]
         detail = []
         for job in jobs:
