@@ -104,6 +104,25 @@ def _quiesced(
     return wrapper
 
 
+def _without_set_id(mode: int) -> int:
+    """*mode* without the bits a write drops: set-uid, and set-gid if group-executable."""
+    mode &= ~stat.S_ISUID
+    if mode & stat.S_IXGRP:
+        mode &= ~stat.S_ISGID
+    return mode
+
+
+def _on_caps(call: Callable[[int, str], object], path_fd: int) -> bool:
+    """Apply *call* to the file's ``security.capability``; False if it has none."""
+    try:
+        call(path_fd, os.fsdecode(_CAPS_XATTR))
+    except OSError as e:
+        if e.errno != pyfuse3.ENOATTR:
+            raise
+        return False
+    return True
+
+
 class Inode:
     """A file, directory or other object the kernel knows by number.
 
@@ -610,18 +629,11 @@ class Operations(pyfuse3.Operations):
         """
         if not flags & os.O_DIRECT:
             return False
-        mode = backing.fstat(inode.path_fd).st_mode
-        if mode & stat.S_ISUID or mode & (stat.S_ISGID | stat.S_IXGRP) == (
-            stat.S_ISGID | stat.S_IXGRP
-        ):
+        mode = stat.S_IMODE(backing.fstat(inode.path_fd).st_mode)
+        if _without_set_id(mode) != mode:
             return False
         if not inode.no_caps:
-            try:
-                backing.getxattr(inode.path_fd, os.fsdecode(_CAPS_XATTR))
-            except OSError as e:
-                if e.errno != pyfuse3.ENOATTR:
-                    raise
-                inode.no_caps = True
+            inode.no_caps = not _on_caps(backing.getxattr, inode.path_fd)
         return inode.no_caps
 
     def _file_info(self, inode: Inode, direct: bool) -> pyfuse3.FileInfo:
@@ -680,16 +692,10 @@ class Operations(pyfuse3.Operations):
         """
         st = backing.fstat(node.path_fd)
         mode = stat.S_IMODE(st.st_mode)
-        cleared = mode & ~stat.S_ISUID
-        if cleared & stat.S_IXGRP:
-            cleared &= ~stat.S_ISGID
+        cleared = _without_set_id(mode)
         if cleared != mode:
             backing.fchmod(node.path_fd, st.st_mode, cleared)
-        try:
-            backing.removexattr(node.path_fd, os.fsdecode(_CAPS_XATTR))
-        except OSError as e:
-            if e.errno != pyfuse3.ENOATTR:
-                raise
+        _on_caps(backing.removexattr, node.path_fd)
         node.no_caps = True
         node.killpriv = False
 
