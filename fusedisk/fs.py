@@ -703,9 +703,10 @@ class Operations(pyfuse3.Operations):
         """Drop the kernel's page cache of a file that buffered handles also use.
 
         A ``direct_io`` write passes the kernel's cache by, so a buffered
-        reader holding the file open could read old pages. Kernels from 6.10
-        drop them after such a write themselves; older ones (Debian 12 runs
-        6.1) do not, hence this. Only files open both ways pay for it. The
+        reader holding the file open could read old pages. Recent kernels
+        drop them after such a write themselves (seen on 6.18); older ones,
+        such as Debian 12's 6.1, are not known to, hence this. Only files
+        open both ways pay for it. The
         notification runs on a thread: the kernel takes page locks that a
         buffered READ, served by this loop, may be holding.
         """

@@ -808,9 +808,9 @@ def test_o_direct_aligned_io(datastore: MountedDatastore) -> None:
         # An O_DIRECT write is seen by a buffered reader that had the pages
         # cached, and by one that opens the file again after it was closed.
         # The mtime is set back each time, so the kernel's mtime check (a
-        # changed mtime drops the cache) is not what makes this pass. (Kernels
-        # from 6.10 also drop the pages after a direct_io write themselves;
-        # older ones, such as Debian 12's 6.1, rely on fusedisk for it.)
+        # changed mtime drops the cache) is not what makes this pass. (Recent
+        # kernels, 6.18 here, also drop the pages after a direct_io write
+        # themselves; on older ones fusedisk's invalidation is what does it.)
         mtime_ns = os.stat(f).st_mtime_ns
         new = os.urandom(2 * page)
         wbuf[: len(new)] = new
