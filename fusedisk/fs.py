@@ -367,7 +367,8 @@ class Operations(pyfuse3.Operations):
             )
         if fields.update_mode:
             backing.fchmod(node.path_fd, node.file_type, attr.st_mode)
-            if node.direct_handles and attr.st_mode & (stat.S_ISUID | stat.S_ISGID):
+            mode = stat.S_IMODE(attr.st_mode)
+            if node.direct_handles and _without_set_id(mode) != mode:
                 node.killpriv = True
         if fields.update_atime or fields.update_mtime:
             backing.futimens(
@@ -706,9 +707,9 @@ class Operations(pyfuse3.Operations):
         reader holding the file open could read old pages. Recent kernels
         drop them after such a write themselves (seen on 6.18); older ones,
         such as Debian 12's 6.1, are not known to, hence this. Only files
-        open both ways pay for it. The
-        notification runs on a thread: the kernel takes page locks that a
-        buffered READ, served by this loop, may be holding.
+        open both ways pay for it. The notification runs on a thread: the
+        kernel takes page locks that a buffered READ, served by this loop,
+        may be holding.
         """
         try:
             await trio.to_thread.run_sync(pyfuse3.invalidate_inode, node.ino, False)
