@@ -37,6 +37,7 @@ from .control import ControlServer
 from .datastore import Datastore, Entry
 from .errors import MountError
 from .fs import Operations
+from .fuseloop import RequestLoop, dev_fuse_fds, find_session_fd
 from .metadata import StateDir
 from .relocation import Mode, Options, RelocationError, Relocator
 from .vdisk import OpenFiles, VFile
@@ -44,12 +45,8 @@ from .vdisk import OpenFiles, VFile
 log = logging.getLogger(__name__)
 
 FSNAME = "fusedisk"
-#: FUSE worker tasks. Handlers run their syscalls on the loop, so a worker
-#: only waits inside a handler for an offloaded fsync or a paused entry. Two
-#: idle readers and no more keep pyfuse3 from spawning and ending a task per
-#: request under queue depth (measured: 8 fixed workers cost ~25% IOPS at QD1);
-#: a handler that waits makes pyfuse3 start another reader, up to the maximum.
-MIN_WORKER_TASKS = 2
+#: FUSE worker tasks: how many handlers may wait at once (an offloaded fsync,
+#: a write held at a paused entry) before requests queue in the kernel.
 MAX_WORKER_TASKS = 64
 #: How often the systemd status line is refreshed while serving.
 STATUS_INTERVAL_S = 5.0
@@ -153,6 +150,7 @@ class Daemon:
         self.datastore: Datastore | None = None
         self.files: OpenFiles | None = None
         self.ops: Operations | None = None
+        self.fuse_loop: RequestLoop | None = None
         self._mounted = False
         self._stopping = False
 
@@ -185,11 +183,13 @@ class Daemon:
         options |= {f"fsname={FSNAME}", f"subtype={FSNAME}"}
         if self.config.allow_other:
             options.add("allow_other")
+        fds_before_init = dev_fuse_fds()
         try:
             pyfuse3.init(self.ops, str(self.config.mountpoint), options)
         except RuntimeError as e:
             raise MountError(f"cannot mount on {self.config.mountpoint}: {e}") from None
         self._mounted = True
+        self.fuse_loop = RequestLoop(find_session_fd(fds_before_init), max_tasks=MAX_WORKER_TASKS)
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._serve_fuse, nursery.cancel_scope)
@@ -213,7 +213,8 @@ class Daemon:
             self._shutdown()
 
     async def _serve_fuse(self, cancel_scope: trio.CancelScope) -> None:
-        await pyfuse3.main(min_tasks=MIN_WORKER_TASKS, max_tasks=MAX_WORKER_TASKS)
+        assert self.fuse_loop is not None
+        await self.fuse_loop.run()
         log.info("FUSE session ended")
         cancel_scope.cancel()
 
@@ -225,7 +226,8 @@ class Daemon:
                 log.info("%s received: unmounting", signal.Signals(signum).name)
                 self._notify_stopping()
                 await self.relocator.stop()
-                pyfuse3.terminate()
+                assert self.fuse_loop is not None
+                self.fuse_loop.terminate()
 
     def _status_line(self) -> str:
         """The one-line summary systemd shows as the service's status."""
@@ -269,6 +271,7 @@ class Daemon:
                 "block_size": self.config.block_size,
                 **self.datastore.statistics(),
                 "fs": self.ops.statistics(),
+                "fuse_loop": self.fuse_loop.statistics() if self.fuse_loop else None,
                 "jobs": self.relocator.statistics(),
             }
 

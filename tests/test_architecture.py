@@ -19,7 +19,7 @@ LAYERS: list[set[str]] = [
     {"mirror"},
     {"switchover"},
     {"relocation"},
-    {"fs", "control"},
+    {"fs", "control", "fuseloop"},
     {"daemon"},
     {"service", "demo"},
     {"cli"},
