@@ -113,10 +113,12 @@ def test_relocation_under_fio_verify(datastore: MountedDatastore) -> None:
     require_tools("fio")
     disk = make_vm(datastore, disk_mib=16)
     ino_before = disk.stat().st_ino
-    # every block written exactly once (no time_based), so a verify-only replay matches
+    # every block written exactly once (no time_based), so a verify-only replay matches;
+    # the write rate keeps fio writing for ~11 s however fast the mount is
     fio = ["fio", "--name=guest", f"--filename={datastore.mnt / 'vm1' / 'fio.img'}",
            "--size=64M", "--rw=randwrite", "--bs=4k", "--direct=1", "--ioengine=libaio",
-           "--iodepth=4", "--verify=crc32c", "--verify_state_save=0", "--verify_fatal=1"]
+           "--iodepth=4", "--rate_iops=,1500", "--verify=crc32c", "--verify_state_save=0",
+           "--verify_fatal=1"]
     with open(datastore.root / "fio.out", "w") as out:
         guest = subprocess.Popen([*fio, "--do_verify=1"], stdout=out, stderr=subprocess.STDOUT)
     try:
