@@ -24,7 +24,7 @@ Invariants, all resting on "no await between the poll and pyfuse3's read":
   blocking, and reading an empty ``/dev/fuse`` would stall the whole loop, so
   a waiter woken after another worker took the request polls again and goes
   back to waiting.
-* At most one task waits on the fd (``_lock``): trio allows one waiter per fd.
+* At most one task waits on the fd (``_turn``): trio allows one waiter per fd.
 * After :meth:`RequestLoop.terminate` no task starts waiting. pyfuse3 checks
   its session's exit flag under its own lock; that flag is not reachable from
   Python, so the loop keeps its own.
@@ -33,7 +33,10 @@ pyfuse3 counts idle workers inside the coroutine we replace, so with ours it
 sees none: it starts a new worker after each request until ``max_tasks`` and
 never retires one. The pool is therefore a fixed ``max_tasks``, which bounds
 how many handlers may wait at once (an fsync on a thread, a write held at a
-paused entry) before new requests queue in the kernel.
+paused entry) before new requests queue in the kernel. The turn to wait goes
+to the worker that queued last, so under steady load the same few workers
+serve and the others never read: libfuse gives each worker a ~1 MiB receive
+buffer at its first read, and a FIFO turn would touch all ``max_tasks`` of them.
 
 If the installed pyfuse3 has no such coroutine, or ``/dev/fuse`` cannot be
 told apart among the process's descriptors, pyfuse3's own loop runs and a
@@ -98,6 +101,33 @@ def find_session_fd(fds_before_init: set[int]) -> int | None:
     return new.pop()
 
 
+class _LastInFirstOut:
+    """A lock handed, on release, to the task that queued for it last."""
+
+    def __init__(self) -> None:
+        self._held = False
+        self._waiters: list[trio.lowlevel.Task] = []
+
+    async def acquire(self) -> None:
+        if not self._held:
+            self._held = True
+            return
+        task = trio.lowlevel.current_task()
+        self._waiters.append(task)
+
+        def abort(_: object) -> trio.lowlevel.Abort:
+            self._waiters.remove(task)
+            return trio.lowlevel.Abort.SUCCEEDED
+
+        await trio.lowlevel.wait_task_rescheduled(abort)  # woken holding the lock
+
+    def release(self) -> None:
+        if self._waiters:
+            trio.lowlevel.reschedule(self._waiters.pop())  # the lock passes on, still held
+        else:
+            self._held = False
+
+
 class RequestLoop:
     """Runs ``pyfuse3.main`` with the poll-first reader on *session_fd*, or
     pyfuse3's own loop when *session_fd* is None; end it with :meth:`terminate`."""
@@ -110,7 +140,7 @@ class RequestLoop:
         self._poll = select.poll()
         if session_fd is not None:
             self._poll.register(session_fd, select.POLLIN)
-        self._lock = trio.Lock()
+        self._turn = _LastInFirstOut()
         self._exiting = False
         self._burst_left = burst
         #: Counters (``status``): requests handed to a worker after a wait
@@ -137,16 +167,18 @@ class RequestLoop:
             return True  # no await from the poll to pyfuse3's read
         self._burst_left = self.burst
         assert self._fd is not None
+        await self._turn.acquire()
         try:
-            async with self._lock:
-                while not self._exiting:
-                    await trio.lowlevel.wait_readable(self._fd)
-                    if self._queued():
-                        self.after_wait += 1
-                        return True  # no await from the poll to pyfuse3's read
-                    self.woken_empty += 1
+            while not self._exiting:
+                await trio.lowlevel.wait_readable(self._fd)
+                if self._queued():
+                    self.after_wait += 1
+                    return True  # no await from the poll to pyfuse3's read
+                self.woken_empty += 1
         except trio.ClosedResourceError:  # terminate() woke the waiter
             self._exiting = True
+        finally:
+            self._turn.release()
         return False
 
     async def run(self) -> None:

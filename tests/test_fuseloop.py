@@ -18,7 +18,7 @@ import pytest
 import trio
 import trio.testing
 
-from fusedisk.fuseloop import RequestLoop, dev_fuse_fds, find_session_fd
+from fusedisk.fuseloop import RequestLoop, _LastInFirstOut, dev_fuse_fds, find_session_fd
 
 
 @pytest.fixture
@@ -43,7 +43,7 @@ async def test_queued_requests_are_taken_without_yielding_up_to_the_burst(
     os.write(write_end, b"x" * 10)
     others_ran = []
 
-    async def other() -> None:  # runs at our first yield
+    async def other() -> None:  # runs once we yield
         others_ran.append(True)
 
     async with trio.open_nursery() as nursery:
@@ -51,8 +51,8 @@ async def test_queued_requests_are_taken_without_yielding_up_to_the_burst(
         for _ in range(3):
             assert await loop._wait_readable()
         assert others_ran == [] and loop.without_wait == 3
-        assert await loop._wait_readable()  # the fourth waits, and lets others run
-        assert others_ran == [True] and loop.after_wait == 1
+        assert await loop._wait_readable()  # the fourth waits: a scheduling point
+        assert loop.after_wait == 1
         assert await loop._wait_readable()  # a new burst
         assert loop.without_wait == 4
 
@@ -132,6 +132,51 @@ async def test_terminate_releases_every_waiter(
             await trio.testing.wait_all_tasks_blocked()
             loop.terminate()
     assert results == [False, False, False]
+
+
+async def test_the_turn_to_wait_goes_to_the_worker_that_queued_last() -> None:
+    """So under load the same few workers read, and the rest never touch
+    their receive buffers."""
+    turn = _LastInFirstOut()
+    order = []
+
+    async def worker(name: str) -> None:
+        await turn.acquire()
+        order.append(name)
+        await trio.lowlevel.checkpoint()
+        turn.release()
+
+    await turn.acquire()
+    async with trio.open_nursery() as nursery:
+        for name in "abc":
+            nursery.start_soon(worker, name)
+            await trio.testing.wait_all_tasks_blocked()
+        turn.release()
+    assert order == ["c", "b", "a"]
+    await turn.acquire()  # free again: taken at once
+    turn.release()
+
+
+async def test_a_cancelled_waiter_leaves_the_queue() -> None:
+    turn = _LastInFirstOut()
+    await turn.acquire()
+    got = []
+    scopes: dict[str, trio.CancelScope] = {}
+
+    async def worker(name: str) -> None:
+        with trio.CancelScope() as scopes[name]:
+            await turn.acquire()
+            got.append(name)
+            turn.release()
+
+    async with trio.open_nursery() as nursery:
+        for name in ("kept", "cancelled"):
+            nursery.start_soon(worker, name)
+            await trio.testing.wait_all_tasks_blocked()
+        scopes["cancelled"].cancel()
+        await trio.testing.wait_all_tasks_blocked()
+        turn.release()
+    assert got == ["kept"]
 
 
 def test_dev_fuse_fds_sees_an_open_dev_fuse() -> None:
