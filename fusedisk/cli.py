@@ -466,7 +466,12 @@ def cmd_job(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import DEFAULT_ROOT, run_demo
 
-    return run_demo(args.root or DEFAULT_ROOT, args.seconds, args.keep)
+    if args.seconds < 1:
+        raise FusediskError(f"--seconds must be at least 1, not {args.seconds}")
+    try:
+        return run_demo(args.root or DEFAULT_ROOT, args.seconds, args.keep)
+    except OSError as e:  # a step of ours (not a command) failed; the mount is already undone
+        raise FusediskError(f"demo failed: {e}") from None
 
 
 def cmd_cbt(args: argparse.Namespace) -> int:

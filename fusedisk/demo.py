@@ -43,8 +43,12 @@ def run_demo(root: Path, seconds: int, keep: bool) -> int:
     fusedisk = [sys.executable, "-m", "fusedisk"]
     mnt, state = root / "ds1", root / "state"
     stores = {"ssd": root / "stores" / "ssd", "hdd": root / "stores" / "hdd"}
-    for path in (mnt, *stores.values()):
-        path.mkdir(parents=True, exist_ok=True)
+    try:
+        for path in (mnt, *stores.values()):
+            path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise FusediskError(f"cannot lay out the demo under {root}: "
+                            f"{e.strerror or e} ({e.filename})") from None
     print(f"fusedisk demo: a datastore on {mnt} with stores "
           + ", ".join(f"{n}={p}" for n, p in stores.items()))
     mount = [*fusedisk, "mount", str(mnt), "--state-dir", str(state), "--default-store", "ssd"]

@@ -19,6 +19,7 @@ import pytest
 from fusedisk import metadata
 from fusedisk.control import socket_path
 
+from .conftest import require_tools
 from .mounting import MountedDatastore, force_unmount, fusedisk, is_mounted
 
 MODES = pytest.mark.parametrize("mode", [[], ["--foreground"]], ids=["background", "foreground"])
@@ -329,3 +330,37 @@ def test_umount_then_status_fails_cleanly(tmp_path: Path) -> None:
         one_line_error(fusedisk("umount", str(ds.mnt)), f"{ds.mnt} is not mounted")
     finally:
         ds.teardown()
+
+
+# -- the demo (README's first command) ----------------------------------------------------------
+
+
+def test_demo_relocates_a_writing_guest_and_cleans_up(tmp_path: Path) -> None:
+    """The main job end to end: mount, guest, migrate with progress, verify, CBT, unmount."""
+    require_tools("fio")
+    root = tmp_path / "demo"
+    try:
+        result = fusedisk("demo", "--root", str(root), "--seconds", "6", timeout=300)
+    finally:
+        force_unmount(root / "ds1")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr
+    out = result.stdout
+    assert "relocated web01 from ssd to hdd" in out
+    assert "verify: every block the guest wrote reads back with its checksum" in out
+    changes = next(json.loads(line) for line in out.splitlines() if line.startswith('{"change_id"'))
+    assert changes["extents"] == [[1 << 30, 1 << 20]]  # exactly the 1 MiB dd wrote at 1 GiB
+    assert not is_mounted(root / "ds1")
+    assert (root / "stores" / "hdd" / "web01" / "disk0.img").exists()
+    assert not (root / "stores" / "ssd" / "web01").exists()
+
+
+@pytest.mark.parametrize("args", [["--root", "/etc/passwd"],
+                                  ["--root", "/proc/self/nonexistent"],
+                                  ["--seconds", "0"]])
+def test_demo_bad_input_fails_in_one_line(args: list[str]) -> None:
+    result = fusedisk("demo", *args)
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    assert result.stderr.startswith("fusedisk: error:"), result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
