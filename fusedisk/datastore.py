@@ -37,6 +37,10 @@ log = logging.getLogger(__name__)
 
 #: Top-level names with this prefix are fusedisk's own (relocation scratch).
 RESERVED_PREFIX = ".fusedisk"
+#: Top-level names that belong to a store's filesystem, not to the datastore:
+#: a store on its own ext4 disk has e2fsck's ``lost+found`` at its root, and
+#: with two such stores it would otherwise be a conflict at every mount.
+STORE_OWN_NAMES = frozenset({"lost+found"})
 _RECORD = "datastore"
 #: Store ids are packed into the top bits of inode numbers (see fs.py).
 MAX_STORE_ID = (1 << 14) - 1
@@ -182,7 +186,7 @@ class Datastore:
         found: dict[str, list[str]] = {}
         for store in self.stores.values():
             for name in backing.list_dir(store.root_fd):
-                if not name.startswith(RESERVED_PREFIX):
+                if not name.startswith(RESERVED_PREFIX) and name not in STORE_OWN_NAMES:
                     found.setdefault(name, []).append(store.name)
         for name, store_name in sorted(placement.items()):
             holders = found.get(name, [])
@@ -255,7 +259,8 @@ class Datastore:
         return sorted(self.entries)
 
     def is_reserved(self, name: str) -> bool:
-        return name.startswith(RESERVED_PREFIX) or name in self.conflicts
+        return (name.startswith(RESERVED_PREFIX) or name in STORE_OWN_NAMES
+                or name in self.conflicts)
 
     async def added(self, name: str, store: Store) -> Entry:
         """Record a new entry whose backing object was just created on *store*."""

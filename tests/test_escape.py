@@ -200,6 +200,24 @@ def test_reserved_names_are_invisible_and_cannot_be_made(datastore: MountedDatas
     assert os.listdir(mnt / "vm") == [".fusedisk-notes"]
 
 
+def test_lost_found_of_store_filesystems_is_not_an_entry(datastore: MountedDatastore) -> None:
+    """Stores on their own ext4 disks each have lost+found at the root: not an
+    entry, not a conflict, not creatable through the mount, left alone."""
+    for store in ("a", "b"):
+        (datastore.stores[store] / "lost+found").mkdir(mode=0o700)
+    datastore.stop()
+    datastore.start()
+    status = datastore.status()
+    assert status["conflicts"] == {}
+    assert "lost+found" not in status["placement"]
+    assert os.listdir(datastore.mnt) == []
+    expect_errno(errno.ENOENT, os.stat, datastore.mnt / "lost+found")
+    expect_errno((errno.EPERM, errno.EACCES), os.mkdir, datastore.mnt / "lost+found")
+    for store in ("a", "b"):
+        assert os.listdir(datastore.stores[store]) == ["lost+found"]
+    assert "lost+found" not in datastore.log()
+
+
 @pytest.mark.daemon_errors  # the daemon logs the conflict as an error, by design
 def test_name_on_two_stores_is_not_served(datastore: MountedDatastore) -> None:
     """A name found on both stores and not placed is left out, never merged."""

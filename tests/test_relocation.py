@@ -338,6 +338,83 @@ def test_destination_full(tmp_path: Path, small_store: Path) -> None:
         ds.teardown()
 
 
+
+@pytest.fixture
+def failing_store(tmp_path: Path) -> Iterator[tuple[Path, Path]]:
+    """An ext4 store on a loop device, mounted ``errors=remount-ro``: writing
+    ``1`` to the yielded sysfs file makes ext4 report an error and abort its
+    journal, as on a failing disk; every later write gets EROFS."""
+    require_tools("mkfs.ext4", "e2fsck", "losetup")
+    image, path = tmp_path / "failing.img", tmp_path / "failing"
+    path.mkdir()
+    with open(image, "wb") as f:
+        f.truncate(256 << 20)
+    subprocess.run(["mkfs.ext4", "-q", "-F", str(image)], check=True)
+    loop = subprocess.run(["losetup", "-f", "--show", str(image)], check=True,
+                          capture_output=True, text=True).stdout.strip()
+    try:
+        subprocess.run(["mount", "-o", "errors=remount-ro", loop, str(path)], check=True)
+        try:
+            yield path, Path("/sys/fs/ext4") / Path(loop).name / "trigger_fs_error"
+        finally:
+            subprocess.run(["umount", "-l", str(path)], check=False)
+    finally:
+        subprocess.run(["losetup", "-d", loop], check=False)
+    assert not is_mounted(path)
+
+
+def remount_repaired(image: Path, path: Path) -> None:
+    """Repair the failed ext4 as an operator would (e2fsck -y) and mount it again."""
+    subprocess.run(["umount", str(path)], check=True)
+    subprocess.run(["e2fsck", "-fy", str(image)], check=False, capture_output=True)
+    subprocess.run(["mount", "-o", "loop", str(image), str(path)], check=True)
+
+
+@pytest.mark.daemon_errors
+@pytest.mark.parametrize("mode", ["precopy", "mirror"])
+def test_destination_failing_mid_relocation_loses_nothing(
+    tmp_path: Path, failing_store: tuple[Path, Path],
+    writer_procs: list[subprocess.Popen[bytes]], mode: str,
+) -> None:
+    """The destination's filesystem fails while the copy runs (pre-copy) or while
+    every guest write is mirrored to it: the relocation fails with the cause, the
+    guest never sees an error, every acknowledged write is on the source, and
+    the partial copy is gone once the store is repaired and fusedisk remounts."""
+    store, trigger = failing_store
+    ds = MountedDatastore(tmp_path, stores=("a",))
+    ds.stores["b"] = store
+    ds.start()
+    try:
+        disk = make_vm(ds, disk_mib=32)
+        journal = ds.root / "journal"
+        writer = start_writer(writer_procs, disk, journal, nblocks=(32 << 20) // 4096,
+                              pause_s=0.0005)
+        assert migrate(ds, "vm1", "--to", "b", "--rate", "4M", "--mode", mode,
+                       "--no-wait").returncode == 0
+        wait_state(ds, "vm1", {"mirroring" if mode == "mirror" else "copying"})
+        trigger.write_text("1")
+        wait_state(ds, "vm1", {"failed"}, timeout_s=60)
+        assert "Read-only file system" in job(ds, "vm1")["error"]
+        assert ds.status()["placement"]["vm1"] == "a"
+        time.sleep(0.5)
+        assert writer.poll() is None, "the guest saw an error"
+        writer.terminate()
+        writer.wait(timeout=10)
+        acked, wrong = journal_writer.check(disk, journal)
+        assert acked > 50 and not wrong, f"{len(wrong)} acknowledged writes lost"
+        ds.stop()
+        remount_repaired(tmp_path / "failing.img", store)
+        ds.start()
+        assert ds.status()["placement"]["vm1"] == "a"
+        assert sorted(p.name for p in store.iterdir()) == ["lost+found"]  # e2fsck's, not ours
+        acked_again, wrong = journal_writer.check(disk, journal)
+        assert acked_again == acked and not wrong
+    finally:
+        ds.teardown()
+        if is_mounted(store):
+            subprocess.run(["umount", "-l", str(store)], check=False)
+
+
 def test_sparse_disk_stays_sparse(datastore: MountedDatastore) -> None:
     home = datastore.mnt / "vm1"
     home.mkdir()
