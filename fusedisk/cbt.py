@@ -298,6 +298,11 @@ def _read_al(path: Path) -> tuple[int, list[int], bool] | None:
         raise StateError(f"{path}: malformed activity log") from None
 
 
+def _is_file_id(text: str) -> bool:
+    """A file id is hex (made by :meth:`CbtStore._new_id`): never a path."""
+    return bool(text) and all(c in "0123456789abcdef" for c in text)
+
+
 def _load(path: Path, kind: str) -> dict[str, Any] | None:
     try:
         data = path.read_bytes()
@@ -330,6 +335,29 @@ class CbtStore:
             log.warning("cannot keep a CBT file id on the store (%s); ids last one open", e)
         return file_id
 
+    def forget(self, file_id: str, key: tuple[int, int]) -> bool:
+        """Remove the history of a file that is gone (its last link removed, no
+        user left). Blocking, small I/O; whether anything was removed.
+
+        Only a history recorded for *key* goes: a file copied on the store
+        with its xattrs carries another file's id, and that file's history stays.
+        """
+        if not _is_file_id(file_id):
+            return False
+        try:
+            bitmap = _load(self.home / f"{file_id}.bitmap", "cbt-bitmap")
+        except StateError:
+            return False  # not ours to judge; open_tracker replaces it if it is ever used
+        if bitmap is None or tuple(bitmap.get("key", ())) != key:
+            return False
+        for suffix in (".al", ".bitmap"):  # the bitmap last: it is what proves ownership
+            try:
+                (self.home / f"{file_id}{suffix}").unlink()
+            except FileNotFoundError:
+                pass
+        log.info("CBT history of removed file %s dropped", file_id)
+        return True
+
     def open_tracker(self, path_fd: int, key: tuple[int, int]) -> Tracker:
         """Load (or start) the history of the file behind *path_fd*. Blocking, small I/O.
 
@@ -338,7 +366,7 @@ class CbtStore:
         old change ids are refused rather than answered wrongly.
         """
         file_id = self.file_id(path_fd)
-        if file_id is not None and all(c in "0123456789abcdef" for c in file_id):
+        if file_id is not None and _is_file_id(file_id):
             try:
                 tracker = self._load_tracker(file_id, key)
             except StateError as e:

@@ -524,13 +524,17 @@ class Operations(pyfuse3.Operations):
             raise OSError(errno.ENOENT, "no such entry")
         if parent is self._root and entry.relocating:
             raise OSError(errno.EBUSY, "the entry is being relocated")
+        doomed = None
         if is_dir:
             os.rmdir(sname, dir_fd=dir_fd)
         else:
+            doomed = self.files.last_link_history(dir_fd, sname)
             os.unlink(sname, dir_fd=dir_fd)
         if parent is self._root:
             await self.datastore.removed(sname)
             self._root_time_ns = time.time_ns()
+        if doomed is not None:  # after the namespace is consistent again
+            await self.files.forget_history(doomed)
 
     @_errno_edge
     @_quiesced
@@ -572,12 +576,17 @@ class Operations(pyfuse3.Operations):
             raise OSError(errno.EXDEV, "renames stay inside one entry")
         if flags & ~(pyfuse3.RENAME_EXCHANGE | pyfuse3.RENAME_NOREPLACE):
             raise OSError(errno.EINVAL, "unknown rename flags")
+        doomed = None
+        if not flags & pyfuse3.RENAME_EXCHANGE:
+            doomed = self.files.last_link_history(new_dir_fd, new_name)
         backing.renameat2(old_dir_fd, old_name, new_dir_fd, new_name, flags)
         if at_root:
             await self.datastore.renamed(
                 old_name, new_name, exchange=bool(flags & pyfuse3.RENAME_EXCHANGE)
             )
             self._root_time_ns = time.time_ns()
+        if doomed is not None:  # after the namespace is consistent again
+            await self.files.forget_history(doomed)
 
     # -- regular files ---------------------------------------------------------------
 

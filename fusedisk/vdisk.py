@@ -17,6 +17,7 @@ from __future__ import annotations
 import errno
 import math
 import os
+import stat
 from collections.abc import Callable
 
 import trio
@@ -210,8 +211,39 @@ class OpenFiles:
                 vfile.closing = 0
             if vfile.opens == 0 and self._files.get(vfile.key) is vfile:
                 del self._files[vfile.key]
+                gone = backing.fstat(vfile.fd).st_nlink == 0
                 backing.close(vfile.fd)
                 vfile.fd = -1
+                if gone and vfile.tracker is not None:  # unlinked while open: now it is gone
+                    await self.forget_history((vfile.tracker.file_id, vfile.key))
+
+    def last_link_history(self, dir_fd: int, name: str) -> tuple[str, tuple[int, int]] | None:
+        """Before *name* is unlinked or renamed over: the CBT history that goes
+        with it, when it is the last link of a regular file that nobody has
+        open (an open one is forgotten when it is closed). The kernel never
+        sends a rename between two links of one file (vfs_rename returns 0
+        first), so a target named here really goes. Blocking.
+        """
+        if self.cbt is None:
+            return None
+        try:
+            st = backing.lstat_at(dir_fd, name)
+        except OSError:
+            return None  # the unlink or rename reports it
+        key = (st.st_dev, st.st_ino)
+        if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1 or key in self._files:
+            return None
+        path_fd = backing.open_path(dir_fd, name)
+        try:
+            file_id = self.cbt.file_id(path_fd)
+        finally:
+            backing.close(path_fd)
+        return None if file_id is None else (file_id, key)
+
+    async def forget_history(self, history: tuple[str, tuple[int, int]]) -> None:
+        """Drop the CBT history of a file that is gone (see :meth:`last_link_history`)."""
+        if self.cbt is not None:
+            await backing.run_blocking(self.cbt.forget, *history)
 
     def repoint(self, resolve: Resolver) -> None:
         """Switch every open file that *resolve* knows to its new backing file.

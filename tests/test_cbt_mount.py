@@ -217,3 +217,70 @@ def test_kill_9_never_loses_a_change(datastore: MountedDatastore, tmp_path: Path
     print(f"kill -9: {len(written)} writes, {marked >> 20} MiB marked, {extra >> 20} MiB extra")
     assert extra <= 3 * (16 << 20)  # at most the three hot 16 MiB regions (8 MiB areas may span 2)
     assert "was not closed cleanly" in datastore.log()
+
+
+# -- histories of removed files ---------------------------------------------------------
+
+
+def history_files(ds: MountedDatastore, backing_file: Path) -> list[Path]:
+    """The CBT state files of the file at *backing_file* (on its store)."""
+    file_id = os.getxattr(backing_file, "trusted.fusedisk.id").decode()
+    return [ds.state_dir / "cbt" / f"{file_id}.{kind}" for kind in ("al", "bitmap")]
+
+
+def written(path: Path) -> None:
+    with open(path, "wb") as f:
+        f.write(os.urandom(BLOCK))
+
+
+def test_the_history_of_a_removed_file_goes_with_it(datastore: MountedDatastore) -> None:
+    """unlink, rename over, the last of two hard links, a file removed while open:
+    the history goes once the file is gone, and not a moment before."""
+    vm = datastore.mnt / "vm1"
+    vm.mkdir()
+    store = datastore.stores["a"] / "vm1"
+    for name in ("plain", "victim", "linked", "open", "renamed"):
+        written(vm / name)
+    histories = {name: history_files(datastore, store / name)
+                 for name in ("plain", "victim", "linked", "open", "renamed")}
+    wait_for(lambda: all(p.exists() for h in histories.values() for p in h), 10,
+             "histories saved at close")
+
+    (vm / "plain").unlink()
+    assert not any(p.exists() for p in histories["plain"])
+
+    (vm / "renamed").rename(vm / "victim")  # the old 'victim' is gone, 'renamed' lives on
+    assert not any(p.exists() for p in histories["victim"])
+    assert all(p.exists() for p in histories["renamed"])
+
+    os.link(vm / "linked", vm / "second")
+    (vm / "linked").unlink()
+    assert all(p.exists() for p in histories["linked"])  # one link is left
+    (vm / "second").unlink()
+    assert not any(p.exists() for p in histories["linked"])
+
+    with open(vm / "open", "r+b") as f:
+        (vm / "open").unlink()
+        f.write(b"still written")
+        f.flush()
+        assert all(p.exists() for p in histories["open"])  # in use: kept
+    wait_for(lambda: not any(p.exists() for p in histories["open"]), 10,
+             "the history of the closed, unlinked file to go")
+    # the file that survived keeps a usable history
+    change_id = checkpoint(datastore, "vm1/victim")
+    written(vm / "victim")
+    assert changes(datastore, "vm1/victim", change_id) == [(0, BLOCK)]
+
+
+def test_a_copy_carrying_another_files_id_does_not_erase_its_history(
+        datastore: MountedDatastore) -> None:
+    vm = datastore.mnt / "vm1"
+    vm.mkdir()
+    written(vm / "disk")
+    store = datastore.stores["a"] / "vm1"
+    history = history_files(datastore, store / "disk")
+    wait_for(lambda: all(p.exists() for p in history), 10, "the history saved at close")
+    subprocess.run(["cp", "-a", str(store / "disk"), str(store / "copy")], check=True)
+    assert history_files(datastore, store / "copy") == history  # the same id came along
+    (vm / "copy").unlink()
+    assert all(p.exists() for p in history)
