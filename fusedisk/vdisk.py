@@ -15,6 +15,7 @@ mark" atomic with respect to every other task.
 from __future__ import annotations
 
 import errno
+import logging
 import math
 import os
 import stat
@@ -26,6 +27,8 @@ from . import backing
 from .bitmap import Bitmap
 from .cbt import CbtStore, Tracker
 from .gate import Gate
+
+log = logging.getLogger(__name__)
 
 #: key of a source object → a fresh O_PATH handle and stat of its new self, or None
 Resolver = Callable[[tuple[int, int]], "tuple[int, os.stat_result] | None"]
@@ -241,9 +244,16 @@ class OpenFiles:
         return None if file_id is None else (file_id, key)
 
     async def forget_history(self, history: tuple[str, tuple[int, int]]) -> None:
-        """Drop the CBT history of a file that is gone (see :meth:`last_link_history`)."""
-        if self.cbt is not None:
+        """Drop the CBT history of a file that is gone (see :meth:`last_link_history`).
+        Never raises: the file is already gone, and a history left behind costs
+        only space."""
+        if self.cbt is None:
+            return
+        try:
             await backing.run_blocking(self.cbt.forget, *history)
+        except OSError as e:
+            log.warning("CBT history %s of a removed file is left in the state directory: %s",
+                        history[0], e.strerror or e)
 
     def repoint(self, resolve: Resolver) -> None:
         """Switch every open file that *resolve* knows to its new backing file.

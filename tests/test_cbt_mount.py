@@ -284,3 +284,21 @@ def test_a_copy_carrying_another_files_id_does_not_erase_its_history(
     assert history_files(datastore, store / "copy") == history  # the same id came along
     (vm / "copy").unlink()
     assert all(p.exists() for p in history)
+
+
+def test_a_history_that_cannot_be_dropped_does_not_fail_the_unlink(
+        datastore: MountedDatastore) -> None:
+    vm = datastore.mnt / "vm1"
+    vm.mkdir()
+    written(vm / "disk")
+    history = history_files(datastore, datastore.stores["a"] / "vm1" / "disk")
+    wait_for(lambda: all(p.exists() for p in history), 10, "the history saved at close")
+    cbt_dir = datastore.state_dir / "cbt"
+    subprocess.run(["chattr", "+i", str(cbt_dir)], check=True)  # unlink there: EPERM
+    try:
+        (vm / "disk").unlink()
+    finally:
+        subprocess.run(["chattr", "-i", str(cbt_dir)], check=True)
+    assert not (vm / "disk").exists()
+    assert all(p.exists() for p in history)
+    assert "is left in the state directory" in datastore.log()
