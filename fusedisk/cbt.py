@@ -351,10 +351,7 @@ class CbtStore:
         if bitmap is None or tuple(bitmap.get("key", ())) != key:
             return False
         for suffix in (".al", ".bitmap"):  # the bitmap last: it is what proves ownership
-            try:
-                (self.home / f"{file_id}{suffix}").unlink()
-            except FileNotFoundError:
-                pass
+            (self.home / f"{file_id}{suffix}").unlink(missing_ok=True)
         log.info("CBT history of removed file %s dropped", file_id)
         return True
 

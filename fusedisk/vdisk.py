@@ -214,11 +214,12 @@ class OpenFiles:
                 vfile.closing = 0
             if vfile.opens == 0 and self._files.get(vfile.key) is vfile:
                 del self._files[vfile.key]
-                gone = backing.fstat(vfile.fd).st_nlink == 0
+                # unlinked while open: now it is gone, and its history with it
+                gone = tracker is not None and backing.fstat(vfile.fd).st_nlink == 0
                 backing.close(vfile.fd)
                 vfile.fd = -1
-                if gone and vfile.tracker is not None:  # unlinked while open: now it is gone
-                    await self.forget_history((vfile.tracker.file_id, vfile.key))
+                if tracker is not None and gone:
+                    await self.forget_history((tracker.file_id, vfile.key))
 
     def last_link_history(self, dir_fd: int, name: str) -> tuple[str, tuple[int, int]] | None:
         """Before *name* is unlinked or renamed over: the CBT history that goes
