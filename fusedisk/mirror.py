@@ -239,8 +239,13 @@ class Copier:
     def _copy_run(self, copy: FileCopy, offset: int, length: int) -> int:
         """Copy one run from source to pool file; holes and zeros stay unallocated."""
         data = backing.pread(copy.vfile.fd, length, offset)
+        if len(data) < length:
+            # The source ends inside this run (it shrank since the run was
+            # marked): what the pool holds past that end was deleted by the
+            # guest and must not come back if the file grows again.
+            self._cut_pool(copy, offset + len(data))
         if not data:
-            return 0  # beyond the end: the file shrank
+            return 0
         first, nblocks = offset >> self._shift, (len(data) + self.block_size - 1) >> self._shift
         dest_has_data = any(copy.copied.test(b) for b in range(first, first + nblocks))
         if not dest_has_data:
@@ -258,6 +263,22 @@ class Copier:
             copy.copied.mark(first, nblocks)
             copy.unflushed += written
         return len(data)
+
+    def _cut_pool(self, copy: FileCopy, size: int) -> None:
+        """Make the pool file end where its source ends now (*size* bytes).
+
+        Called with the source's size just read, with no checkpoint since:
+        the source has nothing past *size*, so neither may the pool. Blocks
+        past the new end no longer hold copied data.
+        """
+        pool_size = backing.fstat(copy.dst_fd).st_size
+        if pool_size <= size:
+            return
+        backing.ftruncate(copy.dst_fd, size)
+        first = (size + self.block_size - 1) >> self._shift
+        end = (pool_size + self.block_size - 1) >> self._shift
+        if end > first:
+            copy.copied.clear(first, end - first)
 
     @staticmethod
     def _write_pages(fd: int, data: memoryview, offset: int) -> int:

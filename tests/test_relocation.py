@@ -481,3 +481,60 @@ def test_two_entries_relocate_at_once(datastore: MountedDatastore) -> None:
     for name, disk in disks.items():
         assert hashlib.sha1(disk.read_bytes()).hexdigest() == digests[name]
         assert not (datastore.stores["a"] / name).exists()
+
+
+# -- what the guest deleted stays deleted ----------------------------------------------------
+
+
+@pytest.mark.parametrize("how", ["truncate-0", "o-trunc", "truncate-partial"])
+def test_data_deleted_during_the_copy_does_not_come_back(
+    datastore: MountedDatastore, how: str
+) -> None:
+    """A file shrunk during pass 1, copied while short in pass 2 and grown again
+    afterwards reads zeros in the gap after the switchover: the pool must
+    forget what the source deleted.
+
+    Deterministic order: files are copied smallest first, so a pass reaches
+    ``disk.img`` (8 MiB) before ``big.img`` (48 MiB); the job is paused at
+    byte counts that put it inside ``big.img``.
+    """
+    home = datastore.mnt / "vm1"
+    home.mkdir()
+    disk, big = home / "disk.img", home / "big.img"
+    size, mib = 8 << 20, 1 << 20
+    disk.write_bytes(b"A" * size)
+    big.write_bytes(os.urandom(48 * mib))
+    mnt = str(datastore.mnt)
+    result = migrate(datastore, "vm1", "--to", "b", "--rate", "16M", "--mode", "precopy",
+                     "--no-wait")
+    assert result.returncode == 0, result.stderr
+    # pass 1, inside big.img past its first 16 MiB: disk.img is fully copied
+    wait_for(lambda: job(datastore, "vm1")["bytes_copied"] >= size + 20 * mib, 60, "pass 1")
+    assert fusedisk("pause", mnt, "vm1").returncode == 0
+    assert job(datastore, "vm1")["pass"] == 1
+    keep = 0
+    if how == "truncate-0":
+        os.truncate(disk, 0)
+    elif how == "o-trunc":
+        os.close(os.open(disk, os.O_WRONLY | os.O_TRUNC))
+    else:
+        keep = 100_000  # inside a block the pool already holds
+        os.truncate(disk, keep)
+    with open(big, "r+b") as f:  # keeps pass 2 busy in big.img after disk.img
+        f.write(os.urandom(16 * mib))
+    assert fusedisk("resume", mnt, "vm1").returncode == 0
+    # pass 2 has copied the short disk.img and is inside big.img
+    wait_for(lambda: job(datastore, "vm1")["bytes_copied"] >= 57 * mib, 60, "pass 2")
+    assert fusedisk("pause", mnt, "vm1").returncode == 0
+    assert job(datastore, "vm1")["pass"] == 2, job(datastore, "vm1")
+    with open(disk, "r+b") as f:  # the guest writes the last 4 KiB again
+        f.seek(size - 4096)
+        f.write(b"B" * 4096)
+    expected = b"A" * keep + bytes(size - 4096 - keep) + b"B" * 4096
+    assert disk.read_bytes() == expected
+    fusedisk("rate", mnt, "vm1", "0", check=True)
+    assert fusedisk("resume", mnt, "vm1").returncode == 0
+    wait_state(datastore, "vm1", {"done", "failed"}, timeout_s=120)
+    assert job(datastore, "vm1")["state"] == "done", job(datastore, "vm1")
+    assert (datastore.stores["b"] / "vm1" / "disk.img").read_bytes() == expected
+    assert disk.read_bytes() == expected
