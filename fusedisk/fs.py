@@ -51,9 +51,9 @@ _R = TypeVar("_R")
 ROOT_INODE = pyfuse3.ROOT_INODE
 _STORE_SHIFT = 48
 _PRIVATE_INO_BASE = 1 << 62
-#: Set in the FUSE file handle of an ``O_DIRECT`` open served with
-#: ``direct_io`` (see :meth:`Operations._file_info`); inode numbers stay below it.
-_DIRECT_FH = 1 << 63
+#: What a handle's open flags ask of every write before it is acknowledged
+#: (``O_SYNC`` includes the ``O_DSYNC`` bit).
+_SYNC_NONE, _SYNC_DATA, _SYNC_FULL = 0, 1, 2
 #: How long the kernel may cache attributes and names. Every change passes
 #: through this mount, so the kernel's own invalidation keeps it right.
 _ATTR_TIMEOUT_S = 1.0
@@ -82,8 +82,7 @@ def _quiesced(
 ) -> Callable[..., Coroutine[Any, Any, _R]]:
     """Run a request that changes an entry inside that entry's gate.
 
-    The first argument after ``self`` is an inode number (for ``fsync`` the
-    file handle, which is the inode number too). A switchover closes the gate
+    The first argument after ``self`` is an inode number. A switchover closes the gate
     and waits for such requests to leave; new ones wait until it opens again.
     Requests on the mount root itself pass freely.
     """
@@ -170,6 +169,29 @@ class Inode:
         self.killpriv = False
 
 
+def _sync_mode(flags: int) -> int:
+    if flags & os.O_SYNC == os.O_SYNC:
+        return _SYNC_FULL
+    return _SYNC_DATA if flags & os.O_DSYNC else _SYNC_NONE
+
+
+class _FileHandle:
+    """One open of a regular file (a FUSE file handle).
+
+    ``sync`` is set only for ``direct_io`` handles: on those the kernel
+    sends no FSYNC after an ``O_DSYNC``/``O_SYNC`` write (it does for
+    buffered ones), so the daemon makes each write stable before replying.
+    """
+
+    __slots__ = ("direct", "inode", "sync", "vfile")
+
+    def __init__(self, inode: Inode, vfile: VFile, direct: bool, sync: int) -> None:
+        self.inode = inode
+        self.vfile = vfile
+        self.direct = direct
+        self.sync = sync
+
+
 class _DirHandle:
     __slots__ = ("inode", "names")
 
@@ -192,9 +214,11 @@ class Operations(pyfuse3.Operations):
         self._root.lookups = 1
         self._inodes: dict[int, Inode] = {ROOT_INODE: self._root}
         self._by_key: dict[tuple[int, int], Inode] = {}
-        #: open regular files, by FUSE file handle: the inode number, with
-        #: ``_DIRECT_FH`` added for ``direct_io`` handles (both keys are present)
+        #: open regular files by FUSE file handle; ``_vfiles`` has the same keys
+        #: and spares the read path one attribute lookup
+        self._handles: dict[int, _FileHandle] = {}
         self._vfiles: dict[int, VFile] = {}
+        self._next_fh = 1
         self._dirs: dict[int, _DirHandle] = {}
         self._next_dir_fh = 1
         self._next_private_ino = _PRIVATE_INO_BASE
@@ -468,10 +492,10 @@ class Operations(pyfuse3.Operations):
             raise
         backing.close(fd)  # the data path opens its own (shared) descriptor
         direct = self._serve_direct(inode, flags)
-        self._open_handle(inode, direct)
+        fh = self._open_handle(inode, direct, flags)
         if flags & os.O_TRUNC:  # it may have existed after all (a racing create)
-            await self._truncate_on_open(inode, direct)
-        return self._file_info(inode, direct), attr
+            await self._truncate_on_open(inode, fh)
+        return self._file_info(inode, fh, direct), attr
 
     @_errno_edge
     @_quiesced
@@ -590,28 +614,37 @@ class Operations(pyfuse3.Operations):
 
     # -- regular files ---------------------------------------------------------------
 
-    def _open_handle(self, inode: Inode, direct: bool) -> None:
+    def _open_handle(self, inode: Inode, direct: bool, flags: int) -> int:
+        """Register a new open of *inode*; return its FUSE file handle."""
         if inode.vfile is None:
             assert inode.entry is not None
             inode.vfile = self.files.open(inode.path_fd, inode.key, inode.entry.gate)
-            self._vfiles[inode.ino] = self._vfiles[inode.ino | _DIRECT_FH] = inode.vfile
         inode.handles += 1
         if direct:
             inode.direct_handles += 1
             inode.cache_stale = True
+        fh = self._next_fh
+        self._next_fh += 1
+        self._handles[fh] = _FileHandle(
+            inode, inode.vfile, direct, _sync_mode(flags) if direct else _SYNC_NONE
+        )
+        self._vfiles[fh] = inode.vfile
+        return fh
 
-    def _release_handle(self, inode: Inode, direct: bool) -> None:
+    def _release_handle(self, fh: int) -> None:
+        handle = self._handles.pop(fh)
+        del self._vfiles[fh]
+        inode = handle.inode
         inode.handles -= 1
-        if direct:
+        if handle.direct:
             inode.direct_handles -= 1
         vfile = inode.vfile
         if inode.handles == 0 and vfile is not None:
-            del self._vfiles[inode.ino], self._vfiles[inode.ino | _DIRECT_FH]
             inode.vfile = None
             self.files.release(vfile)
             self._maybe_drop(inode)
 
-    async def _truncate_on_open(self, inode: Inode, direct: bool) -> None:
+    async def _truncate_on_open(self, inode: Inode, fh: int) -> None:
         """Empty a file opened with O_TRUNC.
 
         libfuse 3 negotiates FUSE_ATOMIC_O_TRUNC (pyfuse3 cannot turn it off),
@@ -622,7 +655,7 @@ class Operations(pyfuse3.Operations):
         try:
             await inode.vfile.truncate(0)
         except BaseException:
-            self._release_handle(inode, direct)
+            self._release_handle(fh)
             raise
 
     def _serve_direct(self, inode: Inode, flags: int) -> bool:
@@ -646,14 +679,14 @@ class Operations(pyfuse3.Operations):
             inode.no_caps = not _on_caps(backing.getxattr, inode.path_fd)
         return inode.no_caps
 
-    def _file_info(self, inode: Inode, direct: bool) -> pyfuse3.FileInfo:
+    def _file_info(self, inode: Inode, fh: int, direct: bool) -> pyfuse3.FileInfo:
         if direct:
-            return pyfuse3.FileInfo(fh=inode.ino | _DIRECT_FH, direct_io=True)
+            return pyfuse3.FileInfo(fh=fh, direct_io=True)
         # keep_cache: every change passes through this mount, and a direct_io
         # write that the kernel's cache did not see marks it stale.
         keep_cache = not inode.cache_stale
         inode.cache_stale = inode.direct_handles > 0
-        return pyfuse3.FileInfo(fh=inode.ino, keep_cache=keep_cache)
+        return pyfuse3.FileInfo(fh=fh, keep_cache=keep_cache)
 
     @_errno_edge
     @_quiesced
@@ -663,10 +696,10 @@ class Operations(pyfuse3.Operations):
             raise OSError(errno.EISDIR if node.file_type == stat.S_IFDIR else errno.EINVAL,
                           "not a regular file")
         direct = self._serve_direct(node, flags)
-        self._open_handle(node, direct)
+        fh = self._open_handle(node, direct, flags)
         if flags & os.O_TRUNC:
-            await self._truncate_on_open(node, direct)
-        return self._file_info(node, direct)
+            await self._truncate_on_open(node, fh)
+        return self._file_info(node, fh, direct)
 
     async def read(self, fh: int, off: int, size: int) -> bytes:
         try:
@@ -675,19 +708,22 @@ class Operations(pyfuse3.Operations):
             raise FUSEError(e.errno or errno.EIO) from None
 
     async def write(self, fh: int, off: int, buf: bytes) -> int:
-        vfile = self._vfiles[fh]
+        handle = self._handles[fh]
+        vfile = handle.vfile
         gate = vfile.gate
         if gate.closed:
             await gate.wait_open()
         gate.inside += 1  # a write may wait for the CBT activity log
         try:
             written = await vfile.write(off, buf)
-            if fh & _DIRECT_FH:
-                node = self._inodes[fh ^ _DIRECT_FH]
+            if handle.direct:
+                node = handle.inode
                 if node.killpriv:
                     self._kill_privileges(node)
                 if node.handles != node.direct_handles:
                     await self._invalidate_cache(node)
+                if handle.sync:  # O_DSYNC/O_SYNC: stable before the reply
+                    await vfile.fsync(handle.sync == _SYNC_DATA)
             return written
         except OSError as e:
             raise FUSEError(e.errno or errno.EIO) from None
@@ -730,12 +766,17 @@ class Operations(pyfuse3.Operations):
         return None  # writes are not buffered in the daemon
 
     @_errno_edge
-    @_quiesced
     async def fsync(self, fh: int, datasync: bool) -> None:
-        await self._vfiles[fh].fsync(datasync)
+        vfile = self._vfiles[fh]
+        gate = vfile.gate  # as in _quiesced: a switchover waits for it
+        await gate.enter()
+        try:
+            await vfile.fsync(datasync)
+        finally:
+            gate.leave()
 
     async def release(self, fh: int) -> None:
-        self._release_handle(self._inodes[fh & ~_DIRECT_FH], bool(fh & _DIRECT_FH))
+        self._release_handle(fh)
 
     # -- directories -------------------------------------------------------------------
 
@@ -866,6 +907,7 @@ class Operations(pyfuse3.Operations):
     def close(self) -> None:
         """Close every backing handle (after the session ended)."""
         self._vfiles.clear()
+        self._handles.clear()
         self.files.close_all()
         for inode in self._inodes.values():
             if inode is not self._root:

@@ -1,0 +1,141 @@
+"""Synchronous-write flags reach the backing store's stable storage, on every path.
+
+The kernel sends a FUSE FSYNC after an ``O_DSYNC``/``O_SYNC`` write only on
+buffered handles; on ``direct_io`` handles (fusedisk serves ``O_DIRECT`` opens
+that way) the daemon must sync itself before it replies. These tests watch the
+daemon's own ``fsync``/``fdatasync`` calls with strace, per backing file,
+idle, while writes are mirrored during a relocation, and after a switchover.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import re
+import select
+import signal
+import subprocess
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+from .conftest import require_tools
+from .mounting import MountedDatastore, fusedisk, wait_for
+
+pytestmark = pytest.mark.mount
+
+WRITES = 20
+
+
+@contextmanager
+def syncs_of(pid: int) -> Iterator[Counter[tuple[str, str]]]:
+    """Count the ``fsync``/``fdatasync`` calls of process *pid* (all threads),
+    by backing path, while the block runs: ``counts[(call, path)]``."""
+    require_tools("strace")
+    counts: Counter[tuple[str, str]] = Counter()
+    out = Path(f"/tmp/fusedisk-strace-{pid}-{os.getpid()}")
+    proc = subprocess.Popen(
+        ["strace", "-f", "-y", "-e", "trace=fsync,fdatasync", "-o", str(out), "-p", str(pid)],
+        stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        assert proc.stderr is not None
+        while True:  # strace says when it holds the main thread
+            ready, _, _ = select.select([proc.stderr], [], [], 30)
+            assert ready, "strace did not attach"
+            line = proc.stderr.readline()
+            assert line, "strace ended before it attached"
+            if f"Process {pid} attached" in line:
+                break
+        yield counts
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=30)
+        if out.exists():
+            for line in out.read_text().splitlines():
+                m = re.search(r"\b(fsync|fdatasync)\(\d+<([^>]*)>\) = 0", line)
+                if m:
+                    counts[(m.group(1), m.group(2))] += 1
+            out.unlink()
+
+
+def direct_writes(path: Path, flags: int, count: int = WRITES) -> None:
+    """*count* aligned 4 KiB writes through one descriptor opened with *flags*."""
+    buf = mmap.mmap(-1, 4096)
+    buf.write(b"d" * 4096)
+    fd = os.open(path, os.O_WRONLY | flags)
+    try:
+        for i in range(count):
+            assert os.pwrite(fd, buf, i * 4096) == 4096
+    finally:
+        os.close(fd)
+
+
+SYNC_CASES = [
+    ("O_DIRECT|O_DSYNC", os.O_DIRECT | os.O_DSYNC, "fdatasync"),
+    ("O_DIRECT|O_SYNC", os.O_DIRECT | os.O_SYNC, "fsync"),
+    ("O_DSYNC (buffered)", os.O_DSYNC, None),  # the kernel's FSYNC: either call
+]
+
+
+@pytest.mark.parametrize(("label", "flags", "call"), SYNC_CASES, ids=[c[0] for c in SYNC_CASES])
+def test_sync_flags_reach_the_store(
+    datastore: MountedDatastore, label: str, flags: int, call: str | None
+) -> None:
+    vm = datastore.mnt / "vm"
+    vm.mkdir()
+    disk = vm / "disk.img"
+    disk.write_bytes(bytes(1 << 20))
+    backing = str(datastore.stores["a"] / "vm" / "disk.img")
+    assert datastore.proc is not None
+    with syncs_of(datastore.proc.pid) as counts:
+        direct_writes(disk, flags)
+    synced = sum(n for (c, path), n in counts.items() if path == backing
+                 and (call is None or c == call))
+    assert synced >= WRITES, (label, counts)
+
+
+def test_o_direct_without_sync_flags_does_not_sync(datastore: MountedDatastore) -> None:
+    """The control case: the strace oracle above can fail."""
+    vm = datastore.mnt / "vm"
+    vm.mkdir()
+    disk = vm / "disk.img"
+    disk.write_bytes(bytes(1 << 20))
+    assert datastore.proc is not None
+    with syncs_of(datastore.proc.pid) as counts:
+        direct_writes(disk, os.O_DIRECT)
+    assert not [k for k in counts if k[1].endswith("/vm/disk.img")], counts
+
+
+def test_o_dsync_while_mirroring_and_after_the_switchover(datastore: MountedDatastore) -> None:
+    vm = datastore.mnt / "vm"
+    vm.mkdir()
+    disk = vm / "disk.img"
+    disk.write_bytes(os.urandom(16 << 20))
+    mnt = str(datastore.mnt)
+    assert datastore.proc is not None
+    result = fusedisk("migrate", mnt, "vm", "--to", "b", "--mode", "mirror", "--rate", "1M",
+                      "--no-wait")
+    assert result.returncode == 0, result.stderr
+    assert fusedisk("pause", mnt, "vm").returncode == 0
+
+    def state() -> str:
+        return str(next(j for j in datastore.status()["jobs"] if j["entry"] == "vm")["state"])
+
+    wait_for(lambda: state() == "mirroring", 30, "mirroring")
+    source = str(datastore.stores["a"] / "vm" / "disk.img")
+    with syncs_of(datastore.proc.pid) as counts:
+        direct_writes(disk, os.O_DIRECT | os.O_DSYNC)
+    assert counts[("fdatasync", source)] >= WRITES, counts
+    fusedisk("rate", mnt, "vm", "0", check=True)
+    assert fusedisk("resume", mnt, "vm").returncode == 0
+    wait_for(lambda: state() in ("done", "failed"), 120, "the relocation")
+    assert state() == "done"
+    destination = str(datastore.stores["b"] / "vm" / "disk.img")
+    with syncs_of(datastore.proc.pid) as counts:
+        direct_writes(disk, os.O_DIRECT | os.O_DSYNC)
+    assert counts[("fdatasync", destination)] >= WRITES, counts
+    assert disk.read_bytes()[: WRITES * 4096] == b"d" * (WRITES * 4096)
