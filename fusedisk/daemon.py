@@ -30,7 +30,7 @@ from typing import Any
 import pyfuse3
 import trio
 
-from . import __version__, backing, control
+from . import __version__, backing, control, fuseshim
 from .cbt import CbtStore, ChangeIdError
 from .config import Config, check_directories
 from .control import ControlServer
@@ -189,6 +189,10 @@ class Daemon:
         except RuntimeError as e:
             raise MountError(f"cannot mount on {self.config.mountpoint}: {e}") from None
         self._mounted = True
+        if not fuseshim.sessions():
+            log.warning("the libfuse shim is not in use (%s): RWF_DSYNC writes on O_DIRECT "
+                        "descriptors are not synced (O_DSYNC/O_SYNC opens are)",
+                        fuseshim.problem() or "unknown reason")
         self.fuse_loop = RequestLoop(find_session_fd(fds_before_init), max_tasks=MAX_WORKER_TASKS)
         try:
             async with trio.open_nursery() as nursery:
@@ -272,6 +276,7 @@ class Daemon:
                 **self.datastore.statistics(),
                 "fs": self.ops.statistics(),
                 "fuse_loop": self.fuse_loop.statistics() if self.fuse_loop else None,
+                "fuse_shim": fuseshim.statistics(),
                 "jobs": self.relocator.statistics(),
             }
 

@@ -39,7 +39,7 @@ import pyfuse3
 import trio
 from pyfuse3 import FUSEError
 
-from . import backing
+from . import backing, fuseshim
 from .datastore import Datastore, Entry
 from .vdisk import OpenFiles, Resolver, VFile
 
@@ -181,6 +181,8 @@ class _FileHandle:
     ``sync`` is set only for ``direct_io`` handles: on those the kernel
     sends no FSYNC after an ``O_DSYNC``/``O_SYNC`` write (it does for
     buffered ones), so the daemon makes each write stable before replying.
+    A single ``RWF_DSYNC`` write is known only from the bits the libfuse
+    shim adds to the handle (fuseshim.py).
     """
 
     __slots__ = ("direct", "inode", "sync", "vfile")
@@ -708,7 +710,7 @@ class Operations(pyfuse3.Operations):
             raise FUSEError(e.errno or errno.EIO) from None
 
     async def write(self, fh: int, off: int, buf: bytes) -> int:
-        handle = self._handles[fh]
+        handle = self._handles[fh & fuseshim.FH_MASK]
         vfile = handle.vfile
         gate = vfile.gate
         if gate.closed:
@@ -722,8 +724,11 @@ class Operations(pyfuse3.Operations):
                     self._kill_privileges(node)
                 if node.handles != node.direct_handles:
                     await self._invalidate_cache(node)
-                if handle.sync:  # O_DSYNC/O_SYNC: stable before the reply
-                    await vfile.fsync(handle.sync == _SYNC_DATA)
+                # O_DSYNC/O_SYNC of the open, or RWF_DSYNC/RWF_SYNC of this
+                # write (the shim's bits): stable before the reply
+                sync = max(handle.sync, fh >> fuseshim.FH_SYNC_SHIFT)
+                if sync:
+                    await vfile.fsync(sync == _SYNC_DATA)
             return written
         except OSError as e:
             raise FUSEError(e.errno or errno.EIO) from None

@@ -139,3 +139,32 @@ def test_o_dsync_while_mirroring_and_after_the_switchover(datastore: MountedData
         direct_writes(disk, os.O_DIRECT | os.O_DSYNC)
     assert counts[("fdatasync", destination)] >= WRITES, counts
     assert disk.read_bytes()[: WRITES * 4096] == b"d" * (WRITES * 4096)
+
+
+@pytest.mark.parametrize("flag", ["RWF_DSYNC", "RWF_SYNC"])
+def test_rwf_sync_writes_on_o_direct_reach_the_store(
+    datastore: MountedDatastore, flag: str
+) -> None:
+    """A single synchronous write (``pwritev2``) on a plain O_DIRECT descriptor:
+    only the libfuse shim lets the daemon see it, and status says it is in use."""
+    shim = datastore.status()["fuse_shim"]
+    assert shim["loaded"] and shim["sessions"] >= 1 and not shim["problem"], shim
+    vm = datastore.mnt / "vm"
+    vm.mkdir()
+    disk = vm / "disk.img"
+    disk.write_bytes(bytes(1 << 20))
+    backing = str(datastore.stores["a"] / "vm" / "disk.img")
+    buf = mmap.mmap(-1, 4096)
+    buf.write(b"r" * 4096)
+    assert datastore.proc is not None
+    with syncs_of(datastore.proc.pid) as counts:
+        fd = os.open(disk, os.O_WRONLY | os.O_DIRECT)
+        try:
+            for i in range(WRITES):
+                assert os.pwritev(fd, [buf], i * 4096, getattr(os, flag)) == 4096
+            os.pwrite(fd, buf, WRITES * 4096)  # an ordinary write: no sync
+        finally:
+            os.close(fd)
+    call = "fdatasync" if flag == "RWF_DSYNC" else "fsync"
+    assert counts[(call, backing)] == WRITES, counts
+    assert disk.read_bytes()[: (WRITES + 1) * 4096] == b"r" * ((WRITES + 1) * 4096)
