@@ -76,7 +76,7 @@ def build_tree(
     dirs: list[tuple[str, ...]] = [()]
     tree_fd = backing.open_path(staging_fd, "tree")
     try:
-        _build_dir(src_fd, tree_fd, (), copier, mapping, dirs)
+        _build_dir(src_fd, tree_fd, tree_fd, (), copier, mapping, dirs)
         backing.copy_attributes(src_fd, tree_fd, root_st)
     finally:
         backing.close(tree_fd)
@@ -84,7 +84,7 @@ def build_tree(
 
 
 def _build_dir(
-    src_dir: int, dst_dir: int, parts: tuple[str, ...], copier: Copier,
+    src_dir: int, dst_dir: int, tree_fd: int, parts: tuple[str, ...], copier: Copier,
     mapping: Mapping, dirs: list[tuple[str, ...]],
 ) -> None:
     for name in sorted(backing.list_dir(src_dir)):
@@ -96,6 +96,12 @@ def _build_dir(
             first_name = key not in mapping
             if stat.S_ISDIR(mode):
                 os.mkdir(name, 0o700, dir_fd=dst_dir)
+            elif not first_name and not stat.S_ISREG(mode):
+                # another name of a symlink, FIFO, socket or device node seen
+                # already: the same object, as regular files share a pool file
+                # (linkat without AT_SYMLINK_FOLLOW; the path is inside the tree)
+                os.link("/".join(mapping[key]), name, src_dir_fd=tree_fd, dst_dir_fd=dst_dir,
+                        follow_symlinks=False)
             elif stat.S_ISREG(mode):
                 copy = copier.copies.get(key)
                 if copy is None:
@@ -109,7 +115,7 @@ def _build_dir(
             try:
                 if stat.S_ISDIR(mode):
                     dirs.append((*parts, name))
-                    _build_dir(src_fd, dst_fd, (*parts, name), copier, mapping, dirs)
+                    _build_dir(src_fd, dst_fd, tree_fd, (*parts, name), copier, mapping, dirs)
                 if first_name:
                     mapping[key] = (*parts, name)
                     backing.copy_attributes(src_fd, dst_fd, st)

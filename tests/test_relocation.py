@@ -538,3 +538,35 @@ def test_data_deleted_during_the_copy_does_not_come_back(
     assert job(datastore, "vm1")["state"] == "done", job(datastore, "vm1")
     assert (datastore.stores["b"] / "vm1" / "disk.img").read_bytes() == expected
     assert disk.read_bytes() == expected
+
+
+def test_hard_links_of_every_file_type_stay_one_object(datastore: MountedDatastore) -> None:
+    """Symlinks, FIFOs, sockets and device nodes with two names keep one inode,
+    nlink 2 and their owner across a relocation (issue 11, item 4)."""
+    import socket
+
+    home = datastore.mnt / "vm1"
+    home.mkdir()
+    (home / "sub").mkdir()
+    os.mkfifo(home / "fifo")
+    os.mknod(home / "chr", 0o620 | 0o020000, os.makedev(1, 3))
+    os.mknod(home / "blk", 0o640 | 0o060000, os.makedev(7, 200))
+    (home / "link").symlink_to("somewhere/else")
+    sock = socket.socket(socket.AF_UNIX)
+    sock.bind(str(home / "sock"))
+    sock.close()
+    for i, name in enumerate(("fifo", "chr", "blk", "link", "sock")):
+        os.chown(home / name, 1000 + i, 2000 + i, follow_symlinks=False)
+        os.link(home / name, home / "sub" / f"{name}-2", follow_symlinks=False)
+    before = tree_view(home)
+    inodes = {name: (home / name).lstat().st_ino for name in ("fifo", "chr", "blk", "link", "sock")}
+    result = migrate(datastore, "vm1", "--to", "b")
+    assert result.returncode == 0, result.stderr
+    for name, ino in inodes.items():
+        first, second = (home / name).lstat(), (home / "sub" / f"{name}-2").lstat()
+        assert first.st_nlink == second.st_nlink == 2, name
+        assert first.st_ino == second.st_ino == ino, name
+        raw = (datastore.stores["b"] / "vm1" / name).lstat()
+        assert raw.st_nlink == 2 and raw.st_ino == (
+            datastore.stores["b"] / "vm1" / "sub" / f"{name}-2").lstat().st_ino, name
+    assert tree_view(home) == before
