@@ -18,6 +18,7 @@ removes one copy.
 from __future__ import annotations
 
 import errno
+import hashlib
 import logging
 import os
 from collections.abc import Sequence
@@ -74,14 +75,24 @@ class Entry:
     relocating: bool = False
 
 
+def _scratch_name(kind: str, entry_name: str) -> str:
+    """``.fusedisk-<kind>-<entry>``, or, when that would pass NAME_MAX, the
+    entry's sha256 in its place: an entry name may use all 255 bytes."""
+    name = f"{RESERVED_PREFIX}-{kind}-{entry_name}"
+    if len(os.fsencode(name)) <= backing.NAME_MAX:
+        return name
+    digest = hashlib.sha256(os.fsencode(entry_name)).hexdigest()
+    return f"{RESERVED_PREFIX}-{kind}-sha256-{digest}"
+
+
 def staging_name(entry_name: str) -> str:
     """Where a relocation builds its copy of *entry_name* on the destination store."""
-    return f"{RESERVED_PREFIX}-reloc-{entry_name}"
+    return _scratch_name("reloc", entry_name)
 
 
 def kept_source_name(entry_name: str) -> str:
     """Where ``--keep-source`` leaves the old copy on the source store."""
-    return f"{RESERVED_PREFIX}-kept-{entry_name}"
+    return _scratch_name("kept", entry_name)
 
 
 class Datastore:
@@ -132,6 +143,9 @@ class Datastore:
             for name, reloc in sorted(dict(record.get("relocations", {})).items()):
                 ds._recover_relocation(name, reloc, placement)
             ds._adopt(placement)
+            for name in ds.relocations:  # clean-up still pending: served, not renamed
+                if name in ds.entries:
+                    ds.entries[name].relocating = True
         except BaseException:
             for store in stores.values():
                 os.close(store.root_fd)
@@ -163,20 +177,41 @@ class Datastore:
                     backing.renameat2(staging_fd, "tree", dst.root_fd, name, 0)
                 finally:
                     backing.close(staging_fd)
-            backing.remove_tree(dst.root_fd, staging)
-            if backing.exists_at(src.root_fd, name):
-                if reloc.get("keep_source"):
-                    backing.remove_tree(src.root_fd, kept_source_name(name))
-                    backing.renameat2(src.root_fd, name, src.root_fd, kept_source_name(name), 0)
-                else:
-                    backing.remove_tree(src.root_fd, name)
             placement[name] = dst.name
+            try:
+                backing.remove_tree(dst.root_fd, staging)
+                if backing.exists_at(src.root_fd, name):
+                    if reloc.get("keep_source"):
+                        backing.remove_tree(src.root_fd, kept_source_name(name))
+                        backing.renameat2(src.root_fd, name, src.root_fd,
+                                          kept_source_name(name), 0)
+                    else:
+                        backing.remove_tree(src.root_fd, name)
+            except OSError as e:
+                # the entry is served from the destination all the same; one
+                # store in trouble must not keep the others from being served
+                self.relocations[name] = {**reloc, "phase": "committed"}
+                log.error(
+                    "relocation of %r from %r to %r was committed; removing the old copy "
+                    "failed (%s); %r serves it, the next mount retries the removal",
+                    name, src.name, dst.name, e.strerror or e, dst.name,
+                )
+                return
             log.warning(
                 "relocation of %r from %r to %r was committed before a crash; finished it",
                 name, src.name, dst.name,
             )
         else:
-            backing.remove_tree(dst.root_fd, staging)
+            try:
+                backing.remove_tree(dst.root_fd, staging)
+            except OSError as e:
+                self.relocations[name] = reloc
+                log.error(
+                    "relocation of %r to %r was interrupted before its commit; %r is "
+                    "authoritative; removing the partial copy failed (%s), the next mount "
+                    "retries it", name, dst.name, src.name, e.strerror or e,
+                )
+                return
             log.warning(
                 "relocation of %r from %r to %r was interrupted before its commit; %r is "
                 "authoritative, the partial copy was removed", name, src.name, dst.name, src.name,

@@ -345,6 +345,9 @@ class Relocation:
             # the next mount finishes this from the record; nothing is lost
             log.error("relocation of %r: cleanup failed (%s); the next mount retries it",
                       name, e.strerror)
+            if self.committed:  # served from the destination; the record stays
+                self.error = (f"committed; removing the old copy failed ({e.strerror}); "
+                              "the next mount retries it")
         if self.committed:
             self.state = State.DONE
             log.info("relocation of %r to %r done in %.1f s", name, self.dst.name,
@@ -388,6 +391,37 @@ class Relocation:
         )
 
 
+def blockers(datastore: Datastore, entry: Entry, dst: Store) -> list[str]:
+    """What stops *entry* from relocating to *dst*, checked before any work.
+
+    Each would otherwise be found late: a same-name object on the destination
+    (a copy the datastore ignores) only at the commit's rename, a read-only
+    source only when its copy is to be removed after the commit.
+    """
+    found = []
+    pending = datastore.relocations.get(entry.name)
+    if pending is not None:
+        found.append(
+            f"the clean-up of its last relocation ({pending.get('from')} → {pending.get('to')}) "
+            "has not finished; repair that store and mount again"
+        )
+    if backing.exists_at(dst.root_fd, entry.name):
+        found.append(
+            f"store {dst.name!r} already holds an object named {entry.name!r} that the "
+            f"datastore does not serve; remove {dst.path / entry.name} first"
+        )
+    for store, why in ((dst, "the copy cannot be made"),
+                       (entry.store, "the source copy could not be removed afterwards")):
+        try:
+            read_only = bool(store.statvfs().f_flag & os.ST_RDONLY)
+        except OSError as e:
+            found.append(f"store {store.name!r} cannot be used: {e.strerror}")
+            continue
+        if read_only:
+            found.append(f"store {store.name!r} is read-only ({why})")
+    return found
+
+
 def _one_line(error: BaseException) -> str:
     if isinstance(error, OSError) and error.strerror:
         where = f" ({error.filename})" if error.filename else ""
@@ -422,7 +456,11 @@ class Relocator:
         """Start relocating *entry* to *dst*; raise RelocationError for a bad request."""
         assert self._nursery is not None, "the relocator is not running"
         current = self.jobs.get(entry.name)
-        if entry.relocating or (current is not None and current.state not in FINAL_STATES):
+        cleanup_pending = entry.name in self.datastore.relocations and (
+            current is None or current.state in FINAL_STATES)
+        if not cleanup_pending and (
+            entry.relocating or (current is not None and current.state not in FINAL_STATES)
+        ):
             raise RelocationError(f"{entry.name!r} is already being relocated")
         if dst is entry.store:
             raise RelocationError(f"{entry.name!r} is already on store {dst.name!r}")
@@ -431,6 +469,9 @@ class Relocator:
         st = backing.lstat_at(entry.store.root_fd, entry.name)
         if not (stat.S_ISDIR(st.st_mode) or stat.S_ISREG(st.st_mode)):
             raise RelocationError(f"{entry.name!r} is neither a directory nor a regular file")
+        found = blockers(self.datastore, entry, dst)
+        if found:
+            raise RelocationError(f"cannot relocate {entry.name!r}: " + "; ".join(found))
         job = Relocation(self.datastore, self.files, entry, dst, options, self.block_size,
                          self.on_commit)
         self.jobs[entry.name] = job

@@ -570,3 +570,95 @@ def test_hard_links_of_every_file_type_stay_one_object(datastore: MountedDatasto
         assert raw.st_nlink == 2 and raw.st_ino == (
             datastore.stores["b"] / "vm1" / "sub" / f"{name}-2").lstat().st_ino, name
     assert tree_view(home) == before
+
+
+# -- preflight: what would stop a relocation is found before any work -------------------------
+
+
+def test_an_entry_with_a_255_byte_name_relocates_both_ways(datastore: MountedDatastore) -> None:
+    name = "v" * 255
+    home = datastore.mnt / name
+    home.mkdir()
+    (home / "disk.img").write_bytes(os.urandom(1 << 20))
+    before = tree_view(home)
+    for store in ("b", "a"):
+        result = migrate(datastore, name, "--to", store)
+        assert result.returncode == 0, result.stderr
+        assert datastore.status()["placement"][name] == store
+        assert tree_view(home) == before
+
+
+def _bind_read_only(path: Path) -> None:
+    subprocess.run(["mount", "--bind", str(path), str(path)], check=True)
+    subprocess.run(["mount", "-o", "remount,bind,ro", str(path)], check=True)
+
+
+@pytest.mark.daemon_errors  # the ignored copy is reported at mount
+def test_blockers_are_reported_at_once_before_any_work(tmp_path: Path) -> None:
+    """A destination holding an ignored same-name copy and a read-only source:
+    both named in one line, nothing started, nothing changed."""
+    ds = MountedDatastore(tmp_path)
+    (ds.stores["a"] / "vm1").mkdir()
+    (ds.stores["a"] / "vm1" / "disk.img").write_bytes(b"on a")
+    ds.start()
+    try:
+        assert ds.status()["placement"] == {"vm1": "a"}
+        ds.stop()
+        (ds.stores["b"] / "vm1").mkdir()  # a stale copy, as an operator may leave one
+        (ds.stores["b"] / "vm1" / "stale").write_bytes(b"old")
+        _bind_read_only(ds.stores["a"])
+        try:
+            ds.start()
+            result = migrate(ds, "vm1", "--to", "b")
+            lines = result.stderr.strip().splitlines()
+            assert result.returncode == 1 and len(lines) == 1, result.stderr
+            assert "already holds an object named 'vm1'" in lines[0]
+            assert "store 'a' is read-only" in lines[0]
+            assert ds.status()["jobs"] == []
+            assert sorted(p.name for p in ds.stores["b"].iterdir()
+                          if not p.name.startswith(".fusedisk-owner")) == ["vm1"]
+            assert (ds.mnt / "vm1" / "disk.img").read_bytes() == b"on a"
+            ds.stop()
+        finally:
+            ds.teardown()
+            subprocess.run(["umount", str(ds.stores["a"])], check=False)
+    finally:
+        ds.teardown()
+
+
+@pytest.mark.daemon_errors
+def test_a_source_read_only_after_the_commit_does_not_stop_the_mount(tmp_path: Path) -> None:
+    """Killed right after the commit; the source store is read-only at the next
+    mount: every entry is still served (the moved one from its destination),
+    and a mount after the store is repaired finishes the clean-up."""
+    ds = MountedDatastore(tmp_path)
+    ds.start()
+    try:
+        make_vm(ds, "vm1", disk_mib=4)
+        make_vm(ds, "vm2", disk_mib=4)
+        views = {n: tree_view(ds.mnt / n) for n in ("vm1", "vm2")}
+        ds.stop()
+        ds.start(env={"FUSEDISK_FAILPOINT": "after-commit"})
+        fusedisk("migrate", str(ds.mnt), "vm1", "--to", "b", "--no-wait")
+        assert ds.wait_exit(timeout_s=60) == -signal.SIGKILL
+        _bind_read_only(ds.stores["a"])
+        try:
+            ds.start()
+            status = ds.status()
+            assert status["placement"] == {"vm1": "b", "vm2": "a"}
+            for name, view in views.items():
+                assert tree_view(ds.mnt / name) == view
+            assert "removing the old copy failed" in ds.log()
+            refused = migrate(ds, "vm1", "--to", "a")
+            assert refused.returncode == 1 and "clean-up" in refused.stderr, refused.stderr
+            ds.stop()
+        finally:
+            ds.teardown()  # never leave a daemon holding the bind mount
+            subprocess.run(["umount", str(ds.stores["a"])], check=True)
+        ds.start()
+        assert not (ds.stores["a"] / "vm1").exists()
+        assert tree_view(ds.mnt / "vm1") == views["vm1"]
+        assert migrate(ds, "vm1", "--to", "a").returncode == 0
+        assert tree_view(ds.mnt / "vm1") == views["vm1"]
+    finally:
+        ds.teardown()
