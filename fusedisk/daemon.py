@@ -422,6 +422,8 @@ class Daemon:
         if self.datastore is not None:
             try:
                 self.datastore.save_nowait_blocking()
+            except OSError as e:  # as after a crash: the next mount repairs it
+                log.warning("placement record not saved at unmount (%s)", e.strerror or e)
             finally:
                 self.datastore.close()
         self.state.close()

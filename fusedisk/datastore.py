@@ -107,6 +107,8 @@ class Datastore:
         self.conflicts: dict[str, list[str]] = {}
         self._store_ids: dict[str, int] = {}
         self._save_lock = trio.Lock()
+        #: why the last namespace save failed, until one succeeds (see _save_namespace)
+        self.record_stale: str | None = None
         #: entry → relocation record: {"from", "to", "phase": "copying"|"committed", "keep_source"}
         self.relocations: dict[str, dict[str, Any]] = {}
 
@@ -301,13 +303,13 @@ class Datastore:
         """Record a new entry whose backing object was just created on *store*."""
         entry = Entry(name, store)
         self.entries[name] = entry
-        await self.save()
+        await self._save_namespace()
         return entry
 
     async def removed(self, name: str) -> None:
         """Forget an entry whose backing object was just removed."""
         self.entries.pop(name, None)
-        await self.save()
+        await self._save_namespace()
 
     async def relocation_started(self, entry: Entry, dst: Store, keep_source: bool) -> None:
         """Durably record that *entry* is being copied to *dst* (the source stays the truth)."""
@@ -351,7 +353,27 @@ class Datastore:
         if exchange and displaced is not None:
             displaced.name = old
             self.entries[old] = displaced
-        await self.save()
+        await self._save_namespace()
+
+    async def _save_namespace(self) -> None:
+        """Save after a top-level change that already happened on the store.
+
+        A failed save (state directory full or read-only) does not undo it or
+        report it failed: the record is then as a crash between the two steps
+        would leave it, which :meth:`open` repairs from the stores. The mount
+        stays up; ``status`` shows ``record_stale`` and the log says it once.
+        """
+        try:
+            await self.save()
+        except OSError as e:
+            if self.record_stale is None:
+                log.warning("cannot save the placement record (%s); serving on, the next "
+                            "mount repairs it from the stores", e.strerror or e)
+            self.record_stale = e.strerror or str(e)
+            return
+        if self.record_stale is not None:
+            log.info("placement record saved again")
+            self.record_stale = None
 
     def resolve(self, parts: Sequence[str]) -> tuple[Entry, int]:
         """Open the path *parts* (from the mount root) as an O_PATH handle.
@@ -384,4 +406,5 @@ class Datastore:
             "default_store": self.default_store.name,
             "placement": {name: e.store.name for name, e in sorted(self.entries.items())},
             "conflicts": dict(self.conflicts),
+            "record_stale": self.record_stale,
         }

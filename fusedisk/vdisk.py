@@ -128,15 +128,25 @@ class VFile:
             self._mark_consumers(offset, len(data))
 
     async def truncate(self, length: int) -> None:
+        """Set the file's size. The changed span is marked durably before the
+        backing change (a crash just after it finds it marked) and marked again
+        after it (the ordering rule); a failed ``ftruncate`` (EFBIG) raises and
+        leaves only marks of a change that did not happen: a superset."""
         if not self.writable:
             raise OSError(errno.EROFS, "backing file is read-only")
         tracker = self.tracker
-        old = backing.fstat(self.fd).st_size
+        old = self.size()
+        if tracker is not None:
+            # The save checkpoints, and a write meanwhile may move the end of the
+            # file: mark again until the marks cover the span as it is now.
+            low = high = old
+            while min(old, length) < low or max(old, length) > high:
+                low, high = min(low, old, length), max(high, old, length)
+                await tracker.mark_durably(low, high - low)
+                old = self.size()
         if old == length:
             return
         start, span = min(old, length), abs(old - length)
-        if tracker is not None:
-            await tracker.mark_durably(start, span)
         # no await from here on (as in write)
         backing.ftruncate(self.fd, length)
         if tracker is not None:
@@ -174,6 +184,8 @@ class OpenFiles:
         self.activity = Activity()
         self._files: dict[tuple[int, int], VFile] = {}
         self._to_close, self._closing = trio.open_memory_channel[VFile](math.inf)
+        #: files whose CBT history is to be saved with a relocation's alias
+        self._to_keep, self._keeping = trio.open_memory_channel[VFile](math.inf)
 
     def open(self, path_fd: int, key: tuple[int, int], gate: Gate) -> VFile:
         """Open (or share) the file behind an O_PATH handle; pair with :meth:`release`."""
@@ -200,16 +212,33 @@ class OpenFiles:
             self._to_close.send_nowait(vfile)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Close released files in the background (a service of the daemon's nursery)."""
+        """Close released files, and save the histories given to :meth:`keep_history`,
+        in the background (a service of the daemon's nursery)."""
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._keep_histories)
+            await nursery.start(self._close_released)
+            task_status.started()
+
+    async def _close_released(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
         task_status.started()
         async for vfile in self._closing:
+            tracker = vfile.tracker
             try:
-                tracker = vfile.tracker
                 if tracker is not None and vfile.opens == 0:
                     await tracker.close()
                     # opened, written and released again while that save ran?
                     while vfile.opens == 0 and not tracker.clean:
                         await tracker.close()
+            except OSError as e:
+                # State directory full or read-only: the file's data is safe on
+                # its store; its activity log still lists every region written
+                # since the last saved bitmap, so the history it reloads is a
+                # superset (never smaller), as after a crash.
+                log.warning("CBT history %s not saved at close (%s); its next open "
+                            "reports the logged regions as changed", tracker and
+                            tracker.file_id, e.strerror or e)
             finally:
                 vfile.closing = 0
             if vfile.opens == 0 and self._files.get(vfile.key) is vfile:
@@ -255,6 +284,40 @@ class OpenFiles:
         except OSError as e:
             log.warning("CBT history %s of a removed file is left in the state directory: %s",
                         history[0], e.strerror or e)
+
+    def keep_history(
+        self, vfile: VFile, alias: tuple[int, int], alive: Callable[[], bool]
+    ) -> None:
+        """A relocation made *alias*, the backing file *vfile* has once it commits:
+        let the file's CBT history be found under it after a crash too (see
+        cbt.py), for as long as ``alive()``.
+
+        Sync. The save (one small record, fsynced) runs on a worker thread from
+        :meth:`run`, outside the switchover's pause: the entry's gate counts it
+        as inside until it is durable, and a switchover drains the gate before
+        it commits. A file found once the gate is closed (inside the pause) has
+        the alias saved with its history's next save only. A history without a
+        live change id is not saved for it: a new one after a crash refuses nothing.
+        """
+        tracker = vfile.tracker
+        if tracker is None:
+            return
+        tracker.add_alias(alias, alive)
+        if tracker.has_change_ids and not vfile.gate.closed:
+            vfile.gate.inside += 1  # until _keep_histories has saved it
+            self._to_keep.send_nowait(vfile)
+
+    async def _keep_histories(self) -> None:
+        async for vfile in self._keeping:
+            tracker = vfile.tracker
+            assert tracker is not None
+            try:
+                await tracker.save()
+            except OSError as e:
+                log.warning("CBT history %s not saved for its relocation (%s): a crash after "
+                            "the switchover starts it anew", tracker.file_id, e.strerror or e)
+            finally:
+                vfile.gate.leave()
 
     def repoint(self, resolve: Resolver) -> None:
         """Switch every open file that *resolve* knows to its new backing file.

@@ -9,6 +9,7 @@ idle, while writes are mirrored during a relocation, and after a switchover.
 
 from __future__ import annotations
 
+import errno
 import mmap
 import os
 import re
@@ -168,3 +169,53 @@ def test_rwf_sync_writes_on_o_direct_reach_the_store(
     call = "fdatasync" if flag == "RWF_DSYNC" else "fsync"
     assert counts[(call, backing)] == WRITES, counts
     assert disk.read_bytes()[: (WRITES + 1) * 4096] == b"r" * ((WRITES + 1) * 4096)
+
+
+def test_a_full_state_directory_keeps_the_mount_up_and_answers_true(tmp_path: Path) -> None:
+    """State directory full (issue 11, item 8): top-level changes are done and
+    reported ok (the record is repaired from the stores at the next mount),
+    closing a written file does not end the daemon, status says so."""
+    state = tmp_path / "state"
+    state.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(state)], check=True)
+    ds = MountedDatastore(tmp_path)
+    try:
+        ds.start()
+        (ds.mnt / "vm0").mkdir()
+        (ds.mnt / "vm1").mkdir()
+        disk = ds.mnt / "vm1" / "disk.img"
+        disk.write_bytes(os.urandom(1 << 20))
+        ds.stop()  # its CBT history is saved (a clean close), then fill the rest
+        ds.start()
+        filler = state / "filler"
+        with open(filler, "wb") as f:  # fill what is left
+            try:
+                while True:
+                    f.write(b"\0" * 65536)
+                    f.flush()
+            except OSError:
+                pass
+        data = os.urandom(1 << 20)
+        with open(disk, "r+b") as f:  # a logged region: the write goes on; close saves
+            f.write(data)
+        # a file that would need a new CBT log is refused, not written untracked
+        with pytest.raises(OSError) as refused:
+            (ds.mnt / "vm1" / "new.img").write_bytes(b"x" * 4096)
+        assert refused.value.errno == errno.ENOSPC
+        (ds.mnt / "vm4").mkdir()
+        os.rename(ds.mnt / "vm0", ds.mnt / "vm2")
+        status = ds.status()
+        assert status["record_stale"], status
+        assert sorted(status["placement"]) == ["vm1", "vm2", "vm4"]
+        assert sorted(os.listdir(ds.mnt)) == ["vm1", "vm2", "vm4"]
+        assert ds.proc is not None and ds.proc.poll() is None
+        filler.unlink()
+        (ds.mnt / "vm3").mkdir()  # the next save succeeds again
+        assert ds.status()["record_stale"] is None
+        ds.stop()
+        ds.start()
+        assert sorted(ds.status()["placement"]) == ["vm1", "vm2", "vm3", "vm4"]
+        assert disk.read_bytes() == data
+    finally:
+        ds.teardown()
+        subprocess.run(["umount", "-l", str(state)], check=False)
