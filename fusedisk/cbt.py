@@ -16,6 +16,15 @@ and its id expires. The file id is kept in the backing file's
 ``trusted.fusedisk.id`` xattr, so it follows the file through renames and
 relocations; clients never see that xattr.
 
+**Whose history it is.** A saved history names the backing ``(st_dev,
+st_ino)`` keys it belongs to, and a file adopts it only under one of them:
+a ``cp -a`` on a store copies the id xattr but gets its own inode, so it
+starts a history of its own instead of answering for the original's. A
+relocation moves a file to another inode (its pool file on the
+destination, linked into place at the commit), so before the commit the
+history is saved with the pool file's key as an *alias* (see
+:meth:`Tracker.add_alias`): a crash after the commit finds it.
+
 **Crash consistency** (after DRBD's activity log and dm-era): the bitmaps
 are saved (record ``<id>.bitmap``) only at checkpoints, activity-log
 evictions and clean close. In between, a write may land only in a coarse
@@ -38,6 +47,7 @@ from __future__ import annotations
 import logging
 import secrets
 from collections import OrderedDict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -88,8 +98,10 @@ class Tracker:
         self.file_id = file_id
         self.block_size = block_size
         self._shift = block_size.bit_length() - 1
-        #: backing (st_dev, st_ino) this history belongs to
+        #: backing (st_dev, st_ino) this history belongs to (a relocation's re-point changes it)
         self.key = key
+        #: more keys the saved history is accepted under, each while its test is true
+        self._aliases: dict[tuple[int, int], Callable[[], bool]] = {}
         self.segments = segments or [(0, Bitmap())]
         self.next_seq = next_seq
         #: region → number of the first log save that contains it
@@ -141,18 +153,46 @@ class Tracker:
     async def mark_durably(self, offset: int, length: int) -> None:
         """Mark a change and save the bitmaps *before* it happens (truncate).
 
-        A truncate may span far more than the activity log covers, so its
-        range is made durable in the bitmaps instead; the caller marks again
-        after the change landed, which keeps the CBT ordering rule.
+        A truncate may span far more than the activity log covers (any
+        length: the bitmaps hold a range as a range), so its range is made
+        durable in the bitmaps, not in the log; the caller marks again after
+        the change landed, which keeps the CBT ordering rule. The mark is
+        made under the lock: a checkpoint waiting for it cannot start a new
+        segment between the mark and the save, which would leave the saved
+        new segment without it.
         """
-        self.mark(offset, length)
         async with self._lock:
+            self.mark(offset, length)
             await self._save_bitmaps(self._bitmap_record())
 
     @property
     def clean(self) -> bool:
         """True when no write happened since the last clean close."""
         return self._clean
+
+    # -- whose history it is ---------------------------------------------------------
+
+    def add_alias(self, key: tuple[int, int], alive: Callable[[], bool]) -> None:
+        """From the next save on, while ``alive()`` is true, save the history as
+        belonging to *key* too.
+
+        For a relocation: *key* is the pool file that becomes this file at the
+        commit, so a daemon killed after the commit finds the history under
+        the key the file then has. An alias whose relocation ended without a
+        commit (its pool file is deleted) is dead, and the next save drops it.
+        Sync; see :meth:`save` to make it durable.
+        """
+        self._aliases[key] = alive
+
+    @property
+    def has_change_ids(self) -> bool:
+        """True while one of this history's change ids is live (losing it loses them)."""
+        return len(self.segments) > 1
+
+    async def save(self) -> None:
+        """Make the bitmaps and the keys they belong to durable now."""
+        async with self._lock:
+            await self._save_bitmaps(self._bitmap_record())
 
     # -- change ids ------------------------------------------------------------------
 
@@ -209,10 +249,15 @@ class Tracker:
     # -- persistence -----------------------------------------------------------------
 
     def _bitmap_record(self) -> dict[str, Any]:
+        for alias, alive in list(self._aliases.items()):
+            if not alive():
+                del self._aliases[alias]
+        keys = dict.fromkeys([self.key, *self._aliases])
         return {
             "file_id": self.file_id,
             "block_size": self.block_size,
-            "key": list(self.key),
+            "key": list(self.key),  # the file's own, as the first records had it
+            "keys": [list(k) for k in keys],
             "next_seq": self.next_seq,
             "segments": [{"label": label, "bits": b.to_record()} for label, b in self.segments],
         }
@@ -303,6 +348,15 @@ def _is_file_id(text: str) -> bool:
     return bool(text) and all(c in "0123456789abcdef" for c in text)
 
 
+def _keys_of(bitmap: dict[str, Any]) -> set[tuple[int, int]]:
+    """The backing keys a saved history belongs to (records before aliases have one)."""
+    try:
+        keys = bitmap["keys"] if "keys" in bitmap else [bitmap["key"]]
+        return {(int(dev), int(ino)) for dev, ino in keys}
+    except (KeyError, TypeError, ValueError):
+        raise StateError("malformed bitmap record: no usable key") from None
+
+
 def _load(path: Path, kind: str) -> dict[str, Any] | None:
     try:
         data = path.read_bytes()
@@ -346,10 +400,10 @@ class CbtStore:
             return False
         try:
             bitmap = _load(self.home / f"{file_id}.bitmap", "cbt-bitmap")
+            if bitmap is None or key not in _keys_of(bitmap):
+                return False
         except StateError:
             return False  # not ours to judge; open_tracker replaces it if it is ever used
-        if bitmap is None or tuple(bitmap.get("key", ())) != key:
-            return False
         for suffix in (".al", ".bitmap"):  # the bitmap last: it is what proves ownership
             (self.home / f"{file_id}{suffix}").unlink(missing_ok=True)
         log.info("CBT history of removed file %s dropped", file_id)
@@ -386,7 +440,7 @@ class CbtStore:
                 file_id, bitmap.get("block_size"), self.block_size,
             )
             return None
-        if tuple(bitmap.get("key", ())) != key:
+        if key not in _keys_of(bitmap):
             return None  # a copy of another file (its xattr came along): its own history
         try:
             segments = [

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import trio
 import trio.lowlevel
+import trio.testing
 
 from fusedisk import cbt
 from fusedisk.bitmap import CHUNK_BITS, Bitmap
@@ -234,7 +235,7 @@ async def test_writes_racing_a_consumer_never_lose_a_block(tmp_path: Path) -> No
 async def test_the_race_test_catches_a_consumer_that_clears_too_late(tmp_path: Path) -> None:
     """The same race with the rule broken must lose an update for some seed:
     proof that the test above can fail."""
-    results = [await race(tmp_path, clear_first=False, seed=seed) for seed in range(5)]
+    results = [await race(tmp_path, clear_first=False, seed=seed) for seed in range(20)]
     assert not all(results)
 
 
@@ -257,3 +258,114 @@ async def test_a_reopened_file_rearms_its_log_with_one_save(tmp_path: Path) -> N
     assert crashed is not None
     changed = crashed.changes(change_id, 1 << 40)
     assert all(any(o <= w < o + n for o, n in changed) for w in written)
+
+
+# -- whose history it is: relocation aliases ------------------------------------------------
+
+
+async def test_a_relocation_alias_finds_the_history_under_the_new_key(tmp_path: Path) -> None:
+    """The pool file a relocation made becomes the file at the commit; a crash after it
+    opens the file under the pool file's key, and must find its history there."""
+    store = CbtStore(tmp_path, BLOCK)
+    src, pool, copy = (1, 2), (3, 4), (3, 5)
+    tracker = Tracker(store.home, "00000000000000aa", BLOCK, src)
+    change_id = await tracker.checkpoint()
+    await write(tracker, 7 * BLOCK, 1)
+    tracker.add_alias(pool, lambda: True)
+    await tracker.close()  # (a clean save: each load below leaves the record as it is)
+    # crash after the commit: the file is now the pool file
+    after = store._load_tracker("00000000000000aa", pool)
+    assert after is not None and after.key == pool
+    assert after.changes(change_id, 1 << 30) == [(7 * BLOCK, BLOCK)]
+    # crash before it: the source is still the truth, and keeps its history too
+    assert store._load_tracker("00000000000000aa", src) is not None
+    # a copy carrying the id xattr (cp -a) on either store never adopts it
+    assert store._load_tracker("00000000000000aa", copy) is None
+    # once the history is saved under its new key, the old one no longer answers
+    await after.save()
+    assert store._load_tracker("00000000000000aa", src) is None
+    assert store._load_tracker("00000000000000aa", pool) is not None
+
+
+async def test_the_alias_of_a_relocation_that_ended_without_commit_goes(tmp_path: Path) -> None:
+    store = CbtStore(tmp_path, BLOCK)
+    tracker = Tracker(store.home, "00000000000000aa", BLOCK, (1, 2))
+    await tracker.checkpoint()
+    copying = True
+    tracker.add_alias((3, 4), lambda: copying)
+    await tracker.save()
+    assert store._load_tracker("00000000000000aa", (3, 4)) is not None
+    copying = False  # cancelled: the pool file is deleted, its inode may be reused
+    await tracker.checkpoint()  # any save
+    assert store._load_tracker("00000000000000aa", (3, 4)) is None
+    assert store._load_tracker("00000000000000aa", (1, 2)) is not None
+
+
+async def test_histories_saved_before_aliases_are_still_read(tmp_path: Path) -> None:
+    store = CbtStore(tmp_path, BLOCK)
+    tracker = Tracker(store.home, "00000000000000aa", BLOCK, (1, 2))
+    change_id = await tracker.checkpoint()
+    await write(tracker, 3 * BLOCK, 1)
+    record = tracker._bitmap_record()
+    del record["keys"]  # as fusedisk wrote it before aliases
+    await tracker.close()
+    cbt._save(store.home, "00000000000000aa.bitmap", "cbt-bitmap", record)
+    again = store._load_tracker("00000000000000aa", (1, 2))
+    assert again is not None and again.changes(change_id, 1 << 30) == [(3 * BLOCK, BLOCK)]
+    assert store._load_tracker("00000000000000aa", (1, 3)) is None
+    assert store.forget("00000000000000aa", (1, 2))
+
+
+async def test_a_removed_file_forgets_a_history_saved_with_its_alias(tmp_path: Path) -> None:
+    """Removed right after the switchover (its key is the pool file's now), before any
+    save under that key: the history still goes with it."""
+    store = CbtStore(tmp_path, BLOCK)
+    tracker = Tracker(store.home, "00000000000000aa", BLOCK, (1, 2))
+    await tracker.checkpoint()
+    tracker.add_alias((3, 4), lambda: True)
+    await tracker.save()
+    assert not store.forget("00000000000000aa", (9, 9))
+    assert store.forget("00000000000000aa", (3, 4))
+    assert not (store.home / "00000000000000aa.bitmap").exists()
+
+
+# -- truncates: any length, and never racing a checkpoint ----------------------------------
+
+
+async def test_a_huge_truncate_is_marked_durably_in_a_small_record(tmp_path: Path) -> None:
+    store = CbtStore(tmp_path, BLOCK)
+    tracker = Tracker(store.home, "00000000000000aa", BLOCK, (1, 2))
+    change_id = await tracker.checkpoint()
+    start, length = 5 * BLOCK + 100, 10**15
+    await tracker.mark_durably(start, length)
+    assert (store.home / "00000000000000aa.bitmap").stat().st_size < 16384
+    assert tracker.statistics()["memory_bytes"] < 1 << 20
+    crashed = store._load_tracker("00000000000000aa", (1, 2))
+    assert crashed is not None
+    end = -(-(start + length) // BLOCK) * BLOCK
+    assert crashed.changes(change_id, 1 << 60) == [(5 * BLOCK, end - 5 * BLOCK)]
+    assert crashed.changes(change_id, 8 * BLOCK) == [(5 * BLOCK, 3 * BLOCK)]  # within the size
+
+
+async def test_a_truncate_never_lands_outside_the_segment_it_was_saved_in(
+    tmp_path: Path,
+) -> None:
+    """A checkpoint queued on the tracker's lock before a truncate's durable mark:
+    the saved segment of the new change id must hold the truncate."""
+    store = CbtStore(tmp_path, BLOCK)
+    tracker = Tracker(store.home, "00000000000000aa", BLOCK, (1, 2))
+    ids: list[str] = []
+
+    async def checkpoint() -> None:
+        ids.append(await tracker.checkpoint())
+
+    async with trio.open_nursery() as nursery:
+        async with tracker._lock:  # a save in progress (an eviction, a close)
+            nursery.start_soon(checkpoint)
+            await trio.testing.wait_all_tasks_blocked()
+            nursery.start_soon(tracker.mark_durably, 9 * BLOCK, BLOCK)
+            await trio.testing.wait_all_tasks_blocked()
+    # the truncate happens now; the daemon dies before any other save
+    crashed = store._load_tracker("00000000000000aa", (1, 2))
+    assert crashed is not None
+    assert crashed.changes(ids[0], 1 << 30) == [(9 * BLOCK, BLOCK)]
