@@ -26,7 +26,8 @@ import logging
 import os
 import stat
 import time
-from collections.abc import Iterator
+import weakref
+from collections.abc import Callable, Iterator
 
 import trio
 
@@ -56,7 +57,9 @@ _PAGE = 4096
 class FileCopy:
     """One source regular file and its pool file on the destination."""
 
-    __slots__ = ("copied", "dirty", "dst_fd", "key", "pool_name", "unflushed", "vfile")
+    __slots__ = (
+        "__weakref__", "copied", "dirty", "dst_fd", "key", "pool_name", "unflushed", "vfile",
+    )
 
     def __init__(self, vfile: VFile, dst_fd: int, pool_name: str) -> None:
         self.vfile = vfile
@@ -69,6 +72,17 @@ class FileCopy:
         #: on the source is punched on the destination, not skipped)
         self.copied = Bitmap()
         self.unflushed = 0
+
+    def attached(self) -> Callable[[], bool]:
+        """A test, holding no reference to this copy, of whether it is still in
+        progress: its dirty bitmap is one of the file's consumers until detached."""
+        ref = weakref.ref(self)
+
+        def attached() -> bool:
+            copy = ref()
+            return copy is not None and any(b is copy.dirty for b in copy.vfile.consumers)
+
+        return attached
 
 
 def walk(
@@ -169,6 +183,10 @@ class Copier:
         if self.mirroring:
             vfile.mirror_fd = dst_fd
         self.copies[key] = copy
+        # The commit makes the pool file the file: its CBT history must be found
+        # under the pool file's key after a crash (saved before the commit).
+        pool = backing.fstat(dst_fd)
+        self.files.keep_history(vfile, (pool.st_dev, pool.st_ino), copy.attached())
 
     def start_mirroring(self) -> None:
         """From now on every guest write lands on both stores before it is acknowledged."""

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import mmap
 import os
 import random
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -302,3 +305,103 @@ def test_a_history_that_cannot_be_dropped_does_not_fail_the_unlink(
     assert not (vm / "disk").exists()
     assert all(p.exists() for p in history)
     assert "is left in the state directory" in datastore.log()
+
+
+# -- relocation, crashes and huge truncates ----------------------------------------------
+
+
+def covered(extents: list[tuple[int, int]], offset: int, length: int) -> bool:
+    return all(any(o <= b < o + n for o, n in extents) for b in (offset, offset + length - 1))
+
+
+def test_change_ids_survive_a_relocation_and_a_crash(datastore: MountedDatastore) -> None:
+    """Checkpoint, relocate, write, kill -9: the file's history is still its own
+    (issue 11, item 6). The disk stays open throughout, as a running VM's does, so
+    no clean close saves the history under its new inode in between."""
+    disk = datastore.mnt / "vm" / "disk.img"
+    disk.parent.mkdir()
+    disk.write_bytes(os.urandom(8 << 20))
+    change_id = checkpoint(datastore, "vm/disk.img")
+    writes = [(1 << 20, 4096), (5 << 20, 100), (20 << 20, 4096)]
+    fd = os.open(disk, os.O_RDWR)
+    try:
+        os.pwrite(fd, os.urandom(writes[0][1]), writes[0][0])
+        result = fusedisk("migrate", str(datastore.mnt), "vm", "--to", "b", timeout=300)
+        assert result.returncode == 0, result.stderr
+        assert datastore.status()["placement"]["vm"] == "b"
+        for offset, length in writes[1:]:  # on the new store; the last one grows the file
+            os.pwrite(fd, os.urandom(length), offset)
+        datastore.kill()
+    finally:
+        with contextlib.suppress(OSError):  # the mount died under it
+            os.close(fd)
+    datastore.start()
+    changed = changes(datastore, "vm/disk.img", change_id)
+    assert all(covered(changed, o, n) for o, n in writes), changed
+    assert sum(n for _, n in changed) <= 2 * (16 << 20)  # the two logged regions, at most
+
+    # a copy made on its new store carries the id xattr, not the history
+    store = datastore.stores["b"] / "vm"
+    subprocess.run(["cp", "-a", str(store / "disk.img"), str(store / "copy.img")], check=True)
+    refused = fusedisk("cbt", "changes", str(datastore.mnt), "vm/copy.img", "--since", change_id)
+    assert refused.returncode == 1 and "full backup" in refused.stderr
+    assert changes(datastore, "vm/disk.img", change_id) == changed
+
+
+def daemon_peak_rss(ds: MountedDatastore) -> int:
+    assert ds.proc is not None
+    with open(f"/proc/{ds.proc.pid}/status") as f:
+        return next(int(line.split()[1]) << 10 for line in f if line.startswith("VmHWM:"))
+
+
+def test_a_huge_truncate_stalls_nothing(datastore: MountedDatastore) -> None:
+    """truncate to 10^15 bytes (issue 11, item 10): answered at once, in little memory,
+    while other requests go on, and the change ids still answer exactly."""
+    vm = datastore.mnt / "vm"
+    vm.mkdir()
+    disk, other = vm / "disk.img", vm / "other.img"
+    disk.write_bytes(os.urandom(1 << 20))
+    other.write_bytes(os.urandom(BLOCK))
+    change_id = checkpoint(datastore, "vm/disk.img")
+    with open(disk, "r+b") as f:
+        f.seek(8 * BLOCK)
+        f.write(b"x")
+    outcome: dict[str, object] = {}
+
+    def huge_truncate() -> None:
+        try:
+            os.truncate(disk, 10**15)
+            outcome["errno"] = 0
+        except OSError as e:
+            outcome["errno"] = e.errno
+
+    truncating = threading.Thread(target=huge_truncate)
+    truncating.start()
+    slowest = 0.0
+    for _ in range(20):  # other requests, while it runs and after
+        started = time.monotonic()
+        assert other.read_bytes()[:1]
+        slowest = max(slowest, time.monotonic() - started)
+    truncating.join(timeout=20)
+    assert not truncating.is_alive(), "the truncate took longer than 20 s"
+    assert slowest < 10, f"a read waited {slowest:.1f} s"
+    assert outcome["errno"] in (0, errno.EFBIG), outcome  # whatever the store's fs says
+    assert daemon_peak_rss(datastore) < 200 << 20
+
+    if outcome["errno"]:  # refused: nothing changed but the byte written
+        assert disk.stat().st_size == 1 << 20
+        assert changes(datastore, "vm/disk.img", change_id) == [(8 * BLOCK, BLOCK)]
+    else:
+        assert changes(datastore, "vm/disk.img", change_id) == [
+            (8 * BLOCK, BLOCK), (1 << 20, 10**15 - (1 << 20))]
+    # a truncate the store can do, far past the end, and back
+    os.truncate(disk, 10 << 40)
+    assert changes(datastore, "vm/disk.img", change_id) == [
+        (8 * BLOCK, BLOCK), (1 << 20, (10 << 40) - (1 << 20))]
+    os.truncate(disk, 2 << 20)
+    expected = [(8 * BLOCK, BLOCK), (1 << 20, 1 << 20)]  # zeros where the end was
+    assert changes(datastore, "vm/disk.img", change_id) == expected
+    assert daemon_peak_rss(datastore) < 200 << 20
+    datastore.stop()  # a clean close saves it all, and the next mount reads it back
+    datastore.start()
+    assert changes(datastore, "vm/disk.img", change_id) == expected
