@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import random
 from pathlib import Path
@@ -15,7 +16,9 @@ from fusedisk import cbt
 from fusedisk.bitmap import CHUNK_BITS, Bitmap
 from fusedisk.cbt import AL_CAPACITY, REGION_SIZE, CbtStore, ChangeIdError, Tracker
 from fusedisk.gate import Gate
-from fusedisk.vdisk import OpenFiles
+from fusedisk.vdisk import OpenFiles, VFile
+
+from .test_bitmap import address_space_limit
 
 BLOCK = 64 << 10
 
@@ -337,7 +340,8 @@ async def test_a_huge_truncate_is_marked_durably_in_a_small_record(tmp_path: Pat
     tracker = Tracker(store.home, "00000000000000aa", BLOCK, (1, 2))
     change_id = await tracker.checkpoint()
     start, length = 5 * BLOCK + 100, 10**15
-    await tracker.mark_durably(start, length)
+    with address_space_limit():  # a bit per block would be GBs: fail fast, not swap
+        await tracker.mark_durably(start, length)
     assert (store.home / "00000000000000aa.bitmap").stat().st_size < 16384
     assert tracker.statistics()["memory_bytes"] < 1 << 20
     crashed = store._load_tracker("00000000000000aa", (1, 2))
@@ -369,3 +373,96 @@ async def test_a_truncate_never_lands_outside_the_segment_it_was_saved_in(
     crashed = store._load_tracker("00000000000000aa", (1, 2))
     assert crashed is not None
     assert crashed.changes(ids[0], 1 << 30) == [(9 * BLOCK, BLOCK)]
+
+
+# -- the data path: truncates and relocation aliases ----------------------------------------
+
+
+def open_vfile(tmp_path: Path, files: OpenFiles, gate: Gate, size: int) -> tuple[int, VFile]:
+    backing_file = tmp_path / "disk"
+    with open(backing_file, "wb") as f:
+        f.truncate(size)
+    path_fd = os.open(backing_file, os.O_PATH)
+    st = os.fstat(path_fd)
+    return path_fd, files.open(path_fd, (st.st_dev, st.st_ino), gate)
+
+
+def saved_last_segment(store: CbtStore, file_id: str) -> Bitmap:
+    """The newest segment as saved, without the activity log's regions (cbt._load)."""
+    record = cbt._load(store.home / f"{file_id}.bitmap", "cbt-bitmap")
+    assert record is not None
+    return Bitmap.from_record(record["segments"][-1]["bits"])
+
+
+async def test_a_truncate_is_durable_for_the_size_it_really_changes(tmp_path: Path) -> None:
+    """A write that moves the end of the file while the truncate's mark is being saved:
+    the saved marks still cover what the ftruncate then changes."""
+    store = CbtStore(tmp_path, BLOCK)
+    files = OpenFiles(store, BLOCK)
+    path_fd, vfile = open_vfile(tmp_path, files, Gate(), 10 * BLOCK)
+    tracker = vfile.tracker
+    assert tracker is not None
+    try:
+        await vfile.write(0, b"x")  # its region is logged: the next write needs no save
+        async with trio.open_nursery() as nursery:
+            async with tracker._lock:  # the truncate's first save has to wait...
+                nursery.start_soon(vfile.truncate, 20 * BLOCK)
+                await trio.testing.wait_all_tasks_blocked()
+                await vfile.write(30 * BLOCK, b"y")  # ...while a write extends the file
+        assert vfile.size() == 20 * BLOCK
+        saved = saved_last_segment(store, tracker.file_id)
+        # the first write, and the truncate: 10 → 31 blocks (the second write), then 20
+        assert list(saved.extents()) == [(0, 1), (10, 21)]
+    finally:
+        files.close_all()
+        os.close(path_fd)
+
+
+async def test_a_truncate_the_store_refuses_leaves_a_superset(tmp_path: Path) -> None:
+    store = CbtStore(tmp_path, BLOCK)
+    files = OpenFiles(store, BLOCK)
+    path_fd, vfile = open_vfile(tmp_path, files, Gate(), 4 * BLOCK)
+    assert vfile.tracker is not None
+    consumer = Bitmap()
+    vfile.consumers.append(consumer)
+    try:
+        change_id = await vfile.tracker.checkpoint()
+        with pytest.raises(OSError) as refused, address_space_limit():
+            await vfile.truncate(1 << 62)  # past what any filesystem takes
+        assert refused.value.errno == errno.EFBIG
+        assert vfile.size() == 4 * BLOCK
+        assert vfile.tracker.changes(change_id, vfile.size()) == []  # marks past the end only
+        assert consumer.count == 0  # nothing to copy: nothing changed
+        await vfile.truncate(2 * BLOCK)  # and the file goes on
+        assert vfile.tracker.changes(change_id, 4 * BLOCK) == [(2 * BLOCK, 2 * BLOCK)]
+    finally:
+        files.close_all()
+        os.close(path_fd)
+
+
+async def test_a_relocation_alias_is_saved_before_the_switchover_drains(tmp_path: Path) -> None:
+    store = CbtStore(tmp_path, BLOCK)
+    files = OpenFiles(store, BLOCK)
+    gate = Gate()
+    path_fd, vfile = open_vfile(tmp_path, files, gate, BLOCK)
+    tracker = vfile.tracker
+    assert tracker is not None
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(files.run)
+            files.keep_history(vfile, (7, 7), lambda: True)
+            assert gate.inside == 0  # no change id yet: nothing to lose, nothing saved
+            await tracker.checkpoint()
+            assert store._load_tracker(tracker.file_id, (7, 7)) is not None  # saved with it
+
+            files.keep_history(vfile, (8, 8), lambda: True)
+            assert gate.inside == 1  # the save is under way...
+            await gate.close_and_drain()  # ...and the switchover waits for it
+            assert store._load_tracker(tracker.file_id, (8, 8)) is not None
+            files.keep_history(vfile, (9, 9), lambda: True)  # found inside the pause
+            assert gate.inside == 0  # not saved there: with the next save
+            gate.open()
+            nursery.cancel_scope.cancel()
+    finally:
+        files.close_all()
+        os.close(path_fd)
