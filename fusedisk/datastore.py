@@ -45,6 +45,30 @@ STORE_OWN_NAMES = frozenset({"lost+found"})
 _RECORD = "datastore"
 #: Store ids are packed into the top bits of inode numbers (see fs.py).
 MAX_STORE_ID = (1 << 14) - 1
+STORE_SHIFT = 48
+#: The inode number a relocated object keeps (decimal), on its backing object.
+INO_XATTR = "trusted.fusedisk.ino"
+
+
+def native_ino(store_id: int, st_ino: int) -> int | None:
+    """The inode number the mount shows for backing inode *st_ino* of a store,
+    unless the object keeps another (:data:`INO_XATTR`); None if it does not fit."""
+    if st_ino >> STORE_SHIFT:
+        return None
+    return (store_id << STORE_SHIFT) | st_ino
+
+
+def kept_ino(path_fd: int) -> int | None:
+    """The inode number an object kept through a relocation, if it has one. Blocking."""
+    try:
+        value = backing.getxattr(path_fd, INO_XATTR)
+    except OSError:
+        return None
+    try:
+        ino = int(value)
+    except ValueError:
+        return None
+    return ino if 1 < ino < 1 << 62 else None
 
 
 @dataclass(eq=False, slots=True)

@@ -40,7 +40,7 @@ import trio
 from pyfuse3 import FUSEError
 
 from . import backing, fuseshim
-from .datastore import Datastore, Entry
+from .datastore import Datastore, Entry, kept_ino, native_ino
 from .vdisk import OpenFiles, Resolver, VFile
 
 log = logging.getLogger(__name__)
@@ -49,7 +49,6 @@ _P = ParamSpec("_P")
 _R = TypeVar("_R")
 
 ROOT_INODE = pyfuse3.ROOT_INODE
-_STORE_SHIFT = 48
 _PRIVATE_INO_BASE = 1 << 62
 #: What a handle's open flags ask of every write before it is acknowledged
 #: (``O_SYNC`` includes the ``O_DSYNC`` bit).
@@ -235,10 +234,14 @@ class Operations(pyfuse3.Operations):
             raise FUSEError(errno.ESTALE) from None
 
     def _remember(
-        self, path_fd: int, st: os.stat_result, entry: Entry, is_entry_root: bool
+        self, path_fd: int, st: os.stat_result, entry: Entry, is_entry_root: bool,
+        fresh: bool = False,
     ) -> Inode:
         """Return the Inode for a freshly opened backing handle; consumes *path_fd*.
 
+        An object that moved with a relocation keeps the number it had (its
+        ``INO_XATTR``, see switchover.py); others get their store's number;
+        a *fresh* object (just created) has none to look for.
         The lookup count is *not* incremented: the caller does it once the
         kernel is sure to have been told (see :meth:`readdir`).
         """
@@ -247,8 +250,10 @@ class Operations(pyfuse3.Operations):
         if known is not None:
             backing.close(path_fd)
             return known
-        ino = (entry.store.store_id << _STORE_SHIFT) | st.st_ino
-        if st.st_ino >> _STORE_SHIFT or ino in self._inodes:
+        ino = None if fresh else kept_ino(path_fd)
+        if ino is None or ino in self._inodes:
+            ino = native_ino(entry.store.store_id, st.st_ino)
+        if ino is None or ino in self._inodes:
             ino = self._next_private_ino
             self._next_private_ino += 1
         inode = Inode(ino, path_fd, key, stat.S_IFMT(st.st_mode), entry, is_entry_root)
@@ -470,7 +475,7 @@ class Operations(pyfuse3.Operations):
         if entry is None:  # a new top-level entry, created on the default store
             entry = await self.datastore.added(sname, self.datastore.default_store)
             self._root_time_ns = time.time_ns()
-        inode = self._remember(path_fd, st, entry, parent is self._root)
+        inode = self._remember(path_fd, st, entry, parent is self._root, fresh=True)
         inode.lookups += 1
         return inode, self._attr(inode, st)
 

@@ -73,7 +73,7 @@ class FileCopy:
         self.copied = Bitmap()
         self.unflushed = 0
 
-    def attached(self) -> Callable[[], bool]:
+    def alive_test(self) -> Callable[[], bool]:
         """A test, holding no reference to this copy, of whether it is still in
         progress: its dirty bitmap is one of the file's consumers until detached."""
         ref = weakref.ref(self)
@@ -186,7 +186,7 @@ class Copier:
         # The commit makes the pool file the file: its CBT history must be found
         # under the pool file's key after a crash (saved before the commit).
         pool = backing.fstat(dst_fd)
-        self.files.keep_history(vfile, (pool.st_dev, pool.st_ino), copy.attached())
+        self.files.keep_history(vfile, (pool.st_dev, pool.st_ino), copy.alive_test())
 
     def start_mirroring(self) -> None:
         """From now on every guest write lands on both stores before it is acknowledged."""

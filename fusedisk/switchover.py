@@ -35,7 +35,7 @@ from collections.abc import Callable
 import trio
 
 from . import backing
-from .datastore import Datastore, Entry, Store
+from .datastore import INO_XATTR, Datastore, Entry, Store, kept_ino, native_ino
 from .errors import FusediskError
 from .failpoint import failpoint
 from .mirror import Copier
@@ -51,13 +51,24 @@ class SwitchoverError(FusediskError):
     """The switchover could not complete before its commit; the source is still the truth."""
 
 
+def _keep_identity(src_fd: int, dst_fd: int, st: os.stat_result, src_store_id: int) -> None:
+    """Give the new object the inode number the mount showed for the old one
+    (fs.py reads it back once the kernel forgets the inode). Symlinks too:
+    ``copy_attributes`` copies no xattrs of theirs."""
+    ino = kept_ino(src_fd)
+    if ino is None:
+        ino = native_ino(src_store_id, st.st_ino)
+    if ino is not None:
+        backing.setxattr(dst_fd, INO_XATTR, str(ino).encode(), 0)
+
+
 def build_tree(
-    src_fd: int, staging_fd: int, copier: Copier
+    src_fd: int, staging_fd: int, copier: Copier, src_store_id: int
 ) -> tuple[Mapping, list[tuple[str, ...]]]:
     """Rebuild the entry below *src_fd* as ``tree`` in *staging_fd*. Blocking.
 
-    Returns the mapping (source key → path parts) and the directories made
-    (for the flush).
+    Every object keeps the inode number the mount showed for it. Returns the
+    mapping (source key → path parts) and the directories made (for the flush).
     """
     backing.remove_tree(staging_fd, "tree")
     mapping: Mapping = {}
@@ -68,6 +79,7 @@ def build_tree(
         os.link(copy.pool_name, "tree", src_dir_fd=copier.pool_fd, dst_dir_fd=staging_fd)
         tree_fd = backing.open_path(staging_fd, "tree")
         try:
+            _keep_identity(src_fd, tree_fd, root_st, src_store_id)
             backing.copy_attributes(src_fd, tree_fd, root_st)
         finally:
             backing.close(tree_fd)
@@ -76,7 +88,8 @@ def build_tree(
     dirs: list[tuple[str, ...]] = [()]
     tree_fd = backing.open_path(staging_fd, "tree")
     try:
-        _build_dir(src_fd, tree_fd, tree_fd, (), copier, mapping, dirs)
+        _build_dir(src_fd, tree_fd, tree_fd, (), copier, mapping, dirs, src_store_id)
+        _keep_identity(src_fd, tree_fd, root_st, src_store_id)
         backing.copy_attributes(src_fd, tree_fd, root_st)
     finally:
         backing.close(tree_fd)
@@ -85,7 +98,7 @@ def build_tree(
 
 def _build_dir(
     src_dir: int, dst_dir: int, tree_fd: int, parts: tuple[str, ...], copier: Copier,
-    mapping: Mapping, dirs: list[tuple[str, ...]],
+    mapping: Mapping, dirs: list[tuple[str, ...]], src_store_id: int,
 ) -> None:
     for name in sorted(backing.list_dir(src_dir)):
         src_fd = backing.open_path(src_dir, name)
@@ -115,9 +128,11 @@ def _build_dir(
             try:
                 if stat.S_ISDIR(mode):
                     dirs.append((*parts, name))
-                    _build_dir(src_fd, dst_fd, tree_fd, (*parts, name), copier, mapping, dirs)
+                    _build_dir(src_fd, dst_fd, tree_fd, (*parts, name), copier, mapping, dirs,
+                               src_store_id)
                 if first_name:
                     mapping[key] = (*parts, name)
+                    _keep_identity(src_fd, dst_fd, st, src_store_id)
                     backing.copy_attributes(src_fd, dst_fd, st)
             finally:
                 backing.close(dst_fd)
@@ -192,7 +207,7 @@ async def switch_over(
                 raise SwitchoverError(f"writing to the destination failed: {error.strerror}")
             for copy in copier.copies.values():
                 backing.ftruncate(copy.dst_fd, copy.vfile.size())
-            mapping, dirs = build_tree(src_fd, staging_fd, copier)
+            mapping, dirs = build_tree(src_fd, staging_fd, copier, entry.store.store_id)
             step("tree")
         finally:
             backing.close(src_fd)

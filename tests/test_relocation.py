@@ -662,3 +662,44 @@ def test_a_source_read_only_after_the_commit_does_not_stop_the_mount(tmp_path: P
         assert tree_view(ds.mnt / "vm1") == views["vm1"]
     finally:
         ds.teardown()
+
+
+def _forget_everything() -> None:
+    """Make the kernel drop its dentries and inodes (FORGET reaches the daemon)."""
+    with open("/proc/sys/vm/drop_caches", "w") as f:
+        f.write("2\n")
+
+
+def test_inode_numbers_survive_relocation_forget_and_remount(
+    datastore: MountedDatastore,
+) -> None:
+    """st_ino of every object (and which names share one) stays what it was
+    after a relocation, once the kernel forgot the inodes, after a remount,
+    and after relocating back (issue 11, item 7)."""
+    home = datastore.mnt / "vm1"
+    make_vm(datastore, "vm1", disk_mib=4)
+    os.link(home / "nvram", home / "logs" / "nvram-link")
+    os.mkfifo(home / "fifo")
+    os.link(home / "fifo", home / "logs" / "fifo-link")
+
+    def numbers() -> dict[str, int]:
+        out = {".": home.lstat().st_ino}
+        for dirpath, dirnames, filenames in os.walk(home):
+            for name in dirnames + filenames:
+                path = Path(dirpath) / name
+                out[str(path.relative_to(home))] = path.lstat().st_ino
+        return out
+
+    before = numbers()
+    assert before["nvram"] == before["logs/nvram-link"]
+    assert len(set(before.values())) == len(before) - 2
+    for store in ("b", "a", "b"):
+        result = migrate(datastore, "vm1", "--to", store)
+        assert result.returncode == 0, result.stderr
+        _forget_everything()
+        assert numbers() == before, f"after moving to {store}"
+    datastore.stop()
+    datastore.start()
+    assert numbers() == before
+    (home / "new").write_bytes(b"made on b")  # a new object gets a number of its own
+    assert (home / "new").stat().st_ino not in before.values()
