@@ -18,21 +18,27 @@ Robustness rules, each with a test: every request is validated and a bad
 one gets a structured error while the connection stays usable; a line
 longer than :data:`MAX_LINE` gets an error and the connection is closed; a
 client that stops reading is dropped once a reply has waited
-:data:`SEND_TIMEOUT_S` for it; more than :data:`MAX_CLIENTS` connections are
-turned away; running out of file descriptors pauses accepting instead of
-ending the daemon; a handler that fails unexpectedly is logged as an error
-and answered with ``internal-error`` — the mount outlives a bug in a
-control command. Clients are served concurrently, so one of them can never
-hold up another.
+:data:`SEND_TIMEOUT_S` for it; a client that does not complete a request
+line within :data:`IDLE_TIMEOUT_S` (of connecting, or of its previous reply)
+is dropped; at most :data:`MAX_CLIENTS` connections are served at once, and
+when that many are open a new one takes the place of the one that has been
+idle longest, so idle clients can never lock commands out — only when every
+connection is busy with a request is a new one turned away; running out of
+file descriptors pauses accepting instead of ending the daemon; a handler
+that fails unexpectedly is logged as an error and answered with
+``internal-error`` — the mount outlives a bug in a control command. Clients
+are served concurrently, so one of them can never hold up another.
 
 This room knows nothing of FUSE or the datastore: the composition root hands
-it a table of command handlers. The argument helpers below (``*_arg``) are
-for those handlers: each returns a checked value or raises
-:class:`RequestError` with code ``bad-argument`` naming the key.
+it a table of :class:`Command` (a handler and the arguments it takes; the
+server refuses any other key before the handler runs). The argument helpers
+below (``*_arg``) are for those handlers: each returns a checked value or
+raises :class:`RequestError` with code ``bad-argument`` naming the key.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
@@ -40,7 +46,7 @@ import logging
 import os
 import socket
 import struct
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -57,7 +63,13 @@ RUN_DIR = Path(os.environ.get("FUSEDISK_RUN_DIR", "/run/fusedisk"))
 MAX_LINE = 64 * 1024
 #: How long one reply may wait for a client to read it before the client is dropped.
 SEND_TIMEOUT_S = 10.0
-#: Connections served at once; more are answered ``too-many-clients`` and closed.
+#: How long a client may take to send a complete request line, counted from
+#: its connection or its previous reply; then it is answered ``idle-timeout``
+#: and closed. (Counted per line, not per byte: a byte now and then is no line.)
+IDLE_TIMEOUT_S = 10.0
+#: Connections served at once. When that many are open, a new one takes the
+#: place of the one idle longest (``idle-evicted``); only when none is idle is
+#: the new one answered ``too-many-clients`` and closed.
 MAX_CLIENTS = 64
 #: Pause before accepting again when the process is out of file descriptors.
 ACCEPT_RETRY_S = 0.5
@@ -97,6 +109,19 @@ class Stream:
 
 
 Handler = Callable[[dict[str, Any]], Awaitable[Any]]
+
+
+@dataclass(frozen=True, slots=True)
+class Command:
+    """A control command: its handler and the argument names it takes besides ``cmd``.
+
+    The server refuses a request with any other key (``bad-argument``) before
+    the handler runs, so no command can forget to. A bare handler in the
+    server's table is a command that takes no arguments.
+    """
+
+    handler: Handler
+    arguments: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,18 +194,24 @@ def bool_arg(request: dict[str, Any], key: str, default: Any = _REQUIRED) -> Any
     return value
 
 
-def size_arg(request: dict[str, Any], key: str, default: Any = _REQUIRED) -> Any:
-    """A byte count: a non-negative integer, or a string such as ``"64M"``."""
+def size_arg(
+    request: dict[str, Any], key: str, default: Any = _REQUIRED, *, maximum: int | None = None
+) -> Any:
+    """A byte count up to *maximum*: a non-negative integer, or a string such as ``"64M"``."""
     value = _get(request, key, default)
     if key not in request:
         return value
     if isinstance(value, str):
         try:
-            return parse_size(value)
+            value = parse_size(value)
         except ValueError as e:
             raise _bad(key, f"is not a size: {e}") from None
-    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        except OverflowError:  # "inf", "1e400": a float that is no integer
+            raise _bad(key, "is not a size (it is too large)") from None
+    elif not isinstance(value, int) or isinstance(value, bool) or value < 0:
         raise _bad(key, 'must be a size (a byte count, or a string such as "64M")')
+    if maximum is not None and value > maximum:
+        raise _bad(key, f"must be at most {maximum}")
     return value
 
 
@@ -238,12 +269,31 @@ def mount_relative(mountpoint: Path, path: str | os.PathLike[str]) -> str:
 # -- the server ----------------------------------------------------------------------
 
 
-class ControlServer:
-    """Serves the handlers in *handlers* on the socket for *mountpoint*."""
+class _Connection:
+    """The server's view of one client (only the server's tasks change it)."""
 
-    def __init__(self, mountpoint: Path, handlers: dict[str, Handler]) -> None:
+    __slots__ = ("evicted", "idle_since", "waiting")
+
+    def __init__(self) -> None:
+        #: when it began to wait for its next request line; None while one is served
+        self.idle_since: float | None = None
+        #: the scope of its wait for input, while it waits: cancelled to evict it
+        self.waiting: trio.CancelScope | None = None
+        #: it gave its place to a new connection and is being closed
+        self.evicted = False
+
+
+class ControlServer:
+    """Serves the commands in *commands* on the socket for *mountpoint*."""
+
+    def __init__(self, mountpoint: Path, commands: Mapping[str, Command | Handler]) -> None:
         self.path = socket_path(mountpoint)
-        self._handlers = handlers
+        self._commands = {
+            name: command if isinstance(command, Command) else Command(command)
+            for name, command in commands.items()
+        }
+        #: connections being served (not those turned away or evicted)
+        self._serving: set[_Connection] = set()
         self._clients = 0
         self._requests = 0
         self._refused = 0
@@ -293,7 +343,9 @@ class ControlServer:
             await sock.bind(str(staged))
             os.chmod(staged, 0o600)
             os.rename(staged, self.path)
-            sock.listen(MAX_CLIENTS)
+            # a burst of connections waits in the queue (a client with a timeout
+            # would get EAGAIN from a full one); the limit applies once accepted
+            sock.listen(socket.SOMAXCONN)
         except BaseException:
             sock.close()
             raise
@@ -301,28 +353,54 @@ class ControlServer:
             _remove_private_dir(private)
         return sock
 
+    def _admit(self) -> bool:
+        """Whether a new connection may be served: a free place, or an idle client's.
+
+        No await: the count and the eviction are one step.
+        """
+        if len(self._serving) < MAX_CLIENTS:
+            return True
+        idle = [c for c in self._serving if c.waiting is not None and c.idle_since is not None]
+        if not idle:
+            return False
+        oldest = min(idle, key=lambda c: c.idle_since or 0.0)
+        oldest.evicted = True
+        self._serving.discard(oldest)
+        assert oldest.waiting is not None
+        oldest.waiting.cancel()
+        return True
+
     async def _serve_client(self, stream: trio.SocketStream) -> None:
         peer = _peer_pid(stream)
         self._clients += 1
+        connection = _Connection()
+        admitted = self._admit()
+        if admitted:
+            self._serving.add(connection)
         try:
             async with stream:
-                if self._clients > MAX_CLIENTS:
+                if not admitted:
                     log.warning("control client pid %s turned away: too many clients", peer)
                     self._dropped += 1
-                    await self._send(stream, _error("too-many-clients", "too many control "
-                                                    f"connections (at most {MAX_CLIENTS})"))
+                    await self._send(stream, _error(
+                        "too-many-clients", f"too many control connections busy with a "
+                        f"request (at most {MAX_CLIENTS})"))
                     return
-                await self._serve_lines(stream, peer)
+                await self._serve_lines(stream, connection, peer)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             return
         except trio.TooSlowError:
             log.warning("control client pid %s stopped reading its replies: dropped", peer)
             self._dropped += 1
         finally:
+            self._serving.discard(connection)
             self._clients -= 1
 
-    async def _serve_lines(self, stream: trio.SocketStream, peer: int | None) -> None:
-        """Answer request lines in order until the client hangs up or sends too much."""
+    async def _serve_lines(
+        self, stream: trio.SocketStream, connection: _Connection, peer: int | None
+    ) -> None:
+        """Answer request lines in order until the client hangs up, sends too much,
+        takes too long to send a line, or gives its place to a new client."""
         buffer = bytearray()
         while True:
             newline = buffer.find(b"\n")
@@ -334,14 +412,43 @@ class ControlServer:
                     "line-too-long", f"request line longer than {MAX_LINE} bytes"))
                 return
             if newline < 0:
-                chunk = await stream.receive_some(_RECV_SIZE)
+                if connection.idle_since is None:
+                    connection.idle_since = trio.current_time()
+                chunk = None
+                with trio.CancelScope(deadline=connection.idle_since + IDLE_TIMEOUT_S) as scope:
+                    connection.waiting = scope
+                    chunk = await stream.receive_some(_RECV_SIZE)
+                connection.waiting = None
+                if chunk is None:
+                    await self._drop_idle(stream, connection, peer, partial=bool(buffer))
+                    return
                 if not chunk:
                     return
                 buffer += chunk
                 continue
+            connection.idle_since = None
             line = bytes(buffer[:newline])
             del buffer[: newline + 1]
             await self._answer(stream, line, peer)
+
+    async def _drop_idle(
+        self, stream: trio.SocketStream, connection: _Connection, peer: int | None,
+        partial: bool,
+    ) -> None:
+        """Tell an idle client why it is closed (if it still listens), then let it go."""
+        self._dropped += 1
+        if connection.evicted:
+            log.info("control client pid %s, idle, closed to make room for a new one", peer)
+            reply = _error("idle-evicted", "closed to make room for a new connection: "
+                           f"{MAX_CLIENTS} were open and this one sent no request")
+        else:
+            report = log.warning if partial else log.info
+            report("control client pid %s sent no complete request line in %g s: closed",
+                   peer, IDLE_TIMEOUT_S)
+            reply = _error("idle-timeout",
+                           f"no complete request line within {IDLE_TIMEOUT_S:g} s")
+        with contextlib.suppress(trio.TooSlowError):
+            await self._send(stream, reply)
 
     async def _answer(self, stream: trio.SocketStream, line: bytes, peer: int | None) -> None:
         self._requests += 1
@@ -362,12 +469,13 @@ class ControlServer:
         if not isinstance(request, dict) or not isinstance(request.get("cmd"), str):
             return _error("bad-request", 'request must be a JSON object with a string "cmd"')
         cmd = request["cmd"]
-        handler = self._handlers.get(cmd)
-        if handler is None:
-            known = ", ".join(sorted(self._handlers))
+        command = self._commands.get(cmd)
+        if command is None:
+            known = ", ".join(sorted(self._commands))
             return _error("unknown-command", f"unknown command {cmd[:64]!r} (known: {known})")
         try:
-            result = await handler(request)
+            check_args(request, *command.arguments)
+            result = await command.handler(request)
         except RequestError as e:
             return _error(e.code, str(e))
         except Exception:

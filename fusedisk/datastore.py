@@ -46,7 +46,10 @@ _RECORD = "datastore"
 #: Store ids are packed into the top bits of inode numbers (see fs.py).
 MAX_STORE_ID = (1 << 14) - 1
 STORE_SHIFT = 48
-#: The inode number a relocated object keeps (decimal), on its backing object.
+#: What a relocated object keeps of its identity, on its backing object:
+#: ``b"<ino>"`` or ``b"<ino> <ctime_ns>"`` (decimal). The ctime is the one the
+#: mount showed before the move; the mount drops it (rewriting the xattr, which
+#: sets the backing ctime to now) before it changes the object in any way.
 INO_XATTR = "trusted.fusedisk.ino"
 
 
@@ -58,17 +61,24 @@ def native_ino(store_id: int, st_ino: int) -> int | None:
     return (store_id << STORE_SHIFT) | st_ino
 
 
-def kept_ino(path_fd: int) -> int | None:
-    """The inode number an object kept through a relocation, if it has one. Blocking."""
+def kept_identity(path_fd: int) -> tuple[int | None, int | None]:
+    """``(inode number, ctime_ns)`` an object kept through a relocation; None
+    for what it has not kept. Blocking."""
     try:
-        value = backing.getxattr(path_fd, INO_XATTR)
-    except OSError:
-        return None
-    try:
-        ino = int(value)
-    except ValueError:
-        return None
-    return ino if 1 < ino < 1 << 62 else None
+        fields = backing.getxattr(path_fd, INO_XATTR).split()
+        ino = int(fields[0])
+        ctime_ns = int(fields[1]) if len(fields) > 1 else None
+    except (OSError, ValueError, IndexError):
+        return None, None
+    if not 1 < ino < 1 << 62:
+        return None, None
+    return ino, ctime_ns
+
+
+def keep_identity(path_fd: int, ino: int, ctime_ns: int | None) -> None:
+    """Write what :func:`kept_identity` reads. Blocking."""
+    value = f"{ino}" if ctime_ns is None else f"{ino} {ctime_ns}"
+    backing.setxattr(path_fd, INO_XATTR, value.encode(), 0)
 
 
 @dataclass(eq=False, slots=True)

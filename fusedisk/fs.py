@@ -40,7 +40,7 @@ import trio
 from pyfuse3 import FUSEError
 
 from . import backing, fuseshim
-from .datastore import Datastore, Entry, kept_ino, native_ino
+from .datastore import Datastore, Entry, keep_identity, kept_identity, native_ino
 from .vdisk import OpenFiles, Resolver, VFile
 
 log = logging.getLogger(__name__)
@@ -130,7 +130,7 @@ class Inode:
 
     __slots__ = (
         "cache_stale", "direct_handles", "entry", "file_type", "handles", "ino", "is_entry_root",
-        "key", "killpriv", "lookups", "no_caps", "path_fd", "vfile",
+        "kept_ctime_ns", "key", "killpriv", "lookups", "no_caps", "path_fd", "vfile",
     )
 
     def __init__(
@@ -166,6 +166,9 @@ class Inode:
         #: set-id bits or file capabilities appeared while ``direct_io`` handles
         #: are open: their next write must remove them (the kernel does not)
         self.killpriv = False
+        #: the ctime the object had before a relocation moved it, shown until
+        #: the mount changes it (:meth:`Operations._changing`); None: the backing one
+        self.kept_ctime_ns: int | None = None
 
 
 def _sync_mode(flags: int) -> int:
@@ -250,13 +253,14 @@ class Operations(pyfuse3.Operations):
         if known is not None:
             backing.close(path_fd)
             return known
-        ino = None if fresh else kept_ino(path_fd)
+        ino, kept_ctime_ns = (None, None) if fresh else kept_identity(path_fd)
         if ino is None or ino in self._inodes:
             ino = native_ino(entry.store.store_id, st.st_ino)
         if ino is None or ino in self._inodes:
             ino = self._next_private_ino
             self._next_private_ino += 1
         inode = Inode(ino, path_fd, key, stat.S_IFMT(st.st_mode), entry, is_entry_root)
+        inode.kept_ctime_ns = kept_ctime_ns
         self._inodes[ino] = inode
         self._by_key[key] = inode
         return inode
@@ -284,8 +288,37 @@ class Operations(pyfuse3.Operations):
         attr.st_blocks = st.st_blocks
         attr.st_atime_ns = st.st_atime_ns
         attr.st_mtime_ns = st.st_mtime_ns
-        attr.st_ctime_ns = st.st_ctime_ns
+        kept = inode.kept_ctime_ns
+        attr.st_ctime_ns = st.st_ctime_ns if kept is None else kept
         return attr
+
+    def _changing(self, inode: Inode) -> None:
+        """Before the mount changes *inode* (data, attributes, names, links):
+        stop showing the ctime it kept through a relocation. The xattr goes
+        first, so a crash between the two never hides the change; rewriting it
+        sets the backing ctime to now, which is then what the mount shows."""
+        if inode.kept_ctime_ns is not None:
+            keep_identity(inode.path_fd, inode.ino, None)
+            inode.kept_ctime_ns = None
+
+    def _changing_at(self, dir_fd: int, name: str) -> None:
+        """:meth:`_changing` for the object named *name* (unlinked, renamed or
+        renamed over), whether or not the kernel knows it."""
+        try:
+            st = backing.lstat_at(dir_fd, name)
+        except OSError:
+            return  # the operation itself reports it
+        known = self._by_key.get((st.st_dev, st.st_ino))
+        if known is not None:
+            self._changing(known)
+            return
+        path_fd = backing.open_path(dir_fd, name)
+        try:
+            ino, ctime_ns = kept_identity(path_fd)
+            if ino is not None and ctime_ns is not None:
+                keep_identity(path_fd, ino, None)
+        finally:
+            backing.close(path_fd)
 
     def _root_attr(self) -> pyfuse3.EntryAttributes:
         attr = pyfuse3.EntryAttributes()
@@ -381,6 +414,7 @@ class Operations(pyfuse3.Operations):
         node = self._inode(inode)
         if node is self._root:
             raise OSError(errno.EPERM, "the datastore root cannot be changed")
+        self._changing(node)
         if fields.update_size:
             if node.file_type != stat.S_IFREG:
                 raise OSError(errno.EINVAL, "only regular files can be truncated")
@@ -486,6 +520,7 @@ class Operations(pyfuse3.Operations):
     ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
         parent = self._inode(parent_inode)
         dir_fd, sname, entry = self._where(parent, name, creating=True)
+        self._changing(parent)
         fd = os.open(
             sname,
             os.O_CREAT | os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC | (flags & os.O_EXCL),
@@ -511,6 +546,7 @@ class Operations(pyfuse3.Operations):
     ) -> pyfuse3.EntryAttributes:
         parent = self._inode(parent_inode)
         dir_fd, sname, entry = self._where(parent, name, creating=True)
+        self._changing(parent)
         os.mkdir(sname, stat.S_IMODE(mode), dir_fd=dir_fd)
         return (await self._created(parent, sname, dir_fd, entry, stat.S_IFDIR | mode, ctx))[1]
 
@@ -521,6 +557,7 @@ class Operations(pyfuse3.Operations):
     ) -> pyfuse3.EntryAttributes:
         parent = self._inode(parent_inode)
         dir_fd, sname, entry = self._where(parent, name, creating=True)
+        self._changing(parent)
         os.mknod(sname, mode, rdev, dir_fd=dir_fd)
         return (await self._created(parent, sname, dir_fd, entry, mode, ctx))[1]
 
@@ -531,6 +568,7 @@ class Operations(pyfuse3.Operations):
     ) -> pyfuse3.EntryAttributes:
         parent = self._inode(parent_inode)
         dir_fd, sname, entry = self._where(parent, name, creating=True)
+        self._changing(parent)
         os.symlink(target, sname, dir_fd=dir_fd)
         return (await self._created(parent, sname, dir_fd, entry, stat.S_IFLNK | 0o777, ctx))[1]
 
@@ -544,6 +582,8 @@ class Operations(pyfuse3.Operations):
         dir_fd, sname, entry = self._where(new_parent, new_name, creating=True)
         if new_parent is self._root or entry is not node.entry:
             raise OSError(errno.EXDEV, "hard links stay inside one entry")
+        self._changing(node)
+        self._changing(new_parent)
         backing.link(node.path_fd, dir_fd, sname)
         node.lookups += 1
         return self._getattr(node)
@@ -556,6 +596,9 @@ class Operations(pyfuse3.Operations):
         if parent is self._root and entry.relocating:
             raise OSError(errno.EBUSY, "the entry is being relocated")
         doomed = None
+        if parent is not self._root:
+            self._changing(parent)
+            self._changing_at(dir_fd, sname)  # its nlink changes (another name may stay)
         if is_dir:
             os.rmdir(sname, dir_fd=dir_fd)
         else:
@@ -607,6 +650,11 @@ class Operations(pyfuse3.Operations):
             raise OSError(errno.EXDEV, "renames stay inside one entry")
         if flags & ~(pyfuse3.RENAME_EXCHANGE | pyfuse3.RENAME_NOREPLACE):
             raise OSError(errno.EINVAL, "unknown rename flags")
+        if not at_root:
+            self._changing(old_parent)
+            self._changing(new_parent)
+            self._changing_at(old_dir_fd, old_name)
+            self._changing_at(new_dir_fd, new_name)
         doomed = None
         if not flags & pyfuse3.RENAME_EXCHANGE:
             doomed = self.files.last_link_history(new_dir_fd, new_name)
@@ -705,6 +753,7 @@ class Operations(pyfuse3.Operations):
         direct = self._serve_direct(node, flags)
         fh = self._open_handle(node, direct, flags)
         if flags & os.O_TRUNC:
+            self._changing(node)
             await self._truncate_on_open(node, fh)
         return self._file_info(node, fh, direct)
 
@@ -722,6 +771,8 @@ class Operations(pyfuse3.Operations):
             await gate.wait_open()
         gate.inside += 1  # a write may wait for the CBT activity log
         try:
+            if handle.inode.kept_ctime_ns is not None:
+                self._changing(handle.inode)
             written = await vfile.write(off, buf)
             if handle.direct:
                 node = handle.inode
@@ -852,6 +903,7 @@ class Operations(pyfuse3.Operations):
     ) -> None:
         node = self._xattr_target(inode, name)
         node.no_caps = False
+        self._changing(node)
         backing.setxattr(node.path_fd, os.fsdecode(name), value, 0)
         if name == _CAPS_XATTR and node.direct_handles:
             node.killpriv = True
@@ -883,6 +935,7 @@ class Operations(pyfuse3.Operations):
     async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         node = self._xattr_target(inode, name)
         node.no_caps = False
+        self._changing(node)
         backing.removexattr(node.path_fd, os.fsdecode(name))
 
     # -- relocation -----------------------------------------------------------------------
@@ -905,6 +958,7 @@ class Operations(pyfuse3.Operations):
                 del self._by_key[inode.key]
             old_fd, inode.path_fd = inode.path_fd, path_fd
             inode.key = (st.st_dev, st.st_ino)
+            inode.kept_ctime_ns = kept_identity(path_fd)[1]
             self._by_key[inode.key] = inode
             backing.close(old_fd)
         self.files.repoint(resolve)

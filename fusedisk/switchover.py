@@ -35,7 +35,7 @@ from collections.abc import Callable
 import trio
 
 from . import backing
-from .datastore import INO_XATTR, Datastore, Entry, Store, kept_ino, native_ino
+from .datastore import Datastore, Entry, Store, keep_identity, kept_identity, native_ino
 from .errors import FusediskError
 from .failpoint import failpoint
 from .mirror import Copier
@@ -52,14 +52,17 @@ class SwitchoverError(FusediskError):
 
 
 def _keep_identity(src_fd: int, dst_fd: int, st: os.stat_result, src_store_id: int) -> None:
-    """Give the new object the inode number the mount showed for the old one
-    (fs.py reads it back once the kernel forgets the inode). Symlinks too:
-    ``copy_attributes`` copies no xattrs of theirs."""
-    ino = kept_ino(src_fd)
+    """Give the new object the inode number and ctime the mount showed for the
+    old one (fs.py reads them back). After ``copy_attributes``, which copies
+    the source's own xattrs (not for symlinks) and whose changes move the
+    backing ctime, which the kept one hides."""
+    ino, ctime_ns = kept_identity(src_fd)
     if ino is None:
         ino = native_ino(src_store_id, st.st_ino)
+    if ctime_ns is None:
+        ctime_ns = st.st_ctime_ns
     if ino is not None:
-        backing.setxattr(dst_fd, INO_XATTR, str(ino).encode(), 0)
+        keep_identity(dst_fd, ino, ctime_ns)
 
 
 def build_tree(
@@ -79,8 +82,8 @@ def build_tree(
         os.link(copy.pool_name, "tree", src_dir_fd=copier.pool_fd, dst_dir_fd=staging_fd)
         tree_fd = backing.open_path(staging_fd, "tree")
         try:
-            _keep_identity(src_fd, tree_fd, root_st, src_store_id)
             backing.copy_attributes(src_fd, tree_fd, root_st)
+            _keep_identity(src_fd, tree_fd, root_st, src_store_id)
         finally:
             backing.close(tree_fd)
         return mapping, []
@@ -89,8 +92,8 @@ def build_tree(
     tree_fd = backing.open_path(staging_fd, "tree")
     try:
         _build_dir(src_fd, tree_fd, tree_fd, (), copier, mapping, dirs, src_store_id)
-        _keep_identity(src_fd, tree_fd, root_st, src_store_id)
         backing.copy_attributes(src_fd, tree_fd, root_st)
+        _keep_identity(src_fd, tree_fd, root_st, src_store_id)
     finally:
         backing.close(tree_fd)
     return mapping, dirs
@@ -132,8 +135,8 @@ def _build_dir(
                                src_store_id)
                 if first_name:
                     mapping[key] = (*parts, name)
-                    _keep_identity(src_fd, dst_fd, st, src_store_id)
                     backing.copy_attributes(src_fd, dst_fd, st)
+                    _keep_identity(src_fd, dst_fd, st, src_store_id)
             finally:
                 backing.close(dst_fd)
         finally:

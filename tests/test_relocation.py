@@ -670,29 +670,31 @@ def _forget_everything() -> None:
         f.write("2\n")
 
 
-def test_inode_numbers_survive_relocation_forget_and_remount(
+def test_inode_numbers_and_ctime_survive_relocation_forget_and_remount(
     datastore: MountedDatastore,
 ) -> None:
-    """st_ino of every object (and which names share one) stays what it was
-    after a relocation, once the kernel forgot the inodes, after a remount,
-    and after relocating back (issue 11, item 7)."""
+    """st_ino and ctime of every object (and which names share an inode) stay
+    what they were after a relocation, once the kernel forgot the inodes, after
+    a remount, and after relocating back; a change through the mount moves
+    ctime on for good (issue 11, item 7)."""
     home = datastore.mnt / "vm1"
     make_vm(datastore, "vm1", disk_mib=4)
     os.link(home / "nvram", home / "logs" / "nvram-link")
     os.mkfifo(home / "fifo")
     os.link(home / "fifo", home / "logs" / "fifo-link")
 
-    def numbers() -> dict[str, int]:
-        out = {".": home.lstat().st_ino}
+    def numbers() -> dict[str, tuple[int, int]]:
+        """st_ino and ctime of every object."""
+        out = {".": (home.lstat().st_ino, home.lstat().st_ctime_ns)}
         for dirpath, dirnames, filenames in os.walk(home):
             for name in dirnames + filenames:
-                path = Path(dirpath) / name
-                out[str(path.relative_to(home))] = path.lstat().st_ino
+                st = (Path(dirpath) / name).lstat()
+                out[str((Path(dirpath) / name).relative_to(home))] = (st.st_ino, st.st_ctime_ns)
         return out
 
     before = numbers()
     assert before["nvram"] == before["logs/nvram-link"]
-    assert len(set(before.values())) == len(before) - 2
+    assert len({ino for ino, _ in before.values()}) == len(before) - 2
     for store in ("b", "a", "b"):
         result = migrate(datastore, "vm1", "--to", store)
         assert result.returncode == 0, result.stderr
@@ -701,5 +703,26 @@ def test_inode_numbers_survive_relocation_forget_and_remount(
     datastore.stop()
     datastore.start()
     assert numbers() == before
+    # a change through the mount moves ctime on, and it stays moved
+    os.chmod(home / "vm1.vmx", 0o600)
+    with open(home / "disk0.img", "r+b") as f:
+        f.write(b"changed")
+    os.unlink(home / "logs" / "nvram-link")  # nvram's nlink changes
     (home / "new").write_bytes(b"made on b")  # a new object gets a number of its own
-    assert (home / "new").stat().st_ino not in before.values()
+    changed = {"vm1.vmx", "disk0.img", "nvram", "logs", ".", "new"}
+    for moment in ("now", "after forget", "after remount"):
+        if moment == "after forget":
+            _forget_everything()
+        elif moment == "after remount":
+            datastore.stop()
+            datastore.start()
+        now = numbers()
+        assert now["new"][0] not in {ino for ino, _ in before.values()}
+        for name, (ino, ctime_ns) in before.items():
+            if name == "logs/nvram-link":
+                continue
+            assert now[name][0] == ino, (moment, name)
+            if name in changed:
+                assert now[name][1] > ctime_ns, (moment, name)
+            else:
+                assert now[name][1] == ctime_ns, (moment, name)
