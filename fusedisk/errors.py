@@ -20,6 +20,10 @@ class StateError(FusediskError):
     """The state directory is missing, locked, corrupt or from a newer version."""
 
 
+class OwnershipError(FusediskError):
+    """A store belongs to another datastore (served by its daemon, or claimed by its state)."""
+
+
 class MountError(FusediskError):
     """The mountpoint cannot be used, or the mount did not come up."""
 
