@@ -1,15 +1,19 @@
 """Command line: argv → commands, exit codes, human and ``--json`` output.
 
 Exit codes: 0 success, 1 the command failed (one line on stderr says why),
-2 the command line itself is wrong (argparse), 130 interrupted.
+2 the command line itself is wrong (argparse), 130 interrupted, 141 the
+reader of the output went away (``fusedisk status MNT | head -1``: nothing
+more is printed, as a command killed by SIGPIPE would be reported).
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -17,9 +21,16 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__, control
-from .config import Config, build_config, check_directories
+from .config import (
+    MAX_PAUSE_MS,
+    MIN_PAUSE_MS,
+    Config,
+    build_config,
+    check_directories,
+    parse_rate,
+)
 from .errors import ControlError, FusediskError, MountError
-from .sizes import format_size, parse_size
+from .sizes import format_size
 
 log = logging.getLogger("fusedisk")
 
@@ -377,13 +388,16 @@ def _file_in_mount(mountpoint: Path, file: str) -> str:
 
 def _rate_arg(text: str) -> int:
     try:
-        return parse_size(text.removesuffix("/s"))
+        return parse_rate(text)
     except ValueError as e:
         raise FusediskError(f"--rate: {e}") from None
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
     mountpoint = Path(os.path.abspath(args.mountpoint))
+    if not MIN_PAUSE_MS <= args.max_pause <= MAX_PAUSE_MS:
+        raise FusediskError(f"--max-pause must be from {MIN_PAUSE_MS} to {MAX_PAUSE_MS} ms, "
+                            f"not {args.max_pause}")
     job = control.request(
         mountpoint, "migrate", entry=args.entry, to=args.to, rate=_rate_arg(args.rate),
         max_pause_ms=args.max_pause, mode=args.mode, keep_source=args.keep_source,
@@ -509,6 +523,17 @@ _COMMANDS = {"mount": cmd_mount, "umount": cmd_umount, "status": cmd_status,
 
 
 def main(argv: list[str] | None = None) -> int:
+    _print_names_as_they_are()
+    try:
+        try:
+            return _main(argv)
+        finally:
+            sys.stdout.flush()  # here, not at exit, so that a closed pipe is caught below
+    except BrokenPipeError:
+        return _reader_gone()
+
+
+def _main(argv: list[str] | None) -> int:
     args = _parser().parse_args(argv)
     if args.debug:
         logging.getLogger().setLevel(logging.DEBUG)
@@ -520,6 +545,35 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("fusedisk: interrupted", file=sys.stderr)
         return 130
+
+
+def _print_names_as_they_are() -> None:
+    """File names that are not UTF-8 are printed as their bytes (as ``ls`` does).
+
+    Python holds them as surrogate escapes, which a strict stream refuses
+    with a traceback, and which ``backslashreplace`` (stderr's default)
+    turns into text that names no file.
+    """
+    for stream in (sys.stdout, sys.stderr):
+        if isinstance(stream, io.TextIOWrapper) and stream.encoding.lower().replace("-", "") \
+                == "utf8":
+            stream.reconfigure(errors="surrogateescape")
+
+
+def _reader_gone() -> int:
+    """Whoever read our output has gone (``| head -1``): end quietly, as Python's docs advise.
+
+    Both streams are pointed at /dev/null, so that the flush at exit cannot
+    fail again, and the exit code is the one a shell reports for SIGPIPE.
+    """
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            os.dup2(devnull, stream.fileno())
+        except (OSError, ValueError, io.UnsupportedOperation):
+            pass
+    os.close(devnull)
+    return 128 + signal.SIGPIPE
 
 
 if __name__ == "__main__":

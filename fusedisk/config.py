@@ -1,6 +1,9 @@
 """Datastore configuration: a TOML file, overridden by command-line flags.
 
-Every error names the file, the key and what is wrong, in one line.
+Every error names the file, the key and what is wrong, in one line. The
+limits of what an operator may ask for (block size, copy rate, pause
+budget) live here too, so the command line, the control socket and the
+relocation engine refuse the same values.
 """
 
 from __future__ import annotations
@@ -17,6 +20,12 @@ from .sizes import parse_size
 DEFAULT_BLOCK_SIZE = 64 << 10
 MIN_BLOCK_SIZE = 4 << 10
 MAX_BLOCK_SIZE = 64 << 20
+#: The fastest copy rate limit an operator may set, in bytes/s (0 is unlimited).
+#: No store comes near it: a larger value is a typo (or ``1e400``), and is refused
+#: rather than quietly meaning "unlimited".
+MAX_RATE = 1 << 40
+#: The range of a relocation's pause budget (``--max-pause``), in milliseconds.
+MIN_PAUSE_MS, MAX_PAUSE_MS = 1, 60_000
 
 _KNOWN_KEYS = {
     "mountpoint", "state_dir", "default_store", "block_size", "allow_other", "cbt", "stores",
@@ -48,9 +57,32 @@ def _check_store_name(name: str, where: str) -> None:
         )
 
 
-def parse_block_size(text: str | int, where: str) -> int:
+def _parse_size(text: str) -> int:
+    """:func:`parse_size`, with ``inf`` and ``1e400`` (no integer) refused like any non-size."""
     try:
-        value = text if isinstance(text, int) else parse_size(text)
+        return parse_size(text)
+    except OverflowError:
+        raise ValueError(f"{text!r} is not a size (it is too large)") from None
+
+
+def parse_rate(text: str) -> int:
+    """A copy rate limit in bytes/s from ``"200M"``, ``"200M/s"`` or ``"0"`` (unlimited).
+
+    Raises ``ValueError`` with a message for the operator: not a size, or
+    more than :data:`MAX_RATE`.
+    """
+    value = _parse_size(text.strip().removesuffix("/s"))
+    if value > MAX_RATE:
+        raise ValueError(f"{text!r} is more than the largest rate limit, 1T/s "
+                         "(0 means unlimited)")
+    return value
+
+
+def parse_block_size(text: str | int, where: str) -> int:
+    if isinstance(text, bool):
+        raise ConfigError(f"{where}: block size {text!r} must be a size such as \"64K\"")
+    try:
+        value = text if isinstance(text, int) else _parse_size(text)
     except ValueError as e:
         raise ConfigError(f"{where}: {e}") from None
     if value < MIN_BLOCK_SIZE or value > MAX_BLOCK_SIZE or value & (value - 1):
@@ -69,6 +101,8 @@ def load_file(path: Path) -> dict[str, Any]:
         raise ConfigError(f"config file {path} does not exist") from None
     except OSError as e:
         raise ConfigError(f"config file {path}: {e.strerror}") from None
+    except UnicodeDecodeError:  # TOML is UTF-8; tomllib lets this one through
+        raise ConfigError(f"config file {path} is not UTF-8 text") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"config file {path}: not valid TOML: {e}") from None
     for key in raw:
@@ -79,10 +113,15 @@ def load_file(path: Path) -> dict[str, Any]:
     for key in ("mountpoint", "state_dir", "default_store"):
         if key in raw and not isinstance(raw[key], str):
             raise ConfigError(f"{path}: key {key!r} must be a string")
+    for key in ("mountpoint", "state_dir"):
+        if key in raw:
+            _check_path_text(raw[key], f"{path}: key {key!r}", empty_ok=True)
     for key in ("allow_other", "cbt"):
         if key in raw and not isinstance(raw[key], bool):
             raise ConfigError(f"{path}: key {key!r} must be true or false")
-    if "block_size" in raw and not isinstance(raw["block_size"], str | int):
+    if "block_size" in raw and (
+        isinstance(raw["block_size"], bool) or not isinstance(raw["block_size"], str | int)
+    ):
         raise ConfigError(f"{path}: key 'block_size' must be a size such as \"64K\"")
     stores = raw.get("stores", {})
     if not isinstance(stores, dict):
@@ -90,7 +129,38 @@ def load_file(path: Path) -> dict[str, Any]:
     for name, directory in stores.items():
         if not isinstance(directory, str):
             raise ConfigError(f"{path}: key 'stores.{name}' must be a directory path string")
+        _check_path_text(directory, f"{path}: key 'stores.{name}'")
     return raw
+
+
+def _check_path_text(text: str, where: str, *, empty_ok: bool = False) -> None:
+    """A path from a config file: not empty (that would mean the current directory), no NUL."""
+    if not text and not empty_ok:
+        raise ConfigError(f"{where} must not be empty")
+    if "\0" in text:
+        raise ConfigError(f"{where} must not contain NUL")
+
+
+def _check_apart(places: list[tuple[str, Path]], where: str) -> None:
+    """No two of *places* (``(label, path)``) may be one directory, or one inside the other.
+
+    Real paths are compared (symlinks resolved), in both directions: a
+    mountpoint inside a store would make the daemon serve its own mount and
+    deadlock on it, a state directory inside a store would be an entry, a
+    store inside another would be served twice.
+    """
+    real = [(label, path, Path(os.path.realpath(path))) for label, path in places]
+    for i, (label, path, resolved) in enumerate(real):
+        for other_label, other_path, other_resolved in real[i + 1 :]:
+            if resolved == other_resolved:
+                raise ConfigError(
+                    f"{where}: {label} and {other_label} are the same directory ({path})")
+            if other_resolved in resolved.parents:
+                raise ConfigError(
+                    f"{where}: {label} ({path}) lies inside {other_label} ({other_path})")
+            if resolved in other_resolved.parents:
+                raise ConfigError(
+                    f"{where}: {other_label} ({other_path}) lies inside {label} ({path})")
 
 
 def build_config(
@@ -109,10 +179,14 @@ def build_config(
     where = str(config_file) if config_file else "command line"
 
     store_map: dict[str, str] = dict(raw.get("stores", {}))
+    flagged: set[str] = set()
     for spec in stores:
         name, sep, directory = spec.partition("=")
         if not sep or not directory:
             raise ConfigError(f"--store {spec!r}: expected NAME=DIRECTORY")
+        if name in flagged:  # a flag overrides the file; two flags are a mistake
+            raise ConfigError(f"--store {name!r} is given twice")
+        flagged.add(name)
         store_map[name] = directory
     for name in store_map:
         _check_store_name(name, where)
@@ -142,15 +216,11 @@ def build_config(
     resolved_stores = {name: Path(os.path.abspath(d)) for name, d in store_map.items()}
     resolved_mp = Path(os.path.abspath(mp))
     resolved_sd = Path(os.path.abspath(sd))
-    seen: dict[Path, str] = {}
-    for name, d in resolved_stores.items():
-        if d in seen:
-            raise ConfigError(f"{where}: stores {seen[d]!r} and {name!r} are the same directory")
-        seen[d] = name
-        if d == resolved_mp or resolved_mp in d.parents:
-            raise ConfigError(f"{where}: store {name!r} ({d}) lies inside the mountpoint")
-    if resolved_sd == resolved_mp or resolved_mp in resolved_sd.parents:
-        raise ConfigError(f"{where}: the state directory lies inside the mountpoint")
+    _check_apart(
+        [(f"store {name!r}", d) for name, d in sorted(resolved_stores.items())]
+        + [("the mountpoint", resolved_mp), ("the state directory", resolved_sd)],
+        where,
+    )
     return Config(
         mountpoint=resolved_mp,
         state_dir=resolved_sd,

@@ -2,14 +2,15 @@
 
 Start-up order, each step a fact before the next one starts:
 stores checked → mountpoint checked (a dead fusedisk mount left by a crash
-is detached) → state directory locked → placement loaded and repaired →
+is detached) → state directory locked → every store claimed (its owner
+file locked: see datastore.StoreClaims) → placement loaded and repaired →
 FUSE session mounted → control socket listening → the mount answers a
 ``stat`` from another thread → *ready* (``READY=1`` to systemd, ``OK`` to
 a waiting ``fusedisk mount``).
 
 Shut-down: SIGTERM/SIGINT or ``fusedisk umount`` end the FUSE session; the
-kernel mount is removed, every backing handle closed, the placement saved
-and the state directory unlocked.
+kernel mount is removed, every backing handle closed, the placement saved,
+the stores' owner files and the state directory unlocked.
 """
 
 from __future__ import annotations
@@ -32,9 +33,9 @@ import trio
 
 from . import __version__, backing, control, fuseshim
 from .cbt import CbtStore, ChangeIdError
-from .config import Config, check_directories
+from .config import MAX_PAUSE_MS, MAX_RATE, MIN_PAUSE_MS, Config, check_directories
 from .control import ControlServer
-from .datastore import Datastore, Entry
+from .datastore import Datastore, Entry, StoreClaims
 from .errors import MountError
 from .fs import Operations
 from .fuseloop import RequestLoop, dev_fuse_fds, find_session_fd
@@ -147,6 +148,7 @@ class Daemon:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.state = StateDir(config.state_dir)
+        self.claims = StoreClaims(self.state, config.mountpoint)
         self.datastore: Datastore | None = None
         self.files: OpenFiles | None = None
         self.ops: Operations | None = None
@@ -160,13 +162,14 @@ class Daemon:
         check_mountpoint(self.config.mountpoint)
         self.state.open()
         try:
-            self.datastore = Datastore.open(self.config, self.state)
+            self.datastore = Datastore.open(self.config, self.state, self.claims)
             cbt = None
             if self.config.cbt:
                 cbt = CbtStore(self.config.state_dir, self.config.block_size)
             self.files = OpenFiles(cbt, self.config.block_size)
         except BaseException:
-            self.state.close()
+            self.claims.release()
+            self.state.abandon()  # a refused first mount leaves no state directory
             raise
 
     async def run(self, on_ready: Callable[[], None]) -> None:
@@ -264,12 +267,15 @@ class Daemon:
             sd_notify("STOPPING=1")
             notify_status(f"unmounting {self.config.mountpoint}")
 
-    def _control_handlers(self) -> dict[str, Any]:
+    def _control_handlers(self) -> dict[str, control.Command]:
+        """The control commands, each with the arguments it takes (the server refuses others)."""
+
         async def status(request: dict[str, Any]) -> dict[str, Any]:
             assert self.datastore is not None and self.ops is not None
             return {
                 "version": __version__,
                 "pid": os.getpid(),
+                "datastore_id": self.state.datastore_id,
                 "mountpoint": str(self.config.mountpoint),
                 "state_dir": str(self.config.state_dir),
                 "block_size": self.config.block_size,
@@ -281,19 +287,16 @@ class Daemon:
             }
 
         async def locate(request: dict[str, Any]) -> dict[str, Any]:
-            control.check_args(request, "entry")
             entry = self._entry(request)
             return {"entry": entry.name, "store": entry.store.name,
                     "path": str(entry.store.path / entry.name)}
 
         async def cbt_checkpoint(request: dict[str, Any]) -> dict[str, Any]:
-            control.check_args(request, "path")
             async with self._open_file(request) as vfile:
                 assert vfile.tracker is not None
                 return {"change_id": await vfile.tracker.checkpoint()}
 
         async def cbt_changes(request: dict[str, Any]) -> dict[str, Any]:
-            control.check_args(request, "path", "since")
             since = control.str_arg(request, "since")
             async with self._open_file(request) as vfile:
                 assert vfile.tracker is not None
@@ -309,16 +312,12 @@ class Daemon:
                     "extents": [[offset, length] for offset, length in extents]}
 
         async def cbt_info(request: dict[str, Any]) -> dict[str, Any]:
-            control.check_args(request, "path")
             async with self._open_file(request) as vfile:
                 assert vfile.tracker is not None
                 return {"block_size": self.config.block_size, "file_size": vfile.size(),
                         **vfile.tracker.statistics()}
 
         async def migrate(request: dict[str, Any]) -> dict[str, Any]:
-            control.check_args(
-                request, "entry", "to", "rate", "max_pause_ms", "mode", "keep_source"
-            )
             assert self.datastore is not None
             entry = self._entry(request)
             to = control.str_arg(request, "to")
@@ -333,9 +332,9 @@ class Daemon:
                     "bad-argument", "mode must be one of auto, precopy, mirror")
             options = Options(
                 mode=Mode(mode),
-                rate=control.size_arg(request, "rate", 0),
-                max_pause_ms=control.int_arg(request, "max_pause_ms", 100, minimum=1,
-                                             maximum=60_000),
+                rate=control.size_arg(request, "rate", 0, maximum=MAX_RATE),
+                max_pause_ms=control.int_arg(request, "max_pause_ms", 100,
+                                             minimum=MIN_PAUSE_MS, maximum=MAX_PAUSE_MS),
                 keep_source=control.bool_arg(request, "keep_source", False),
             )
             try:
@@ -346,8 +345,9 @@ class Daemon:
 
         def job_command(action: str) -> Any:
             async def handler(request: dict[str, Any]) -> dict[str, Any]:
-                control.check_args(request, "entry", *(["rate"] if action == "rate" else []))
                 name = control.entry_arg(request)
+                rate = control.size_arg(request, "rate", maximum=MAX_RATE) \
+                    if action == "rate" else 0
                 job = self.relocator.jobs.get(name)
                 if job is None or job.finished.is_set():
                     raise control.RequestError(
@@ -357,19 +357,29 @@ class Daemon:
                 elif action == "resume":
                     job.resume()
                 elif action == "rate":
-                    job.set_rate(control.size_arg(request, "rate"))
-                elif not job.cancel():
+                    job.set_rate(rate)
+                elif not job.cancel():  # the switchover began: it will not be undone
                     raise control.RequestError(
-                        "too-late", f"the relocation of {name!r} is already committed")
+                        "too-late", f"the relocation of {name!r} is already switching over; "
+                        "it will complete")
                 return job.statistics().as_dict()
 
             return handler
 
-        return {"status": status, "locate": locate, "migrate": migrate,
-                "pause": job_command("pause"), "resume": job_command("resume"),
-                "cancel": job_command("cancel"), "rate": job_command("rate"),
-                "cbt-checkpoint": cbt_checkpoint,
-                "cbt-changes": cbt_changes, "cbt-info": cbt_info}
+        command = control.Command
+        return {
+            "status": command(status),
+            "locate": command(locate, ("entry",)),
+            "migrate": command(migrate, ("entry", "to", "rate", "max_pause_ms", "mode",
+                                         "keep_source")),
+            "pause": command(job_command("pause"), ("entry",)),
+            "resume": command(job_command("resume"), ("entry",)),
+            "cancel": command(job_command("cancel"), ("entry",)),
+            "rate": command(job_command("rate"), ("entry", "rate")),
+            "cbt-checkpoint": command(cbt_checkpoint, ("path",)),
+            "cbt-changes": command(cbt_changes, ("path", "since")),
+            "cbt-info": command(cbt_info, ("path",)),
+        }
 
     @contextlib.asynccontextmanager
     async def _open_file(self, request: dict[str, Any]) -> AsyncIterator[VFile]:
@@ -426,5 +436,6 @@ class Daemon:
                 log.warning("placement record not saved at unmount (%s)", e.strerror or e)
             finally:
                 self.datastore.close()
+        self.claims.release()
         self.state.close()
         log.info("unmounted %s", self.config.mountpoint)

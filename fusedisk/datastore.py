@@ -13,14 +13,23 @@ entry in the table that no store holds is dropped (both logged). A name
 found on several stores and absent from the table is *not* merged: it is
 reported as a conflict and left out of the namespace until an operator
 removes one copy.
+
+A store belongs to one datastore at a time (:class:`StoreClaims`): its root
+holds the owner file :data:`OWNER_NAME`, which the serving daemon keeps
+flocked and which names the datastore's state directory, so that another
+datastore is refused while that one runs, and also while its state
+directory still lists the store. Nothing on a store is touched before every
+store is claimed.
 """
 
 from __future__ import annotations
 
 import errno
+import fcntl
 import hashlib
 import logging
 import os
+import stat
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,9 +39,15 @@ import trio
 
 from . import backing
 from .config import Config
-from .errors import ConfigError, StateError
+from .errors import ConfigError, OwnershipError, StateError
 from .gate import Gate
-from .metadata import StateDir
+from .metadata import (
+    OWNER_SLOT_SIZE,
+    StateDir,
+    parse_slots,
+    read_identity,
+    write_slot_fd,
+)
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +60,13 @@ STORE_OWN_NAMES = frozenset({"lost+found"})
 _RECORD = "datastore"
 #: Store ids are packed into the top bits of inode numbers (see fs.py).
 MAX_STORE_ID = (1 << 14) - 1
+#: At the root of every store: the record of the datastore it belongs to (two
+#: slots, see metadata.write_slot_fd), flocked by the daemon serving it.
+OWNER_NAME = f"{RESERVED_PREFIX}-owner"
+_OWNER_KIND = "owner"
+#: How often a claim retries when the owner file changes under it (another
+#: daemon removing the one it had just created, on a refused mount).
+_OWNER_OPEN_TRIES = 16
 STORE_SHIFT = 48
 #: What a relocated object keeps of its identity, on its backing object:
 #: ``b"<ino>"`` or ``b"<ino> <ctime_ns>"`` (decimal). The ctime is the one the
@@ -129,6 +151,221 @@ def kept_source_name(entry_name: str) -> str:
     return _scratch_name("kept", entry_name)
 
 
+def _check_distinct(stores: dict[str, Store]) -> None:
+    """Two stores must be two directories, however their paths are spelt (a bind mount)."""
+    seen: dict[tuple[int, int], Store] = {}
+    for store in stores.values():
+        st = backing.fstat(store.root_fd)
+        other = seen.setdefault((st.st_dev, st.st_ino), store)
+        if other is not store:
+            raise ConfigError(f"stores {other.name!r} ({other.path}) and {store.name!r} "
+                              f"({store.path}) are the same directory")
+
+
+@dataclass(eq=False, slots=True)
+class _Claim:
+    """One store's owner file, locked. ``root_fd`` is the store's, not the claim's."""
+
+    store: str
+    path: Path
+    root_fd: int
+    fd: int
+    created: bool  #: made by this claim (and removed again if the mount fails)
+    writable: bool  #: False on a read-only store: locked, but not rewritten
+    seq: int  #: of the newest record in the file (0: none)
+
+
+class StoreClaims:
+    """The owner files of one datastore's stores: claimed at open, locked until released.
+
+    A store whose owner file another process holds locked is served by
+    another daemon: refused. An unlocked owner file that names another
+    datastore whose state directory still exists and still lists the store
+    (in its ``identity`` record) belongs to that datastore: refused, with how
+    to release it. Anything else (no owner file, this datastore, a state
+    directory that is gone or no longer lists the store) becomes this
+    datastore's at :meth:`commit`: the identity record first, then each
+    owner file. Locks end with the process, so a crashed daemon never blocks
+    the next mount; the files stay, so a claim outlives a clean unmount.
+
+    Blocking throughout (start-up and shut-down only).
+    """
+
+    def __init__(self, state: StateDir, mountpoint: Path) -> None:
+        self.state = state
+        self.mountpoint = mountpoint
+        self._claims: list[_Claim] = []
+        self._committed = False
+
+    def claim(self, name: str, path: Path, root_fd: int) -> None:
+        """Lock store *name*'s owner file; OwnershipError if the store is another's."""
+        where = path / OWNER_NAME
+        opened = _open_owner_file(root_fd, name, where)
+        if opened is None:
+            log.warning("store %r is read-only and has no owner file: it cannot be claimed, "
+                        "so nothing stops another datastore from using it too", name)
+            return
+        fd, created, writable, locked = opened
+        try:
+            found = parse_slots(os.pread(fd, 2 * OWNER_SLOT_SIZE, 0), _OWNER_KIND,
+                                OWNER_SLOT_SIZE, str(where))
+        except StateError as e:
+            if locked:
+                os.close(fd)
+                raise OwnershipError(f"store {name!r} ({path}): {e}; if no other datastore "
+                                     f"uses this store, delete {where}") from None
+            found = None
+        if not locked:
+            os.close(fd)
+            raise OwnershipError(_in_use(name, path, found[1] if found else None))
+        self._claims.append(_Claim(name, path, root_fd, fd, created, writable,
+                                   found[0] if found else 0))
+        if found is not None and self._claimed_elsewhere(found[1], path):
+            raise OwnershipError(_claimed(name, path, found[1]))
+
+    def _claimed_elsewhere(self, owner: dict[str, Any], path: Path) -> bool:
+        """Whether the datastore an owner record names still claims the store at *path*."""
+        other_dir, other_id = owner.get("state_dir"), owner.get("datastore_id")
+        if not isinstance(other_dir, str) or not isinstance(other_id, str) or not other_dir:
+            return False  # names no claimant
+        if other_id == self.state.datastore_id and (
+            os.path.realpath(other_dir) == os.path.realpath(self.state.path)
+        ):
+            return False  # ours
+        try:
+            identity = read_identity(Path(other_dir))
+        except StateError:
+            return True  # it exists but cannot be read: it may well still claim the store
+        if identity is None or identity.get("datastore_id") != other_id:
+            return False  # gone, or the directory holds another datastore now
+        listed = identity.get("stores")
+        if not isinstance(listed, dict):
+            return True
+        paths = {os.path.realpath(p) for p in listed.values() if isinstance(p, str) and p}
+        mine = {os.path.realpath(path)}
+        recorded = owner.get("store_path")
+        if isinstance(recorded, str) and recorded:
+            mine.add(os.path.realpath(recorded))
+        return bool(paths & mine)
+
+    def commit(self, stores: dict[str, Path]) -> None:
+        """Make the claims durable: the identity record (every store), then each owner file."""
+        self.state.save_identity(self.mountpoint, {
+            name: os.path.realpath(path) for name, path in sorted(stores.items())})
+        for claim in self._claims:
+            if not claim.writable:
+                continue
+            body = {
+                "datastore_id": self.state.datastore_id,
+                "state_dir": str(self.state.path),
+                "mountpoint": str(self.mountpoint),
+                "pid": os.getpid(),
+                "store": claim.store,
+                "store_path": os.path.realpath(claim.path),
+            }
+            claim.seq += 1
+            write_slot_fd(claim.fd, _OWNER_KIND, claim.seq, body, OWNER_SLOT_SIZE,
+                          str(claim.path / OWNER_NAME))
+            if claim.created:
+                backing.fsync_dir(claim.root_fd)
+        self._committed = True
+
+    def release(self) -> None:
+        """Unlock every owner file; before :meth:`commit`, remove those this claim made.
+
+        Idempotent. A refused mount thus leaves no owner file behind (one
+        removed while locked is never taken for the lock: see
+        :func:`_open_owner_file`).
+        """
+        claims, self._claims = self._claims, []
+        for claim in claims:
+            if claim.created and not self._committed:
+                try:
+                    os.unlink(OWNER_NAME, dir_fd=claim.root_fd)
+                except OSError:
+                    pass
+            os.close(claim.fd)
+
+
+def _open_owner_file(
+    root_fd: int, name: str, where: Path
+) -> tuple[int, bool, bool, bool] | None:
+    """Open (or create) a store's owner file and try to lock it.
+
+    Returns ``(fd, created, writable, locked)``, or None on a read-only store
+    that has none. The lock counts only if the file still has its name once
+    locked: a refused mount removes the owner file it created while holding
+    its lock, and a lock on that unlinked file would guard nothing.
+    """
+    flags = os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+    for _ in range(_OWNER_OPEN_TRIES):
+        created, writable = False, True
+        try:
+            try:
+                fd = os.open(OWNER_NAME, os.O_RDWR | flags, dir_fd=root_fd)
+            except FileNotFoundError:
+                try:
+                    fd = os.open(OWNER_NAME, os.O_RDWR | os.O_CREAT | os.O_EXCL | flags, 0o600,
+                                 dir_fd=root_fd)
+                    created = True
+                except FileExistsError:
+                    continue
+                except OSError as e:
+                    if e.errno == errno.EROFS:
+                        return None
+                    raise
+            except OSError as e:
+                if e.errno != errno.EROFS:
+                    raise
+                fd = os.open(OWNER_NAME, os.O_RDONLY | flags, dir_fd=root_fd)
+                writable = False
+        except FileNotFoundError:
+            continue
+        except OSError as e:
+            raise OwnershipError(f"store {name!r}: cannot open its owner file {where}: "
+                                 f"{e.strerror}") from None
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise OwnershipError(f"store {name!r}: {where} is not a regular file")
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return fd, created, writable, False
+            except OSError as e:
+                raise OwnershipError(
+                    f"store {name!r}: cannot lock {where}: {e.strerror}") from None
+            try:
+                named: os.stat_result | None = os.stat(
+                    OWNER_NAME, dir_fd=root_fd, follow_symlinks=False)
+            except FileNotFoundError:
+                named = None
+        except BaseException:
+            os.close(fd)
+            raise
+        if named is not None and (named.st_dev, named.st_ino) == (st.st_dev, st.st_ino):
+            return fd, created, writable, True
+        os.close(fd)
+    raise OwnershipError(f"store {name!r}: its owner file {where} keeps changing; "
+                         "is another fusedisk daemon starting on this store?")
+
+
+def _in_use(name: str, path: Path, owner: dict[str, Any] | None) -> str:
+    if owner is None:
+        who = "which one is not recorded yet"
+    else:
+        who = (f"state directory {owner.get('state_dir')}, mounted on "
+               f"{owner.get('mountpoint')}, daemon pid {owner.get('pid')}")
+    return f"store {name!r} ({path}) is in use by another fusedisk datastore ({who})"
+
+
+def _claimed(name: str, path: Path, owner: dict[str, Any]) -> str:
+    return (f"store {name!r} ({path}) belongs to the datastore whose state directory is "
+            f"{owner.get('state_dir')} (last mounted on {owner.get('mountpoint')}); to use it "
+            "here, remove it from that datastore's stores and mount that datastore once, or, "
+            f"if that datastore is gone, delete {path / OWNER_NAME} (or its state directory)")
+
+
 class Datastore:
     """Stores and placement; the single writer of the ``datastore`` record."""
 
@@ -149,8 +386,12 @@ class Datastore:
     # -- opening -----------------------------------------------------------------
 
     @classmethod
-    def open(cls, config: Config, state: StateDir) -> Datastore:
-        """Load the placement, open the stores, adopt and repair. Blocking."""
+    def open(cls, config: Config, state: StateDir, claims: StoreClaims) -> Datastore:
+        """Load the placement, open and claim the stores, repair and adopt. Blocking.
+
+        Every store is claimed (into *claims*, which the caller releases when
+        the datastore closes) before anything on any store is looked at.
+        """
         record = state.load(_RECORD) or {}
         store_ids: dict[str, int] = dict(record.get("stores", {}))
         placement: dict[str, str] = dict(record.get("placement", {}))
@@ -174,6 +415,9 @@ class Datastore:
                 except OSError as e:
                     raise ConfigError(f"store {name!r}: cannot open {path}: {e.strerror}") from None
                 stores[name] = Store(name, path, store_ids[name], fd)
+            _check_distinct(stores)
+            for store in stores.values():
+                claims.claim(store.name, store.path, store.root_fd)
             ds = cls(state, stores, config.default_store)
             ds._store_ids = store_ids
             for name, reloc in sorted(dict(record.get("relocations", {})).items()):
@@ -182,7 +426,9 @@ class Datastore:
             for name in ds.relocations:  # clean-up still pending: served, not renamed
                 if name in ds.entries:
                     ds.entries[name].relocating = True
+            claims.commit({name: store.path for name, store in stores.items()})
         except BaseException:
+            claims.release()  # before the root handles it works through are closed
             for store in stores.values():
                 os.close(store.root_fd)
             raise

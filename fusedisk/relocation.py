@@ -33,6 +33,7 @@ from typing import Any
 import trio
 
 from . import backing
+from .config import MAX_PAUSE_MS, MAX_RATE, MIN_PAUSE_MS
 from .datastore import Datastore, Entry, Store, kept_source_name, staging_name
 from .errors import FusediskError
 from .failpoint import failpoint
@@ -169,8 +170,19 @@ class Relocation:
     # -- control --------------------------------------------------------------------
 
     def cancel(self) -> bool:
-        """Cancel unless committed; return whether a cancel was requested."""
-        if self.committed or self.state in FINAL_STATES:
+        """Cancel unless the switchover has begun; return whether the cancel was accepted.
+
+        The answer is the truth: an accepted cancel always takes effect,
+        because before the state becomes ``switching`` the job still reaches
+        a checkpoint ahead of the commit (at the latest, the switchover's
+        flush on a worker thread starts with one). From ``switching`` on the
+        job may be past its last checkpoint before the commit (or waiting on
+        a flush that cannot be abandoned), so a cancel there could be
+        silently outrun by the commit: it is refused, and the switch completes.
+        """
+        if self.committed or self.state in FINAL_STATES or self.state in (
+            State.SWITCHING, State.FINISHING
+        ):
             return False
         self._cancel_scope.cancel()
         return True
@@ -464,8 +476,13 @@ class Relocator:
             raise RelocationError(f"{entry.name!r} is already being relocated")
         if dst is entry.store:
             raise RelocationError(f"{entry.name!r} is already on store {dst.name!r}")
-        if not math.isfinite(options.max_pause_ms) or options.max_pause_ms <= 0:
-            raise RelocationError("the pause budget must be a positive number of milliseconds")
+        if not (math.isfinite(options.max_pause_ms)
+                and MIN_PAUSE_MS <= options.max_pause_ms <= MAX_PAUSE_MS):
+            raise RelocationError(f"the pause budget must be from {MIN_PAUSE_MS} to "
+                                  f"{MAX_PAUSE_MS} milliseconds")
+        if not 0 <= options.rate <= MAX_RATE:
+            raise RelocationError(f"the copy rate limit must be from 0 (unlimited) to "
+                                  f"{MAX_RATE} bytes/s")
         st = backing.lstat_at(entry.store.root_fd, entry.name)
         if not (stat.S_ISDIR(st.st_mode) or stat.S_ISREG(st.st_mode)):
             raise RelocationError(f"{entry.name!r} is neither a directory nor a regular file")

@@ -27,7 +27,7 @@ from fusedisk import control
 from fusedisk.control import ControlServer, RequestError, Stream
 from fusedisk.errors import ControlError
 
-from .mounting import READY_TIMEOUT_S, MountedDatastore
+from .mounting import READY_TIMEOUT_S, MountedDatastore, fusedisk
 
 # -- argument helpers --------------------------------------------------------------------
 
@@ -87,6 +87,20 @@ def test_scalar_arguments() -> None:
     control.check_args({"cmd": "x", "entry": "a"}, "entry")
     assert str(refused(control.check_args, {"cmd": "x", "entyr": "a"}, "entry")) == \
         "unknown argument 'entyr'"
+
+
+@pytest.mark.parametrize("value", ["1e400", "inf", "-inf", "nan", "1e30", "2T", 2 << 40,
+                                   10 ** 30, 1.5, float("inf"), -1, True, None])
+def test_size_arg_refuses_what_is_past_its_maximum_or_no_size(value: Any) -> None:
+    error = refused(control.size_arg, {"rate": value}, "rate", maximum=1 << 40)
+    assert error.code == "bad-argument" and "'rate'" in str(error)
+    assert "\n" not in str(error)
+
+
+def test_size_arg_accepts_its_maximum() -> None:
+    assert control.size_arg({"rate": "1T"}, "rate", maximum=1 << 40) == 1 << 40
+    assert control.size_arg({"rate": 1 << 40}, "rate", maximum=1 << 40) == 1 << 40
+    assert control.size_arg({"rate": 0}, "rate", maximum=1 << 40) == 0
 
 
 def test_mount_relative_is_lexical_and_stays_inside(tmp_path: Path) -> None:
@@ -191,7 +205,9 @@ async def test_client_that_stops_reading_is_dropped_and_others_are_served(
     other = await Client.connect(server.path)
     assert await other.ask({"cmd": "ping"}) == {"ok": True, "result": "pong"}
 
-    await trio.sleep(control.SEND_TIMEOUT_S + 1)
+    for _ in range(int(control.SEND_TIMEOUT_S) + 1):  # `other` keeps talking meanwhile
+        await trio.sleep(1)
+        assert await other.ask({"cmd": "ping"}) == {"ok": True, "result": "pong"}
     stats = server.statistics()
     assert stats.dropped == 1
     assert stats.clients == 1  # `other`, still connected
@@ -283,23 +299,94 @@ async def test_a_failing_handler_is_an_internal_error_not_a_crash(
     assert len(errors) == 2 and errors[0].exc_info is not None
 
 
-async def test_too_many_clients_are_turned_away(
+async def test_too_many_busy_clients_turn_the_next_one_away(
     serve: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(control, "MAX_CLIENTS", 2)
-    server = await serve({})
+    release = trio.Event()
+
+    async def hold(request: dict[str, Any]) -> str:
+        await release.wait()
+        return "released"
+
+    server = await serve({"hold": hold})
     first, second = [await Client.connect(server.path) for _ in range(2)]
     for client in (first, second):
-        assert (await client.ask({"cmd": "ping"}))["ok"]
-    third = await Client.connect(server.path)
+        await client.send({"cmd": "hold"})
+    await trio.testing.wait_all_tasks_blocked()
+    third = await Client.connect(server.path)  # both slots are serving a request
     reply = await third.line()
     assert reply is not None and reply["code"] == "too-many-clients"
     assert await third.line() is None  # and closed
+    release.set()
+    for client in (first, second):
+        assert await client.line() == {"ok": True, "result": "released"}
     await first.stream.aclose()
     await trio.testing.wait_all_tasks_blocked()
     fourth = await Client.connect(server.path)
     assert await fourth.ask({"cmd": "ping"}) == {"ok": True, "result": "pong"}
     assert (await second.ask({"cmd": "ping"}))["ok"]
+
+
+async def test_a_client_that_sends_no_complete_line_is_dropped(
+    serve: Any, autojump_clock: trio.testing.MockClock
+) -> None:
+    server = await serve({})
+    slow = await Client.connect(server.path)
+    await slow.send(b'{"cmd": "pi')  # half a line, then a byte now and then
+    talker = await Client.connect(server.path)
+    for _ in range(2):
+        await trio.sleep(control.IDLE_TIMEOUT_S * 0.4)
+        await slow.send(b" ")
+        assert await talker.ask({"cmd": "ping"}) == {"ok": True, "result": "pong"}
+    await trio.sleep(control.IDLE_TIMEOUT_S * 0.4)
+    assert await talker.ask({"cmd": "ping"}) == {"ok": True, "result": "pong"}
+    reply = await slow.line()  # the bytes never made a line in time
+    assert reply is not None and reply["code"] == "idle-timeout"
+    assert await slow.line() is None
+    assert await talker.ask({"cmd": "ping"}) == {"ok": True, "result": "pong"}
+    await trio.sleep(control.IDLE_TIMEOUT_S + 1)  # an idle connection goes as well
+    reply = await talker.line()
+    assert reply is not None and reply["code"] == "idle-timeout"
+    assert await talker.line() is None
+    await trio.testing.wait_all_tasks_blocked()
+    stats = server.statistics()
+    assert (stats.clients, stats.dropped) == (0, 2)
+
+
+async def test_when_full_the_longest_idle_client_makes_room(
+    serve: Any, monkeypatch: pytest.MonkeyPatch, autojump_clock: trio.testing.MockClock
+) -> None:
+    monkeypatch.setattr(control, "MAX_CLIENTS", 2)
+    server = await serve({})
+    oldest = await Client.connect(server.path)
+    await oldest.send(b'{"cmd": "pi')
+    await trio.sleep(1)
+    newer = await Client.connect(server.path)
+    assert await newer.ask({"cmd": "ping"}) == {"ok": True, "result": "pong"}
+    await trio.testing.wait_all_tasks_blocked()
+    # Full, both idle: a new client is served at once, and the oldest idle one goes.
+    late = await Client.connect(server.path)
+    assert await late.ask({"cmd": "ping"}) == {"ok": True, "result": "pong"}
+    reply = await oldest.line()
+    assert reply is not None and reply["code"] == "idle-evicted"
+    assert await oldest.line() is None
+    assert await newer.ask({"cmd": "ping"}) == {"ok": True, "result": "pong"}
+    await trio.testing.wait_all_tasks_blocked()
+    assert server.statistics().clients == 2
+
+
+async def test_every_handler_declares_its_arguments(serve: Any) -> None:
+    async def echo(request: dict[str, Any]) -> Any:
+        return request.get("x")
+
+    server = await serve({"echo": control.Command(echo, ("x",))})
+    client = await Client.connect(server.path)
+    assert await client.ask({"cmd": "echo", "x": 1}) == {"ok": True, "result": 1}
+    for request in ({"cmd": "echo", "y": 1}, {"cmd": "ping", "x": 1}):
+        reply = await client.ask(request)
+        assert reply["code"] == "bad-argument"
+        assert reply["error"].startswith("unknown argument ")
 
 
 async def test_running_out_of_descriptors_pauses_accepting(
@@ -533,4 +620,65 @@ def test_only_root_may_connect(datastore: MountedDatastore) -> None:
         os._exit(code)
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0, "a non-root user could connect"
+    assert_still_serving(datastore)
+
+
+def known_commands(client: RawClient) -> list[str]:
+    reply = client.ask({"cmd": "no-such-command"})
+    assert error_code(reply) == "unknown-command"
+    return reply["error"].split("(known: ", 1)[1].rstrip(")").split(", ")
+
+
+def test_every_command_refuses_unknown_arguments(
+    datastore: MountedDatastore, client: RawClient
+) -> None:
+    (datastore.mnt / "vm1").mkdir()
+    commands = known_commands(client)
+    assert {"status", "locate", "migrate", "pause", "resume", "cancel", "rate",
+            "cbt-checkpoint", "cbt-changes", "cbt-info"} <= set(commands)
+    for cmd in commands:
+        reply = client.ask({"cmd": cmd, "frobnicate": True})
+        assert error_code(reply) == "bad-argument", cmd
+        assert reply["error"] == "unknown argument 'frobnicate'", cmd
+    assert datastore.status()["jobs"] == []  # no migrate ran with a bad request
+    assert_still_serving(datastore)
+
+
+@pytest.mark.parametrize("rate", ["1e400", "inf", "nan", "1e30", "2T", 2 << 40, 10 ** 30,
+                                  -1, 1.5])
+def test_migrate_refuses_absurd_rates(datastore: MountedDatastore, client: RawClient,
+                                      rate: Any) -> None:
+    (datastore.mnt / "vm1").mkdir()
+    for cmd in ({"cmd": "migrate", "entry": "vm1", "to": "b", "rate": rate},
+                {"cmd": "rate", "entry": "vm1", "rate": rate}):
+        reply = client.ask(cmd)
+        assert error_code(reply) == "bad-argument", (cmd, reply)
+        assert "'rate'" in reply["error"]
+    assert datastore.status()["jobs"] == []
+    assert_still_serving(datastore)
+
+
+def test_idle_clients_holding_half_a_line_never_lock_commands_out(
+    datastore: MountedDatastore,
+) -> None:
+    """More idle connections than the daemon serves at once, each with half a
+    request: an operator's command is still answered at once (an idle client
+    makes room), not after the idle timeout, and not refused."""
+    path = str(control.socket_path(datastore.mnt))
+    idle: list[socket.socket] = []
+    try:
+        for _ in range(control.MAX_CLIENTS + 8):
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            idle.append(sock)
+            sock.connect(path)  # blocking: waits for room in the listen queue
+            sock.settimeout(READY_TIMEOUT_S)  # a hang guard, not a measurement
+            sock.sendall(b'{"cmd": "sta')
+        result = fusedisk("status", str(datastore.mnt), "--json")
+        assert result.returncode == 0, result.stderr
+        assert json.loads(result.stdout)["placement"] == {}
+        result = fusedisk("status", str(datastore.mnt))
+        assert result.returncode == 0, result.stderr
+    finally:
+        for sock in idle:
+            sock.close()
     assert_still_serving(datastore)
