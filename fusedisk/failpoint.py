@@ -16,6 +16,10 @@ import signal
 log = logging.getLogger(__name__)
 
 _ARMED = os.environ.get("FUSEDISK_FAILPOINT", "")
+#: ``FUSEDISK_PAUSE_AFTER_PASS=1``: every relocation pauses itself after each
+#: copy pass (``fusedisk resume`` goes on), so a test can change a file between
+#: two passes without racing the copy.
+PAUSE_AFTER_PASS = os.environ.get("FUSEDISK_PAUSE_AFTER_PASS", "") == "1"
 
 
 def failpoint(name: str) -> None:

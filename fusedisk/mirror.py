@@ -140,6 +140,9 @@ class Copier:
     def resume(self) -> None:
         self._unpaused.set()
 
+    async def wait_resumed(self) -> None:
+        await self._unpaused.wait()
+
     # -- files ----------------------------------------------------------------------
 
     def discover(self, entry_fd: int) -> int:

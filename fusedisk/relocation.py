@@ -36,7 +36,7 @@ from . import backing
 from .config import MAX_PAUSE_MS, MAX_RATE, MIN_PAUSE_MS
 from .datastore import Datastore, Entry, Store, kept_source_name, staging_name
 from .errors import FusediskError
-from .failpoint import failpoint
+from .failpoint import PAUSE_AFTER_PASS, failpoint
 from .mirror import Copier, estimate_s, walk
 from .switchover import switch_over
 from .vdisk import OpenFiles, Resolver
@@ -258,6 +258,10 @@ class Relocation:
             pass_start = time.monotonic()
             copied_before = copier.bytes_copied
             await copier.copy_pass()
+            if PAUSE_AFTER_PASS:  # a test's hold between passes (failpoint.py)
+                copier.pause()
+                log.info("relocation of %r paused after pass %d", entry.name, self.pass_no)
+                await copier.wait_resumed()
             copied_in_pass = copier.bytes_copied - copied_before
             self._check_mirror()
             self._discover()

@@ -487,57 +487,52 @@ def test_two_entries_relocate_at_once(datastore: MountedDatastore) -> None:
 
 
 @pytest.mark.parametrize("how", ["truncate-0", "o-trunc", "truncate-partial"])
-def test_data_deleted_during_the_copy_does_not_come_back(
-    datastore: MountedDatastore, how: str
-) -> None:
-    """A file shrunk during pass 1, copied while short in pass 2 and grown again
+def test_data_deleted_during_the_copy_does_not_come_back(tmp_path: Path, how: str) -> None:
+    """A file shrunk after pass 1, copied while short in pass 2 and grown again
     afterwards reads zeros in the gap after the switchover: the pool must
-    forget what the source deleted.
+    forget what the source deleted. The daemon holds the job after each pass
+    (FUSEDISK_PAUSE_AFTER_PASS), so nothing races the copy."""
+    ds = MountedDatastore(tmp_path)
+    ds.start(env={"FUSEDISK_PAUSE_AFTER_PASS": "1"})
+    try:
+        home = ds.mnt / "vm1"
+        home.mkdir()
+        disk = home / "disk.img"
+        size = 8 << 20
+        disk.write_bytes(b"A" * size)
+        mnt = str(ds.mnt)
 
-    Deterministic order: files are copied smallest first, so a pass reaches
-    ``disk.img`` (8 MiB) before ``big.img`` (48 MiB); the job is paused at
-    byte counts that put it inside ``big.img``.
-    """
-    home = datastore.mnt / "vm1"
-    home.mkdir()
-    disk, big = home / "disk.img", home / "big.img"
-    size, mib = 8 << 20, 1 << 20
-    disk.write_bytes(b"A" * size)
-    big.write_bytes(os.urandom(48 * mib))
-    mnt = str(datastore.mnt)
-    result = migrate(datastore, "vm1", "--to", "b", "--rate", "16M", "--mode", "precopy",
-                     "--no-wait")
-    assert result.returncode == 0, result.stderr
-    # pass 1, inside big.img past its first 16 MiB: disk.img is fully copied
-    wait_for(lambda: job(datastore, "vm1")["bytes_copied"] >= size + 20 * mib, 60, "pass 1")
-    assert fusedisk("pause", mnt, "vm1").returncode == 0
-    assert job(datastore, "vm1")["pass"] == 1
-    keep = 0
-    if how == "truncate-0":
-        os.truncate(disk, 0)
-    elif how == "o-trunc":
-        os.close(os.open(disk, os.O_WRONLY | os.O_TRUNC))
-    else:
-        keep = 100_000  # inside a block the pool already holds
-        os.truncate(disk, keep)
-    with open(big, "r+b") as f:  # keeps pass 2 busy in big.img after disk.img
-        f.write(os.urandom(16 * mib))
-    assert fusedisk("resume", mnt, "vm1").returncode == 0
-    # pass 2 has copied the short disk.img and is inside big.img
-    wait_for(lambda: job(datastore, "vm1")["bytes_copied"] >= 57 * mib, 60, "pass 2")
-    assert fusedisk("pause", mnt, "vm1").returncode == 0
-    assert job(datastore, "vm1")["pass"] == 2, job(datastore, "vm1")
-    with open(disk, "r+b") as f:  # the guest writes the last 4 KiB again
-        f.seek(size - 4096)
-        f.write(b"B" * 4096)
-    expected = b"A" * keep + bytes(size - 4096 - keep) + b"B" * 4096
-    assert disk.read_bytes() == expected
-    fusedisk("rate", mnt, "vm1", "0", check=True)
-    assert fusedisk("resume", mnt, "vm1").returncode == 0
-    wait_state(datastore, "vm1", {"done", "failed"}, timeout_s=120)
-    assert job(datastore, "vm1")["state"] == "done", job(datastore, "vm1")
-    assert (datastore.stores["b"] / "vm1" / "disk.img").read_bytes() == expected
-    assert disk.read_bytes() == expected
+        def held_after(pass_no: int) -> None:
+            wait_for(lambda: (j := job(ds, "vm1"))["paused"] and j["pass"] == pass_no,
+                     60, f"the hold after pass {pass_no}")
+
+        result = migrate(ds, "vm1", "--to", "b", "--mode", "precopy", "--no-wait")
+        assert result.returncode == 0, result.stderr
+        held_after(1)  # disk.img is in the pool, all of it
+        keep = 0
+        if how == "truncate-0":
+            os.truncate(disk, 0)
+        elif how == "o-trunc":
+            os.close(os.open(disk, os.O_WRONLY | os.O_TRUNC))
+        else:
+            keep = 100_000  # inside a block the pool holds
+            os.truncate(disk, keep)
+        assert fusedisk("resume", mnt, "vm1").returncode == 0
+        held_after(2)  # pass 2 copied the short file
+        with open(disk, "r+b") as f:  # the guest writes the last 4 KiB again
+            f.seek(size - 4096)
+            f.write(b"B" * 4096)
+        expected = b"A" * keep + bytes(size - 4096 - keep) + b"B" * 4096
+        assert disk.read_bytes() == expected
+        while job(ds, "vm1")["state"] not in ("done", "failed"):
+            fusedisk("resume", mnt, "vm1")  # through the holds after each pass
+            wait_for(lambda: job(ds, "vm1")["paused"]
+                     or job(ds, "vm1")["state"] in ("done", "failed"), 60, "the next hold")
+        assert job(ds, "vm1")["state"] == "done", job(ds, "vm1")
+        assert (ds.stores["b"] / "vm1" / "disk.img").read_bytes() == expected
+        assert disk.read_bytes() == expected
+    finally:
+        ds.teardown()
 
 
 def test_hard_links_of_every_file_type_stay_one_object(datastore: MountedDatastore) -> None:
