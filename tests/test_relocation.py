@@ -721,3 +721,41 @@ def test_inode_numbers_and_ctime_survive_relocation_forget_and_remount(
                 assert now[name][1] > ctime_ns, (moment, name)
             else:
                 assert now[name][1] == ctime_ns, (moment, name)
+
+
+def test_a_disk_grown_by_a_tib_during_the_copy_relocates_at_once(tmp_path: Path) -> None:
+    """A guest resize (``truncate -s 1T``) between two passes marks a TiB
+    dirty; the copy settles the holes without reading them."""
+    ds = MountedDatastore(tmp_path)
+    ds.start(env={"FUSEDISK_PAUSE_AFTER_PASS": "1"})
+    try:
+        home = ds.mnt / "vm1"
+        home.mkdir()
+        disk = home / "disk.img"
+        head = os.urandom(4 << 20)
+        disk.write_bytes(head)
+        result = migrate(ds, "vm1", "--to", "b", "--mode", "precopy", "--no-wait")
+        assert result.returncode == 0, result.stderr
+        wait_for(lambda: (j := job(ds, "vm1"))["paused"] and j["pass"] == 1, 60, "pass 1")
+        os.truncate(disk, 1 << 40)
+        with open(disk, "r+b") as f:
+            f.seek(1 << 39)
+            f.write(b"half way")
+        while job(ds, "vm1")["state"] not in ("done", "failed"):
+            fusedisk("resume", str(ds.mnt), "vm1")
+            wait_for(lambda: job(ds, "vm1")["paused"]
+                     or job(ds, "vm1")["state"] in ("done", "failed"), 60, "the next pass")
+        final = job(ds, "vm1")
+        assert final["state"] == "done", final
+        assert final["bytes_copied"] < 16 << 20, final  # the holes were not read
+        raw = ds.stores["b"] / "vm1" / "disk.img"
+        assert raw.stat().st_size == 1 << 40
+        assert raw.stat().st_blocks * 512 < 16 << 20
+        with open(disk, "rb") as f:
+            assert f.read(4 << 20) == head
+            f.seek(1 << 39)
+            assert f.read(8) == b"half way"
+            f.seek((1 << 40) - 4096)
+            assert f.read() == bytes(4096)
+    finally:
+        ds.teardown()
