@@ -78,6 +78,11 @@ ID_XATTR = "trusted.fusedisk.id"
 AL_SLOT_SIZE = 8192
 
 
+def _shown(change_id: str) -> str:
+    """A client's change id as an error line quotes it: not all of a huge one."""
+    return repr(change_id if len(change_id) <= 80 else change_id[:77] + "...")
+
+
 class ChangeIdError(FusediskError):
     """A change id that cannot be answered exactly: the caller needs a full backup."""
 
@@ -214,14 +219,14 @@ class Tracker:
         file_id, _, seq_text = change_id.partition("/")
         if file_id != self.file_id or not seq_text.isdigit():
             raise ChangeIdError(
-                f"change id {change_id!r} does not belong to this file's current history "
+                f"change id {_shown(change_id)} does not belong to this file's current history "
                 "(another file's, or the history was reset); a full backup is needed"
             )
         seq = int(seq_text)
         labels = [label for label, _ in self.segments]
         if seq == 0 or seq not in labels:
             raise ChangeIdError(
-                f"change id {change_id!r} is unknown or has expired (only the last "
+                f"change id {_shown(change_id)} is unknown or has expired (only the last "
                 f"{MAX_CHECKPOINTS} are kept); a full backup is needed"
             )
         union = Bitmap()

@@ -370,10 +370,15 @@ class Copier:
         self._bucket = min(float(limit), self._bucket + (now - self._bucket_time) * limit)
         self._bucket_time = now
         self._bucket -= nbytes
-        if self._bucket < 0:
-            await trio.sleep(-self._bucket / limit)
-        else:
-            await trio.lowlevel.checkpoint()
+        # Sleep off the debt in steps of at most a second, so that a new rate
+        # (``fusedisk rate``) takes effect at once, even after ``--rate 1``.
+        while self._bucket < 0 and self.rate_limit > 0:
+            limit = self.rate_limit
+            step_s = min(1.0, -self._bucket / limit)
+            await trio.sleep(step_s)
+            self._bucket = min(0.0, self._bucket + step_s * limit)
+        self._bucket_time = time.monotonic()
+        await trio.lowlevel.checkpoint()
 
     async def flush(self) -> None:
         """fdatasync every pool file (blocking work on worker threads)."""

@@ -23,6 +23,8 @@ def parse_size(text: str) -> int:
         raise ValueError(f"{text!r} is not a size (examples: 4096, 64K, 1M, 2G)") from None
     if value < 0 or value != value:
         raise ValueError(f"{text!r} is not a size (it must be zero or more)")
+    if value * _UNITS[unit] >= 1 << 63:  # also inf and 1e400
+        raise ValueError(f"{text!r} is not a size (too large)")
     return int(value * _UNITS[unit])
 
 

@@ -197,9 +197,10 @@ async def switch_over(
     def step(name: str) -> None:
         steps[name] = round((time.monotonic() - start) * 1000 - sum(steps.values()), 2)
 
-    await gate.close_and_drain()
-    step("drain")
     try:
+        # inside the try: a cancel that lands while draining reopens the gate
+        await gate.close_and_drain()
+        step("drain")
         src_fd = backing.open_path(entry.store.root_fd, entry.name)
         try:
             copier.discover(src_fd)

@@ -21,6 +21,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from fusedisk.datastore import OWNER_NAME
+
 READY_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 30.0
 
@@ -29,6 +31,12 @@ def is_mounted(path: Path) -> bool:
     target = os.fsencode(os.path.abspath(path))
     with open("/proc/self/mountinfo", "rb") as f:
         return any(line.split()[4] == target for line in f)
+
+
+def store_names(path: Path) -> list[str]:
+    """What a store directory holds besides its owner record (which every store
+    a datastore has claimed carries, mounted or not), sorted."""
+    return sorted(name for name in os.listdir(path) if name != OWNER_NAME)
 
 
 def force_unmount(path: Path) -> None:
