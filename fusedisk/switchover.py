@@ -6,9 +6,10 @@ inside drained:
 1. new files are picked up and the last dirty blocks copied (no throttle);
    the pool files get their source's exact size;
 2. the entry's tree is rebuilt in ``<staging>/tree`` from one walk of the
-   source: directories, symlinks and special files are made anew, regular
-   files are hard links to their pool file, and every object gets its
-   owner, mode, xattrs and times (directories after their children). A
+   source: directories, symlinks and special files are made anew, a regular
+   file's pool file is moved to its first name (further names are links),
+   and every object gets its inode number and ctime (kept), owner, mode,
+   xattrs and times (directories after their children). A
    rename, unlink, chmod or xattr change made during the copy is therefore
    exactly right, however the namespace moved meanwhile;
 3. every pool file and tree directory is fsynced;
@@ -79,7 +80,7 @@ def build_tree(
     mapping[(root_st.st_dev, root_st.st_ino)] = ()
     if stat.S_ISREG(root_st.st_mode):  # an entry that is a single file
         copy = copier.copies[(root_st.st_dev, root_st.st_ino)]
-        os.link(copy.pool_name, "tree", src_dir_fd=copier.pool_fd, dst_dir_fd=staging_fd)
+        backing.renameat2(copier.pool_fd, copy.pool_name, staging_fd, "tree", 0)
         tree_fd = backing.open_path(staging_fd, "tree")
         try:
             backing.copy_attributes(src_fd, tree_fd, root_st)
@@ -112,9 +113,8 @@ def _build_dir(
             first_name = key not in mapping
             if stat.S_ISDIR(mode):
                 os.mkdir(name, 0o700, dir_fd=dst_dir)
-            elif not first_name and not stat.S_ISREG(mode):
-                # another name of a symlink, FIFO, socket or device node seen
-                # already: the same object, as regular files share a pool file
+            elif not first_name:
+                # another name of an object made already: the same object
                 # (linkat without AT_SYMLINK_FOLLOW; the path is inside the tree)
                 os.link("/".join(mapping[key]), name, src_dir_fd=tree_fd, dst_dir_fd=dst_dir,
                         follow_symlinks=False)
@@ -122,7 +122,9 @@ def _build_dir(
                 copy = copier.copies.get(key)
                 if copy is None:
                     raise SwitchoverError(f"file {'/'.join((*parts, name))} was not copied")
-                os.link(copy.pool_name, name, src_dir_fd=copier.pool_fd, dst_dir_fd=dst_dir)
+                # moved, not linked: a pool name left behind would show as one
+                # link more (st_nlink) until the staging directory is removed
+                backing.renameat2(copier.pool_fd, copy.pool_name, dst_dir, name, 0)
             elif stat.S_ISLNK(mode):
                 os.symlink(backing.readlink(src_fd), name, dir_fd=dst_dir)
             else:  # FIFOs, sockets, device nodes
