@@ -26,6 +26,7 @@ mount, as pyfuse3 intends.
 
 from __future__ import annotations
 
+import contextvars
 import errno
 import functools
 import logging
@@ -76,6 +77,14 @@ def _errno_edge(
     return wrapper
 
 
+#: The kept ctimes a request that changes an entry dropped (see
+#: :meth:`Operations._changing`), so that a request that fails shows them again:
+#: a failed operation changes nothing, ctime included. One list per request
+#: (each runs in its own pyfuse3 worker task, which has its own context).
+_DROPPED: contextvars.ContextVar[list[tuple[Inode, int]] | None] = contextvars.ContextVar(
+    "fusedisk_dropped_ctimes", default=None)
+
+
 def _quiesced(
     fn: Callable[..., Coroutine[Any, Any, _R]],
 ) -> Callable[..., Coroutine[Any, Any, _R]]:
@@ -94,9 +103,20 @@ def _quiesced(
             return await fn(self, ino, *args)
         gate = entry.gate
         await gate.enter()
+        dropped: list[tuple[Inode, int]] = []
+        token = _DROPPED.set(dropped)
         try:
             return await fn(self, ino, *args)
+        except OSError:
+            for node, ctime_ns in dropped:  # it failed: nothing changed
+                try:
+                    keep_identity(node.path_fd, node.ino, ctime_ns)
+                    node.kept_ctime_ns = ctime_ns
+                except OSError:
+                    pass  # then the object shows its backing ctime: later, never hidden
+            raise
         finally:
+            _DROPPED.reset(token)
             gate.leave()
 
     return wrapper
@@ -297,9 +317,13 @@ class Operations(pyfuse3.Operations):
         stop showing the ctime it kept through a relocation. The xattr goes
         first, so a crash between the two never hides the change; rewriting it
         sets the backing ctime to now, which is then what the mount shows."""
-        if inode.kept_ctime_ns is not None:
+        kept = inode.kept_ctime_ns
+        if kept is not None:
             keep_identity(inode.path_fd, inode.ino, None)
             inode.kept_ctime_ns = None
+            dropped = _DROPPED.get()
+            if dropped is not None:
+                dropped.append((inode, kept))
 
     def _changing_at(self, dir_fd: int, name: str) -> None:
         """:meth:`_changing` for the object named *name* (unlinked, renamed or

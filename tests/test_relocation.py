@@ -702,6 +702,16 @@ def test_inode_numbers_and_ctime_survive_relocation_forget_and_remount(
     datastore.stop()
     datastore.start()
     assert numbers() == before
+    # an operation that fails changes nothing, ctime included
+    with pytest.raises(OSError):
+        os.removexattr(home / "vm1.vmx", "user.missing")
+    with pytest.raises(OSError):
+        os.rmdir(home / "logs")  # not empty
+    with pytest.raises(OSError):
+        os.mkdir(home / "logs")  # exists
+    assert numbers() == before
+    _forget_everything()
+    assert numbers() == before
     # a change through the mount moves ctime on, and it stays moved
     os.chmod(home / "vm1.vmx", 0o600)
     with open(home / "disk0.img", "r+b") as f:
