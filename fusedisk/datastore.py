@@ -92,7 +92,7 @@ def kept_identity(path_fd: int) -> tuple[int | None, int | None]:
         ctime_ns = int(fields[1]) if len(fields) > 1 else None
     except (OSError, ValueError, IndexError):
         return None, None
-    if not 1 < ino < 1 << 62:
+    if not 1 < ino < 1 << 63:
         return None, None
     return ino, ctime_ns
 

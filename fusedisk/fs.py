@@ -31,6 +31,7 @@ import errno
 import functools
 import logging
 import os
+import secrets
 import stat
 import time
 from collections.abc import Callable, Coroutine, Sequence
@@ -245,7 +246,6 @@ class Operations(pyfuse3.Operations):
         self._next_fh = 1
         self._dirs: dict[int, _DirHandle] = {}
         self._next_dir_fh = 1
-        self._next_private_ino = _PRIVATE_INO_BASE
         self._root_time_ns = time.time_ns()
 
     # -- inode table --------------------------------------------------------------
@@ -273,12 +273,28 @@ class Operations(pyfuse3.Operations):
         if known is not None:
             backing.close(path_fd)
             return known
-        ino, kept_ctime_ns = (None, None) if fresh else kept_identity(path_fd)
+        kept, kept_ctime_ns = (None, None) if fresh else kept_identity(path_fd)
+        ino = kept
         if ino is None or ino in self._inodes:
             ino = native_ino(entry.store.store_id, st.st_ino)
-        if ino is None or ino in self._inodes:
-            ino = self._next_private_ino
-            self._next_private_ino += 1
+            if ino is None or ino in self._inodes:
+                # Its store's number is taken (by a number another object kept
+                # through a relocation) or too large: a random private one.
+                ino = _PRIVATE_INO_BASE | secrets.randbits(61)
+                while ino in self._inodes:
+                    ino = _PRIVATE_INO_BASE | secrets.randbits(61)
+            if kept is not None or ino >= _PRIVATE_INO_BASE:
+                # not the number its store gives it, nor the one it kept: keep
+                # this one on the object, so that it stays
+                if kept_ctime_ns is None:
+                    kept_ctime_ns = st.st_ctime_ns  # writing the xattr moves the backing one
+                try:
+                    keep_identity(path_fd, ino, kept_ctime_ns)
+                except OSError as e:
+                    log.warning("inode number %#x of an object of %r is not kept (%s): it may "
+                                "change when the kernel forgets it", ino, entry.name,
+                                e.strerror or e)
+                    kept_ctime_ns = None
         inode = Inode(ino, path_fd, key, stat.S_IFMT(st.st_mode), entry, is_entry_root)
         inode.kept_ctime_ns = kept_ctime_ns
         self._inodes[ino] = inode
