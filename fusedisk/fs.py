@@ -537,14 +537,25 @@ class Operations(pyfuse3.Operations):
 
     async def _created(
         self, parent: Inode, sname: str, dir_fd: int, entry: Entry | None, mode: int,
-        ctx: pyfuse3.RequestContext,
+        ctx: pyfuse3.RequestContext, made: bool = True,
     ) -> tuple[Inode, pyfuse3.EntryAttributes]:
-        """Register an object just created as *sname* in *dir_fd*."""
-        path_fd = backing.open_path(dir_fd, sname)
+        """Register an object just created as *sname* in *dir_fd*.
+
+        If that fails (out of descriptors, say), the object is removed again:
+        a request that answers with an error has done nothing.
+        """
+        try:
+            path_fd = backing.open_path(dir_fd, sname)
+        except OSError:
+            if made:
+                self._unmake(dir_fd, sname, mode)
+            raise
         try:
             st = self._set_owner_and_mode(path_fd, parent, mode, ctx)
         except BaseException:
             backing.close(path_fd)
+            if made:
+                self._unmake(dir_fd, sname, mode)
             raise
         if entry is None:  # a new top-level entry, created on the default store
             entry = await self.datastore.added(sname, self.datastore.default_store)
@@ -552,6 +563,18 @@ class Operations(pyfuse3.Operations):
         inode = self._remember(path_fd, st, entry, parent is self._root, fresh=True)
         inode.lookups += 1
         return inode, self._attr(inode, st)
+
+    @staticmethod
+    def _unmake(dir_fd: int, sname: str, mode: int) -> None:
+        """Remove an object a failed request made (see :meth:`_created`)."""
+        try:
+            if stat.S_ISDIR(mode):
+                os.rmdir(sname, dir_fd=dir_fd)
+            else:
+                os.unlink(sname, dir_fd=dir_fd)
+        except OSError as e:
+            log.warning("could not remove %r after a failed create (%s); it stays on the "
+                        "store", sname, e.strerror or e)
 
     @_errno_edge
     @_quiesced
@@ -561,20 +584,27 @@ class Operations(pyfuse3.Operations):
         parent = self._inode(parent_inode)
         dir_fd, sname, entry = self._where(parent, name, creating=True)
         self._changing(parent)
-        fd = os.open(
-            sname,
-            os.O_CREAT | os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC | (flags & os.O_EXCL),
-            stat.S_IMODE(mode),
-            dir_fd=dir_fd,
-        )
+        made = True
         try:
-            inode, attr = await self._created(parent, sname, dir_fd, entry, mode, ctx)
-        except BaseException:
-            backing.close(fd)
-            raise
+            fd = os.open(sname, os.O_CREAT | os.O_EXCL | os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC,
+                         stat.S_IMODE(mode), dir_fd=dir_fd)
+        except FileExistsError:
+            if flags & os.O_EXCL:
+                raise
+            # made by someone else since the kernel's lookup: open it as it is
+            fd = os.open(sname, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+            made = False
         backing.close(fd)  # the data path opens its own (shared) descriptor
+        inode, attr = await self._created(parent, sname, dir_fd, entry, mode, ctx, made)
         direct = self._serve_direct(inode, flags)
-        fh = self._open_handle(inode, direct, flags)
+        try:
+            fh = self._open_handle(inode, direct, flags)
+        except OSError:  # the kernel learns nothing of it: take it back
+            inode.lookups -= 1
+            self._maybe_drop(inode)
+            if made:
+                self._unmake(dir_fd, sname, mode)
+            raise
         if flags & os.O_TRUNC:  # it may have existed after all (a racing create)
             await self._truncate_on_open(inode, fh)
         return self._file_info(inode, fh, direct), attr

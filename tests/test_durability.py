@@ -219,3 +219,53 @@ def test_a_full_state_directory_keeps_the_mount_up_and_answers_true(tmp_path: Pa
     finally:
         ds.teardown()
         subprocess.run(["umount", "-l", str(state)], check=False)
+
+
+def test_out_of_descriptors_the_mount_stays_up_and_answers_true(
+    datastore: MountedDatastore,
+) -> None:
+    """The daemon out of file descriptors (issue 11, item 8): requests fail with
+    EMFILE, a create that fails leaves nothing behind, the daemon stays up, and
+    once descriptors are free again everything works."""
+    require_tools("prlimit")
+    assert datastore.proc is not None
+    pid = datastore.proc.pid
+    vm = datastore.mnt / "vm"
+    vm.mkdir()
+    held = [os.open(datastore.mnt, os.O_RDONLY)]  # keeps nothing of the daemon's
+    soft = subprocess.run(["prlimit", f"--pid={pid}", "--nofile", "--raw", "--noheadings",
+                           "--output=SOFT"], check=True, capture_output=True, text=True)
+    subprocess.run(["prlimit", f"--pid={pid}", "--nofile=200:"], check=True)  # soft limit
+    made: dict[str, bytes] = {}  # name → what it holds, as the guest was told
+    refused = 0
+    try:
+        for i in range(400):  # each file the kernel remembers holds one of its fds
+            name = f"f{i}"
+            try:
+                fd = os.open(vm / name, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except OSError as e:
+                assert e.errno == errno.EMFILE, e
+                refused += 1
+                continue
+            made[name] = b""
+            try:
+                if os.write(fd, b"x") == 1:
+                    made[name] = b"x"
+            except OSError as e:
+                assert e.errno == errno.EMFILE, e
+            finally:
+                os.close(fd)
+        assert refused > 0, "the limit was never reached: nothing was tested"
+        assert datastore.proc.poll() is None
+        # a create answered with an error left nothing on the store
+        assert sorted(os.listdir(datastore.stores["a"] / "vm")) == sorted(made)
+    finally:
+        subprocess.run(["prlimit", f"--pid={pid}", f"--nofile={soft.stdout.strip()}:"],
+                       check=True)
+        for fd in held:
+            os.close(fd)
+    assert sorted(os.listdir(vm)) == sorted(made)
+    for name, data in made.items():
+        assert (vm / name).read_bytes() == data, name
+    (vm / "after").write_bytes(b"works")
+    assert (vm / "after").read_bytes() == b"works"
