@@ -1490,8 +1490,9 @@ class Run:
         if shrinking is not None:
             self.ctx.shrunk_during_copy.add(shrinking)
         if op.kind == "utimens" and a[0] == "ok":
-            st = os.lstat(self.ref.path(op.path))
-            self.ctx.pins[st.st_ino] = (op.atime, op.mtime, st.st_ctime_ns)
+            with contextlib.suppress(OSError):
+                st = os.lstat(self.ref.path(op.path))
+                self.ctx.pins[st.st_ino] = (op.atime, op.mtime, st.st_ctime_ns)
         if a == b:
             return []
         tainted = False
@@ -1918,7 +1919,11 @@ def shrink(
         if key in tried:
             return None
         tried.add(key)
-        got, _ = run_ops(workdir, candidate, gaps)
+        try:
+            got, _ = run_ops(workdir, candidate, gaps)
+        except Exception as e:  # a candidate the engine trips over is not a reduction
+            say(f"candidate of {len(candidate)} operations broke the run: {e!r}")
+            return None
         if got is not None and got.kind == kind:
             return got
         return None

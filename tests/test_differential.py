@@ -68,6 +68,7 @@ def _check_seed(workdir: Path, seed: int, steps: int) -> differential.Report:
     return report
 
 
+@pytest.mark.timeout(300 + 2 * _shrink_seconds())  # a failure is shrunk before it is told
 @pytest.mark.parametrize("seed", _seeds())
 def test_differential_seed(tmp_path: Path, seed: int) -> None:
     """One seeded sequence, relocations and crashes included, equal on both sides."""
@@ -86,6 +87,7 @@ def test_differential_soak(tmp_path: Path) -> None:
     runs = 0
     while time.monotonic() < deadline:
         seed = rng.randrange(1 << 31)
+        print(f"seed {seed} ...", flush=True)
         _check_seed(tmp_path / str(seed), seed, SOAK_STEPS)
         runs += 1
     print(f"{runs} seeds, no failure")
