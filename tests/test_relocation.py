@@ -491,6 +491,14 @@ def test_two_entries_relocate_at_once(datastore: MountedDatastore) -> None:
 # -- what the guest deleted stays deleted ----------------------------------------------------
 
 
+def _resume_through_holds(ds: MountedDatastore, entry: str) -> None:
+    """Resume a job held after each pass (FUSEDISK_PAUSE_AFTER_PASS) until it ends."""
+    while job(ds, entry)["state"] not in ("done", "failed"):
+        fusedisk("resume", str(ds.mnt), entry)
+        wait_for(lambda: job(ds, entry)["paused"]
+                 or job(ds, entry)["state"] in ("done", "failed"), 60, "the next hold")
+
+
 @pytest.mark.parametrize("how", ["truncate-0", "o-trunc", "truncate-partial"])
 def test_data_deleted_during_the_copy_does_not_come_back(tmp_path: Path, how: str) -> None:
     """A file shrunk after pass 1, copied while short in pass 2 and grown again
@@ -529,10 +537,7 @@ def test_data_deleted_during_the_copy_does_not_come_back(tmp_path: Path, how: st
             f.write(b"B" * 4096)
         expected = b"A" * keep + bytes(size - 4096 - keep) + b"B" * 4096
         assert disk.read_bytes() == expected
-        while job(ds, "vm1")["state"] not in ("done", "failed"):
-            fusedisk("resume", mnt, "vm1")  # through the holds after each pass
-            wait_for(lambda: job(ds, "vm1")["paused"]
-                     or job(ds, "vm1")["state"] in ("done", "failed"), 60, "the next hold")
+        _resume_through_holds(ds, "vm1")
         assert job(ds, "vm1")["state"] == "done", job(ds, "vm1")
         assert (ds.stores["b"] / "vm1" / "disk.img").read_bytes() == expected
         assert disk.read_bytes() == expected
@@ -762,10 +767,7 @@ def test_a_disk_grown_by_a_tib_during_the_copy_relocates_at_once(tmp_path: Path)
         with open(disk, "r+b") as f:
             f.seek(1 << 39)
             f.write(b"half way")
-        while job(ds, "vm1")["state"] not in ("done", "failed"):
-            fusedisk("resume", str(ds.mnt), "vm1")
-            wait_for(lambda: job(ds, "vm1")["paused"]
-                     or job(ds, "vm1")["state"] in ("done", "failed"), 60, "the next pass")
+        _resume_through_holds(ds, "vm1")
         final = job(ds, "vm1")
         assert final["state"] == "done", final
         assert final["bytes_copied"] < 16 << 20, final  # the holes were not read
