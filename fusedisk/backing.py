@@ -208,6 +208,38 @@ def pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> int:
 # that magic link to the object itself, so no store path is re-walked.
 
 
+#: What an object keeps of the identity the mount shows, on its backing object:
+#: ``b"<ino>"`` or ``b"<ino> <ctime_ns>"`` (decimal; ino 0: no number kept, the
+#: store's own). Written by a relocation (the number and ctime the mount showed
+#: before the move) and by CBT when it gives a file its id (the ctime before
+#: that xattr moved it). The mount drops the ctime (rewriting the xattr, which
+#: sets the backing ctime to now) before it changes the object in any way.
+INO_XATTR = "trusted.fusedisk.ino"
+
+
+def kept_identity(path_fd: int) -> tuple[int | None, int | None]:
+    """``(inode number, ctime_ns)`` an object keeps (:data:`INO_XATTR`); None
+    for what it does not keep. Blocking."""
+    try:
+        fields = getxattr(path_fd, INO_XATTR).split()
+        ino = int(fields[0])
+        ctime_ns = int(fields[1]) if len(fields) > 1 else None
+    except (OSError, ValueError, IndexError):
+        return None, None
+    if ino == 0:
+        return None, ctime_ns
+    if not 1 < ino < 1 << 63:
+        return None, None
+    return ino, ctime_ns
+
+
+def keep_identity(path_fd: int, ino: int | None, ctime_ns: int | None) -> None:
+    """Write what :func:`kept_identity` reads (*ino* None: no number kept). Blocking."""
+    number = 0 if ino is None else ino
+    value = f"{number}" if ctime_ns is None else f"{number} {ctime_ns}"
+    setxattr(path_fd, INO_XATTR, value.encode(), 0)
+
+
 def getxattr(path_fd: int, name: str) -> bytes:
     return os.getxattr(proc_path(path_fd), name)
 

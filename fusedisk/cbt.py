@@ -40,6 +40,16 @@ into it proceeds only once that save completed. Evicting regions snapshots
 the bitmaps, drops the regions from the log *in the same step*, saves the
 bitmaps, then the log, all under one lock: a record that omits a region is
 durable only after the bitmaps that cover its writes are.
+
+**When the state directory refuses a save** (full, read-only, I/O error):
+data keeps flowing, and no answer may be wrong. A write whose region cannot
+be logged durably would leave a crash unable to know it changed the file,
+so the history is *withdrawn* instead (:meth:`Tracker.withdraw`): the file
+gets a new id on its store, made durable before the write goes on, so its
+old change ids are refused from then on (a full backup is needed) — before
+and after a crash alike. Tracking goes on in memory without a log until a
+save succeeds again (the next clean close or checkpoint), which makes the
+new history trustworthy. :class:`SaveHealth` keeps what ``status`` shows.
 """
 
 from __future__ import annotations
@@ -87,6 +97,34 @@ class ChangeIdError(FusediskError):
     """A change id that cannot be answered exactly: the caller needs a full backup."""
 
 
+class SaveHealth:
+    """Whether the state directory takes CBT saves; what ``status`` reports.
+
+    The log says it once when saves start failing and once when they work again.
+    """
+
+    def __init__(self) -> None:
+        #: why the last save failed; None while saves succeed
+        self.error: str | None = None
+        #: histories withdrawn because a save failed (their change ids were refused)
+        self.withdrawn = 0
+
+    def failed(self, error: OSError) -> None:
+        if self.error is None:
+            log.warning("the state directory refuses CBT saves (%s): change ids of files "
+                        "written meanwhile are withdrawn; data keeps flowing",
+                        error.strerror or error)
+        self.error = error.strerror or str(error)
+
+    def succeeded(self) -> None:
+        if self.error is not None:
+            log.warning("the state directory takes CBT saves again")
+            self.error = None
+
+    def statistics(self) -> dict[str, Any]:
+        return {"save_error": self.error, "withdrawn_histories": self.withdrawn}
+
+
 class Tracker:
     """The change history of one regular file, while it is open."""
 
@@ -98,8 +136,10 @@ class Tracker:
         key: tuple[int, int],
         segments: list[tuple[int, Bitmap]] | None = None,
         next_seq: int = 1,
+        health: SaveHealth | None = None,
     ) -> None:
         self.home = home
+        self.health = health or SaveHealth()
         self.file_id = file_id
         self.block_size = block_size
         self._shift = block_size.bit_length() - 1
@@ -117,11 +157,15 @@ class Tracker:
         self._clean = True
         self._lock = trio.Lock()
         self.al_saves = 0
+        #: why this history was withdrawn (see :meth:`withdraw`); None while it is trusted
+        self.withdrawn: str | None = None
 
     # -- the data path ------------------------------------------------------------
 
     def logged(self, offset: int, length: int) -> bool:
         """True if a write of ``[offset, offset+length)`` may proceed now."""
+        if self.withdrawn is not None:
+            return True  # no change id to protect: the marks in memory are enough
         al = self._al
         saved = self._al_saved
         last = (offset + max(length, 1) - 1) >> REGION_SHIFT
@@ -168,12 +212,45 @@ class Tracker:
         """
         async with self._lock:
             self.mark(offset, length)
-            await self._save_bitmaps(self._bitmap_record())
+            if self.withdrawn is None:
+                await self._save_bitmaps(self._bitmap_record())
 
     @property
     def clean(self) -> bool:
         """True when no write happened since the last clean close."""
         return self._clean
+
+    async def withdraw(self, fd: int, error: OSError) -> None:
+        """The state directory refused a save (*error*): give up this history.
+
+        The file's id on its store (backing descriptor *fd*) is replaced by a
+        new one, fsynced, so the old change ids are refused from now on, after
+        a crash too; then tracking goes on in memory under the new id with no
+        log (nothing durable depends on it) until a save succeeds (a clean
+        close or a checkpoint). Raises *error* if the new id cannot be made
+        durable: then the write that needed the log must fail.
+        """
+        async with self._lock:
+            if self.withdrawn is not None:
+                return
+            new_id = secrets.token_hex(8)
+            try:
+                await backing.run_blocking(_replace_file_id, fd, new_id)
+            except OSError as e:
+                log.error("CBT history %s cannot be withdrawn (%s): the write is refused",
+                          self.file_id, e.strerror or e)
+                raise error from None
+            old_id, self.file_id = self.file_id, new_id
+            self.segments = [(0, Bitmap())]
+            self.next_seq = 1
+            self._al.clear()
+            self._clean = False
+            self.withdrawn = error.strerror or str(error)
+            self.health.withdrawn += 1
+            log.warning("CBT history %s withdrawn (the state directory refused a save: %s); "
+                        "the file is tracked anew as %s and its old change ids need a full "
+                        "backup", old_id, self.withdrawn, new_id)
+            await backing.run_blocking(_drop_history, self.home, old_id)
 
     # -- whose history it is ---------------------------------------------------------
 
@@ -202,7 +279,11 @@ class Tracker:
     # -- change ids ------------------------------------------------------------------
 
     async def checkpoint(self) -> str:
-        """Start a new segment; return its change id once it is durable."""
+        """Start a new segment; return its change id once it is durable.
+
+        On a withdrawn history, a checkpoint that saves makes it trusted
+        again: every write from here on is logged as usual.
+        """
         async with self._lock:
             label = self.next_seq
             self.next_seq += 1
@@ -211,7 +292,13 @@ class Tracker:
                 (l0, b0), (_l1, b1) = self.segments[0], self.segments[1]
                 b0.update(b1)
                 self.segments[:2] = [(l0, b0)]
-            await self._save_bitmaps(self._bitmap_record())
+            try:
+                await self._save_bitmaps(self._bitmap_record())
+            except OSError:
+                self.segments.pop()  # never handed out
+                self.next_seq -= 1
+                raise
+            self.withdrawn = None
         return f"{self.file_id}/{label}"
 
     def changes(self, change_id: str, file_size: int) -> list[tuple[int, int]]:
@@ -249,6 +336,7 @@ class Tracker:
             "al_regions": len(self._al),
             "al_saves": self.al_saves,
             "memory_bytes": sum(b.memory_bytes for _, b in self.segments),
+            "withdrawn": self.withdrawn,
         }
 
     # -- persistence -----------------------------------------------------------------
@@ -268,16 +356,28 @@ class Tracker:
         }
 
     async def _save_bitmaps(self, record: dict[str, Any]) -> None:
-        await backing.run_blocking(_save, self.home, f"{self.file_id}.bitmap", "cbt-bitmap", record)
+        try:
+            await backing.run_blocking(
+                _save, self.home, f"{self.file_id}.bitmap", "cbt-bitmap", record
+            )
+        except OSError as e:
+            self.health.failed(e)
+            raise
+        self.health.succeeded()
 
     async def _save_al(self) -> None:
         seq = self._al_next_save
         self._al_next_save += 1
         regions = sorted(self._al)
         self._clean = False
-        await backing.run_blocking(
-            _write_al, self.home / f"{self.file_id}.al", seq, regions, False
-        )
+        try:
+            await backing.run_blocking(
+                _write_al, self.home / f"{self.file_id}.al", seq, regions, False
+            )
+        except OSError as e:
+            self.health.failed(e)
+            raise
+        self.health.succeeded()
         self._al_saved = seq
         self.al_saves += 1
 
@@ -317,14 +417,38 @@ class Tracker:
             )
             self._al_saved = max(self._al_saved, seq)
             self._clean = self._al_next_save > self._al_saved  # no write re-armed meanwhile
+            # saved exactly: a withdrawn history is whole again (the marks made
+            # while it had no log are in the bitmaps just saved)
+            self.withdrawn = None
 
     def close_blocking(self) -> None:
         """Clean close at unmount (or after recovery), when no other task runs. Blocking."""
         record, seq, regions = self._snapshot_for_clean_close()
-        _save(self.home, f"{self.file_id}.bitmap", "cbt-bitmap", record)
-        _write_al(self.home / f"{self.file_id}.al", seq, regions, True)
+        try:
+            _save(self.home, f"{self.file_id}.bitmap", "cbt-bitmap", record)
+            _write_al(self.home / f"{self.file_id}.al", seq, regions, True)
+        except OSError as e:
+            self.health.failed(e)
+            raise
+        self.health.succeeded()
         self._al_saved = seq
         self._clean = True
+        self.withdrawn = None
+
+
+def _replace_file_id(fd: int, file_id: str) -> None:
+    """Give the file behind *fd* a new CBT id, durably. Blocking."""
+    backing.setxattr(fd, ID_XATTR, file_id.encode(), 0)
+    backing.fsync(fd, False)  # fdatasync would not carry the xattr
+
+
+def _drop_history(home: Path, file_id: str) -> None:
+    """Remove a withdrawn history's records (best effort: nothing refers to them). Blocking."""
+    for suffix in (".al", ".bitmap"):
+        try:
+            (home / f"{file_id}{suffix}").unlink(missing_ok=True)
+        except OSError:
+            pass
 
 
 def _save(home: Path, name: str, kind: str, body: dict[str, Any]) -> None:
@@ -377,6 +501,8 @@ class CbtStore:
         self.home = state_dir / "cbt"
         self.block_size = block_size
         self.home.mkdir(mode=0o700, exist_ok=True)
+        #: shared by every tracker: whether the state directory takes saves
+        self.health = SaveHealth()
 
     def file_id(self, path_fd: int) -> str | None:
         try:
@@ -384,10 +510,18 @@ class CbtStore:
         except OSError:
             return None
 
-    def _new_id(self, path_fd: int) -> str:
+    def _new_id(self, path_fd: int, fresh: bool) -> str:
+        """Give the file a new id on its store. Writing the xattr moves the
+        file's ctime, which nothing the guest did moved: unless the file was
+        just created, the ctime the mount showed is kept beside its identity
+        (:data:`backing.INO_XATTR`), as a relocation keeps it."""
         file_id = secrets.token_hex(8)
+        ino, kept_ctime = (None, None) if fresh else backing.kept_identity(path_fd)
+        ctime_ns = None if fresh or kept_ctime is not None else backing.fstat(path_fd).st_ctime_ns
         try:
             backing.setxattr(path_fd, ID_XATTR, file_id.encode(), 0)
+            if ctime_ns is not None:
+                backing.keep_identity(path_fd, ino, ctime_ns)
         except OSError as e:
             # Tracking still works while the file is open; its change ids just
             # cannot be recognised after it is closed (they ask for a full backup).
@@ -414,8 +548,9 @@ class CbtStore:
         log.info("CBT history of removed file %s dropped", file_id)
         return True
 
-    def open_tracker(self, path_fd: int, key: tuple[int, int]) -> Tracker:
-        """Load (or start) the history of the file behind *path_fd*. Blocking, small I/O.
+    def open_tracker(self, path_fd: int, key: tuple[int, int], fresh: bool = False) -> Tracker:
+        """Load (or start) the history of the file behind *path_fd* (*fresh*:
+        just created by the mount). Blocking, small I/O.
 
         A history that cannot be trusted (corrupt records, another block size,
         another file's) is replaced by a new one under a new file id, so its
@@ -430,7 +565,8 @@ class CbtStore:
                 tracker = None
             if tracker is not None:
                 return tracker
-        return Tracker(self.home, self._new_id(path_fd), self.block_size, key)
+        return Tracker(self.home, self._new_id(path_fd, fresh), self.block_size, key,
+                       health=self.health)
 
     def _load_tracker(self, file_id: str, key: tuple[int, int]) -> Tracker | None:
         bitmap = _load(self.home / f"{file_id}.bitmap", "cbt-bitmap")
@@ -454,7 +590,8 @@ class CbtStore:
             next_seq = int(bitmap["next_seq"])
         except (KeyError, TypeError, ValueError) as e:
             raise StateError(f"malformed bitmap record: {e}") from None
-        tracker = Tracker(self.home, file_id, self.block_size, key, segments, next_seq)
+        tracker = Tracker(self.home, file_id, self.block_size, key, segments, next_seq,
+                          health=self.health)
         al_seq, regions, clean = al or (0, [], True)
         tracker._al_saved, tracker._al_next_save = al_seq, al_seq + 1
         for region in regions[-AL_CAPACITY:]:  # disarmed: the first write re-arms them
@@ -467,6 +604,11 @@ class CbtStore:
                 "file %s was not closed cleanly: marked %d hot region(s) (%d MiB) changed",
                 file_id, len(regions), len(regions) * REGION_SIZE >> 20,
             )
-            # the recovered marks must be durable before a new log replaces the old
-            tracker.close_blocking()
+            # the recovered marks must be durable before a new log replaces the old;
+            # if the state directory refuses, the old log stays as it is (it lists
+            # the regions) and the tracker keeps them in its own log: still a superset
+            try:
+                tracker.close_blocking()
+            except OSError as e:
+                self.health.failed(e)
         return tracker

@@ -335,6 +335,8 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def _print_status(status: dict[str, Any]) -> None:
     print(f"datastore {status['mountpoint']}  (fusedisk {status['version']}, pid {status['pid']})")
+    for reason in status.get("degraded", []):
+        print(f"DEGRADED: {reason}")
     print()
     print(f"{'STORE':<12} {'FREE':>12} {'SIZE':>12}  PATH")
     for name, store in status["stores"].items():

@@ -267,6 +267,30 @@ class Daemon:
             sd_notify("STOPPING=1")
             notify_status(f"unmounting {self.config.mountpoint}")
 
+    def _health(self) -> dict[str, Any]:
+        """``health``: "ok" or "degraded", and in ``degraded`` one line for each reason.
+
+        Degraded means the mount serves, but not everything it was asked to
+        keep is kept: each line says what is lost and what still holds.
+        """
+        assert self.datastore is not None and self.files is not None
+        reasons = []
+        if self.datastore.record_stale is not None:
+            reasons.append(f"the datastore record cannot be saved ({self.datastore.record_stale}); "
+                           "the stores hold every change, and the next mount rebuilds it from them")
+        cbt = self.files.cbt
+        if cbt is not None and cbt.health.error is not None:
+            reasons.append(f"the state directory refuses CBT saves ({cbt.health.error}); "
+                           "change ids of files written meanwhile are withdrawn "
+                           "(a full backup is needed for them)")
+        for entry, stores in sorted(self.datastore.conflicts.items()):
+            reasons.append(f"entry {entry!r} is not served: it is on {', '.join(stores)}")
+        return {
+            "health": "degraded" if reasons else "ok",
+            "degraded": reasons,
+            "cbt_state": cbt.health.statistics() if cbt is not None else None,
+        }
+
     def _control_handlers(self) -> dict[str, control.Command]:
         """The control commands, each with the arguments it takes (the server refuses others)."""
 
@@ -284,6 +308,7 @@ class Daemon:
                 "fuse_loop": self.fuse_loop.statistics() if self.fuse_loop else None,
                 "fuse_shim": fuseshim.statistics(),
                 "jobs": self.relocator.statistics(),
+                **self._health(),
             }
 
         async def locate(request: dict[str, Any]) -> dict[str, Any]:

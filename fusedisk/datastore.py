@@ -68,39 +68,12 @@ _OWNER_KIND = "owner"
 #: daemon removing the one it had just created, on a refused mount).
 _OWNER_OPEN_TRIES = 16
 STORE_SHIFT = 48
-#: What a relocated object keeps of its identity, on its backing object:
-#: ``b"<ino>"`` or ``b"<ino> <ctime_ns>"`` (decimal). The ctime is the one the
-#: mount showed before the move; the mount drops it (rewriting the xattr, which
-#: sets the backing ctime to now) before it changes the object in any way.
-INO_XATTR = "trusted.fusedisk.ino"
-
-
 def native_ino(store_id: int, st_ino: int) -> int | None:
     """The inode number the mount shows for backing inode *st_ino* of a store,
-    unless the object keeps another (:data:`INO_XATTR`); None if it does not fit."""
+    unless the object keeps another (:data:`backing.INO_XATTR`); None if it does not fit."""
     if st_ino >> STORE_SHIFT:
         return None
     return (store_id << STORE_SHIFT) | st_ino
-
-
-def kept_identity(path_fd: int) -> tuple[int | None, int | None]:
-    """``(inode number, ctime_ns)`` an object kept through a relocation; None
-    for what it has not kept. Blocking."""
-    try:
-        fields = backing.getxattr(path_fd, INO_XATTR).split()
-        ino = int(fields[0])
-        ctime_ns = int(fields[1]) if len(fields) > 1 else None
-    except (OSError, ValueError, IndexError):
-        return None, None
-    if not 1 < ino < 1 << 63:
-        return None, None
-    return ino, ctime_ns
-
-
-def keep_identity(path_fd: int, ino: int, ctime_ns: int | None) -> None:
-    """Write what :func:`kept_identity` reads. Blocking."""
-    value = f"{ino}" if ctime_ns is None else f"{ino} {ctime_ns}"
-    backing.setxattr(path_fd, INO_XATTR, value.encode(), 0)
 
 
 @dataclass(eq=False, slots=True)

@@ -42,7 +42,8 @@ import trio
 from pyfuse3 import FUSEError
 
 from . import backing, fuseshim
-from .datastore import Datastore, Entry, keep_identity, kept_identity, native_ino
+from .backing import keep_identity, kept_identity
+from .datastore import Datastore, Entry, native_ino
 from .vdisk import OpenFiles, Resolver, VFile
 
 log = logging.getLogger(__name__)
@@ -355,7 +356,7 @@ class Operations(pyfuse3.Operations):
         path_fd = backing.open_path(dir_fd, name)
         try:
             ino, ctime_ns = kept_identity(path_fd)
-            if ino is not None and ctime_ns is not None:
+            if ctime_ns is not None:
                 keep_identity(path_fd, ino, None)
         finally:
             backing.close(path_fd)
@@ -598,7 +599,7 @@ class Operations(pyfuse3.Operations):
         inode, attr = await self._created(parent, sname, dir_fd, entry, mode, ctx, made)
         direct = self._serve_direct(inode, flags)
         try:
-            fh = self._open_handle(inode, direct, flags)
+            fh = self._open_handle(inode, direct, flags, fresh=made)
         except OSError:  # the kernel learns nothing of it: take it back
             inode.lookups -= 1
             self._maybe_drop(inode)
@@ -739,11 +740,14 @@ class Operations(pyfuse3.Operations):
 
     # -- regular files ---------------------------------------------------------------
 
-    def _open_handle(self, inode: Inode, direct: bool, flags: int) -> int:
-        """Register a new open of *inode*; return its FUSE file handle."""
+    def _open_handle(self, inode: Inode, direct: bool, flags: int, fresh: bool = False) -> int:
+        """Register a new open of *inode* (*fresh*: just created); return its FUSE file handle."""
         if inode.vfile is None:
             assert inode.entry is not None
-            inode.vfile = self.files.open(inode.path_fd, inode.key, inode.entry.gate)
+            inode.vfile = self.files.open(inode.path_fd, inode.key, inode.entry.gate, fresh)
+            if inode.vfile.tracker is not None and inode.kept_ctime_ns is None and not fresh:
+                # a new CBT id moved the backing ctime and kept the old one (cbt.py)
+                inode.kept_ctime_ns = kept_identity(inode.path_fd)[1]
         inode.handles += 1
         if direct:
             inode.direct_handles += 1

@@ -36,7 +36,8 @@ from collections.abc import Callable
 import trio
 
 from . import backing
-from .datastore import Datastore, Entry, Store, keep_identity, kept_identity, native_ino
+from .backing import keep_identity, kept_identity
+from .datastore import Datastore, Entry, Store, native_ino
 from .errors import FusediskError
 from .failpoint import failpoint
 from .mirror import Copier

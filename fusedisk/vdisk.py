@@ -96,7 +96,10 @@ class VFile:
         tracker = self.tracker
         if tracker is not None:
             while not tracker.logged(offset, len(data)):
-                await tracker.log(offset, len(data))
+                try:
+                    await tracker.log(offset, len(data))
+                except OSError as e:  # the state directory refused: see cbt.py
+                    await tracker.withdraw(self.fd, e)
         # No await from here on: the region stays logged, the marks follow the
         # write they describe (the CBT ordering rule), and a copy of the same
         # blocks (also checkpoint-free) is wholly before or after this write.
@@ -142,7 +145,11 @@ class VFile:
             low = high = old
             while min(old, length) < low or max(old, length) > high:
                 low, high = min(low, old, length), max(high, old, length)
-                await tracker.mark_durably(low, high - low)
+                try:
+                    await tracker.mark_durably(low, high - low)
+                except OSError as e:  # the state directory refused: see cbt.py
+                    await tracker.withdraw(self.fd, e)
+                    tracker.mark(low, high - low)
                 old = self.size()
         if old == length:
             return
@@ -187,14 +194,15 @@ class OpenFiles:
         #: files whose CBT history is to be saved with a relocation's alias
         self._to_keep, self._keeping = trio.open_memory_channel[VFile](math.inf)
 
-    def open(self, path_fd: int, key: tuple[int, int], gate: Gate) -> VFile:
-        """Open (or share) the file behind an O_PATH handle; pair with :meth:`release`."""
+    def open(self, path_fd: int, key: tuple[int, int], gate: Gate, fresh: bool = False) -> VFile:
+        """Open (or share) the file behind an O_PATH handle (*fresh*: just
+        created); pair with :meth:`release`."""
         vfile = self._files.get(key)
         if vfile is None:
             fd, writable = backing.open_for_io(path_fd)
             try:
                 tracker = (
-                    self.cbt.open_tracker(path_fd, key) if writable and self.cbt else None
+                    self.cbt.open_tracker(path_fd, key, fresh) if writable and self.cbt else None
                 )
             except BaseException:
                 backing.close(fd)
@@ -349,6 +357,10 @@ class OpenFiles:
             try:
                 if vfile.tracker is not None:
                     vfile.tracker.close_blocking()
+            except OSError as e:  # as in _close_released: the log keeps a superset
+                log.warning("CBT history %s not saved at unmount (%s); its next open "
+                            "reports the logged regions as changed",
+                            vfile.tracker and vfile.tracker.file_id, e.strerror or e)
             finally:
                 backing.close(vfile.fd)
         self._files.clear()

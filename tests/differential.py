@@ -116,19 +116,19 @@ from .mounting import MountedDatastore, fusedisk, wait_for
 #: signature (see ``Comparator`` and ``Run``): the mismatch is recorded and
 #: printed instead, and the run goes on. Remove an entry when its fix lands;
 #: its replay in tests/test_differential.py then stops being an expected failure.
-KNOWN_GAPS: dict[str, str] = {
-    "ctime-after-crash": (
-        "NEW (issue 11, found by this engine): a file held open across a switchover and "
-        "changed after it (write, utimens), when the daemon is killed before it is "
-        "closed: its first open after the remount gives it a new CBT file id (its "
-        "history was never saved), and writing that xattr moves its ctime"
-    ),
-}
+KNOWN_GAPS: dict[str, str] = {}
 
 #: Gaps of the brief's list that are fixed now (their checks fail again on a
 #: regression). Kept so ``FUSEDISK_GAPS`` can turn them back on for a run
 #: against an older tree (bisecting).
 FIXED_GAPS: dict[str, str] = {
+    "ctime-after-crash": (
+        "issue 11 (found by this engine): a file held open across a switchover and "
+        "changed after it, when the daemon is killed before it is closed: its first "
+        "open after the remount gave it a new CBT file id (its history was never "
+        "saved), and writing that xattr moved its ctime (fixed: cbt keeps the ctime "
+        "the mount showed beside the file's identity)"
+    ),
     "pool-link-visible": (
         "issue 11 (found by this engine): from the commit until the source is "
         "cleaned up, every regular file of the entry shows one link more: its pool "

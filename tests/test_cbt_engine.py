@@ -466,3 +466,92 @@ async def test_a_relocation_alias_is_saved_before_the_switchover_drains(tmp_path
     finally:
         files.close_all()
         os.close(path_fd)
+
+
+def refuse_saves(monkeypatch: pytest.MonkeyPatch, err: int = errno.ENOSPC) -> None:
+    """The state directory refuses every CBT save from now on (as a full one does)."""
+
+    def refused(*_args: object) -> None:
+        raise OSError(err, os.strerror(err))
+
+    monkeypatch.setattr(cbt, "_write_al", refused)
+    monkeypatch.setattr(cbt, "_save", refused)
+
+
+async def test_a_log_the_state_directory_refuses_withdraws_the_history(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Item 8 of issue 11: the write goes on; the file gets a new id on its
+    store before it does, so the old change id is refused, by this tracker
+    and by the next one loaded from the store (after a crash)."""
+    store = CbtStore(tmp_path, BLOCK)
+    files = OpenFiles(store, BLOCK)
+    path_fd, vfile = open_vfile(tmp_path, files, Gate(), 4 * BLOCK)
+    tracker = vfile.tracker
+    assert tracker is not None
+    try:
+        change_id = await tracker.checkpoint()
+        old_id = tracker.file_id
+        refuse_saves(monkeypatch)
+        async with trio.open_nursery() as nursery:  # several writers fail at once
+            for i in range(4):
+                nursery.start_soon(vfile.write, i * REGION_SIZE, b"w")
+        assert backing_bytes(vfile, 0, 1) == b"w"
+        assert tracker.withdrawn and store.health.error and store.health.withdrawn == 1
+        assert tracker.file_id != old_id
+        assert store.file_id(path_fd) == tracker.file_id  # on the store: a crash sees it
+        with pytest.raises(ChangeIdError):
+            tracker.changes(change_id, vfile.size())
+        await vfile.truncate(BLOCK)  # a truncate goes on as well
+        assert vfile.size() == BLOCK
+        with pytest.raises(OSError):  # a checkpoint that cannot be durable is refused
+            await tracker.checkpoint()
+        assert tracker.statistics()["change_ids"] == []
+        monkeypatch.undo()
+        fresh = await tracker.checkpoint()  # saves again: whole again
+        assert tracker.withdrawn is None
+        await vfile.write(0, b"v")
+        assert tracker.changes(fresh, vfile.size()) == [(0, BLOCK)]
+        assert not (tmp_path / "cbt" / f"{old_id}.bitmap").exists()  # nothing refers to it
+        loaded = store.open_tracker(path_fd, vfile.key)  # as after a crash
+        assert loaded.file_id == tracker.file_id
+        with pytest.raises(ChangeIdError):
+            loaded.changes(change_id, vfile.size())
+        assert loaded.changes(fresh, vfile.size()) == [(0, BLOCK)]  # from the log
+    finally:
+        files.close_all()
+        os.close(path_fd)
+
+
+async def test_a_history_that_cannot_be_withdrawn_refuses_the_write(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """State directory and store xattrs both refuse: the write cannot be tracked
+    or told apart after a crash, so it fails and the file is unchanged."""
+    store = CbtStore(tmp_path, BLOCK)
+    files = OpenFiles(store, BLOCK)
+    path_fd, vfile = open_vfile(tmp_path, files, Gate(), 4 * BLOCK)
+    tracker = vfile.tracker
+    assert tracker is not None
+    try:
+        change_id = await tracker.checkpoint()
+        refuse_saves(monkeypatch, errno.EROFS)
+
+        def no_xattrs(*_args: object) -> None:
+            raise OSError(errno.EIO, "xattr refused")
+
+        monkeypatch.setattr(cbt, "_replace_file_id", no_xattrs)
+        before = backing_bytes(vfile, 0, 4 * BLOCK)
+        with pytest.raises(OSError) as refused:
+            await vfile.write(0, b"w")
+        assert refused.value.errno == errno.EROFS  # the state directory's error
+        assert backing_bytes(vfile, 0, 4 * BLOCK) == before
+        assert tracker.withdrawn is None
+        assert tracker.changes(change_id, vfile.size()) == []
+    finally:
+        files.close_all()
+        os.close(path_fd)
+
+
+def backing_bytes(vfile: VFile, offset: int, length: int) -> bytes:
+    return os.pread(vfile.fd, length, offset)

@@ -25,7 +25,9 @@ from pathlib import Path
 import pytest
 
 from . import differential
-from .differential import KNOWN_GAPS, Op, active_gaps
+from .differential import FIXED_GAPS, KNOWN_GAPS, Op, active_gaps
+
+ALL_GAPS = {**FIXED_GAPS, **KNOWN_GAPS}
 
 pytestmark = pytest.mark.mount
 
@@ -236,7 +238,7 @@ def test_replay(tmp_path: Path, request: pytest.FixtureRequest, name: str) -> No
     gaps = active_gaps()
     if gap in gaps:
         request.applymarker(pytest.mark.xfail(
-            raises=AssertionError, strict=True, reason=f"known gap {gap}: {KNOWN_GAPS[gap]}"))
+            raises=AssertionError, strict=True, reason=f"known gap {gap}: {ALL_GAPS[gap]}"))
     differential.check_replay(tmp_path, ops, gaps - {gap})
 
 
@@ -248,7 +250,7 @@ def test_switchover_is_invisible_to_a_stat_loop(
     gap = "pool-link-visible"
     if gap in active_gaps():
         request.applymarker(pytest.mark.xfail(
-            raises=AssertionError, strict=True, reason=f"known gap {gap}: {KNOWN_GAPS[gap]}"))
+            raises=AssertionError, strict=True, reason=f"known gap {gap}: {ALL_GAPS[gap]}"))
     seen = differential.probe_switchover(tmp_path)
     assert seen["ino_changes"] == 0, seen
     assert set(seen["nlink"]) == {1}, f"nlink values seen during switchovers: {seen['nlink']}"

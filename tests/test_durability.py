@@ -10,6 +10,7 @@ idle, while writes are mirrored during a relocation, and after a switchover.
 from __future__ import annotations
 
 import errno
+import json
 import mmap
 import os
 import re
@@ -171,10 +172,41 @@ def test_rwf_sync_writes_on_o_direct_reach_the_store(
     assert disk.read_bytes()[: (WRITES + 1) * 4096] == b"r" * ((WRITES + 1) * 4096)
 
 
-def test_a_full_state_directory_keeps_the_mount_up_and_answers_true(tmp_path: Path) -> None:
-    """State directory full (issue 11, item 8): top-level changes are done and
-    reported ok (the record is repaired from the stores at the next mount),
-    closing a written file does not end the daemon, status says so."""
+def _fill(path: Path) -> None:
+    with open(path, "wb") as f:  # fill what is left of its filesystem
+        try:
+            while True:
+                f.write(b"\0" * 65536)
+                f.flush()
+        except OSError:
+            pass
+
+
+def _cbt(ds: MountedDatastore, *args: str) -> subprocess.CompletedProcess[str]:
+    return fusedisk("cbt", args[0], str(ds.mnt), *args[1:])
+
+
+def _extents(ds: MountedDatastore, file: str, since: str) -> list[list[int]]:
+    result = _cbt(ds, "changes", file, "--since", since, "--json")
+    assert result.returncode == 0, result
+    extents: list[list[int]] = json.loads(result.stdout)["extents"]
+    return extents
+
+
+def _covers(extents: list[list[int]], offset: int, length: int) -> bool:
+    return any(o <= offset and offset + length <= o + n for o, n in extents)
+
+
+def test_a_full_or_read_only_state_directory_keeps_the_mount_up_and_answers_true(
+    tmp_path: Path,
+) -> None:
+    """State directory full, then read-only (issue 11, item 8): the mount stays
+    up and data keeps flowing. Top-level changes are done and reported ok (the
+    record is repaired from the stores at the next mount). A change id is
+    answered with a superset or refused, never answered wrongly: a write whose
+    CBT log cannot be saved withdraws the file's history (its old change ids are
+    refused, before and after a crash). status says degraded and why; once the
+    directory takes saves again, a checkpoint makes a history whole."""
     state = tmp_path / "state"
     state.mkdir()
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(state)], check=True)
@@ -184,38 +216,75 @@ def test_a_full_state_directory_keeps_the_mount_up_and_answers_true(tmp_path: Pa
         (ds.mnt / "vm0").mkdir()
         (ds.mnt / "vm1").mkdir()
         disk = ds.mnt / "vm1" / "disk.img"
-        disk.write_bytes(os.urandom(1 << 20))
+        expected = bytearray(os.urandom(4 << 20))
+        disk.write_bytes(expected)
+        old_id = _cbt(ds, "checkpoint", "vm1/disk.img").stdout.strip()
+        assert "/" in old_id, old_id
         ds.stop()  # its CBT history is saved (a clean close), then fill the rest
         ds.start()
+        assert ds.status()["health"] == "ok"
         filler = state / "filler"
-        with open(filler, "wb") as f:  # fill what is left
-            try:
-                while True:
-                    f.write(b"\0" * 65536)
-                    f.flush()
-            except OSError:
-                pass
+        _fill(filler)
+        # full: the file's log is rewritten in place, its close cannot save
         data = os.urandom(1 << 20)
-        with open(disk, "r+b") as f:  # a logged region: the write goes on; close saves
+        with open(disk, "r+b") as f:
             f.write(data)
-        # a file that would need a new CBT log is refused, not written untracked
-        with pytest.raises(OSError) as refused:
-            (ds.mnt / "vm1" / "new.img").write_bytes(b"x" * 4096)
-        assert refused.value.errno == errno.ENOSPC
+        expected[: 1 << 20] = data
+        new = ds.mnt / "vm1" / "new.img"
+        new.write_bytes(b"x" * 4096)  # a new file's log cannot be made: withdrawn
         (ds.mnt / "vm4").mkdir()
         os.rename(ds.mnt / "vm0", ds.mnt / "vm2")
         status = ds.status()
-        assert status["record_stale"], status
-        assert sorted(status["placement"]) == ["vm1", "vm2", "vm4"]
+        assert status["health"] == "degraded", status
+        assert any("CBT" in r for r in status["degraded"]), status
+        assert any("record" in r for r in status["degraded"]), status
+        assert status["record_stale"] and status["cbt_state"]["save_error"], status
+        assert status["cbt_state"]["withdrawn_histories"] >= 1, status
+        human = ds.cli("status", str(ds.mnt))
+        assert human.returncode == 0 and "DEGRADED:" in human.stdout, human
+        assert _covers(_extents(ds, "vm1/disk.img", old_id), 0, 1 << 20)  # a superset
+        refused = _cbt(ds, "checkpoint", "vm1/new.img")  # cannot be made durable
+        assert refused.returncode == 1 and refused.stderr.count("\n") == 1, refused
+        assert "Traceback" not in refused.stderr, refused
         assert sorted(os.listdir(ds.mnt)) == ["vm1", "vm2", "vm4"]
-        assert ds.proc is not None and ds.proc.poll() is None
+        # read-only: the log cannot be rewritten either: the history is withdrawn
         filler.unlink()
-        (ds.mnt / "vm3").mkdir()  # the next save succeeds again
-        assert ds.status()["record_stale"] is None
+        cbt_dir = state / "cbt"  # read-only over the daemon's open files: a bind mount
+        subprocess.run(["mount", "--bind", str(cbt_dir), str(cbt_dir)], check=True)
+        subprocess.run(["mount", "-o", "remount,bind,ro", str(cbt_dir)], check=True)
+        with open(disk, "r+b") as f:
+            f.seek(2 << 20)
+            f.write(b"w" * 4096)
+            f.flush()
+            os.fsync(f.fileno())
+        expected[2 << 20: (2 << 20) + 4096] = b"w" * 4096
+        refused = _cbt(ds, "changes", "vm1/disk.img", "--since", old_id)
+        assert refused.returncode != 0 and "full backup" in refused.stderr, refused
+        assert ds.proc is not None and ds.proc.poll() is None
+        # a crash while degraded: the old change id stays refused
+        ds.kill()
+        subprocess.run(["umount", str(cbt_dir)], check=True)
+        ds.start()
+        assert disk.read_bytes() == expected
+        assert new.read_bytes() == b"x" * 4096
+        refused = _cbt(ds, "changes", "vm1/disk.img", "--since", old_id)
+        assert refused.returncode != 0 and "full backup" in refused.stderr, refused
+        assert sorted(ds.status()["placement"]) == ["vm1", "vm2", "vm4"]
+        # saves work again: a checkpoint gives an exact history
+        fresh = _cbt(ds, "checkpoint", "vm1/disk.img")
+        assert fresh.returncode == 0, fresh
+        with open(disk, "r+b") as f:
+            f.seek(3 << 20)
+            f.write(b"z" * 4096)
+        expected[3 << 20: (3 << 20) + 4096] = b"z" * 4096
+        extents = _extents(ds, "vm1/disk.img", fresh.stdout.strip())
+        assert extents == [[3 << 20, 64 << 10]], extents
+        (ds.mnt / "vm3").mkdir()  # the record saves again
+        assert ds.status()["health"] == "ok", ds.status()
         ds.stop()
         ds.start()
         assert sorted(ds.status()["placement"]) == ["vm1", "vm2", "vm3", "vm4"]
-        assert disk.read_bytes() == data
+        assert disk.read_bytes() == expected
     finally:
         ds.teardown()
         subprocess.run(["umount", "-l", str(state)], check=False)
