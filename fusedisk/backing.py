@@ -371,6 +371,17 @@ def copy_attributes(src_fd: int, dst_fd: int, st: os.stat_result) -> None:
     futimens(dst_fd, st.st_atime_ns, st.st_mtime_ns)
 
 
+def sync_attributes(src_fd: int, dst_fd: int, st: os.stat_result) -> None:
+    """:func:`copy_attributes` onto an object that may hold attributes already:
+    xattrs the source no longer has are removed as well."""
+    if not stat.S_ISLNK(st.st_mode):
+        wanted = set(listxattr(src_fd))
+        for name in listxattr(dst_fd):
+            if name not in wanted:
+                removexattr(dst_fd, name)
+    copy_attributes(src_fd, dst_fd, st)
+
+
 def punch_hole(fd: int, offset: int, length: int) -> None:
     """Deallocate ``[offset, offset+length)``, keeping the size; reads give zeros."""
     falloc_fl_keep_size, falloc_fl_punch_hole = 0x01, 0x02

@@ -89,19 +89,64 @@ class Store:
         return backing.statvfs(self.root_fd)
 
 
+class Journal:
+    """The objects of an entry whose names or attributes the mount changed,
+    while a relocation keeps a staged copy of its tree in step (staging.py).
+
+    The mount notes an object (by its backing key, with an O_PATH handle of
+    its own) when a request that changed it has ended (fs.py): a copy made
+    after the note sees the change, and one made while the request ran is
+    made again after the next :meth:`take`.
+    """
+
+    __slots__ = ("_closed", "_fds")
+
+    def __init__(self) -> None:
+        self._fds: dict[tuple[int, int], int] = {}
+        self._closed = False
+
+    def note(self, key: tuple[int, int], path_fd: int) -> None:
+        """Object *key* (behind *path_fd*, which stays the caller's) changed."""
+        if key not in self._fds and not self._closed:
+            self._fds[key] = os.dup(path_fd)
+
+    def add(self, key: tuple[int, int], own_fd: int) -> None:
+        """:meth:`note`, handing over a handle of the object's own."""
+        if key in self._fds or self._closed:
+            backing.close(own_fd)
+        else:
+            self._fds[key] = own_fd
+
+    def __len__(self) -> int:
+        return len(self._fds)
+
+    def take(self) -> dict[tuple[int, int], int]:
+        """The objects noted since the last take; their handles are the caller's now."""
+        fds, self._fds = self._fds, {}
+        return fds
+
+    def close(self) -> None:
+        """The relocation ended: drop what is noted, and note nothing more."""
+        self._closed = True
+        for fd in self.take().values():
+            backing.close(fd)
+
+
 @dataclass(eq=False, slots=True)
 class Entry:
     """A top-level entry. Only :class:`Datastore` changes ``name`` and ``store``.
 
     ``gate`` quiesces the entry's requests for a switchover; ``relocating``
     is True from the start of a relocation to its end (renames and removals
-    of the entry itself are refused meanwhile).
+    of the entry itself are refused meanwhile); ``journal``, while one runs,
+    lists what the mount changed in the entry (see :class:`Journal`).
     """
 
     name: str
     store: Store
     gate: Gate = field(default_factory=Gate)
     relocating: bool = False
+    journal: Journal | None = None
 
 
 def _scratch_name(kind: str, entry_name: str) -> str:

@@ -43,7 +43,7 @@ from pyfuse3 import FUSEError
 
 from . import backing, fuseshim
 from .backing import keep_identity, kept_identity
-from .datastore import Datastore, Entry, native_ino
+from .datastore import Datastore, Entry, Journal, native_ino
 from .vdisk import OpenFiles, Resolver, VFile
 
 log = logging.getLogger(__name__)
@@ -87,6 +87,13 @@ _DROPPED: contextvars.ContextVar[list[tuple[Inode, int]] | None] = contextvars.C
     "fusedisk_dropped_ctimes", default=None)
 
 
+#: What a request changed in an entry whose relocation keeps a journal (see
+#: :meth:`Operations._note`): noted when the request ends, so that a staging
+#: pass that copies the object afterwards sees the whole change.
+_NOTED: contextvars.ContextVar[list[tuple[Journal, tuple[int, int], int]] | None] = (
+    contextvars.ContextVar("fusedisk_noted_changes", default=None))
+
+
 def _quiesced(
     fn: Callable[..., Coroutine[Any, Any, _R]],
 ) -> Callable[..., Coroutine[Any, Any, _R]]:
@@ -106,7 +113,9 @@ def _quiesced(
         gate = entry.gate
         await gate.enter()
         dropped: list[tuple[Inode, int]] = []
+        noted: list[tuple[Journal, tuple[int, int], int]] = []
         token = _DROPPED.set(dropped)
+        noted_token = _NOTED.set(noted)
         try:
             return await fn(self, ino, *args)
         except OSError:
@@ -119,6 +128,9 @@ def _quiesced(
             raise
         finally:
             _DROPPED.reset(token)
+            _NOTED.reset(noted_token)
+            for journal, key, fd in noted:  # done (or failed): now it may be copied
+                journal.add(key, fd)
             gate.leave()
 
     return wrapper
@@ -334,6 +346,8 @@ class Operations(pyfuse3.Operations):
         stop showing the ctime it kept through a relocation. The xattr goes
         first, so a crash between the two never hides the change; rewriting it
         sets the backing ctime to now, which is then what the mount shows."""
+        if inode.entry is not None and inode.entry.journal is not None:
+            self._note(inode.entry.journal, inode.key, inode.path_fd)
         kept = inode.kept_ctime_ns
         if kept is not None:
             keep_identity(inode.path_fd, inode.ino, None)
@@ -342,9 +356,18 @@ class Operations(pyfuse3.Operations):
             if dropped is not None:
                 dropped.append((inode, kept))
 
-    def _changing_at(self, dir_fd: int, name: str) -> None:
-        """:meth:`_changing` for the object named *name* (unlinked, renamed or
-        renamed over), whether or not the kernel knows it."""
+    @staticmethod
+    def _note(journal: Journal, key: tuple[int, int], path_fd: int) -> None:
+        """Tell a relocation's journal that the request changes object *key*."""
+        noted = _NOTED.get()
+        if noted is None:
+            journal.note(key, path_fd)
+        else:
+            noted.append((journal, key, os.dup(path_fd)))
+
+    def _changing_at(self, dir_fd: int, name: str, entry: Entry | None) -> None:
+        """:meth:`_changing` for the object named *name* of *entry* (unlinked,
+        renamed or renamed over), whether or not the kernel knows it."""
         try:
             st = backing.lstat_at(dir_fd, name)
         except OSError:
@@ -355,6 +378,8 @@ class Operations(pyfuse3.Operations):
             return
         path_fd = backing.open_path(dir_fd, name)
         try:
+            if entry is not None and entry.journal is not None:
+                self._note(entry.journal, (st.st_dev, st.st_ino), path_fd)
             ino, ctime_ns = kept_identity(path_fd)
             if ctime_ns is not None:
                 keep_identity(path_fd, ino, None)
@@ -669,7 +694,7 @@ class Operations(pyfuse3.Operations):
         doomed = None
         if parent is not self._root:
             self._changing(parent)
-            self._changing_at(dir_fd, sname)  # its nlink changes (another name may stay)
+            self._changing_at(dir_fd, sname, entry)  # its nlink changes (another name may stay)
         if is_dir:
             os.rmdir(sname, dir_fd=dir_fd)
         else:
@@ -724,8 +749,8 @@ class Operations(pyfuse3.Operations):
         if not at_root:
             self._changing(old_parent)
             self._changing(new_parent)
-            self._changing_at(old_dir_fd, old_name)
-            self._changing_at(new_dir_fd, new_name)
+            self._changing_at(old_dir_fd, old_name, old_entry)
+            self._changing_at(new_dir_fd, new_name, old_entry)
         doomed = None
         if not flags & pyfuse3.RENAME_EXCHANGE:
             doomed = self.files.last_link_history(new_dir_fd, new_name)

@@ -3,8 +3,9 @@
 A :class:`Copier` copies the regular files of one entry into a *pool* on
 the destination store: one pool file per source file (by backing inode, so
 hard links stay one file), named ``<dev>-<ino>``. Names, directories and
-attributes are not copied here: the switchover rebuilds the tree from the
-pool inside the pause (see switchover.py).
+attributes are not copied here: staging.py moves each pool file to its place
+in the staged tree (the copy goes on through the open descriptor) and keeps
+the tree in step.
 
 Each :class:`FileCopy` attaches a *consumer* bitmap to the file's shared
 :class:`~fusedisk.vdisk.VFile`: every guest write marks it after landing.
@@ -58,7 +59,8 @@ class FileCopy:
     """One source regular file and its pool file on the destination."""
 
     __slots__ = (
-        "__weakref__", "copied", "dirty", "dst_fd", "key", "pool_name", "unflushed", "vfile",
+        "__weakref__", "copied", "dirty", "dst_fd", "key", "pool_name", "restamp", "unflushed",
+        "vfile",
     )
 
     def __init__(self, vfile: VFile, dst_fd: int, pool_name: str) -> None:
@@ -72,6 +74,8 @@ class FileCopy:
         #: on the source is punched on the destination, not skipped)
         self.copied = Bitmap()
         self.unflushed = 0
+        #: the copy changed the pool file since its times were last set (staging.py)
+        self.restamp = False
 
     def alive_test(self) -> Callable[[], bool]:
         """A test, holding no reference to this copy, of whether it is still in
@@ -145,27 +149,9 @@ class Copier:
 
     # -- files ----------------------------------------------------------------------
 
-    def discover(self, entry_fd: int) -> int:
-        """Start copying every regular file of the entry not yet known; return how many.
-
-        Blocking, but small: one walk of the entry's directory tree.
-        """
-        found = 0
-        root = backing.fstat(entry_fd)
-        if stat.S_ISREG(root.st_mode):  # an entry that is a single file
-            if (root.st_dev, root.st_ino) not in self.copies:
-                self._add(entry_fd, (root.st_dev, root.st_ino))
-                found += 1
-            return found
-        for _parts, fd, st in walk(entry_fd):
-            key = (st.st_dev, st.st_ino)
-            if not stat.S_ISREG(st.st_mode) or key in self.copies:
-                continue
-            self._add(fd, key)
-            found += 1
-        return found
-
-    def _add(self, path_fd: int, key: tuple[int, int]) -> None:
+    def add(self, path_fd: int, key: tuple[int, int]) -> FileCopy:
+        """Start copying the regular file behind *path_fd* (backing *key*) into a
+        new pool file; every allocated block is dirty. Blocking, small."""
         vfile = self.files.open(path_fd, key, self.gate)
         pool_name = f"{key[0]}-{key[1]}"
         try:
@@ -190,6 +176,35 @@ class Copier:
         # under the pool file's key after a crash (saved before the commit).
         pool = backing.fstat(dst_fd)
         self.files.keep_history(vfile, (pool.st_dev, pool.st_ino), copy.alive_test())
+        return copy
+
+    def drop(self, key: tuple[int, int]) -> None:
+        """Stop copying a file whose source is gone (no link left)."""
+        copy = self.copies.pop(key, None)
+        if copy is not None:
+            self._release(copy)
+
+    def _release(self, copy: FileCopy, later: list[int] | None = None) -> None:
+        vfile = copy.vfile
+        vfile.mirror_fd = None
+        vfile.mirror_error = None
+        for i, bits in enumerate(vfile.consumers):
+            if bits is copy.dirty:
+                del vfile.consumers[i]
+                break
+        if later is None:
+            backing.close(copy.dst_fd)
+        else:
+            later.append(copy.dst_fd)
+        self.files.release(vfile)
+
+    def fit(self, copy: FileCopy) -> None:
+        """Give the pool file its source's size now (a shorter source cuts it)."""
+        size = copy.vfile.size()
+        if backing.fstat(copy.dst_fd).st_size > size:
+            self._cut_pool(copy, size)
+        else:
+            backing.ftruncate(copy.dst_fd, size)
 
     def start_mirroring(self) -> None:
         """From now on every guest write lands on both stores before it is acknowledged."""
@@ -203,18 +218,15 @@ class Copier:
                 return copy.vfile.mirror_error
         return None
 
-    def detach(self) -> None:
-        """Stop mirroring and consuming; close pool files; release the sources."""
+    def detach(self) -> list[int]:
+        """Stop mirroring and consuming, release the sources; return the pool
+        files' descriptors, for the caller to close (outside a pause)."""
+        later: list[int] = []
         for copy in self.copies.values():
-            vfile = copy.vfile
-            vfile.mirror_fd = None
-            vfile.mirror_error = None
-            if copy.dirty in vfile.consumers:
-                vfile.consumers.remove(copy.dirty)
-            backing.close(copy.dst_fd)
-            self.files.release(vfile)
+            self._release(copy, later)
         self.copies.clear()
         self.mirroring = False
+        return later
 
     # -- copying --------------------------------------------------------------------
 
@@ -222,8 +234,14 @@ class Copier:
         return sum(c.dirty.count for c in self.copies.values()) << self._shift
 
     async def copy_pass(self, *, throttle: bool = True) -> None:
-        """Copy every block that is dirty when the pass reaches it, smallest files first."""
-        for copy in sorted(self.copies.values(), key=lambda c: c.vfile.size()):
+        """Copy every block that is dirty when the pass reaches it, smallest files first.
+
+        Files with nothing dirty cost nothing (the pause's pass sees only what
+        changed); a block dirtied in a file the pass already left waits for
+        the next pass.
+        """
+        dirty = [c for c in self.copies.values() if c.dirty.count]
+        for copy in sorted(dirty, key=lambda c: c.vfile.size()):
             if copy.key in self.copies:  # not detached meanwhile
                 await self._copy_file(copy, throttle)
 
@@ -280,6 +298,7 @@ class Copier:
         elif data == _ZEROS[: len(data)]:
             backing.punch_hole(copy.dst_fd, offset, len(data))
             copy.copied.clear(first, nblocks)
+            copy.restamp = True
             return len(data)
         else:
             if backing.pwrite_all(copy.dst_fd, data, offset) != len(data):
@@ -288,6 +307,7 @@ class Copier:
         if written:
             copy.copied.mark(first, nblocks)
             copy.unflushed += written
+            copy.restamp = True
         return len(data)
 
     def _skip_hole(self, copy: FileCopy, blockno: int) -> int:
@@ -314,6 +334,7 @@ class Copier:
         if held is not None and held < blockno + nblocks:
             backing.punch_hole(copy.dst_fd, offset, nblocks << self._shift)
             copy.copied.clear(blockno, nblocks)
+            copy.restamp = True
         return nblocks
 
     def _cut_pool(self, copy: FileCopy, size: int) -> None:
@@ -327,6 +348,7 @@ class Copier:
         if pool_size <= size:
             return
         backing.ftruncate(copy.dst_fd, size)
+        copy.restamp = True
         first = (size + self.block_size - 1) >> self._shift
         end = (pool_size + self.block_size - 1) >> self._shift
         if end > first:
@@ -379,12 +401,6 @@ class Copier:
             self._bucket = min(0.0, self._bucket + step_s * limit)
         self._bucket_time = time.monotonic()
         await trio.lowlevel.checkpoint()
-
-    async def flush(self) -> None:
-        """fdatasync every pool file (blocking work on worker threads)."""
-        for copy in list(self.copies.values()):
-            await backing.run_blocking(backing.fsync, copy.dst_fd, True)
-            copy.unflushed = 0
 
     def copy_rate(self) -> float:
         return self._rate

@@ -2,10 +2,11 @@
 
 A :class:`Relocation` runs::
 
-    preflight → record "copying" → staging + pool → pass 1 (every allocated
-    block) → passes over what was dirtied → [mirroring, when the dirty set
-    stops shrinking] → flush → switchover (switchover.py) → source removed
-    → record ended
+    preflight → record "copying" → staging + pool → the tree staged
+    (staging.py) → pass 1 (every allocated block) → passes over what was
+    dirtied, each followed by a sync of the staged tree → [mirroring, when
+    the dirty set stops shrinking] → flush → switchover (switchover.py) →
+    source removed → record ended
 
 Until the switchover's commit the source is the truth: a failure, a cancel
 or a crash leaves it untouched and removes the partial copy. Convergence is
@@ -34,10 +35,11 @@ import trio
 
 from . import backing
 from .config import MAX_PAUSE_MS, MAX_RATE, MIN_PAUSE_MS
-from .datastore import Datastore, Entry, Store, kept_source_name, staging_name
+from .datastore import Datastore, Entry, Journal, Store, kept_source_name, staging_name
 from .errors import FusediskError
 from .failpoint import PAUSE_AFTER_PASS, failpoint
 from .mirror import Copier, estimate_s, walk
+from .staging import StagedTree
 from .switchover import switch_over
 from .vdisk import OpenFiles, Resolver
 
@@ -156,6 +158,7 @@ class Relocation:
         self.pause_ms: float | None = None
         self.committed = False
         self.copier: Copier | None = None
+        self.tree: StagedTree | None = None
         self._rate_limit = options.rate
         self._dirty_rate = 0.0
         self._progress = 0.0
@@ -247,7 +250,15 @@ class Relocation:
         self._pool_fd = backing.open_path(self._staging_fd, "pool")
         copier = self.copier = Copier(self.files, entry.gate, self._pool_fd, self.block_size)
         copier.rate_limit = self._rate_limit
-        self._discover()
+        # from here on the mount notes what it changes in the entry: the first
+        # build sees all that came before, a sync all that came after
+        entry.journal = Journal()
+        tree = self.tree = StagedTree(self._staging_fd, copier, entry.store.store_id)
+        src_fd = backing.open_path(entry.store.root_fd, entry.name)
+        try:
+            await tree.build(src_fd)
+        finally:
+            backing.close(src_fd)
         self.bytes_total = copier.dirty_bytes()
         if self.options.mode == Mode.MIRROR:
             self._start_mirroring()
@@ -264,7 +275,7 @@ class Relocation:
                 await copier.wait_resumed()
             copied_in_pass = copier.bytes_copied - copied_before
             self._check_mirror()
-            self._discover()
+            await self._sync()
             dirty = copier.dirty_bytes()
             self._dirty_rate = dirty / max(time.monotonic() - pass_start, 1e-3)
             log.info("relocation of %r: pass %d done, %d MiB dirty", entry.name, self.pass_no,
@@ -276,7 +287,8 @@ class Relocation:
                     # copy no longer depends on how fast the guest writes.
                     self._start_mirroring()
                     continue
-                await copier.flush()  # the flush inside the pause stays small
+                await self._sync()
+                await tree.flush()  # the flush inside the pause stays small
                 self._check_mirror()
                 if self._fits_pause(copier.dirty_bytes()):
                     break
@@ -295,9 +307,8 @@ class Relocation:
             previous_dirty = dirty
 
         self.state = State.SWITCHING
-        assert self._staging_fd is not None
         self.pause_ms = await switch_over(
-            self.datastore, entry, dst, copier, self._staging_fd, self._committed
+            self.datastore, entry, dst, copier, tree, self._committed
         )
         self.state = State.FINISHING
         log.info("relocation of %r committed: now on %r (pause %.1f ms)", entry.name, dst.name,
@@ -313,13 +324,16 @@ class Relocation:
         self.committed = True
         self.on_commit(entry, resolve)
 
-    def _discover(self) -> None:
-        assert self.copier is not None
-        src_fd = backing.open_path(self.entry.store.root_fd, self.entry.name)
+    async def _sync(self) -> None:
+        """Bring the staged tree in step with what the mount changed since the last sync."""
+        assert self.tree is not None and self.entry.journal is not None
+        changed = self.entry.journal.take()
         try:
-            self.copier.discover(src_fd)
+            await self.tree.sync_names(changed)
+            self.tree.sync_attributes(changed)
         finally:
-            backing.close(src_fd)
+            for fd in changed.values():
+                backing.close(fd)
 
     def _start_mirroring(self) -> None:
         assert self.copier is not None
@@ -338,7 +352,13 @@ class Relocation:
     async def _cleanup(self) -> None:
         """Undo (not committed) or finish (committed) on the stores; end the record."""
         if self.copier is not None:
-            self.copier.detach()
+            for pool_fd in self.copier.detach():
+                backing.close(pool_fd)
+        if self.entry.journal is not None:
+            self.entry.journal.close()
+            self.entry.journal = None
+        if self.tree is not None:
+            self.tree.close()
         for fd in (self._pool_fd, self._staging_fd):
             if fd is not None:
                 backing.close(fd)

@@ -20,6 +20,7 @@ import math
 import os
 import stat
 from collections.abc import Callable
+from typing import Protocol
 
 import trio
 
@@ -30,8 +31,15 @@ from .gate import Gate
 
 log = logging.getLogger(__name__)
 
-#: key of a source object → a fresh O_PATH handle and stat of its new self, or None
-Resolver = Callable[[tuple[int, int]], "tuple[int, os.stat_result] | None"]
+class Resolver(Protocol):
+    """Where a relocation's switchover moved the objects of an entry."""
+
+    def __call__(self, key: tuple[int, int]) -> tuple[int, os.stat_result] | None:
+        """A fresh O_PATH handle and the stat of the new self of source object
+        *key*; None if it has none (unlinked, open only: it stays)."""
+
+    def new_key(self, key: tuple[int, int]) -> tuple[int, int] | None:
+        """The backing key of the new self of source object *key* (no I/O)."""
 
 
 class Activity:
@@ -56,7 +64,7 @@ class VFile:
 
     __slots__ = (
         "activity", "block_shift", "closing", "consumers", "fd", "gate", "key", "mirror_error",
-        "mirror_fd", "opens", "tracker", "writable",
+        "mirror_fd", "opens", "stale", "touched", "tracker", "writable",
     )
 
     def __init__(
@@ -84,6 +92,12 @@ class VFile:
         #: users holding this VFile open, and releases still saving (OpenFiles counts them)
         self.opens = 0
         self.closing = 0
+        #: a write or truncate changed the file (its size and times) since a
+        #: relocation's staging last copied its attributes (staging.py)
+        self.touched = False
+        #: ``fd`` is the old backing file of a relocation that committed: no
+        #: user had the file open at the re-point, the next open reopens it
+        self.stale = False
 
     def read(self, offset: int, length: int) -> bytes:
         self.activity.requests += 1
@@ -104,6 +118,7 @@ class VFile:
         # write they describe (the CBT ordering rule), and a copy of the same
         # blocks (also checkpoint-free) is wholly before or after this write.
         written = backing.pwrite_all(self.fd, data, offset)
+        self.touched = True
         if tracker is not None:
             tracker.mark(offset, written)
         if self.mirror_fd is not None:
@@ -156,6 +171,7 @@ class VFile:
         start, span = min(old, length), abs(old - length)
         # no await from here on (as in write)
         backing.ftruncate(self.fd, length)
+        self.touched = True
         if tracker is not None:
             tracker.mark(start, span)
         if self.mirror_fd is not None:
@@ -198,6 +214,10 @@ class OpenFiles:
         """Open (or share) the file behind an O_PATH handle (*fresh*: just
         created); pair with :meth:`release`."""
         vfile = self._files.get(key)
+        if vfile is not None and vfile.stale:
+            fd, vfile.writable = backing.open_for_io(path_fd)
+            old_fd, vfile.fd, vfile.stale = vfile.fd, fd, False
+            backing.close(old_fd)
         if vfile is None:
             fd, writable = backing.open_for_io(path_fd)
             try:
@@ -252,7 +272,9 @@ class OpenFiles:
             if vfile.opens == 0 and self._files.get(vfile.key) is vfile:
                 del self._files[vfile.key]
                 # unlinked while open: now it is gone, and its history with it
-                gone = tracker is not None and backing.fstat(vfile.fd).st_nlink == 0
+                # (a stale fd is the old self of a file that lives on elsewhere)
+                gone = (tracker is not None and not vfile.stale
+                        and backing.fstat(vfile.fd).st_nlink == 0)
                 backing.close(vfile.fd)
                 vfile.fd = -1
                 if tracker is not None and gone:
@@ -334,6 +356,17 @@ class OpenFiles:
         checkpoint: every user sees either the old or the new descriptor.
         """
         for vfile in list(self._files.values()):
+            if vfile.opens == 0:
+                # nobody can read or write it before it is opened again (which
+                # reopens it) or closed: no need to open its new self now
+                new = resolve.new_key(vfile.key)
+                if new is not None:
+                    del self._files[vfile.key]
+                    vfile.key, vfile.stale = new, True
+                    self._files[new] = vfile
+                    if vfile.tracker is not None:
+                        vfile.tracker.key = new
+                continue
             found = resolve(vfile.key)
             if found is None:
                 continue  # unlinked but open: it stays where its data is

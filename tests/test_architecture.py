@@ -17,6 +17,7 @@ LAYERS: list[set[str]] = [
     {"vdisk"},
     {"datastore"},
     {"mirror"},
+    {"staging"},
     {"switchover"},
     {"relocation"},
     {"fs", "control", "fuseloop"},

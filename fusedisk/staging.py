@@ -1,0 +1,495 @@
+"""The destination tree of a relocation: built during the copy, kept in step.
+
+A relocation builds the entry's tree on the destination, ``<staging>/tree``,
+while the copy runs, not inside the switchover's pause: directories,
+symlinks and special files are made anew, a regular file's pool file (see
+mirror.py) is moved to its first name (further names are links), and every
+object gets the owner, mode, xattrs, times, inode number and ctime the mount
+shows for its source. From then on the tree is kept in step from the entry's
+:class:`~fusedisk.datastore.Journal`, in which the mount notes every object
+whose names or attributes a request changed (fs.py); a *sync* looks at those
+objects only: a changed directory's names are compared with its staged
+names, a changed object's attributes are copied again. Regular files the
+guest wrote (``VFile.touched``) or the copier wrote (``FileCopy.restamp``)
+get their size and times again. A *flush* fsyncs only what a sync or the
+copy changed since the last flush. So the switchover's pause, which runs
+the last sync and flush, costs what changed since the one before it, not
+what the entry holds.
+
+**Moving things.** A staged name whose source name is gone, or now names
+another object, is moved to ``<staging>/limbo`` (under a number), not
+removed: the object may have moved to a directory that this sync processes
+later (a rename across directories), which then takes it back. An object
+whose source is gone (no link left: the journal's handle of it keeps its
+inode number from being reused until the sync has seen it) is removed from
+limbo at once; the last sync, inside the pause, removes what is left there
+(a surplus link would show as one link more once the tree is the entry).
+
+**Identity.** A source object is known by its backing key ``(st_dev,
+st_ino)`` on the source store, which no rename changes. A staged object's
+place is kept as (parent's key, name), so that moving a directory is one
+update and any object's path is found by walking up.
+
+Runs on the trio thread, like the copy (no other task changes the staged
+tree): a sync before the pause checkpoints between objects, and whatever a
+request changes meanwhile is noted again when it ends; the fsyncs of a
+flush run on a worker thread.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import stat
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import trio
+
+from . import backing
+from .backing import keep_identity, kept_identity
+from .datastore import native_ino
+from .mirror import Copier, FileCopy
+
+log = logging.getLogger(__name__)
+
+Key = tuple[int, int]
+#: The parent "key" of objects in limbo, and of the tree's root.
+_LIMBO: Key = (-1, -1)
+_TOP: Key = (-2, -2)
+TREE = "tree"
+LIMBO = "limbo"
+#: Objects a sync before the pause handles between two checkpoints.
+_SLICE = 64
+
+
+class StagingError(Exception):
+    """The staged tree cannot be kept in step (a bug, or the destination failed)."""
+
+
+@dataclass(slots=True)
+class Statistics:
+    objects: int
+    limbo: int
+    unsynced: int
+    syncs: int
+    last_sync_objects: int
+
+
+def keep_identity_of(src_fd: int, dst_fd: int, st: os.stat_result, src_store_id: int) -> None:
+    """Give the staged object the inode number and ctime the mount shows for
+    its source (fs.py reads them back). After the attributes, whose changes
+    move the backing ctime, which the kept one hides."""
+    ino, ctime_ns = kept_identity(src_fd)
+    if ino is None:
+        ino = native_ino(src_store_id, st.st_ino)
+    if ctime_ns is None:
+        ctime_ns = st.st_ctime_ns
+    if ino is not None:
+        keep_identity(dst_fd, ino, ctime_ns)
+
+
+class StagedTree:
+    """The staged copy of one entry's tree; see the module doc."""
+
+    def __init__(self, staging_fd: int, copier: Copier, src_store_id: int) -> None:
+        self.staging_fd = staging_fd
+        self.copier = copier
+        self.src_store_id = src_store_id
+        #: where each staged object is: (parent's key, name); the root: (_TOP, TREE)
+        self._place: dict[Key, tuple[Key, str]] = {}
+        #: each staged directory's names, by its key (limbo: _LIMBO)
+        self._names: dict[Key, dict[str, Key]] = {_LIMBO: {}}
+        #: the backing key of each staged object on the destination
+        self._dst_key: dict[Key, Key] = {}
+        #: the other names (hard links) of staged objects, beside their place
+        self._links: dict[Key, set[tuple[Key, str]]] = {}
+        #: directories whose names a sync before the pause could not bring in
+        #: step (the source moved under it): synced again by the next one
+        self._retry: dict[Key, int] = {}
+        #: staged objects whose data or attributes changed since the last flush
+        self._unsynced: set[Key] = set()
+        #: staged directories whose names changed since the last flush
+        self._unsynced_dirs: set[Key] = set()
+        self._limbo_fd = -1
+        self._limbo_seq = 0
+        self._ops = 0
+        self.root_key: Key | None = None
+        self.syncs = 0
+        self.last_sync_objects = 0
+
+    # -- where things are -------------------------------------------------------------
+
+    def path_of(self, key: Key) -> tuple[str, ...]:
+        """The path of a staged object, relative to the staging directory."""
+        parts: list[str] = []
+        while key != _TOP:
+            parent, name = self._place[key]
+            parts.append(name)
+            if parent == _LIMBO:
+                parts.append(LIMBO)
+                break
+            key = parent
+        return tuple(reversed(parts))
+
+    def in_tree(self, key: Key) -> tuple[str, ...] | None:
+        """The path of a staged object relative to the tree's root; None if it
+        is not in the tree (in limbo, or never staged)."""
+        if key not in self._place:
+            return None
+        path = self.path_of(key)
+        return path[1:] if path[0] == TREE else None
+
+    def dst_key(self, key: Key) -> Key | None:
+        """The destination's backing key of a staged object in the tree."""
+        return self._dst_key.get(key) if self.in_tree(key) is not None else None
+
+    def _open(self, key: Key) -> int:
+        return backing.open_parts(self.staging_fd, self.path_of(key))
+
+    # -- building -------------------------------------------------------------------------
+
+    async def build(self, src_fd: int) -> None:
+        """Stage the whole entry below *src_fd* (its root) for the first time."""
+        backing.remove_tree(self.staging_fd, TREE)
+        backing.remove_tree(self.staging_fd, LIMBO)
+        os.mkdir(LIMBO, 0o700, dir_fd=self.staging_fd)
+        self._limbo_fd = backing.open_path(self.staging_fd, LIMBO)
+        st = backing.fstat(src_fd)
+        key = (st.st_dev, st.st_ino)
+        self.root_key = key
+        await self._make(_TOP, self.staging_fd, TREE, key, src_fd, st, final=False)
+        self._unsynced_dirs.add(_TOP)
+
+    async def _make(
+        self, parent: Key, dir_fd: int, name: str, key: Key, src_fd: int, st: os.stat_result,
+        final: bool,
+    ) -> None:
+        """Make a new staged object for source *key* as *name* in *dir_fd*."""
+        mode = st.st_mode
+        if stat.S_ISDIR(mode):
+            os.mkdir(name, 0o700, dir_fd=dir_fd)
+        elif stat.S_ISREG(mode):
+            copy = self.copier.copies.get(key) or self.copier.add(src_fd, key)
+            backing.renameat2(self.copier.pool_fd, copy.pool_name, dir_fd, name,
+                              backing.RENAME_NOREPLACE)
+        elif stat.S_ISLNK(mode):
+            os.symlink(backing.readlink(src_fd), name, dir_fd=dir_fd)
+        else:  # FIFOs, sockets, device nodes
+            os.mknod(name, mode, st.st_rdev, dir_fd=dir_fd)
+        self._place[key] = (parent, name)
+        self._names.setdefault(parent, {})[name] = key
+        if stat.S_ISDIR(mode):
+            self._names[key] = {}
+            dst_fd = backing.open_path(dir_fd, name)
+            try:
+                for child in sorted(backing.list_dir(src_fd)):
+                    await self._step(final)
+                    try:
+                        child_fd = backing.open_path(src_fd, child)
+                    except FileNotFoundError:
+                        continue  # gone meanwhile: its parent is noted again
+                    try:
+                        child_st = backing.fstat(child_fd)
+                        child_key = (child_st.st_dev, child_st.st_ino)
+                        await self._put(key, dst_fd, child, child_key, child_fd, child_st, final)
+                    finally:
+                        backing.close(child_fd)
+                self._unsynced_dirs.add(key)
+            finally:
+                backing.close(dst_fd)
+        self._copy_attributes(key, src_fd, st)
+
+    async def _put(
+        self, parent: Key, dir_fd: int, name: str, key: Key, src_fd: int, st: os.stat_result,
+        final: bool,
+    ) -> None:
+        """Make staged *name* in *parent* (open as *dir_fd*) the object *key*."""
+        place = self._place.get(key)
+        if place is None:
+            await self._make(parent, dir_fd, name, key, src_fd, st, final)
+            return
+        old_parent, old_name = place
+        if old_parent == _LIMBO or stat.S_ISDIR(st.st_mode):
+            # in limbo, or a directory (one name only): move it here
+            old_dir_fd = self._limbo_fd if old_parent == _LIMBO else self._open(old_parent)
+            try:
+                backing.renameat2(old_dir_fd, old_name, dir_fd, name, backing.RENAME_NOREPLACE)
+            finally:
+                if old_dir_fd != self._limbo_fd:
+                    backing.close(old_dir_fd)
+            del self._names[old_parent][old_name]
+            self._unsynced_dirs.add(old_parent)
+            self._place[key] = (parent, name)
+        else:  # another name of an object staged already
+            os.link("/".join(self.path_of(key)), name, src_dir_fd=self.staging_fd,
+                    dst_dir_fd=dir_fd, follow_symlinks=False)
+            self._links.setdefault(key, set()).add((parent, name))
+        self._names[parent][name] = key
+
+    def _to_limbo(self, parent: Key, dir_fd: int, name: str) -> None:
+        """Move staged *name* of *parent* to limbo (see the module doc)."""
+        key = self._names[parent].pop(name)
+        self._limbo_seq += 1
+        limbo_name = str(self._limbo_seq)
+        backing.renameat2(dir_fd, name, self._limbo_fd, limbo_name, backing.RENAME_NOREPLACE)
+        self._names[_LIMBO][limbo_name] = key
+        self._unsynced_dirs.update((parent, _LIMBO))
+        links = self._links.get(key)
+        if self._place.get(key) == (parent, name):
+            if links:  # another name stays in the tree: that is its place now
+                self._place[key] = links.pop()
+            else:
+                self._place[key] = (_LIMBO, limbo_name)
+        elif links is not None:
+            links.discard((parent, name))
+        if links is not None and not links:
+            del self._links[key]
+
+    # -- keeping in step --------------------------------------------------------------
+
+    async def sync_names(self, changed: dict[Key, int], *, final: bool = False) -> None:
+        """Bring the names of every changed directory in step with its source.
+
+        *changed*: the journal's objects (handles stay the caller's). First
+        every staged name that no longer matches goes to limbo, in every
+        changed directory; then the missing names are brought in, from
+        limbo (moved) or made anew: so a directory that moved is always in
+        limbo when its new parent takes it. With *final* (inside the pause)
+        nothing else runs meanwhile, a failure raises, and limbo is emptied.
+        """
+        self.syncs += 1
+        self.last_sync_objects = len(changed)
+        retry, self._retry = self._retry, {}
+        todo = {**retry, **changed}
+        try:
+            dirs: list[tuple[Key, int, dict[str, Key]]] = []
+            for key, src_fd in todo.items():
+                if key not in self._names or key == _LIMBO:
+                    continue  # not a staged directory
+                wanted = _listing(src_fd)
+                if wanted is not None:
+                    dirs.append((key, src_fd, wanted))
+            for key, _src_fd, wanted in dirs:  # out of the way
+                staged = self._names[key]
+                wrong = [name for name, skey in staged.items() if wanted.get(name) != skey]
+                if wrong:
+                    dir_fd = self._open(key)
+                    try:
+                        for name in wrong:
+                            self._to_limbo(key, dir_fd, name)
+                    finally:
+                        backing.close(dir_fd)
+            for key, src_fd, wanted in dirs:  # in
+                await self._bring_in(key, src_fd, wanted, final)
+            for key, src_fd in todo.items():
+                self._purge_if_gone(key, src_fd)
+            if final:
+                self._empty_limbo()
+        finally:
+            for fd in retry.values():
+                if fd not in changed.values():
+                    backing.close(fd)
+
+    async def _bring_in(self, key: Key, src_fd: int, wanted: dict[str, Key], final: bool) -> None:
+        staged = self._names[key]
+        missing = sorted(name for name, okey in wanted.items() if staged.get(name) != okey)
+        if not missing:
+            return
+        dir_fd = self._open(key)
+        try:
+            for name in missing:
+                await self._step(final)
+                okey = wanted[name]
+                try:
+                    obj_fd = backing.open_path(src_fd, name)
+                except FileNotFoundError:
+                    continue  # gone meanwhile: its parent is noted again
+                try:
+                    st = backing.fstat(obj_fd)
+                    if (st.st_dev, st.st_ino) != okey or name in staged:
+                        continue  # replaced meanwhile: noted again
+                    try:
+                        await self._put(key, dir_fd, name, okey, obj_fd, st, final)
+                    except OSError as e:
+                        if final:
+                            raise StagingError(
+                                f"cannot stage {name!r}: {e.strerror or e}") from None
+                        # the source moved under this sync: the next one tries again
+                        log.debug("staging %r deferred: %s", name, e)
+                        if key not in self._retry:
+                            self._retry[key] = os.dup(src_fd)
+                finally:
+                    backing.close(obj_fd)
+        finally:
+            backing.close(dir_fd)
+
+    def _purge_if_gone(self, key: Key, src_fd: int) -> None:
+        """Remove the staged copy of an object whose source has no link left."""
+        place = self._place.get(key)
+        if place is None or place[0] != _LIMBO:
+            return
+        try:
+            if backing.fstat(src_fd).st_nlink > 0:
+                return
+        except OSError:
+            return
+        self._remove_limbo(place[1])
+
+    def _remove_limbo(self, limbo_name: str) -> None:
+        key = self._names[_LIMBO].pop(limbo_name)
+        self._forget(key, (_LIMBO, limbo_name))
+        backing.remove_tree(self._limbo_fd, limbo_name)
+        self._unsynced_dirs.add(_LIMBO)
+
+    def _forget(self, key: Key, place: tuple[Key, str]) -> None:
+        """Drop *key* (and what is below it) from the tables, if staged at *place*."""
+        if self._place.get(key) != place:
+            return  # a surplus link: the object stays where it is
+        del self._place[key]
+        self._dst_key.pop(key, None)
+        self._links.pop(key, None)
+        self._unsynced.discard(key)
+        self.copier.drop(key)  # a regular file's copy: nothing will name it again
+        for name, child in list(self._names.pop(key, {}).items()):
+            self._forget(child, (key, name))
+
+    def _empty_limbo(self) -> None:
+        for limbo_name in list(self._names[_LIMBO]):
+            self._remove_limbo(limbo_name)
+
+    def sync_attributes(self, changed: dict[Key, int]) -> int:
+        """Copy the attributes of every changed object, and the size and times
+        of every regular file written since the last time; return how many."""
+        done = 0
+        for key, src_fd in changed.items():
+            if self.in_tree(key) is None:
+                continue
+            try:
+                st = backing.fstat(src_fd)
+            except OSError:
+                continue
+            if st.st_nlink == 0:
+                continue
+            copy = self.copier.copies.get(key)
+            if copy is not None:
+                copy.vfile.touched = copy.restamp = False
+                self.copier.fit(copy)
+            self._copy_attributes(key, src_fd, st)
+            done += 1
+        for copy in self._written():
+            copy.vfile.touched = copy.restamp = False
+            st = backing.fstat(copy.vfile.fd)
+            if st.st_nlink == 0:
+                continue
+            self.copier.fit(copy)
+            self._copy_attributes(copy.key, copy.vfile.fd, st)
+            done += 1
+        return done
+
+    def _written(self) -> Iterator[FileCopy]:
+        for copy in list(self.copier.copies.values()):
+            if (copy.vfile.touched or copy.restamp) and self.in_tree(copy.key) is not None:
+                yield copy
+
+    def _copy_attributes(self, key: Key, src_fd: int, st: os.stat_result) -> None:
+        copy = self.copier.copies.get(key) if stat.S_ISREG(st.st_mode) else None
+        dst_fd = copy.dst_fd if copy is not None else self._open(key)
+        try:
+            backing.sync_attributes(src_fd, dst_fd, st)
+            keep_identity_of(src_fd, dst_fd, st, self.src_store_id)
+            if key not in self._dst_key:
+                dst = backing.fstat(dst_fd)
+                self._dst_key[key] = (dst.st_dev, dst.st_ino)
+        finally:
+            if copy is None:
+                backing.close(dst_fd)
+        self._unsynced.add(key)
+
+    async def _step(self, final: bool) -> None:
+        self._ops += 1
+        if not final and self._ops % _SLICE == 0:
+            await trio.lowlevel.checkpoint()
+
+    # -- durability -------------------------------------------------------------------
+
+    def pending(self) -> int:
+        """Objects and directories a flush would fsync now (for the pause estimate)."""
+        return len(self._unsynced) + len(self._unsynced_dirs) + sum(
+            1 for c in self.copier.copies.values() if c.unflushed)
+
+    async def flush(self) -> int:
+        """fsync what changed since the last flush (on a worker thread); return how many."""
+        files: list[int] = []
+        for key in self._unsynced:
+            copy = self.copier.copies.get(key)
+            if copy is not None:
+                files.append(copy.dst_fd)
+                copy.unflushed = 0
+        for copy in self.copier.copies.values():
+            if copy.unflushed and copy.key not in self._unsynced:
+                files.append(copy.dst_fd)  # data only: the attributes were synced before
+                copy.unflushed = 0
+        dirs: list[int] = []
+        try:
+            for key in self._unsynced_dirs:
+                if key == _TOP:
+                    dirs.append(os.dup(self.staging_fd))
+                elif key == _LIMBO:
+                    dirs.append(os.dup(self._limbo_fd))
+                elif key in self._place:
+                    dirs.append(self._open(key))
+            self._unsynced.clear()
+            self._unsynced_dirs.clear()
+            await backing.run_blocking(_fsync_all, files, dirs)
+        finally:
+            for fd in dirs:
+                backing.close(fd)
+        return len(files) + len(dirs)
+
+    def close(self) -> None:
+        for fd in self._retry.values():
+            backing.close(fd)
+        self._retry.clear()
+        if self._limbo_fd >= 0:
+            backing.close(self._limbo_fd)
+            self._limbo_fd = -1
+
+    def statistics(self) -> Statistics:
+        return Statistics(
+            objects=len(self._place), limbo=len(self._names[_LIMBO]),
+            unsynced=len(self._unsynced) + len(self._unsynced_dirs), syncs=self.syncs,
+            last_sync_objects=self.last_sync_objects,
+        )
+
+
+def _listing(dir_fd: int) -> dict[str, Key] | None:
+    """Name → key of what the source directory holds now; None if it is gone."""
+    try:
+        st = backing.fstat(dir_fd)
+        if st.st_nlink == 0 or not stat.S_ISDIR(st.st_mode):
+            return None
+        names = backing.list_dir(dir_fd)
+    except OSError:
+        return None
+    out: dict[str, Key] = {}
+    for name in names:
+        try:
+            child = backing.lstat_at(dir_fd, name)
+        except FileNotFoundError:
+            continue
+        out[name] = (child.st_dev, child.st_ino)
+    return out
+
+
+def _fsync_all(files: list[int], dirs: list[int]) -> None:
+    """fsync every file, then every directory (names after the objects they name)."""
+    for fd in files:
+        os.fsync(fd)
+    for fd in dirs:
+        try:
+            backing.fsync_dir(fd)
+        except OSError as e:
+            if e.errno != errno.ENOENT:
+                raise

@@ -1,0 +1,239 @@
+"""The staged tree on its own: random namespace changes against a real source
+directory, noted as the mount notes them, synced while they happen, then one
+last sync as inside a pause: the staged tree must then be the source, object
+for object (names, types, which names share an object, data, owners, modes,
+xattrs, times, symlink targets), and the last sync must touch only what
+changed since the one before."""
+
+from __future__ import annotations
+
+import os
+import random
+import stat
+from pathlib import Path
+
+import pytest
+import trio
+
+from fusedisk import backing
+from fusedisk.datastore import Journal
+from fusedisk.gate import Gate
+from fusedisk.mirror import Copier
+from fusedisk.staging import LIMBO, TREE, StagedTree
+from fusedisk.vdisk import OpenFiles
+
+BLOCK = 64 << 10
+Key = tuple[int, int]
+
+
+class Source:
+    """A source tree and the changes made to it, noted as fs.py notes them."""
+
+    def __init__(self, root: Path, rng: random.Random, journal: Journal) -> None:
+        self.root = root
+        self.rng = rng
+        self.journal = journal
+        self.ops = 0
+
+    def _fd(self, path: Path) -> int | None:
+        try:
+            return os.open(path, os.O_PATH | os.O_NOFOLLOW)
+        except FileNotFoundError:
+            return None
+
+    def _note(self, *paths: Path) -> list[tuple[Key, int]]:
+        """Handles of *paths* taken before the change (a removed one stays findable)."""
+        out = []
+        for path in paths:
+            fd = self._fd(path)
+            if fd is not None:
+                st = os.fstat(fd)
+                out.append(((st.st_dev, st.st_ino), fd))
+        return out
+
+    def _done(self, before: list[tuple[Key, int]], *after: Path) -> None:
+        for key, fd in before + self._note(*after):
+            self.journal.add(key, fd)
+
+    def all(self) -> list[Path]:
+        out = []
+        for dirpath, dirnames, filenames in os.walk(self.root):
+            for name in dirnames + filenames:
+                out.append(Path(dirpath) / name)
+        return out
+
+    def dirs(self) -> list[Path]:
+        return [self.root] + [p for p in self.all() if p.is_dir() and not p.is_symlink()]
+
+    def files(self) -> list[Path]:
+        return [p for p in self.all() if p.is_file() and not p.is_symlink()]
+
+    def step(self) -> None:
+        """One random change, noted when it is done (also when it fails, as fs.py does)."""
+        rng = self.rng
+        self.ops += 1
+        name = f"n{self.ops}"
+        parent = rng.choice(self.dirs())
+        new = parent / name
+        everything = self.all()
+        pick = rng.choice(everything) if everything else parent
+        is_dir = pick.is_dir() and not pick.is_symlink()
+        roll = rng.random()
+        touched: list[Path]
+        if roll < 0.15:
+            touched, act = [parent], lambda: new.mkdir()
+        elif roll < 0.35:
+            data = rng.randbytes(rng.choice((0, 100, 70000)))
+            touched, act = [parent], lambda: new.write_bytes(data) and None
+        elif roll < 0.42:
+            touched, act = [parent], lambda: os.symlink(f"target-{self.ops}", new)
+        elif roll < 0.45:
+            touched, act = [parent], lambda: os.mkfifo(new)
+        elif roll < 0.52 and not is_dir and pick != parent:
+            touched, act = [parent, pick], lambda: os.link(pick, new, follow_symlinks=False)
+        elif roll < 0.70 and pick != parent:
+            # a rename: across directories, over an existing name, or an exchange
+            target = new if rng.random() < 0.6 else rng.choice(everything)
+            flags = backing.RENAME_EXCHANGE if target.exists() and rng.random() < 0.4 else 0
+            touched = [pick.parent, target.parent, pick, target]
+
+            def act() -> None:
+                a = os.open(pick.parent, os.O_PATH)
+                b = os.open(target.parent, os.O_PATH)
+                try:
+                    backing.renameat2(a, pick.name, b, target.name, flags)
+                finally:
+                    os.close(a)
+                    os.close(b)
+        elif roll < 0.82 and pick != parent:
+            touched, act = [pick.parent, pick], (pick.rmdir if is_dir else pick.unlink)
+        elif roll < 0.88 and not pick.is_symlink():
+            mode = rng.choice((0o600, 0o644, 0o755, 0o4755))
+            touched, act = [pick], lambda: os.chmod(pick, mode)
+        elif roll < 0.93 and not pick.is_symlink():
+            value = rng.randbytes(8)
+            attr = f"user.k{rng.randrange(3)}"
+            drop = rng.random() < 0.3
+
+            def act() -> None:
+                if drop:
+                    for old in os.listxattr(pick):
+                        os.removexattr(pick, old)
+                else:
+                    os.setxattr(pick, attr, value)
+            touched = [pick]
+        else:
+            when = rng.randrange(10**18)
+            touched, act = [pick], lambda: os.utime(pick, ns=(when, when), follow_symlinks=False)
+        before = self._note(*touched)
+        try:
+            act()
+        except OSError:
+            pass  # refused (a directory into itself, over a non-empty one ...): noted anyway
+        after = [new] if new.exists() or new.is_symlink() else []
+        self._done(before, *after)
+
+
+def describe(root: Path) -> dict[str, object]:
+    """Everything the staged tree must reproduce, keyed by path; objects by group."""
+    out: dict[str, object] = {}
+    groups: dict[tuple[int, int], list[str]] = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in sorted(dirnames + filenames):
+            path = Path(dirpath) / name
+            rel = str(path.relative_to(root))
+            st = os.lstat(path)
+            groups.setdefault((st.st_dev, st.st_ino), []).append(rel)
+            kind = stat.S_IFMT(st.st_mode)
+            body: object = None
+            if stat.S_ISREG(st.st_mode):
+                body = path.read_bytes()
+            elif stat.S_ISLNK(st.st_mode):
+                body = os.readlink(path)
+            xattrs = {} if stat.S_ISLNK(st.st_mode) else {
+                a: os.getxattr(path, a) for a in os.listxattr(path) if a.startswith("user.")}
+            out[rel] = (kind, stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, st.st_nlink,
+                        st.st_mtime_ns, body, xattrs)
+    out["links"] = sorted(sorted(g) for g in groups.values() if len(g) > 1)
+    return out
+
+
+async def run_case(tmp_path: Path, seed: int, steps: int) -> None:
+    rng = random.Random(seed)
+    src_root = tmp_path / "src" / "vm"
+    src_root.mkdir(parents=True)
+    staging = tmp_path / "dst" / "staging"
+    (staging / "pool").mkdir(parents=True)
+    source = Source(src_root, rng, Journal())
+    for _ in range(30):  # what is there before the relocation starts
+        source.step()
+    source.journal.close()
+    journal = source.journal = Journal()
+    files = OpenFiles(None, BLOCK)
+    staging_fd = os.open(staging, os.O_PATH)
+    pool_fd = os.open(staging / "pool", os.O_PATH)
+    copier = Copier(files, Gate(), pool_fd, BLOCK)
+    tree = StagedTree(staging_fd, copier, 1)
+    src_fd = os.open(src_root, os.O_PATH)
+    try:
+        await tree.build(src_fd)
+
+        async def guest() -> None:
+            for _ in range(steps):
+                source.step()
+                await trio.lowlevel.checkpoint()
+
+        async def relocation() -> None:
+            for _ in range(steps // 10):
+                await copier.copy_pass(throttle=False)
+                changed = journal.take()
+                try:
+                    await tree.sync_names(changed)
+                    tree.sync_attributes(changed)
+                finally:
+                    for fd in changed.values():
+                        os.close(fd)
+                if rng.random() < 0.3:
+                    await tree.flush()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(guest)
+            nursery.start_soon(relocation)
+        # the pause: nothing else runs
+        changed = journal.take()
+        noted = len(changed)
+        try:
+            await tree.sync_names(changed, final=True)
+            await copier.copy_pass(throttle=False)
+            tree.sync_attributes(changed)
+        finally:
+            for fd in changed.values():
+                os.close(fd)
+        flushed = await tree.flush()
+        assert os.listdir(staging / LIMBO) == [], "limbo is emptied by the last sync"
+        assert describe(staging / TREE) == describe(src_root), f"seed {seed}"
+        # every known object resolves to its staged self
+        for path in [src_root, *source.all()]:
+            st = os.lstat(path)
+            parts = tree.in_tree((st.st_dev, st.st_ino))
+            assert parts is not None, path
+            staged = staging / TREE / Path(*parts) if parts else staging / TREE
+            assert os.lstat(staged).st_ino == tree.dst_key((st.st_dev, st.st_ino))[1]
+        # a last sync with nothing noted does nothing, and a flush has nothing to do
+        await tree.sync_names({}, final=True)
+        assert tree.sync_attributes({}) == 0
+        assert await tree.flush() == 0
+        assert noted <= steps and flushed >= 0
+    finally:
+        os.close(src_fd)
+        tree.close()
+        for fd in copier.detach():
+            os.close(fd)
+        files.close_all()
+        os.close(pool_fd)
+        os.close(staging_fd)
+
+
+@pytest.mark.parametrize("seed", range(12))
+async def test_a_staged_tree_follows_random_changes(tmp_path: Path, seed: int) -> None:
+    await run_case(tmp_path, seed, 400)
