@@ -17,7 +17,7 @@ from __future__ import annotations
 from contextlib import ExitStack
 from dataclasses import dataclass
 
-from bench import cbtcost, relocation
+from bench import cbtcost, relocation, scale
 from bench.context import (
     MOUNT,
     RAW,
@@ -113,3 +113,4 @@ register("relocate-busy", relocation.relocate_busy, needs_migrate=True)
 register("switchover-pause", relocation.switchover_pause, needs_migrate=True)
 register("relocate-sparse", relocation.relocate_sparse, needs_migrate=True)
 register("relocate-outrun", relocation.relocate_outrun, needs_migrate=True)
+register("switchover-scale", scale.switchover_scale, needs_migrate=True)

@@ -359,6 +359,9 @@ def _print_status(status: dict[str, Any]) -> None:
             if job.get("pause_ms") is not None:
                 print(f"  switched over with a {job['pause_ms']:.1f} ms pause "
                       f"after {job['elapsed_s']:.1f} s")
+            if job.get("last_abandoned"):
+                print(f"  switchover attempts: {job['attempts']}; the last one abandoned: "
+                      f"{job['last_abandoned']}")
             if job.get("error"):
                 print(f"  failed: {job['error']}")
     else:

@@ -13,6 +13,8 @@ import logging
 import os
 import signal
 
+import trio
+
 log = logging.getLogger(__name__)
 
 _ARMED = os.environ.get("FUSEDISK_FAILPOINT", "")
@@ -29,3 +31,27 @@ def failpoint(name: str) -> None:
         for handler in logging.getLogger().handlers:
             handler.flush()
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _stall_spec() -> tuple[str, float, int]:
+    name, _, rest = os.environ.get("FUSEDISK_STALL", "").partition(":")
+    ms, _, count = rest.partition(":")
+    try:
+        return name, float(ms or 0) / 1000, int(count or 1)
+    except ValueError:
+        return "", 0.0, 0
+
+
+#: ``FUSEDISK_STALL=NAME:MS:COUNT``: the first COUNT times the daemon reaches
+#: the stall point NAME it waits MS milliseconds (a slow disk, on demand), so a
+#: test can make a switchover overrun its pause budget without racing a load.
+_STALL_NAME, _STALL_S, _stalls_left = _stall_spec()
+
+
+async def stall(name: str) -> None:
+    """Wait here if the stall point *name* is armed and has stalls left."""
+    global _stalls_left
+    if name == _STALL_NAME and _stalls_left > 0:
+        _stalls_left -= 1
+        log.warning("stall point %s reached: waiting %.0f ms", name, _STALL_S * 1000)
+        await trio.sleep(_STALL_S)

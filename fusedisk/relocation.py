@@ -38,9 +38,9 @@ from .config import MAX_PAUSE_MS, MAX_RATE, MIN_PAUSE_MS
 from .datastore import Datastore, Entry, Journal, Store, kept_source_name, staging_name
 from .errors import FusediskError
 from .failpoint import PAUSE_AFTER_PASS, failpoint
-from .mirror import Copier, estimate_s, walk
+from .mirror import Copier, walk
 from .staging import StagedTree
-from .switchover import switch_over
+from .switchover import Costs, PauseOverrun, switch_over
 from .vdisk import OpenFiles, Resolver
 
 log = logging.getLogger(__name__)
@@ -49,8 +49,13 @@ MAX_PRECOPY_PASSES = 8
 #: A pass must leave at most this share of what it copied (and of the previous
 #: pass's dirty bytes), or the writer is outrunning the copy.
 CONVERGE_RATIO = 0.8
-#: Share of ``max_pause`` the last copy may take (the rest: drain, tree, flush, commit).
-PAUSE_COPY_SHARE = 0.5
+#: Share of ``max_pause`` the estimated pause may take before the gate closes
+#: (the rest is margin, and the re-point after the commit).
+PAUSE_ESTIMATE_SHARE = 0.8
+#: Switchover attempts abandoned for the budget before the relocation fails.
+MAX_SWITCH_ATTEMPTS = 10
+#: Wait after the n-th abandoned attempt: n times this (at most 2 s).
+ABANDON_BACKOFF_S = 0.2
 
 
 class RelocationError(FusediskError):
@@ -109,6 +114,11 @@ class JobStatistics:
     pause_ms: float | None
     elapsed_s: float
     error: str | None
+    #: switchovers tried (each abandoned one reopened the gate before the commit)
+    attempts: int
+    #: the pause estimated before the last attempt, and why it was abandoned
+    last_estimate_ms: float | None
+    last_abandoned: str | None
 
     def as_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -159,6 +169,10 @@ class Relocation:
         self.committed = False
         self.copier: Copier | None = None
         self.tree: StagedTree | None = None
+        self.costs = Costs()
+        self.attempts = 0
+        self.last_estimate_ms: float | None = None
+        self.last_abandoned: str | None = None
         self._rate_limit = options.rate
         self._dirty_rate = 0.0
         self._progress = 0.0
@@ -241,7 +255,9 @@ class Relocation:
                 f"store {dst.name!r} has {free >> 20} MiB free, {entry.name!r} needs "
                 f"{needed >> 20} MiB"
             )
+        saving = time.monotonic()
         await self.datastore.relocation_started(entry, dst, self.options.keep_source)
+        self.costs.learn("commit_ms", (time.monotonic() - saving) * 1000, 1)
         staging = staging_name(entry.name)
         await backing.run_blocking(backing.remove_tree, dst.root_fd, staging)
         os.mkdir(staging, 0o700, dir_fd=dst.root_fd)
@@ -281,17 +297,27 @@ class Relocation:
             log.info("relocation of %r: pass %d done, %d MiB dirty", entry.name, self.pass_no,
                      dirty >> 20)
             failpoint("mirroring" if copier.mirroring else "copying")
-            if self._fits_pause(dirty):
+            fits = self._fits_pause()
+            # mirroring, converged, and still over the estimate: try (the pause's
+            # own checks abandon it early), so that a budget nothing can meet
+            # ends in a clear failure rather than passes forever
+            stuck = copier.mirroring and dirty == 0 and not fits
+            if fits or stuck:
                 if self.options.mode != Mode.PRECOPY and not copier.mirroring:
                     # Close to done: mirror from here on, so what the pause has to
                     # copy no longer depends on how fast the guest writes.
                     self._start_mirroring()
                     continue
                 await self._sync()
-                await tree.flush()  # the flush inside the pause stays small
+                await self._flush()  # the flush inside the pause stays small
                 self._check_mirror()
-                if self._fits_pause(copier.dirty_bytes()):
-                    break
+                if self._fits_pause() or stuck:
+                    if await self._switch_over():
+                        break
+                    # abandoned for the budget: let a passing load spike go, converge
+                    # further, try again
+                    await trio.sleep(min(ABANDON_BACKOFF_S * self.attempts, 2.0))
+                    continue
             if self.options.mode == Mode.PRECOPY:
                 if self.pass_no >= MAX_PRECOPY_PASSES:
                     raise RelocationError(
@@ -306,19 +332,52 @@ class Relocation:
                 self._start_mirroring()
             previous_dirty = dirty
 
-        self.state = State.SWITCHING
-        self.pause_ms = await switch_over(
-            self.datastore, entry, dst, copier, tree, self._committed
-        )
         self.state = State.FINISHING
         log.info("relocation of %r committed: now on %r (pause %.1f ms)", entry.name, dst.name,
                  self.pause_ms)
 
-    def _fits_pause(self, dirty: int) -> bool:
-        """Can *dirty* bytes be copied within the pause budget's share for copying?"""
-        assert self.copier is not None
-        budget_ms = self.options.max_pause_ms * PAUSE_COPY_SHARE
-        return estimate_s(dirty, self.copier.copy_rate()) * 1000 <= budget_ms
+    async def _switch_over(self) -> bool:
+        """One switchover attempt; False if it was abandoned for the budget."""
+        assert self.copier is not None and self.tree is not None
+        self.state = State.SWITCHING
+        self.attempts += 1
+        try:
+            self.pause_ms = await switch_over(
+                self.datastore, self.entry, self.dst, self.copier, self.tree, self._committed,
+                self.options.max_pause_ms, self.costs,
+            )
+        except PauseOverrun as e:
+            self.state = State.MIRRORING if self.copier.mirroring else State.COPYING
+            self.last_abandoned = str(e)
+            log.warning("relocation of %r: switchover attempt %d abandoned, the gate is open "
+                        "again: %s", self.entry.name, self.attempts, e)
+            if self.attempts >= MAX_SWITCH_ATTEMPTS:
+                raise RelocationError(
+                    f"the switchover did not fit the {self.options.max_pause_ms} ms pause "
+                    f"budget in {self.attempts} attempts (last: {e}); raise --max-pause, or "
+                    "lower the VM's rate of changes") from None
+            return False
+        return True
+
+    def _estimate_ms(self) -> float:
+        """The pause if the gate closed now: dirty bytes at the copy rate, the
+        journal's objects and the written files to sync, what a flush has left."""
+        assert self.copier is not None and self.tree is not None
+        journal = self.entry.journal
+        objects = (len(journal) if journal is not None else 0) + self.tree.written()
+        return self.costs.estimate_ms(objects, self.copier.dirty_bytes(),
+                                      self.copier.copy_rate(), self.tree.pending())
+
+    def _fits_pause(self) -> bool:
+        """Does the pause, if the gate closed now, fit the budget (with a margin)?"""
+        self.last_estimate_ms = self._estimate_ms()
+        return self.last_estimate_ms <= self.options.max_pause_ms * PAUSE_ESTIMATE_SHARE
+
+    async def _flush(self) -> None:
+        assert self.tree is not None
+        started = time.monotonic()
+        count = await self.tree.flush()
+        self.costs.learn("fsync_ms", (time.monotonic() - started) * 1000, count)
 
     def _committed(self, entry: Entry, resolve: Resolver) -> None:
         self.committed = True
@@ -328,9 +387,12 @@ class Relocation:
         """Bring the staged tree in step with what the mount changed since the last sync."""
         assert self.tree is not None and self.entry.journal is not None
         changed = self.entry.journal.take()
+        started = time.monotonic()
         try:
             await self.tree.sync_names(changed)
-            self.tree.sync_attributes(changed)
+            done = self.tree.sync_attributes(changed)
+            self.costs.learn("object_ms", (time.monotonic() - started) * 1000,
+                             max(len(changed), done))
         finally:
             for fd in changed.values():
                 backing.close(fd)
@@ -424,6 +486,9 @@ class Relocation:
             pause_ms=self.pause_ms,
             elapsed_s=end - self._started,
             error=self.error,
+            attempts=self.attempts,
+            last_estimate_ms=self.last_estimate_ms,
+            last_abandoned=self.last_abandoned,
         )
 
 

@@ -25,17 +25,19 @@ same bytes as the destination.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import trio
 
 from . import backing
 from .datastore import Datastore, Entry, Store
 from .errors import FusediskError
-from .failpoint import failpoint
-from .mirror import Copier
+from .failpoint import failpoint, stall
+from .mirror import Copier, estimate_s
 from .staging import TREE, StagedTree, StagingError
 from .vdisk import Resolver
 
@@ -43,6 +45,51 @@ log = logging.getLogger(__name__)
 
 class SwitchoverError(FusediskError):
     """The switchover could not complete before its commit; the source is still the truth."""
+
+
+class PauseOverrun(SwitchoverError):
+    """The pause would have overrun its budget: the attempt was abandoned
+    before the commit and the gate reopened (the relocation goes on)."""
+
+
+@dataclass(slots=True)
+class Costs:
+    """What the steps of a pause cost, as measured while the relocation runs;
+    the units of :meth:`estimate_ms` and of the checks inside the pause."""
+
+    #: per journal object a sync handles (names and attributes)
+    object_ms: float = 0.05
+    #: per object a flush fsyncs
+    fsync_ms: float = 2.0
+    #: the commit: one record save, fsynced
+    commit_ms: float = 5.0
+
+    def learn(self, field_name: str, total_ms: float, count: int) -> None:
+        """Fold one measurement (*total_ms* for *count* units) into the estimate."""
+        if count <= 0:
+            return
+        old = getattr(self, field_name)
+        setattr(self, field_name, 0.5 * old + 0.5 * total_ms / count)
+
+    def parts_ms(self, objects: int, dirty_bytes: int, copy_rate: float,
+                 unsynced: int) -> dict[str, float]:
+        """The estimate of a pause by part, named as the error messages name them."""
+        return {
+            f"{objects} namespace object(s) to sync": objects * self.object_ms,
+            f"{dirty_bytes >> 10} KiB to copy": estimate_s(dirty_bytes, copy_rate) * 1000,
+            f"{unsynced + objects} object(s) to fsync": (unsynced + objects) * self.fsync_ms,
+            "the commit": self.commit_ms,
+        }
+
+    def estimate_ms(self, objects: int, dirty_bytes: int, copy_rate: float,
+                    unsynced: int) -> float:
+        return sum(self.parts_ms(objects, dirty_bytes, copy_rate, unsynced).values())
+
+
+def explain(parts: dict[str, float]) -> str:
+    """``a 1.0 ms, b 2.0 ms``, largest first."""
+    return ", ".join(f"{what} {ms:.1f} ms"
+                     for what, ms in sorted(parts.items(), key=lambda p: -p[1]) if ms >= 0.05)
 
 
 class _Resolver:
@@ -91,15 +138,21 @@ async def switch_over(
     copier: Copier,
     tree: StagedTree,
     on_commit: Callable[[Entry, Resolver], None],
+    budget_ms: float = math.inf,
+    costs: Costs | None = None,
 ) -> float:
     """Quiesce, finish, commit and re-point *entry*; return the pause in milliseconds.
 
-    Raises before the commit (the caller cleans up; the source is the truth);
-    never after it.
+    Raises before the commit (the caller cleans up or, for
+    :class:`PauseOverrun`, tries again later; the source is the truth);
+    never after it. Before each step ahead of the commit, the time spent so
+    far plus the estimate of what is left (*costs*) must fit *budget_ms*,
+    or the attempt is abandoned there.
     """
     gate = entry.gate
     journal = entry.journal
     assert journal is not None
+    costs = costs or Costs()
     pool_fds: list[int] = []
     start = time.monotonic()
     steps: dict[str, float] = {}
@@ -107,14 +160,26 @@ async def switch_over(
     def step(name: str) -> None:
         steps[name] = round((time.monotonic() - start) * 1000 - sum(steps.values()), 2)
 
+    def fits(what: str, left_ms: float) -> None:
+        spent = (time.monotonic() - start) * 1000
+        if spent + left_ms > budget_ms:
+            raise PauseOverrun(f"{spent:.1f} ms spent and {what} to go would overrun the "
+                               f"{budget_ms:g} ms pause budget")
+
+    def left(objects: int, unsynced: int) -> tuple[str, float]:
+        parts = costs.parts_ms(objects, copier.dirty_bytes(), copier.copy_rate(), unsynced)
+        return explain(parts), sum(parts.values())
+
     try:
         # inside the try: a cancel that lands while draining reopens the gate
         await gate.close_and_drain()
         step("drain")
         changed = journal.take()
         try:
+            fits(*left(len(changed), tree.pending()))
             await tree.sync_names(changed, final=True)
             step("names")
+            fits(*left(0, tree.pending() + len(changed)))
             await copier.copy_pass(throttle=False)
             step("copy")
             error = copier.mirror_error()
@@ -127,12 +192,18 @@ async def switch_over(
         finally:
             for fd in changed.values():
                 backing.close(fd)
+        pending = tree.pending()
+        fits(*left(0, pending))
+        await stall("switchover-flush")
         await tree.flush()
         step("flush")
+        costs.learn("fsync_ms", steps["flush"], pending)
+        fits(f"the commit {costs.commit_ms:.1f} ms", costs.commit_ms)
         failpoint("before-commit")
         with trio.CancelScope(shield=True):
             await datastore.relocation_committed(entry)
             step("commit")
+            costs.learn("commit_ms", steps["commit"], 1)
             # committed: from here on the switch only goes forward
             failpoint("after-commit")
             backing.renameat2(

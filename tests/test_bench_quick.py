@@ -332,3 +332,17 @@ def test_probe_records_errors_and_goes_on(tmp_path: Path,
     assert data["errors"] == 10 and data["error_codes"] == ["EIO", "ENOTCONN"]
     window = probe.summarise(data["samples"], data["samples"][10][0], data["samples"][19][0])
     assert window["writes"] == 10 and window["errors"] == 2
+
+
+@pytest.mark.mount
+@pytest.mark.timeout(TEST_TIMEOUT_S)
+def test_switchover_scale_results_are_complete(quick_run: QuickRun) -> None:
+    data = quick_run.scenario("switchover-scale")
+    counts = data["summary"]["counts"]
+    assert len(data["table"]) == 1 + len(counts)
+    assert len(data["runs"]) == 2 * data["summary"]["reps"] * len(counts)
+    for run in data["runs"]:
+        _finite(run["pause_ms"], f"{run['files']} files: pause")
+        assert run["attempts"] >= 1, run
+        assert {"drain", "names", "flush", "commit", "repoint"} <= set(run["steps"]), run
+    assert data["targets"][0]["met"] in (True, False)

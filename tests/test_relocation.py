@@ -811,3 +811,49 @@ def test_a_store_number_taken_by_a_kept_one_gets_a_number_that_stays(
         datastore.start()
         assert ((home / "h").stat().st_ino, (home / "g").stat().st_ino) == (second, taken)
     assert (home / "g").stat().st_ctime_ns == ctime_ns
+
+
+def test_a_pause_that_would_overrun_its_budget_is_abandoned_then_retried(
+    tmp_path: Path,
+) -> None:
+    """Issue 12: the budget holds. The first two switchovers stall 300 ms in
+    their flush (a slow disk, on demand): each is abandoned before the commit,
+    the gate reopens, the guest keeps working, and the third commits; status
+    tells the attempts and why."""
+    ds = MountedDatastore(tmp_path)
+    try:
+        ds.start(env={"FUSEDISK_STALL": "switchover-flush:300:2"})
+        disk = make_vm(ds, disk_mib=4)
+        data = disk.read_bytes()
+        result = migrate(ds, "vm1", "--to", "b", "--max-pause", "100", "--json")
+        assert result.returncode == 0, result.stderr
+        final = json.loads(result.stdout)
+        assert final["state"] == "done" and final["attempts"] >= 3, final
+        assert "would overrun the 100 ms pause budget" in final["last_abandoned"], final
+        assert final["pause_ms"] < 300, final  # the committed attempt did not stall
+        assert ds.status()["placement"]["vm1"] == "b"
+        assert disk.read_bytes() == data
+        assert ds.log().count("switchover attempt") >= 2
+    finally:
+        ds.teardown()
+
+
+def test_a_budget_that_can_never_be_met_fails_clearly_and_keeps_the_source(
+    tmp_path: Path,
+) -> None:
+    ds = MountedDatastore(tmp_path)
+    try:
+        ds.start(env={"FUSEDISK_STALL": "switchover-flush:150:1000"})
+        disk = make_vm(ds, disk_mib=4)
+        data = disk.read_bytes()
+        result = migrate(ds, "vm1", "--to", "b", "--max-pause", "100")
+        assert result.returncode == 1, result
+        assert "did not fit the 100 ms pause budget in 10 attempts" in result.stderr, result
+        assert "raise --max-pause" in result.stderr and "Traceback" not in result.stderr
+        assert ds.status()["placement"]["vm1"] == "a"
+        assert not store_names(ds.stores["b"])
+        assert disk.read_bytes() == data
+        human = ds.cli("status", str(ds.mnt))
+        assert "switchover attempts: 10" in human.stdout, human
+    finally:
+        ds.teardown()
