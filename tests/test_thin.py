@@ -430,3 +430,61 @@ def test_relocation_while_a_writer_discards_and_rewrites(
     # the destination's allocation follows the source's, to a block per extent
     assert abs(_allocated(dest) - _allocated(reference)) <= nextents * BLOCK, (
         _allocated(dest), _allocated(reference), nextents)
+
+
+def test_fstrim_in_an_ext4_image_on_the_mount_frees_the_store(
+    datastore: MountedDatastore, tmp_path: Path,
+) -> None:
+    """A guest's view: an ext4 in an image file on the mount (a loop device passes
+    discard down as punch-hole), files written and deleted, fstrim."""
+    require_tools("mkfs.ext4", "e2fsck", "losetup", "fstrim")
+    image, store_file = new_file(datastore, "guest.img", 256 * MiB)
+    subprocess.run(["mkfs.ext4", "-q", "-F", "-E", "nodiscard", str(image)], check=True)
+    inside = tmp_path / "guest"
+    inside.mkdir()
+    loop = subprocess.run(["losetup", "-f", "--show", str(image)], check=True,
+                          capture_output=True, text=True).stdout.strip()
+    try:
+        subprocess.run(["mount", loop, str(inside)], check=True)
+        try:
+            for i in range(8):
+                (inside / f"f{i}").write_bytes(os.urandom(8 * MiB))
+            os.sync()
+            full = store_file.stat().st_blocks * 512
+            for i in range(8):
+                (inside / f"f{i}").unlink()
+            os.sync()
+            trimmed = subprocess.run(["fstrim", "-v", str(inside)], capture_output=True,
+                                     text=True)
+            assert trimmed.returncode == 0, trimmed.stderr
+        finally:
+            if subprocess.run(["umount", str(inside)], check=False).returncode:
+                subprocess.run(["umount", "-l", str(inside)], check=False)
+    finally:
+        subprocess.run(["losetup", "-d", loop], check=False)
+    after = store_file.stat().st_blocks * 512
+    assert full >= 64 * MiB and after <= full - 60 * MiB, (full, after)
+    checked = subprocess.run(["e2fsck", "-fn", str(image)], capture_output=True, text=True)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+
+
+def test_qemu_detect_zeroes_unmap_punches_zero_writes(datastore: MountedDatastore) -> None:
+    """With ``discard=unmap,detect-zeroes=unmap`` QEMU turns a guest's zero write
+    into a discard, which now reaches the store (before, it wrote the zeros)."""
+    require_tools("qemu-io", "qemu-img")
+    (datastore.mnt / "vm").mkdir()
+    image = datastore.mnt / "vm" / "disk.img"
+    store_file = datastore.stores["a"] / "vm" / "disk.img"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "raw", str(image), "64M"], check=True)
+    subprocess.run(["qemu-io", "-f", "raw", "-t", "none", "-c", "write -P 0xab 0 16M",
+                    str(image)], check=True, capture_output=True)
+    full = store_file.stat().st_blocks * 512
+    opts = (f"driver=raw,file.driver=file,file.filename={image},file.discard=unmap,"
+            "detect-zeroes=unmap")
+    done = subprocess.run(["qemu-io", "-t", "none", "--image-opts", opts, "-c",
+                           "write -P 0 0 4M"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert store_file.stat().st_blocks * 512 == full - 4 * MiB
+    with open(image, "rb") as f:
+        assert f.read(4 * MiB) == bytes(4 * MiB)
+        assert f.read(MiB) == b"\xab" * MiB
