@@ -382,12 +382,28 @@ def sync_attributes(src_fd: int, dst_fd: int, st: os.stat_result) -> None:
     copy_attributes(src_fd, dst_fd, st)
 
 
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+FALLOC_FL_ZERO_RANGE = 0x10
+
+
+def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+    """``fallocate(2)`` with *mode* as given (``os.posix_fallocate`` takes no mode)."""
+    _check(_libc.fallocate(fd, mode, ctypes.c_longlong(offset), ctypes.c_longlong(length)))
+
+
 def punch_hole(fd: int, offset: int, length: int) -> None:
     """Deallocate ``[offset, offset+length)``, keeping the size; reads give zeros."""
-    falloc_fl_keep_size, falloc_fl_punch_hole = 0x01, 0x02
-    _check(
-        _libc.fallocate(
-            fd, falloc_fl_keep_size | falloc_fl_punch_hole,
-            ctypes.c_longlong(offset), ctypes.c_longlong(length),
-        )
-    )
+    fallocate(fd, FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE, offset, length)
+
+
+def seek(fd: int, offset: int, whence: int) -> int:
+    """``lseek(2)``; fusedisk's descriptors are used only with positioned I/O,
+    so moving the position of a shared one disturbs nothing."""
+    return os.lseek(fd, offset, whence)
+
+
+def copy_range(src_fd: int, src_offset: int, dst_fd: int, dst_offset: int, length: int) -> int:
+    """Copy up to *length* bytes inside the kernel; OSError (EXDEV, EOPNOTSUPP,
+    EINVAL) where the backing filesystems cannot, for the caller to copy itself."""
+    return os.copy_file_range(src_fd, dst_fd, length, src_offset, dst_offset)

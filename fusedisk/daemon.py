@@ -37,6 +37,7 @@ from .config import MAX_PAUSE_MS, MAX_RATE, MIN_PAUSE_MS, Config, check_director
 from .control import ControlServer
 from .datastore import Datastore, Entry, StoreClaims
 from .errors import MountError
+from .extraops import ExtraOps
 from .fs import Operations
 from .fuseloop import RequestLoop, dev_fuse_fds, find_session_fd
 from .metadata import StateDir
@@ -153,6 +154,7 @@ class Daemon:
         self.files: OpenFiles | None = None
         self.ops: Operations | None = None
         self.fuse_loop: RequestLoop | None = None
+        self.extra_ops: ExtraOps | None = None
         self._mounted = False
         self._stopping = False
 
@@ -187,6 +189,7 @@ class Daemon:
         if self.config.allow_other:
             options.add("allow_other")
         fds_before_init = dev_fuse_fds()
+        fuseshim.enable_extra_ops()
         try:
             pyfuse3.init(self.ops, str(self.config.mountpoint), options)
         except RuntimeError as e:
@@ -197,10 +200,19 @@ class Daemon:
                         "descriptors are not synced (O_DSYNC/O_SYNC opens are)",
                         fuseshim.problem() or "unknown reason")
         self.fuse_loop = RequestLoop(find_session_fd(fds_before_init), max_tasks=MAX_WORKER_TASKS)
+        event_fd = fuseshim.extra_ops_fd()
+        if event_fd is None:
+            log.warning("the libfuse shim's fallocate/lseek/copy_file_range handlers are not in "
+                        "use (%s): fallocate gets EOPNOTSUPP and SEEK_HOLE finds no holes",
+                        fuseshim.problem() or "unknown reason")
+        else:
+            self.extra_ops = ExtraOps(self.ops, event_fd)
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._serve_fuse, nursery.cancel_scope)
                 nursery.start_soon(self._handle_signals)
+                if self.extra_ops is not None:
+                    await nursery.start(self.extra_ops.run)
                 await nursery.start(self.files.run)
                 await nursery.start(self.relocator.run)
                 control_server = ControlServer(self.config.mountpoint, self._control_handlers())
@@ -306,7 +318,8 @@ class Daemon:
                 **self.datastore.statistics(),
                 "fs": self.ops.statistics(),
                 "fuse_loop": self.fuse_loop.statistics() if self.fuse_loop else None,
-                "fuse_shim": fuseshim.statistics(),
+                "fuse_shim": {**fuseshim.statistics(), "extra_served":
+                              self.extra_ops.statistics() if self.extra_ops else None},
                 "jobs": self.relocator.statistics(),
                 **self._health(),
             }

@@ -890,6 +890,58 @@ class Operations(pyfuse3.Operations):
         finally:
             gate.leave()
 
+    # -- what pyfuse3 lacks, served through the shim (extraops.py) ------------------------
+
+    def _changing_data(self, handle: _FileHandle) -> None:
+        """What a write does around the data change, for fallocate and copy_file_range."""
+        if handle.inode.kept_ctime_ns is not None:
+            self._changing(handle.inode)
+
+    async def fallocate(self, fh: int, mode: int, offset: int, length: int) -> None:
+        handle = self._handles[fh]
+        vfile = handle.vfile
+        gate = vfile.gate
+        if gate.closed:
+            await gate.wait_open()
+        gate.inside += 1  # as a write: a switchover waits for it
+        try:
+            self._changing_data(handle)
+            await vfile.fallocate(mode, offset, length)
+            if handle.direct and handle.sync:
+                await vfile.fsync(handle.sync == _SYNC_DATA)
+        except OSError as e:
+            raise FUSEError(e.errno or errno.EIO) from None
+        finally:
+            gate.leave()
+
+    async def lseek(self, fh: int, offset: int, whence: int) -> int:
+        try:
+            return self._vfiles[fh].seek_data(offset, whence)
+        except OSError as e:
+            raise FUSEError(e.errno or errno.EIO) from None
+
+    async def copy_file_range(self, fh_in: int, offset_in: int, fh_out: int, offset_out: int,
+                              length: int, flags: int) -> int:
+        if flags:
+            raise FUSEError(errno.EINVAL)
+        source = self._vfiles[fh_in]
+        handle = self._handles[fh_out]
+        vfile = handle.vfile
+        gate = vfile.gate
+        if gate.closed:
+            await gate.wait_open()
+        gate.inside += 1
+        try:
+            self._changing_data(handle)
+            copied = await vfile.copy_from(source, offset_in, offset_out, length)
+            if handle.direct and handle.sync:
+                await vfile.fsync(handle.sync == _SYNC_DATA)
+            return copied
+        except OSError as e:
+            raise FUSEError(e.errno or errno.EIO) from None
+        finally:
+            gate.leave()
+
     def _kill_privileges(self, node: Inode) -> None:
         """Drop set-id bits and capabilities, as a write must (see :meth:`_serve_direct`).
 

@@ -13,11 +13,20 @@ pyfuse3 binds to it, and it hands libfuse a copy of pyfuse3's operations
 whose write handlers add :data:`FH_SYNC_DATA` or :data:`FH_SYNC_FULL` to the
 file handle. fs.py masks them off again.
 
+The shim also registers the handlers pyfuse3 lacks (``fallocate``, ``lseek``,
+``copy_file_range``) when :func:`enable_extra_ops` asked for them before the
+session is made. They queue each request in C and signal an eventfd
+(:func:`extra_ops_fd`); a trio task of the daemon takes them with
+:func:`take_requests` and answers each exactly once with :func:`reply_err`,
+:func:`reply_lseek` or :func:`reply_write`. No Python runs on libfuse's
+side, so the GIL and the trio loop are never entered from C.
+
 If the library is missing or pyfuse3 was loaded first, fusedisk still serves
 (per-open ``O_DSYNC``/``O_SYNC`` is known from the open flags); only
 per-write ``RWF_DSYNC`` on ``O_DIRECT`` descriptors then goes unseen. The
 daemon logs that as a warning at mount, and ``status`` shows it
-(``fuse_shim``).
+(``fuse_shim``). The kernel then answers ``fallocate`` with EOPNOTSUPP and
+sees no holes, as with pyfuse3 alone; ``status`` shows ``extra_ops: false``.
 """
 
 from __future__ import annotations
@@ -35,6 +44,27 @@ FH_SYNC_FULL = 1 << 62
 FH_MASK = FH_SYNC_DATA - 1
 #: ``fh >> FH_SYNC_SHIFT`` is 0, 1 (data) or 2 (full).
 FH_SYNC_SHIFT = 61
+
+#: ``Request.op`` values (fuseshim.c's FUSEDISK_*).
+OP_FALLOCATE, OP_LSEEK, OP_COPY_FILE_RANGE = 1, 2, 3
+OP_NAMES = {OP_FALLOCATE: "fallocate", OP_LSEEK: "lseek", OP_COPY_FILE_RANGE: "copy_file_range"}
+
+
+class Request(ctypes.Structure):
+    """One queued request (fuseshim.c's ``struct fusedisk_request``)."""
+
+    _fields_ = (
+        ("req", ctypes.c_uint64),
+        ("op", ctypes.c_int32),
+        ("mode", ctypes.c_int32),
+        ("fh", ctypes.c_uint64),
+        ("offset", ctypes.c_int64),
+        ("length", ctypes.c_int64),
+        ("fh_out", ctypes.c_uint64),
+        ("offset_out", ctypes.c_int64),
+        ("flags", ctypes.c_uint64),
+    )
+
 
 _lib: ctypes.CDLL | None = None
 _load_error = ""
@@ -62,9 +92,72 @@ def load() -> None:
         _load_error = "the shim library is not built (run: bash scripts/setup install)"
         return
     try:
-        _lib = ctypes.CDLL(str(path), mode=os.RTLD_NOW | os.RTLD_GLOBAL)
-    except OSError as e:
+        lib = ctypes.CDLL(str(path), mode=os.RTLD_NOW | os.RTLD_GLOBAL)
+        lib.fusedisk_shim_enable_extra.argtypes = (ctypes.c_int,)
+        lib.fusedisk_shim_enable_extra.restype = None
+        lib.fusedisk_shim_take.argtypes = (ctypes.POINTER(Request),)
+        lib.fusedisk_shim_take.restype = ctypes.c_int
+        lib.fusedisk_shim_reply_err.argtypes = (ctypes.c_uint64, ctypes.c_int)
+        lib.fusedisk_shim_reply_lseek.argtypes = (ctypes.c_uint64, ctypes.c_int64)
+        lib.fusedisk_shim_reply_write.argtypes = (ctypes.c_uint64, ctypes.c_uint64)
+        for reply in ("err", "lseek", "write"):
+            getattr(lib, f"fusedisk_shim_reply_{reply}").restype = ctypes.c_int
+    except (OSError, AttributeError) as e:
         _load_error = f"cannot load {path.name}: {e}"
+        return
+    _lib = lib
+
+
+def enable_extra_ops(enable: bool = True) -> None:
+    """Ask for the fallocate/lseek/copy_file_range handlers in sessions made from now on.
+
+    Whoever asks must serve :func:`extra_ops_fd` for as long as the session
+    lives: a request nobody takes is never answered."""
+    if _lib is not None:
+        _lib.fusedisk_shim_enable_extra(int(enable))
+
+
+def extra_ops_fd() -> int | None:
+    """The eventfd that says requests are queued; None when the handlers are not registered."""
+    if _lib is None:
+        return None
+    fd = int(ctypes.c_int.in_dll(_lib, "fusedisk_shim_eventfd").value)
+    return fd if fd >= 0 else None
+
+
+def take_requests() -> list[Request]:
+    """Every queued request, oldest first (the caller answers each one). Never blocks."""
+    assert _lib is not None
+    out: list[Request] = []
+    while True:
+        request = Request()
+        if not _lib.fusedisk_shim_take(ctypes.byref(request)):
+            return out
+        out.append(request)
+
+
+def reply_err(request: Request, err: int) -> None:
+    """Answer *request* with an error (0: success without data)."""
+    assert _lib is not None
+    _lib.fusedisk_shim_reply_err(request.req, err)
+
+
+def reply_lseek(request: Request, offset: int) -> None:
+    assert _lib is not None
+    _lib.fusedisk_shim_reply_lseek(request.req, offset)
+
+
+def reply_write(request: Request, count: int) -> None:
+    assert _lib is not None
+    _lib.fusedisk_shim_reply_write(request.req, count)
+
+
+def queued() -> dict[str, int]:
+    """Requests the extra handlers queued in this process, by operation."""
+    if _lib is None:
+        return {name: 0 for name in OP_NAMES.values()}
+    counts = (ctypes.c_ulong * 4).in_dll(_lib, "fusedisk_shim_queued")
+    return {name: int(counts[op]) for op, name in OP_NAMES.items()}
 
 
 def sessions() -> int:
@@ -83,4 +176,5 @@ def problem() -> str:
 
 
 def statistics() -> dict[str, object]:
-    return {"loaded": _lib is not None, "sessions": sessions(), "problem": problem()}
+    return {"loaded": _lib is not None, "sessions": sessions(), "problem": problem(),
+            "extra_ops": extra_ops_fd() is not None, "extra_requests": queued()}

@@ -26,10 +26,25 @@ import trio
 
 from . import backing
 from .bitmap import Bitmap
-from .cbt import CbtStore, Tracker
+from .cbt import REGION_SHIFT, CbtStore, Tracker
 from .gate import Gate
 
 log = logging.getLogger(__name__)
+
+#: The fallocate modes passed on; the others get EOPNOTSUPP (FUSE's kernel
+#: side refuses every mode beyond these bits before asking).
+FALLOCATE_MODES = frozenset({
+    0,
+    backing.FALLOC_FL_KEEP_SIZE,
+    backing.FALLOC_FL_PUNCH_HOLE | backing.FALLOC_FL_KEEP_SIZE,
+    backing.FALLOC_FL_ZERO_RANGE,
+    backing.FALLOC_FL_ZERO_RANGE | backing.FALLOC_FL_KEEP_SIZE,
+})
+#: A punch or zero range up to this many activity-log regions goes through
+#: the log like a write; a wider one is marked durably first (one save).
+_LOGGED_REGIONS = 4
+#: The most one copy_file_range request copies (it runs on the trio thread).
+COPY_PIECE = 8 << 20
 
 class Resolver(Protocol):
     """Where a relocation's switchover moved the objects of an entry."""
@@ -182,6 +197,122 @@ class VFile:
                 self._mark_consumers(start, span)
         else:
             self._mark_consumers(start, span)
+
+    async def fallocate(self, mode: int, offset: int, length: int) -> None:
+        """``fallocate(2)`` on the backing file, with the modes of :data:`FALLOCATE_MODES`.
+
+        A punched or zeroed range reads as zeros afterwards: it is marked as
+        changed like a write (activity log first, marks after the change), and
+        a range wider than a few log regions is marked durably first, as a
+        truncate is (any length costs the same). An allocation changes no
+        bytes; only the span by which it grows the file is marked. During a
+        relocation the change goes to the destination too when writes are
+        mirrored, else the copier's bitmaps are marked and the next pass copies
+        the range as it now is (holes as holes, see mirror.py).
+        """
+        if not self.writable:
+            raise OSError(errno.EROFS, "backing file is read-only")
+        if mode not in FALLOCATE_MODES:
+            raise OSError(errno.EOPNOTSUPP, "fallocate mode not supported")
+        if offset < 0 or length <= 0:
+            raise OSError(errno.EINVAL, "invalid fallocate range")
+        self.activity.requests += 1
+        old = self.size()
+        new_size = old if mode & backing.FALLOC_FL_KEEP_SIZE else max(old, offset + length)
+        if mode & (backing.FALLOC_FL_PUNCH_HOLE | backing.FALLOC_FL_ZERO_RANGE):
+            low, high = offset, min(offset + length, new_size)
+        else:
+            low, high = old, new_size
+        if new_size > old:
+            low = min(low, old)
+        tracker = self.tracker
+        if tracker is not None and high > low:
+            if (high - 1 >> REGION_SHIFT) - (low >> REGION_SHIFT) < _LOGGED_REGIONS:
+                while not tracker.logged(low, high - low):
+                    try:
+                        await tracker.log(low, high - low)
+                    except OSError as e:  # the state directory refused: see cbt.py
+                        await tracker.withdraw(self.fd, e)
+            else:
+                try:
+                    await tracker.mark_durably(low, high - low)
+                except OSError as e:
+                    await tracker.withdraw(self.fd, e)
+        # No await from here on (as in write): the marks follow the change, and
+        # a copy step of the same blocks is wholly before or after it.
+        backing.fallocate(self.fd, mode, offset, length)
+        self.touched = True
+        if high <= low:
+            if self.mirror_fd is not None:  # keep the destination's allocation in step
+                self._mirror_fallocate(mode, offset, length, low, high)
+            return
+        if tracker is not None:
+            tracker.mark(low, high - low)
+        if self.mirror_fd is not None:
+            self._mirror_fallocate(mode, offset, length, low, high)
+        else:
+            self._mark_consumers(low, high - low)
+
+    def _mirror_fallocate(self, mode: int, offset: int, length: int, low: int, high: int) -> None:
+        assert self.mirror_fd is not None
+        try:
+            backing.fallocate(self.mirror_fd, mode, offset, length)
+        except OSError as e:
+            # A destination without the mode (another filesystem) or failing:
+            # stop mirroring, and let the copier settle the range.
+            self.mirror_error, self.mirror_fd = e, None
+            self._mark_consumers(low, high - low)
+
+    def seek_data(self, offset: int, whence: int) -> int:
+        """``SEEK_DATA``/``SEEK_HOLE`` answered by the backing file."""
+        if whence not in (os.SEEK_DATA, os.SEEK_HOLE):
+            raise OSError(errno.EINVAL, "only SEEK_DATA and SEEK_HOLE reach the daemon")
+        self.activity.requests += 1
+        return backing.seek(self.fd, offset, whence)
+
+    async def copy_from(self, source: VFile, src_offset: int, offset: int, length: int) -> int:
+        """Copy up to *length* bytes of *source* at *src_offset* to *offset*; return
+        how many (0 at the source's end). At most :data:`COPY_PIECE` per call:
+        the copy runs on the trio thread, and callers of copy_file_range(2)
+        loop on short counts. Marked like a write."""
+        if not self.writable:
+            raise OSError(errno.EROFS, "backing file is read-only")
+        if src_offset < 0 or offset < 0:
+            raise OSError(errno.EINVAL, "invalid copy range")
+        length = min(length, COPY_PIECE)
+        if length <= 0:
+            return 0
+        self.activity.requests += 1
+        tracker = self.tracker
+        if tracker is not None:
+            while not tracker.logged(offset, length):
+                try:
+                    await tracker.log(offset, length)
+                except OSError as e:  # the state directory refused: see cbt.py
+                    await tracker.withdraw(self.fd, e)
+        # No await from here on (as in write).
+        length = min(length, max(0, source.size() - src_offset))
+        if length == 0:
+            return 0
+        copied = 0
+        if self.mirror_fd is None:
+            try:
+                copied = backing.copy_range(source.fd, src_offset, self.fd, offset, length)
+            except OSError as e:
+                if e.errno not in (errno.EXDEV, errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+                    raise
+        data = b""
+        if not copied:
+            data = backing.pread(source.fd, length, src_offset)
+            copied = backing.pwrite_all(self.fd, data, offset) if data else 0
+        self.touched = True
+        if tracker is not None:
+            tracker.mark(offset, copied)
+        if self.mirror_fd is not None:
+            self._mirror(offset, data[:copied])
+        else:
+            self._mark_consumers(offset, copied)
+        return copied
 
     async def fsync(self, datasync: bool) -> None:
         await backing.run_blocking(backing.fsync, self.fd, datasync)

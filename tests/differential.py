@@ -626,6 +626,53 @@ def _op_list(side: Side, op: Op) -> Outcome:
     return ("ok", tuple(sorted(os.listdir(side.path(op.path)))))
 
 
+#: fallocate modes a guest uses: punch (discard), zero (± KEEP_SIZE), allocation (± KEEP_SIZE)
+FALLOCATE_MODES = (0x03, 0x10, 0x11, 0x00, 0x01)
+
+
+def _op_fallocate(side: Side, op: Op) -> Outcome:
+    path = side.regular(op.path)
+    if path is None:
+        return _not_regular(side, op.path)
+    fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        if _libc.fallocate(fd, op.mode, ctypes.c_longlong(op.offset),
+                           ctypes.c_longlong(op.length)) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err))
+    finally:
+        os.close(fd)
+    return ("ok",)
+
+
+def _op_seek(side: Side, op: Op) -> Outcome:
+    """SEEK_DATA/SEEK_HOLE: allocation is each filesystem's own, so the answer is
+    checked against the side's own bytes (what a hole skips reads as zeros)."""
+    path = side.regular(op.path)
+    if path is None:
+        return _not_regular(side, op.path)
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        size = os.fstat(fd).st_size
+        try:
+            answer = os.lseek(fd, op.offset, op.whence)
+        except OSError as e:
+            if e.errno != errno.ENXIO:
+                raise
+            answer = size if op.whence == SEEK_DATA and op.offset < size else -1
+        if op.offset >= size:
+            return ("ok", "past-end" if answer == -1 else f"answered {answer}")
+        if not op.offset <= answer <= size:
+            return ("ok", f"answered {answer} outside [{op.offset}, {size}]")
+        if op.whence == SEEK_DATA:
+            skipped = os.pread(fd, answer - op.offset, op.offset)
+            return ("ok", "skips data" if any(skipped) else "consistent")
+        hole = answer == size or os.pread(fd, 1, answer) == b"\0"
+        return ("ok", "consistent" if hole else "hole at data")
+    finally:
+        os.close(fd)
+
+
 _OPS: dict[str, Callable[[Side, Op], Outcome]] = {
     "write": _op_write, "append": _op_append, "truncate": _op_truncate,
     "open_trunc": _op_open_trunc, "mmap_write": _op_mmap_write, "read": _op_read,
@@ -635,6 +682,7 @@ _OPS: dict[str, Callable[[Side, Op], Outcome]] = {
     "symlink": _op_symlink, "link": _op_link, "unlink": _op_unlink, "rmdir": _op_rmdir,
     "rename": _op_rename, "chmod": _op_chmod, "chown": _op_chown, "utimens": _op_utimens,
     "setxattr": _op_setxattr, "removexattr": _op_removexattr, "list": _op_list,
+    "fallocate": _op_fallocate, "seek": _op_seek,
 }
 
 
@@ -757,7 +805,7 @@ class Generator:
                 "read": 3, "fsync": 2, "hold": 3, "fd": 6, "create": 5, "mkdir": 3,
                 "mknod": 3, "socket": 1, "symlink": 3, "link": 6, "unlink": 4, "rmdir": 2,
                 "rename": 7, "chmod": 3, "chown": 3, "utimens": 4, "setxattr": 4,
-                "removexattr": 2, "list": 1,
+                "removexattr": 2, "list": 1, "fallocate": 6, "seek": 2,
             }
         kind = self.rng.choices(list(weights), list(weights.values()))[0]
         self.big = step < 8
@@ -851,7 +899,7 @@ class Generator:
         path = self._pick(files)
         size = tree[path][1] if path is not None else 0
         if kind in ("write", "append", "truncate", "open_trunc", "mmap_write", "read",
-                    "fsync", "hold") and path is None:
+                    "fsync", "hold", "fallocate", "seek") and path is None:
             kind = "create"
         if kind == "fd" and not ref.held:
             kind = "hold" if path is not None else "create"
@@ -867,6 +915,14 @@ class Generator:
             return Op("write", path=path, offset=offset, length=length,
                       seed=rng.randrange(1 << 32), how=how,
                       sync=rng.choices(["none", "fsync", "fdatasync"], [6, 1, 1])[0])
+        if kind == "fallocate":
+            offset = self._offset(size)
+            length = max(1, min(self._length(), MAX_FILE - offset))
+            return Op("fallocate", path=path, mode=rng.choice(FALLOCATE_MODES), offset=offset,
+                      length=length)
+        if kind == "seek":
+            return Op("seek", path=path, offset=self._offset(size),
+                      whence=rng.choice((SEEK_DATA, SEEK_HOLE)))
         if kind == "append":
             return Op("append", path=path, length=rng.randrange(1, 16 * KiB),
                       seed=rng.randrange(1 << 32))

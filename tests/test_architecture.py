@@ -20,7 +20,7 @@ LAYERS: list[set[str]] = [
     {"staging"},
     {"switchover"},
     {"relocation"},
-    {"fs", "control", "fuseloop"},
+    {"fs", "control", "fuseloop", "extraops"},
     {"daemon"},
     {"service", "demo"},
     {"cli"},

@@ -14,14 +14,28 @@
  * two high bits of the file handle (fusedisk's handles are small counters)
  * and changes nothing else. Nothing here is called per request except the
  * two wrappers, which copy one struct and call on.
+ *
+ * pyfuse3 3.5 has no fallocate, lseek or copy_file_range handlers. When
+ * fusedisk asks for them (fusedisk_shim_enable_extra, before the session is
+ * made), the copy of the table gets handlers that touch no Python: each one
+ * queues the request (a small struct, under a mutex) and signals an eventfd.
+ * A trio task of the daemon waits on that eventfd, takes the requests with
+ * fusedisk_shim_take and answers each with one of the reply functions below,
+ * exactly once. So these requests are served on the trio loop like every
+ * other, whichever thread libfuse calls the handlers on.
  */
 #define _GNU_SOURCE
 #define FUSE_USE_VERSION 35
 #include <dlfcn.h>
 #include <fcntl.h>
+#include <errno.h>
 #include <fuse_lowlevel.h>
+#include <pthread.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
+#include <sys/eventfd.h>
+#include <unistd.h>
 
 #define FH_SYNC_DATA (UINT64_C(1) << 61)
 #define FH_SYNC_FULL (UINT64_C(1) << 62)
@@ -39,6 +53,129 @@ static void (*next_write_buf)(fuse_req_t, fuse_ino_t, struct fuse_bufvec *, off_
 int fusedisk_shim_sessions;
 /* Why the last fuse_session_new was passed through unwrapped (empty if it was not). */
 const char *fusedisk_shim_error = "";
+
+/* -- the handlers pyfuse3 lacks ------------------------------------------- */
+
+enum { FUSEDISK_FALLOCATE = 1, FUSEDISK_LSEEK = 2, FUSEDISK_COPY_FILE_RANGE = 3 };
+
+/* One queued request; fusedisk/fuseshim.py mirrors this layout. */
+struct fusedisk_request {
+    uint64_t req;        /* the fuse_req_t, to reply with */
+    int32_t op;          /* FUSEDISK_* */
+    int32_t mode;        /* fallocate mode, lseek whence */
+    uint64_t fh;         /* file handle (the input's for copy_file_range) */
+    int64_t offset;      /* fallocate/lseek offset, copy input offset */
+    int64_t length;      /* fallocate length, copy length */
+    uint64_t fh_out;     /* copy_file_range: output handle, offset, flags */
+    int64_t offset_out;
+    uint64_t flags;
+};
+
+struct queued {
+    struct fusedisk_request r;
+    struct queued *next;
+};
+
+static pthread_mutex_t queue_lock = PTHREAD_MUTEX_INITIALIZER;
+static struct queued *queue_head, *queue_tail;
+static int extra_wanted;
+/* The eventfd the daemon waits on; -1 while the extra handlers are not registered. */
+int fusedisk_shim_eventfd = -1;
+/* Requests queued by the extra handlers, by op (index FUSEDISK_*). */
+unsigned long fusedisk_shim_queued[4];
+
+void fusedisk_shim_enable_extra(int enable)
+{
+    extra_wanted = enable;
+}
+
+static void enqueue(const struct fusedisk_request *r)
+{
+    struct queued *q = malloc(sizeof(*q));
+    if (q == NULL) {
+        fuse_reply_err((fuse_req_t)(uintptr_t)r->req, ENOMEM);
+        return;
+    }
+    q->r = *r;
+    q->next = NULL;
+    pthread_mutex_lock(&queue_lock);
+    if (queue_tail != NULL)
+        queue_tail->next = q;
+    else
+        queue_head = q;
+    queue_tail = q;
+    fusedisk_shim_queued[r->op]++;
+    pthread_mutex_unlock(&queue_lock);
+    uint64_t one = 1;
+    /* cannot fail short of a counter overflow; the daemon drains it on each wake-up */
+    (void)!write(fusedisk_shim_eventfd, &one, sizeof(one));
+}
+
+/* Move the oldest queued request into *out; 0 when none is left. */
+int fusedisk_shim_take(struct fusedisk_request *out)
+{
+    pthread_mutex_lock(&queue_lock);
+    struct queued *q = queue_head;
+    if (q != NULL) {
+        queue_head = q->next;
+        if (queue_head == NULL)
+            queue_tail = NULL;
+    }
+    pthread_mutex_unlock(&queue_lock);
+    if (q == NULL)
+        return 0;
+    *out = q->r;
+    free(q);
+    return 1;
+}
+
+int fusedisk_shim_reply_err(uint64_t req, int err)
+{
+    return fuse_reply_err((fuse_req_t)(uintptr_t)req, err);
+}
+
+int fusedisk_shim_reply_lseek(uint64_t req, int64_t offset)
+{
+    return fuse_reply_lseek((fuse_req_t)(uintptr_t)req, (off_t)offset);
+}
+
+int fusedisk_shim_reply_write(uint64_t req, uint64_t count)
+{
+    return fuse_reply_write((fuse_req_t)(uintptr_t)req, (size_t)count);
+}
+
+static void shim_fallocate(fuse_req_t req, fuse_ino_t ino, int mode, off_t offset, off_t length,
+                           struct fuse_file_info *fi)
+{
+    (void)ino;
+    struct fusedisk_request r = {.req = (uintptr_t)req, .op = FUSEDISK_FALLOCATE, .mode = mode,
+                                 .fh = fi->fh, .offset = offset, .length = length};
+    enqueue(&r);
+}
+
+static void shim_lseek(fuse_req_t req, fuse_ino_t ino, off_t off, int whence,
+                       struct fuse_file_info *fi)
+{
+    (void)ino;
+    struct fusedisk_request r = {.req = (uintptr_t)req, .op = FUSEDISK_LSEEK, .mode = whence,
+                                 .fh = fi->fh, .offset = off};
+    enqueue(&r);
+}
+
+static void shim_copy_file_range(fuse_req_t req, fuse_ino_t ino_in, off_t off_in,
+                                 struct fuse_file_info *fi_in, fuse_ino_t ino_out, off_t off_out,
+                                 struct fuse_file_info *fi_out, size_t len, int flags)
+{
+    (void)ino_in;
+    (void)ino_out;
+    struct fusedisk_request r = {.req = (uintptr_t)req, .op = FUSEDISK_COPY_FILE_RANGE,
+                                 .fh = fi_in->fh, .offset = off_in, .length = (int64_t)len,
+                                 .fh_out = fi_out->fh, .offset_out = off_out,
+                                 .flags = (uint64_t)(unsigned)flags};
+    enqueue(&r);
+}
+
+/* -- the write wrappers ---------------------------------------------------- */
 
 static uint64_t sync_bits(int flags)
 {
@@ -68,9 +205,8 @@ static void shim_write_buf(fuse_req_t req, fuse_ino_t ino, struct fuse_bufvec *b
 struct fuse_session *fuse_session_new(struct fuse_args *args, const struct fuse_lowlevel_ops *op,
                                       size_t op_size, void *userdata)
 {
-    /* pyfuse3 has loaded libfuse by now; ask it directly (the shim itself
-     * references no libfuse symbol, so the linker may not record it as needed
-     * and RTLD_NEXT would not reach it). */
+    /* pyfuse3 has loaded libfuse by now; ask it for the real one by name and
+     * version, whatever order the loader put the libraries in. */
     void *libfuse = dlopen("libfuse3.so.3", RTLD_NOW | RTLD_NOLOAD);
     session_new_fn real = NULL;
     if (libfuse != NULL) {
@@ -94,6 +230,16 @@ struct fuse_session *fuse_session_new(struct fuse_args *args, const struct fuse_
         wrapped_ops.write = shim_write;
     if (next_write_buf != NULL)
         wrapped_ops.write_buf = shim_write_buf;
+    if (extra_wanted && fusedisk_shim_eventfd < 0)
+        fusedisk_shim_eventfd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    if (extra_wanted && fusedisk_shim_eventfd >= 0) {
+        wrapped_ops.fallocate = shim_fallocate;
+        wrapped_ops.copy_file_range = shim_copy_file_range;
+        wrapped_ops.lseek = shim_lseek;
+        /* the copy is a whole table of the libfuse this was built against (zeroed
+         * past pyfuse3's part), so libfuse may read all of it */
+        op_size = sizeof(wrapped_ops);
+    }
     fusedisk_shim_error = "";
     fusedisk_shim_sessions++;
     return real(args, &wrapped_ops, op_size, userdata);
