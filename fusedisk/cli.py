@@ -9,6 +9,7 @@ more is printed, as a command killed by SIGPIPE would be reported).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import io
 import json
 import logging
@@ -20,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import __version__, control
+from . import __version__, api, control
 from .config import (
     MAX_PAUSE_MS,
     MIN_PAUSE_MS,
@@ -138,9 +139,10 @@ def _parser() -> argparse.ArgumentParser:
     mg.add_argument("--rate", metavar="SIZE/s", default="0",
                     help="copy rate limit, e.g. 200M (default: unlimited); change it later "
                     "with `fusedisk rate`")
-    mg.add_argument("--max-pause", type=int, default=100, metavar="MS",
-                    help="pause budget of the switchover in ms (default 100)")
-    mg.add_argument("--mode", choices=("auto", "precopy", "mirror"), default="auto",
+    mg.add_argument("--max-pause", type=int, default=api.DEFAULT_MAX_PAUSE_MS, metavar="MS",
+                    help=f"pause budget of the switchover in ms (default "
+                    f"{api.DEFAULT_MAX_PAUSE_MS})")
+    mg.add_argument("--mode", choices=[m.value for m in api.Mode], default=api.DEFAULT_MODE,
                     help="auto: pre-copy, then mirror writes if the VM outruns the copy "
                     "(default); precopy: never mirror; mirror: mirror from the start")
     mg.add_argument("--keep-source", action="store_true",
@@ -221,10 +223,9 @@ def cmd_mount(args: argparse.Namespace) -> int:
 def _run_foreground(config: Config, ready_fd: int | None) -> int:
     import trio
 
-    from .daemon import Daemon
+    from .daemon import serve
 
     setup_logging(debug=logging.getLogger().level == logging.DEBUG)
-    daemon = Daemon(config)
 
     def report(message: str) -> None:
         nonlocal ready_fd
@@ -237,8 +238,7 @@ def _run_foreground(config: Config, ready_fd: int | None) -> int:
             ready_fd = None
 
     try:
-        daemon.prepare()
-        trio.run(daemon.run, lambda: report("OK"))
+        trio.run(serve, config, lambda: report("OK"))
     except FusediskError as e:
         report(f"ERR {e}")
         raise
@@ -279,16 +279,17 @@ def _spawn_daemon(config: Config, args: argparse.Namespace) -> int:
 
 
 def cmd_umount(args: argparse.Namespace) -> int:
-    from .daemon import FSNAME, _mount_fstype, detach_dead_mount
+    from .daemon import FSNAME, detach_dead_mount
+    from .mountinfo import fstype_at
 
     mountpoint = Path(os.path.abspath(args.mountpoint))
-    fstype = _mount_fstype(mountpoint)
+    fstype = fstype_at(mountpoint)
     if fstype is None:
         raise MountError(f"{mountpoint} is not mounted")
     if fstype != f"fuse.{FSNAME}":
         raise MountError(f"{mountpoint} is a {fstype} mount, not a fusedisk datastore")
     try:
-        pid: int | None = control.request(mountpoint, "status", timeout_s=10)["pid"]
+        pid: int | None = control.call(mountpoint, api.Status(), timeout_s=10)["pid"]
     except ControlError:
         pid = None
     if pid is None:
@@ -325,7 +326,7 @@ def _pid_alive(pid: int) -> bool:
 
 def cmd_status(args: argparse.Namespace) -> int:
     mountpoint = Path(os.path.abspath(args.mountpoint))
-    status = control.request(mountpoint, "status")
+    status = control.call(mountpoint, api.Status())
     if args.json:
         print(json.dumps(status, indent=2, sort_keys=True))
         return 0
@@ -354,16 +355,16 @@ def _print_status(status: dict[str, Any]) -> None:
     print()
     if status["jobs"]:
         print("RELOCATIONS")
-        for job in status["jobs"]:
+        for job in map(api.Job.from_wire, status["jobs"]):
             print(_progress_line(job))
-            if job.get("pause_ms") is not None:
-                print(f"  switched over with a {job['pause_ms']:.1f} ms pause "
-                      f"after {job['elapsed_s']:.1f} s")
-            if job.get("last_abandoned"):
-                print(f"  switchover attempts: {job['attempts']}; the last one abandoned: "
-                      f"{job['last_abandoned']}")
-            if job.get("error"):
-                print(f"  failed: {job['error']}")
+            if job.pause_ms is not None:
+                print(f"  switched over with a {job.pause_ms:.1f} ms pause "
+                      f"after {job.elapsed_s:.1f} s")
+            if job.last_abandoned:
+                print(f"  switchover attempts: {job.attempts}; the last one abandoned: "
+                      f"{job.last_abandoned}")
+            if job.error:
+                print(f"  failed: {job.error}")
     else:
         print("no relocation jobs")
 
@@ -403,82 +404,80 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     if not MIN_PAUSE_MS <= args.max_pause <= MAX_PAUSE_MS:
         raise FusediskError(f"--max-pause must be from {MIN_PAUSE_MS} to {MAX_PAUSE_MS} ms, "
                             f"not {args.max_pause}")
-    job = control.request(
-        mountpoint, "migrate", entry=args.entry, to=args.to, rate=_rate_arg(args.rate),
-        max_pause_ms=args.max_pause, mode=args.mode, keep_source=args.keep_source,
-    )
+    job = control.call(mountpoint, api.Migrate(
+        entry=args.entry, to=args.to, rate=_rate_arg(args.rate),
+        max_pause_ms=args.max_pause, mode=api.Mode(args.mode), keep_source=args.keep_source,
+    ))
     if args.no_wait:
         if args.json:
-            print(json.dumps(job, sort_keys=True))
+            print(json.dumps(job.to_wire(), sort_keys=True))
         else:
             print(f"relocation of {args.entry} to {args.to} started; "
                   f"watch it with: fusedisk status {mountpoint}")
         return 0
     try:
-        job = _watch(mountpoint, args.entry, quiet=args.json)
+        job = _watch(mountpoint, job, quiet=args.json)
     except KeyboardInterrupt:
         print(f"\ndetached: the relocation of {args.entry} goes on "
               f"(fusedisk status {mountpoint}; fusedisk cancel {mountpoint} {args.entry})",
               file=sys.stderr)
         return 130
     if args.json:
-        print(json.dumps(job, sort_keys=True))
-    if job["state"] == "done":
+        print(json.dumps(job.to_wire(), sort_keys=True))
+    if job.state == api.State.DONE:
         if not args.json:
-            print(f"relocated {args.entry} from {job['from']} to {job['to']}: "
-                  f"{format_size(job['bytes_copied'])} copied in {job['elapsed_s']:.1f} s, "
-                  f"{job['pass']} pass(es), switchover pause {job['pause_ms']:.1f} ms")
+            print(f"relocated {args.entry} from {job.src} to {job.dst}: "
+                  f"{format_size(job.bytes_copied)} copied in {job.elapsed_s:.1f} s, "
+                  f"{job.pass_no} pass(es), switchover pause {job.pause_ms or 0.0:.1f} ms")
         return 0
-    if job["state"] == "cancelled":
+    if job.state == api.State.CANCELLED:
         raise FusediskError(f"the relocation of {args.entry} was cancelled; "
-                            f"it stays on {job['from']}")
-    raise FusediskError(f"relocation of {args.entry} failed: {job['error']}")
+                            f"it stays on {job.src}")
+    raise FusediskError(f"relocation of {args.entry} failed: {job.error}")
 
 
-def _job(mountpoint: Path, entry: str) -> dict[str, Any]:
-    for job in control.request(mountpoint, "status")["jobs"]:
-        if job["entry"] == entry:
-            return dict(job)
-    raise FusediskError(f"the daemon has no relocation job for {entry}")
-
-
-def _watch(mountpoint: Path, entry: str, quiet: bool) -> dict[str, Any]:
-    """Show a job's progress until it ends: a live line on a terminal, periodic lines otherwise."""
+def _watch(mountpoint: Path, job: api.Job, quiet: bool) -> api.Job:
+    """Show *job*'s progress until it ends (from the daemon's ``watch`` stream): a live
+    line on a terminal, a line every few seconds otherwise. Returns the final job."""
     tty = sys.stderr.isatty() and not quiet
     last_line, last_print = "", 0.0
-    while True:
-        job = _job(mountpoint, entry)
-        final = job["state"] in ("done", "failed", "cancelled")
+    for event in control.watch(mountpoint, api.Watch(entry=job.entry, job=job.id)):
+        job = api.Job.from_wire(event)
         line = _progress_line(job)
         now = time.monotonic()
         if tty:
-            print(f"\r\x1b[K{line}", end="" if not final else "\n", file=sys.stderr, flush=True)
-        elif not quiet and (final or now - last_print >= 2.0) and line != last_line:
+            print(f"\r\x1b[K{line}", end="" if not job.final else "\n", file=sys.stderr,
+                  flush=True)
+        elif not quiet and (job.final or now - last_print >= 2.0) and line != last_line:
             print(line, file=sys.stderr, flush=True)
             last_line, last_print = line, now
-        if final:
+        if job.final:
             return job
-        time.sleep(0.2)
+    raise FusediskError(f"the daemon ended the progress of {job.entry} before the job ended")
 
 
-def _progress_line(job: dict[str, Any]) -> str:
+def _progress_line(job: api.Job) -> str:
     width = 24
-    filled = int(job["progress"] * width)
+    filled = int(job.progress * width)
     bar = "#" * filled + "-" * (width - filled)
-    eta = job.get("eta_s")
-    eta_text = f"ETA {eta:.0f}s" if isinstance(eta, int | float) and eta > 0 else ""
-    state = job["state"] + (" (paused)" if job.get("paused") else "")
-    return (f"{job['entry']} {job['from']}->{job['to']} {state:<10} pass {job['pass']} "
-            f"[{bar}] {job['progress']:4.0%} {format_size(job['bytes_copied'])}"
-            f"/{format_size(job['bytes_total'])} {format_size(job['copy_rate'])}/s "
-            f"dirty {format_size(job['dirty_bytes'])} {eta_text}").rstrip()
+    eta = job.eta_s
+    eta_text = f"ETA {eta:.0f}s" if eta is not None and eta > 0 else ""
+    state = job.state + (" (paused)" if job.paused else "")
+    return (f"{job.entry} {job.src}->{job.dst} {state:<10} pass {job.pass_no} "
+            f"[{bar}] {job.progress:4.0%} {format_size(job.bytes_copied)}"
+            f"/{format_size(job.bytes_total)} {format_size(job.copy_rate)}/s "
+            f"dirty {format_size(job.dirty_bytes)} {eta_text}").rstrip()
 
 
 def cmd_job(args: argparse.Namespace) -> int:
     mountpoint = Path(os.path.abspath(args.mountpoint))
-    extra = {"rate": _rate_arg(args.rate)} if args.command == "rate" else {}
-    job = control.request(mountpoint, args.command, entry=args.entry, **extra)
-    print(_progress_line(job))
+    req: api.Request[api.Job]
+    if args.command == "rate":
+        req = api.Rate(entry=args.entry, rate=_rate_arg(args.rate))
+    else:
+        req = {"pause": api.Pause, "resume": api.Resume, "cancel": api.Cancel}[args.command](
+            entry=args.entry)
+    print(_progress_line(control.call(mountpoint, req)))
     return 0
 
 
@@ -497,10 +496,10 @@ def cmd_cbt(args: argparse.Namespace) -> int:
     mountpoint = Path(os.path.abspath(args.mountpoint))
     path = _file_in_mount(mountpoint, args.file)
     if args.cbt_command == "checkpoint":
-        print(control.request(mountpoint, "cbt-checkpoint", path=path)["change_id"])
+        print(control.call(mountpoint, api.CbtCheckpoint(path=path)))
         return 0
     if args.cbt_command == "info":
-        info = control.request(mountpoint, "cbt-info", path=path)
+        info = control.call(mountpoint, api.CbtInfo(path=path))
         if args.json:
             print(json.dumps(info, indent=2, sort_keys=True))
         else:
@@ -509,15 +508,15 @@ def cmd_cbt(args: argparse.Namespace) -> int:
             print(f"dirty        {info['dirty_blocks']} block(s) since the newest change id")
             print(f"change ids   {' '.join(info['change_ids']) or '(none yet)'}")
         return 0
-    result = control.request(mountpoint, "cbt-changes", path=path, since=args.since)
+    changes = control.call(mountpoint, api.CbtChanges(path=path, since=args.since))
     if args.json:
-        print(json.dumps(result, sort_keys=True))
+        print(json.dumps(dataclasses.asdict(changes), sort_keys=True))
         return 0
-    total = sum(length for _, length in result["extents"])
-    for offset, length in result["extents"]:
+    total = sum(length for _, length in changes.extents)
+    for offset, length in changes.extents:
         print(f"{offset} {length}")
-    print(f"# {len(result['extents'])} extent(s), {format_size(total)} of "
-          f"{format_size(result['file_size'])}", file=sys.stderr)
+    print(f"# {len(changes.extents)} extent(s), {format_size(total)} of "
+          f"{format_size(changes.file_size)}", file=sys.stderr)
     return 0
 
 

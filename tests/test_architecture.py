@@ -10,9 +10,9 @@ PACKAGE = Path(__file__).resolve().parent.parent / "fusedisk"
 # Lower layers first. A module may import only from layers before its own;
 # fs (the FUSE edge) and control (the control edge) never import each other.
 LAYERS: list[set[str]] = [
-    {"errors", "sizes", "failpoint", "fuseshim"},
+    {"errors", "sizes", "failpoint", "fuseshim", "mountinfo"},
     {"bitmap", "metadata", "config", "gate"},
-    {"backing"},
+    {"backing", "api"},
     {"cbt"},
     {"vdisk"},
     {"datastore"},
@@ -21,6 +21,7 @@ LAYERS: list[set[str]] = [
     {"switchover"},
     {"relocation"},
     {"fs", "control", "fuseloop"},
+    {"commands"},
     {"daemon"},
     {"service", "demo"},
     {"cli"},

@@ -28,7 +28,7 @@ BLOCK = 64 << 10
 
 def test_bitmap_matches_a_set_model() -> None:
     rng = random.Random(7)
-    bits, model = Bitmap(), set()
+    bits, model = Bitmap(), set[int]()
     for _ in range(3000):
         start, n = rng.randrange(0, 3 * CHUNK_BITS), rng.randrange(1, CHUNK_BITS // 2)
         if rng.random() < 0.6:
