@@ -73,6 +73,7 @@ from .metadata import (
     read_slotted,
     write_slotted,
 )
+from .sizes import block_span
 
 log = logging.getLogger(__name__)
 
@@ -191,15 +192,16 @@ class Tracker:
                 return
             await self._save_al()
 
-    def mark(self, offset: int, length: int) -> None:
-        """Record that ``[offset, offset+length)`` changed; call after the data landed."""
+    def mark_bytes(self, offset: int, length: int) -> None:
+        """Record that bytes ``[offset, offset+length)`` changed; call after the data landed.
+
+        (In bytes; the bitmaps below are in blocks.)
+        """
         if length <= 0:
             return
-        first = offset >> self._shift
-        nblocks = ((offset + length - 1) >> self._shift) - first + 1
-        self.segments[-1][1].mark(first, nblocks)
+        self.segments[-1][1].mark(*block_span(offset, length, self._shift))
 
-    async def mark_durably(self, offset: int, length: int) -> None:
+    async def mark_bytes_durably(self, offset: int, length: int) -> None:
         """Mark a change and save the bitmaps *before* it happens (truncate).
 
         A truncate may span far more than the activity log covers (any
@@ -211,7 +213,7 @@ class Tracker:
         new segment without it.
         """
         async with self._lock:
-            self.mark(offset, length)
+            self.mark_bytes(offset, length)
             if self.withdrawn is None:
                 await self._save_bitmaps(self._bitmap_record())
 

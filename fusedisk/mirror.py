@@ -35,6 +35,7 @@ import trio
 from . import backing
 from .bitmap import Bitmap
 from .gate import Gate
+from .sizes import block_span
 from .vdisk import OpenFiles, VFile
 
 log = logging.getLogger(__name__)
@@ -167,8 +168,7 @@ class Copier:
         # Attach first, then scan: a write in between is marked by the consumer.
         vfile.consumers.append(copy.dirty)
         for offset, length in backing.data_extents(vfile.fd):
-            first = offset >> self._shift
-            copy.dirty.mark(first, ((offset + length - 1) >> self._shift) - first + 1)
+            copy.dirty.mark(*block_span(offset, length, self._shift))
         backing.ftruncate(dst_fd, vfile.size())
         if self.mirroring:
             vfile.mirror_fd = dst_fd
