@@ -160,6 +160,25 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("entry", metavar="ENTRY")
     r.add_argument("rate", metavar="SIZE/s", help="e.g. 100M, or 0 for unlimited")
 
+    ex = sub.add_parser(
+        "export", help="serve a file of the datastore as a read-only NBD export",
+        description="Serve FILE (a path inside the mount, absolute or relative to the mount "
+        "root) over NBD, read-only, until Ctrl-C or SIGTERM: nbdcopy, nbdinfo, qemu-img and "
+        "libnbd clients read it as they are. The meta context base:allocation tells data "
+        "from holes; with --since ID, qemu:dirty-bitmap:ID marks what changed since that "
+        "change id (an incremental backup). Both maps are taken when the export starts, and "
+        "the data is read live: stop or freeze the guest for a point-in-time backup. The "
+        "URI is printed on stdout once clients can connect.",
+    )
+    ex.add_argument("mountpoint", metavar="MOUNTPOINT")
+    ex.add_argument("file", metavar="FILE")
+    ex.add_argument("--since", metavar="ID", help="also serve qemu:dirty-bitmap:ID")
+    where = ex.add_mutually_exclusive_group(required=True)
+    where.add_argument("--socket", type=Path, metavar="PATH", help="listen on a Unix socket")
+    where.add_argument("--tcp", metavar="HOST:PORT", help="listen on TCP (no TLS yet)")
+    ex.add_argument("--name", default="", metavar="NAME",
+                    help="export name (default: FILE as given relative to the mount)")
+
     d = sub.add_parser(
         "demo", help="a live relocation on a default local layout",
         description="Mount a datastore with two local stores under ROOT, create a VM home "
@@ -492,6 +511,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
         raise FusediskError(f"demo failed: {e}") from None
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from . import export
+
+    mountpoint = Path(os.path.abspath(args.mountpoint))
+    tcp = export.parse_tcp(args.tcp) if args.tcp else None
+    if args.socket is not None and (args.socket.exists() or args.socket.is_symlink()):
+        raise FusediskError(f"--socket {args.socket}: something is there already")
+    return export.run(mountpoint, _file_in_mount(mountpoint, args.file), args.since,
+                      args.socket, tcp, args.name)
+
+
 def cmd_cbt(args: argparse.Namespace) -> int:
     mountpoint = Path(os.path.abspath(args.mountpoint))
     path = _file_in_mount(mountpoint, args.file)
@@ -522,8 +552,8 @@ def cmd_cbt(args: argparse.Namespace) -> int:
 
 _COMMANDS = {"mount": cmd_mount, "umount": cmd_umount, "status": cmd_status,
              "install-service": cmd_install_service, "cleanup": cmd_cleanup, "cbt": cmd_cbt,
-             "demo": cmd_demo, "migrate": cmd_migrate, "pause": cmd_job, "resume": cmd_job,
-             "cancel": cmd_job, "rate": cmd_job}
+             "demo": cmd_demo, "export": cmd_export, "migrate": cmd_migrate, "pause": cmd_job,
+             "resume": cmd_job, "cancel": cmd_job, "rate": cmd_job}
 
 
 def main(argv: list[str] | None = None) -> int:

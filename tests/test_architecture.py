@@ -21,9 +21,9 @@ LAYERS: list[set[str]] = [
     {"switchover"},
     {"relocation"},
     {"fs", "control", "fuseloop"},
-    {"commands"},
+    {"commands", "nbd"},
     {"daemon"},
-    {"service", "demo"},
+    {"service", "demo", "export"},
     {"cli"},
 ]
 
