@@ -28,6 +28,8 @@ from .sizes import parse_size
 
 #: Longest name of a top-level entry, in bytes (NAME_MAX).
 MAX_NAME_BYTES = 255
+#: The largest file offset Linux allows (loff_t): a byte count above it is no offset.
+MAX_FILE_SIZE = (1 << 63) - 1
 #: The pause budget of a switchover when a request names none, in milliseconds.
 DEFAULT_MAX_PAUSE_MS = 100
 
@@ -223,6 +225,17 @@ def _rate_check(request: Mapping[str, object], key: str, default: Any) -> Any:
 
 def _pause_check(request: Mapping[str, object], key: str, default: Any) -> Any:
     return int_arg(request, key, default, minimum=MIN_PAUSE_MS, maximum=MAX_PAUSE_MS)
+
+
+def _offset_check(request: Mapping[str, object], key: str, default: Any) -> Any:
+    return size_arg(request, key, default, maximum=MAX_FILE_SIZE)
+
+
+def _length_check(request: Mapping[str, object], key: str, default: Any) -> Any:
+    value = size_arg(request, key, default, maximum=MAX_FILE_SIZE)
+    if value == 0:
+        raise _bad(key, "must be at least 1")
+    return value
 
 
 def _job_check(request: Mapping[str, object], key: str, default: Any) -> Any:
@@ -470,6 +483,9 @@ class CbtChanges(Request[Changes]):
     summary: ClassVar[str] = "the extents of a file changed since a change id (or all: \"*\")"
     path: str = _arg(_path_check)
     since: str = _arg(str_arg, doc='a change id, or "*"')
+    #: only the extents within [start, start + length) (VDDK-style paging), clipped
+    start: int = _arg(_offset_check, 0)
+    length: int | None = _arg(_length_check, None)
 
     def reply(self, result: object) -> Changes:
         return _build(Changes, result)

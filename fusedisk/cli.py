@@ -31,7 +31,7 @@ from .config import (
     parse_rate,
 )
 from .errors import ControlError, FusediskError, MountError
-from .sizes import format_size
+from .sizes import format_size, parse_size
 
 log = logging.getLogger("fusedisk")
 
@@ -206,6 +206,11 @@ def _parser() -> argparse.ArgumentParser:
         "be answered exactly is refused: the caller then needs a full backup.",
     )
     ch.add_argument("--since", required=True, metavar="ID", help="a change id, or '*'")
+    ch.add_argument("--start", default="0", metavar="OFFSET",
+                    help="only extents from this byte offset on (e.g. 1G; default 0)")
+    ch.add_argument("--length", default=None, metavar="SIZE",
+                    help="only extents within SIZE bytes from --start (default: to the end); "
+                    "extents are clipped to the range, so pages can be asked one by one")
     inf = cbt_sub.add_parser("info", help="a file's CBT state: its live change ids, dirty blocks")
     for action in (cp, ch, inf):
         action.add_argument("mountpoint", metavar="MOUNTPOINT")
@@ -411,6 +416,16 @@ def _file_in_mount(mountpoint: Path, file: str) -> str:
     return file  # relative to the mount root
 
 
+def _size_option(option: str, text: str) -> int:
+    try:
+        value = parse_size(text)
+    except (ValueError, OverflowError) as e:
+        raise FusediskError(f"{option}: {e}") from None
+    if value > api.MAX_FILE_SIZE:
+        raise FusediskError(f"{option}: {text} is past the largest file offset")
+    return value
+
+
 def _rate_arg(text: str) -> int:
     try:
         return parse_rate(text)
@@ -538,7 +553,12 @@ def cmd_cbt(args: argparse.Namespace) -> int:
             print(f"dirty        {info['dirty_blocks']} block(s) since the newest change id")
             print(f"change ids   {' '.join(info['change_ids']) or '(none yet)'}")
         return 0
-    changes = control.call(mountpoint, api.CbtChanges(path=path, since=args.since))
+    start = _size_option("--start", args.start)
+    length = None if args.length is None else _size_option("--length", args.length)
+    if length == 0:
+        raise FusediskError("--length must be at least 1 byte")
+    changes = control.call(mountpoint, api.CbtChanges(path=path, since=args.since,
+                                                      start=start, length=length))
     if args.json:
         print(json.dumps(dataclasses.asdict(changes), sort_keys=True))
         return 0

@@ -154,8 +154,11 @@ class Commands:
                     extents = vfile.tracker.changes(request.since, size)
                 except ChangeIdError as e:
                     raise api.RequestError("change-id", str(e)) from None
-        return {"change_id": request.since, "file_size": size,
-                "extents": [[offset, length] for offset, length in extents]}
+        lo = request.start
+        hi = size if request.length is None else min(size, lo + request.length)
+        clipped = [[max(o, lo), min(o + n, hi) - max(o, lo)] for o, n in extents
+                   if o < hi and o + n > lo]
+        return {"change_id": request.since, "file_size": size, "extents": clipped}
 
     async def cbt_info(self, request: api.CbtInfo) -> dict[str, Any]:
         async with self._open_file(request.path) as vfile:

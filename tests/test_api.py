@@ -52,6 +52,8 @@ def _valid(cls: type[api.Request[Any]], rng: random.Random) -> dict[str, Any]:
             "mode": lambda: rng.choice([m.value for m in api.Mode]),
             "keep_source": lambda: rng.random() < 0.5,
             "job": lambda: f"{rng.getrandbits(64):016x}",
+            "start": lambda: rng.choice([0, 1, rng.randrange(1 << 62), "1G"]),
+            "length": lambda: rng.choice([1, rng.randrange(1, 1 << 62), "64M"]),
         }
         wire[f.name] = makers[f.name]()
     return wire
@@ -68,6 +70,8 @@ _WRONG: dict[str, list[Any]] = {
     "mode": ["fast", 1, None],
     "keep_source": [1, "yes", None],
     "job": ["", "../x", "a" * 65, 5, None],
+    "start": [-1, 1 << 63, "x", None, 1.5],
+    "length": [0, -1, 1 << 63, "0", None],
 }
 
 
@@ -81,7 +85,7 @@ def test_requests_round_trip_and_every_broken_rule_is_refused(seed: int) -> None
         again = cls.decode(json.loads(json.dumps(decoded.encode())))
         assert again == decoded, wire
         for key, value in wire.items():  # what was sent is what was understood
-            if key not in ("cmd", "rate"):
+            if key not in ("cmd", "rate", "start", "length"):  # sizes: "1G" is a number
                 got = getattr(decoded, key)
                 assert (got.value if isinstance(got, api.Mode) else got) == value
         broken = dict(wire)
