@@ -841,6 +841,29 @@ def test_a_pause_that_would_overrun_its_budget_is_abandoned_then_retried(
         ds.teardown()
 
 
+def test_one_slow_record_save_does_not_refuse_every_switchover(tmp_path: Path) -> None:
+    """The commit's cost is learned from record saves; the relocation's first save
+    stalls 400 ms (one slow fsync on a loaded store), so the first attempt is
+    abandoned for "the commit". The cost is measured again after it, and the next
+    attempt commits instead of all ten being refused on a stale estimate."""
+    ds = MountedDatastore(tmp_path)
+    try:
+        ds.start()
+        disk = make_vm(ds, disk_mib=4)
+        data = disk.read_bytes()
+        ds.stop()
+        ds.start(env={"FUSEDISK_STALL": "record-save:400:1"})
+        result = migrate(ds, "vm1", "--to", "b", "--max-pause", "100", "--json")
+        assert result.returncode == 0, result.stderr
+        final = json.loads(result.stdout)
+        assert final["state"] == "done" and final["attempts"] == 2, final
+        assert "the commit" in final["last_abandoned"], final
+        assert disk.read_bytes() == data
+        assert "stall point record-save reached" in ds.log()
+    finally:
+        ds.teardown()
+
+
 def test_a_budget_that_can_never_be_met_fails_clearly_and_keeps_the_source(
     tmp_path: Path,
 ) -> None:
