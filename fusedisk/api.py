@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Generic, TypeVar
@@ -486,6 +487,8 @@ class CbtChanges(Request[Changes]):
     #: only the extents within [start, start + length) (VDDK-style paging), clipped
     start: int = _arg(_offset_check, 0)
     length: int | None = _arg(_length_check, None)
+    #: a later change id of the file (e.g. a snapshot's): changes up to it only, exact
+    until: str | None = _arg(str_arg, None)
 
     def reply(self, result: object) -> Changes:
         return _build(Changes, result)
@@ -501,9 +504,56 @@ class CbtInfo(Request[dict[str, Any]]):
         return _object(result)
 
 
+#: What a snapshot may be named.
+SNAPSHOT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
+def _snapshot_name_check(request: Mapping[str, object], key: str, default: Any) -> Any:
+    value = str_arg(request, key, default)
+    if key in request and not SNAPSHOT_NAME.fullmatch(value):
+        raise _bad(key, f"{value!r} must be 1-64 letters, digits, '.', '_' or '-', starting "
+                   "with a letter or digit")
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class SnapshotCreate(Request[dict[str, Any]]):
+    command: ClassVar[str] = "snapshot-create"
+    summary: ClassVar[str] = "a point-in-time snapshot of every file of an entry"
+    entry: str = _arg(_entry_check)
+    name: str = _arg(_snapshot_name_check)
+
+    def reply(self, result: object) -> dict[str, Any]:
+        return _object(result)
+
+
+@dataclass(frozen=True, slots=True)
+class SnapshotList(Request[list[dict[str, Any]]]):
+    command: ClassVar[str] = "snapshot-list"
+    summary: ClassVar[str] = "the snapshots (of one entry, or all)"
+    entry: str | None = _arg(lambda r, k, d: entry_arg(r, k) if k in r else d, None)
+
+    def reply(self, result: object) -> list[dict[str, Any]]:
+        if not isinstance(result, list) or not all(isinstance(s, dict) for s in result):
+            raise ControlError("the daemon sent a reply of the wrong shape")
+        return result
+
+
+@dataclass(frozen=True, slots=True)
+class SnapshotDelete(Request[dict[str, Any]]):
+    command: ClassVar[str] = "snapshot-delete"
+    summary: ClassVar[str] = "delete a snapshot"
+    entry: str = _arg(_entry_check)
+    name: str = _arg(_snapshot_name_check)
+
+    def reply(self, result: object) -> dict[str, Any]:
+        return _object(result)
+
+
 #: Every command, by name.
 REQUESTS: dict[str, type[Request[Any]]] = {
     cls.command: cls
     for cls in (Status, Locate, Migrate, Pause, Resume, Cancel, Rate, Watch,
-                CbtCheckpoint, CbtChanges, CbtInfo)
+                CbtCheckpoint, CbtChanges, CbtInfo, SnapshotCreate, SnapshotList,
+                SnapshotDelete)
 }

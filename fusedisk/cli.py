@@ -160,6 +160,29 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("entry", metavar="ENTRY")
     r.add_argument("rate", metavar="SIZE/s", help="e.g. 100M, or 0 for unlimited")
 
+    sn = sub.add_parser(
+        "snapshot", help="point-in-time snapshots of an entry (every file at one instant)",
+        description="A snapshot holds every file of ENTRY as it was at one instant (one "
+        "pause of the entry's writes, so a VM's disks are consistent with each other), each "
+        "paired with a new CBT change id. Files are cloned (reflinks), so the store must be "
+        "XFS or btrfs. Snapshots live on the store, under .fusedisk-snapshots, and are read "
+        "with `fusedisk export MNT ENTRY/FILE@NAME`.",
+    )
+    sn_sub = sn.add_subparsers(dest="snapshot_command", metavar="ACTION", required=True)
+    sc = sn_sub.add_parser("create", help="snapshot an entry")
+    sc.add_argument("mountpoint", metavar="MOUNTPOINT")
+    sc.add_argument("entry", metavar="ENTRY")
+    sc.add_argument("--name", default=None, help="default: the time, e.g. 20261202-154500")
+    sl = sn_sub.add_parser("list", help="list snapshots")
+    sl.add_argument("mountpoint", metavar="MOUNTPOINT")
+    sl.add_argument("entry", metavar="ENTRY", nargs="?")
+    sd = sn_sub.add_parser("delete", help="delete a snapshot")
+    sd.add_argument("mountpoint", metavar="MOUNTPOINT")
+    sd.add_argument("entry", metavar="ENTRY")
+    sd.add_argument("name", metavar="NAME")
+    for action in (sc, sl, sd):
+        action.add_argument("--json", action="store_true", help="JSON, for scripts")
+
     ex = sub.add_parser(
         "export", help="serve a file of the datastore as a read-only NBD export",
         description="Serve FILE (a path inside the mount, absolute or relative to the mount "
@@ -206,6 +229,8 @@ def _parser() -> argparse.ArgumentParser:
         "be answered exactly is refused: the caller then needs a full backup.",
     )
     ch.add_argument("--since", required=True, metavar="ID", help="a change id, or '*'")
+    ch.add_argument("--snapshot", metavar="NAME", default=None,
+                    help="only the changes from ID up to snapshot NAME of the file's entry")
     ch.add_argument("--start", default="0", metavar="OFFSET",
                     help="only extents from this byte offset on (e.g. 1G; default 0)")
     ch.add_argument("--length", default=None, metavar="SIZE",
@@ -526,6 +551,21 @@ def cmd_demo(args: argparse.Namespace) -> int:
         raise FusediskError(f"demo failed: {e}") from None
 
 
+def _snapshot_file(mountpoint: Path, entry: str, name: str,
+                   inside: str) -> dict[str, Any]:
+    """A file's record in snapshot *name* of *entry* (path inside the entry), plus its path."""
+    for snapshot in control.call(mountpoint, api.SnapshotList(entry=entry)):
+        if snapshot["name"] == name and snapshot["state"] == "ok":
+            record = snapshot["files"].get(inside)
+            if record is None:
+                raise FusediskError(f"snapshot {entry}@{name} holds no regular file "
+                                    f"{inside or entry!r}")
+            where = Path(snapshot["path"]) / "tree"
+            return {**record, "path": str(where / inside if inside else where)}
+    raise FusediskError(f"{entry!r} has no snapshot named {name!r} "
+                        f"(fusedisk snapshot list {mountpoint} {entry})")
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from . import export
 
@@ -533,8 +573,48 @@ def cmd_export(args: argparse.Namespace) -> int:
     tcp = export.parse_tcp(args.tcp) if args.tcp else None
     if args.socket is not None and (args.socket.exists() or args.socket.is_symlink()):
         raise FusediskError(f"--socket {args.socket}: something is there already")
-    return export.run(mountpoint, _file_in_mount(mountpoint, args.file), args.since,
-                      args.socket, tcp, args.name)
+    file, at, snapshot_name = args.file.rpartition("@") if "@" in args.file \
+        else (args.file, "", "")
+    relative = _file_in_mount(mountpoint, file)
+    snapshot = None
+    if at:
+        entry, _, inside = relative.partition("/")
+        snapshot = _snapshot_file(mountpoint, entry, snapshot_name, inside)
+    return export.run(mountpoint, relative, args.since, args.socket, tcp,
+                      args.name or args.file, snapshot)
+
+
+def cmd_snapshot(args: argparse.Namespace) -> int:
+    mountpoint = Path(os.path.abspath(args.mountpoint))
+    if args.snapshot_command == "create":
+        name = args.name or time.strftime("%Y%m%d-%H%M%S")
+        result = control.call(mountpoint, api.SnapshotCreate(entry=args.entry, name=name),
+                              timeout_s=600)
+        if args.json:
+            print(json.dumps(result, sort_keys=True))
+        else:
+            print(f"snapshot {args.entry}@{name}: {len(result['files'])} file(s) on store "
+                  f"{result['store']}, {result['pause_ms']:.1f} ms pause")
+        return 0
+    if args.snapshot_command == "delete":
+        result = control.call(mountpoint, api.SnapshotDelete(entry=args.entry, name=args.name))
+        if args.json:
+            print(json.dumps(result, sort_keys=True))
+        else:
+            print(f"deleted snapshot {args.entry}@{args.name}")
+        return 0
+    snapshots = control.call(mountpoint, api.SnapshotList(entry=args.entry))
+    if args.json:
+        print(json.dumps(snapshots, sort_keys=True))
+        return 0
+    for s in snapshots:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(s["created"])) \
+            if s["created"] else "-"
+        print(f"{s['entry'] + '@' + s['name']:<40} {s['state']:<10} {when}  "
+              f"{len(s['files'])} file(s)  store {s['store']}")
+    if not snapshots:
+        print("(no snapshots)")
+    return 0
 
 
 def cmd_cbt(args: argparse.Namespace) -> int:
@@ -557,8 +637,13 @@ def cmd_cbt(args: argparse.Namespace) -> int:
     length = None if args.length is None else _size_option("--length", args.length)
     if length == 0:
         raise FusediskError("--length must be at least 1 byte")
+    until = None
+    if args.snapshot is not None:
+        entry, _, inside = path.partition("/")
+        until = _snapshot_file(mountpoint, entry, args.snapshot, inside)["change_id"]
     changes = control.call(mountpoint, api.CbtChanges(path=path, since=args.since,
-                                                      start=start, length=length))
+                                                      start=start, length=length,
+                                                      until=until))
     if args.json:
         print(json.dumps(dataclasses.asdict(changes), sort_keys=True))
         return 0
@@ -572,8 +657,9 @@ def cmd_cbt(args: argparse.Namespace) -> int:
 
 _COMMANDS = {"mount": cmd_mount, "umount": cmd_umount, "status": cmd_status,
              "install-service": cmd_install_service, "cleanup": cmd_cleanup, "cbt": cmd_cbt,
-             "demo": cmd_demo, "export": cmd_export, "migrate": cmd_migrate, "pause": cmd_job,
-             "resume": cmd_job, "cancel": cmd_job, "rate": cmd_job}
+             "demo": cmd_demo, "export": cmd_export, "snapshot": cmd_snapshot,
+             "migrate": cmd_migrate, "pause": cmd_job, "resume": cmd_job, "cancel": cmd_job,
+             "rate": cmd_job}
 
 
 def main(argv: list[str] | None = None) -> int:

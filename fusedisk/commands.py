@@ -22,6 +22,7 @@ from . import __version__, api, backing, control, fuseshim
 from .cbt import ChangeIdError
 from .datastore import Datastore, Entry
 from .relocation import Options, Relocation, RelocationError, Relocator
+from .snapshots import SnapshotError, Snapshots
 from .vdisk import OpenFiles, VFile
 
 
@@ -39,6 +40,7 @@ class Commands:
         datastore: Datastore,
         files: OpenFiles,
         relocator: Relocator,
+        snapshots: Snapshots,
         extra_status: Callable[[], Mapping[str, Any]],
     ) -> None:
         self.mountpoint = mountpoint
@@ -49,6 +51,7 @@ class Commands:
         self.datastore = datastore
         self.files = files
         self.relocator = relocator
+        self.snapshots = snapshots
         self.extra_status = extra_status
 
     def table(self) -> dict[str, control.Command]:
@@ -65,6 +68,9 @@ class Commands:
             api.CbtCheckpoint: self.cbt_checkpoint,
             api.CbtChanges: self.cbt_changes,
             api.CbtInfo: self.cbt_info,
+            api.SnapshotCreate: self.snapshot_create,
+            api.SnapshotList: self.snapshot_list,
+            api.SnapshotDelete: self.snapshot_delete,
         }
         assert set(handlers) == set(api.REQUESTS.values()), "a command without a handler"
         return {kind.command: control.typed(kind, handler) for kind, handler in handlers.items()}
@@ -151,7 +157,7 @@ class Commands:
                 extents = await backing.run_blocking(backing.data_extents, vfile.fd)
             else:
                 try:
-                    extents = vfile.tracker.changes(request.since, size)
+                    extents = vfile.tracker.changes(request.since, size, request.until)
                 except ChangeIdError as e:
                     raise api.RequestError("change-id", str(e)) from None
         lo = request.start
@@ -165,6 +171,28 @@ class Commands:
             assert vfile.tracker is not None
             return {"block_size": self.block_size, "file_size": vfile.size(),
                     **vfile.tracker.statistics()}
+
+    # -- snapshots ------------------------------------------------------------------------
+
+    async def snapshot_create(self, request: api.SnapshotCreate) -> dict[str, Any]:
+        entry = self._entry(request.entry)
+        try:
+            return (await self.snapshots.create(entry, request.name)).as_dict()
+        except SnapshotError as e:
+            raise api.RequestError("refused", str(e)) from None
+        except OSError as e:
+            raise api.RequestError("io-error", f"snapshot failed: {e.strerror or e}") from None
+
+    async def snapshot_list(self, request: api.SnapshotList) -> list[dict[str, Any]]:
+        return [s.as_dict() for s in self.snapshots.list(request.entry)]
+
+    async def snapshot_delete(self, request: api.SnapshotDelete) -> dict[str, Any]:
+        try:
+            return self.snapshots.delete(request.entry, request.name).as_dict()
+        except SnapshotError as e:
+            raise api.RequestError("no-snapshot", str(e)) from None
+        except OSError as e:
+            raise api.RequestError("io-error", f"delete failed: {e.strerror or e}") from None
 
     @contextlib.asynccontextmanager
     async def _open_file(self, path: str) -> AsyncIterator[VFile]:

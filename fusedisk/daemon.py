@@ -43,6 +43,7 @@ from .fs import Operations
 from .fuseloop import RequestLoop, dev_fuse_fds, find_session_fd
 from .metadata import StateDir
 from .relocation import Relocator
+from .snapshots import Snapshots
 from .vdisk import OpenFiles
 
 log = logging.getLogger(__name__)
@@ -224,7 +225,8 @@ class Daemon:
                 mountpoint=self.config.mountpoint, state_dir=self.config.state_dir,
                 datastore_id=self.state.datastore_id, block_size=self.config.block_size,
                 cbt_enabled=self.config.cbt, datastore=self.datastore, files=self.files,
-                relocator=self.relocator, extra_status=self._extra_status,
+                relocator=self.relocator, snapshots=Snapshots(self.datastore, self.files),
+                extra_status=self._extra_status,
             )
             control_server = ControlServer(self.config.mountpoint, commands.table())
             await nursery.start(control_server.run)

@@ -18,10 +18,11 @@ import signal
 import socket
 import sys
 from pathlib import Path
+from typing import Any
 
 import trio
 
-from . import api, control, nbd
+from . import api, backing, control, nbd
 from .errors import FusediskError
 
 log = logging.getLogger(__name__)
@@ -39,20 +40,28 @@ def _extents(changes: api.Changes) -> list[tuple[int, int]]:
 
 
 def run(mountpoint: Path, relative: str, since: str | None, unix_socket: Path | None,
-        tcp: tuple[str, int] | None, name: str) -> int:
-    """Serve *relative* (a path inside the mount) until SIGINT/SIGTERM; the URI goes to
-    stdout once clients can connect."""
-    allocated = control.call(mountpoint, api.CbtChanges(path=relative, since="*"))
+        tcp: tuple[str, int] | None, name: str,
+        snapshot: dict[str, Any] | None = None) -> int:
+    """Serve *relative* (a path inside the mount), or its copy in *snapshot* (its record:
+    ``path`` on the store, ``change_id``), until SIGINT/SIGTERM; the URI goes to stdout
+    once clients can connect."""
     bitmaps: dict[str, nbd.Extents] = {}
     if since is not None:
-        bitmaps[since] = _extents(control.call(mountpoint,
-                                               api.CbtChanges(path=relative, since=since)))
+        until = snapshot["change_id"] if snapshot is not None else None
+        bitmaps[since] = _extents(control.call(mountpoint, api.CbtChanges(
+            path=relative, since=since, until=until)))
+    where = Path(snapshot["path"]) if snapshot is not None else mountpoint / relative
     try:
-        fd = os.open(mountpoint / relative, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+        fd = os.open(where, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
     except OSError as e:
         raise FusediskError(f"cannot open {relative} on {mountpoint}: {e.strerror}") from None
     try:
-        export = nbd.file_export(name or relative, fd, _extents(allocated), bitmaps)
+        if snapshot is not None:  # the snapshot's file is ours alone: ask it directly
+            allocated = backing.data_extents(fd)
+        else:
+            allocated = _extents(control.call(mountpoint,
+                                              api.CbtChanges(path=relative, since="*")))
+        export = nbd.file_export(name or relative, fd, allocated, bitmaps)
         trio.run(_serve, export, unix_socket, tcp)
     finally:
         os.close(fd)

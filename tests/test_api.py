@@ -52,8 +52,10 @@ def _valid(cls: type[api.Request[Any]], rng: random.Random) -> dict[str, Any]:
             "mode": lambda: rng.choice([m.value for m in api.Mode]),
             "keep_source": lambda: rng.random() < 0.5,
             "job": lambda: f"{rng.getrandbits(64):016x}",
+            "name": lambda: rng.choice(["s1", "before-move", "a.b_c"]),
             "start": lambda: rng.choice([0, 1, rng.randrange(1 << 62), "1G"]),
             "length": lambda: rng.choice([1, rng.randrange(1, 1 << 62), "64M"]),
+            "until": lambda: "0123abcd/2",
         }
         wire[f.name] = makers[f.name]()
     return wire
@@ -70,6 +72,8 @@ _WRONG: dict[str, list[Any]] = {
     "mode": ["fast", 1, None],
     "keep_source": [1, "yes", None],
     "job": ["", "../x", "a" * 65, 5, None],
+    "name": ["", "../x", "-x", "a" * 65, 5, None],
+    "until": [5, ["x"]],
     "start": [-1, 1 << 63, "x", None, 1.5],
     "length": [0, -1, 1 << 63, "0", None],
 }

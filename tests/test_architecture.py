@@ -19,7 +19,7 @@ LAYERS: list[set[str]] = [
     {"mirror"},
     {"staging"},
     {"switchover"},
-    {"relocation"},
+    {"relocation", "snapshots"},
     {"fs", "control", "fuseloop"},
     {"commands", "nbd"},
     {"daemon"},
