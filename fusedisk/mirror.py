@@ -98,16 +98,22 @@ def walk(
     The fd is valid only until the next item; nothing is followed, objects
     that vanish while the walk runs are skipped.
     """
+    for name, fd, st in children(dir_fd):
+        yield (*parts, name), fd, st
+        if stat.S_ISDIR(st.st_mode):
+            yield from walk(fd, (*parts, name))
+
+
+def children(dir_fd: int) -> Iterator[tuple[str, int, os.stat_result]]:
+    """The objects directly in the directory *dir_fd*, by name, as ``(name, O_PATH fd,
+    stat)``; the fd is valid only until the next item; vanished ones are skipped."""
     for name in sorted(backing.list_dir(dir_fd)):
         try:
             fd = backing.open_path(dir_fd, name)
         except FileNotFoundError:
             continue
         try:
-            st = backing.fstat(fd)
-            yield (*parts, name), fd, st
-            if stat.S_ISDIR(st.st_mode):
-                yield from walk(fd, (*parts, name))
+            yield name, fd, backing.fstat(fd)
         finally:
             backing.close(fd)
 

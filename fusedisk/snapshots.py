@@ -40,7 +40,7 @@ from . import backing
 from .api import SNAPSHOT_NAME
 from .datastore import Datastore, Entry, Store
 from .errors import FusediskError
-from .mirror import walk
+from .mirror import children, walk
 from .vdisk import OpenFiles
 
 log = logging.getLogger(__name__)
@@ -108,16 +108,9 @@ def _copy_tree(entry: Entry, src_fd: int, st: os.stat_result, dst_dir_fd: int, n
         os.mkdir(name, 0o700, dir_fd=dst_dir_fd)
         child_dir = backing.open_path(dst_dir_fd, name)
         try:
-            for child_name in sorted(backing.list_dir(src_fd)):
-                try:
-                    fd = backing.open_path(src_fd, child_name)
-                except FileNotFoundError:
-                    continue
-                try:
-                    _copy_tree(entry, fd, backing.fstat(fd), child_dir, child_name,
-                               (*rel, child_name), found)
-                finally:
-                    backing.close(fd)
+            for child_name, fd, child_st in children(src_fd):
+                _copy_tree(entry, fd, child_st, child_dir, child_name, (*rel, child_name),
+                           found)
         finally:
             backing.close(child_dir)
     elif stat.S_ISREG(mode):
