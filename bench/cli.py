@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import signal
 import sys
@@ -25,9 +24,10 @@ from bench.errors import BenchError
 from bench.fio import FioRunner, find_fio
 from bench.jobs import Job, all_jobs, parse_size, select_jobs
 from bench.machine import machine_info
-from bench.mount import REPO_ROOT, mount_table
+from bench.mount import REPO_ROOT
 from bench.report import build_results, draw_charts, markdown, text_table
 from bench.scenarios import SCENARIOS, needing_migrate
+from fusedisk import mountinfo
 
 DEFAULT_OUT = REPO_ROOT / "bench" / "results"
 DEFAULT_STORE_PARENT = Path("/var/tmp")
@@ -232,8 +232,7 @@ def _write_outputs(options: Options, outcomes: dict[str, Outcome], machine: dict
 
 
 def _mounts_under(root: Path) -> list[str]:
-    prefix = os.path.realpath(root) + "/"
-    return [point for point, _ in mount_table() if point.startswith(prefix)]
+    return [str(point) for point in mountinfo.mounts_under(root)]
 
 
 def run(options: Options) -> None:

@@ -21,11 +21,12 @@ from pathlib import Path
 from typing import Any
 
 from bench.errors import BenchError
+from fusedisk import api
+from fusedisk.errors import ControlError
 
 FUSEDISK = [sys.executable, "-m", "fusedisk"]
 _CLI_TIMEOUT_S = 60.0
 #: Job states after which a relocation no longer changes (SPEC "status --json").
-TERMINAL_STATES = frozenset({"done", "failed", "cancelled"})
 
 
 def _last_line(text: str) -> str:
@@ -84,7 +85,7 @@ def changes(mountpoint: Path, file: Path, since: str) -> dict[str, Any]:
         raise BenchError("fusedisk cbt changes --json did not print {extents: [...]}") from None
     if not all(isinstance(e, list) and len(e) == 2 for e in extents):
         raise BenchError("fusedisk cbt changes --json: extents are not [offset, length] pairs")
-    return data
+    return dict(data)
 
 
 def job_of(status_doc: dict[str, Any] | None, entry: str) -> dict[str, Any] | None:
@@ -94,7 +95,7 @@ def job_of(status_doc: dict[str, Any] | None, entry: str) -> dict[str, Any] | No
         return None
     jobs = [job for job in status_doc.get("jobs") or [] if isinstance(job, dict)
             and job.get("entry") == entry]
-    running = [job for job in jobs if job.get("state") not in TERMINAL_STATES]
+    running = [job for job in jobs if job.get("state") not in api.FINAL_STATES]
     if running:
         return running[-1]
     return jobs[-1] if jobs else None
@@ -180,12 +181,14 @@ class Migration:
     started_unix: float
     ended: float | None = None
     ended_unix: float | None = None
+    #: the job as it ended (``--json``'s line), once :meth:`wait` returned
+    final: api.Job | None = None
 
     @classmethod
     def start(cls, mountpoint: Path, entry: str, to: str, log_path: Path,
               *options: str) -> Migration:
         """Start ``fusedisk migrate MNT ENTRY --to STORE OPTIONS``; its output goes to log_path."""
-        argv = [*FUSEDISK, "migrate", str(mountpoint), entry, "--to", to, *options]
+        argv = [*FUSEDISK, "migrate", str(mountpoint), entry, "--to", to, "--json", *options]
         log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(log_path, "w") as log:
             started_unix, started = time.time(), time.monotonic()
@@ -221,6 +224,10 @@ class Migration:
                 reason = ""
             raise BenchError(f"{self.command} failed (exit status {self.process.returncode})"
                              + (f": {reason}" if reason else ""))
+        try:
+            self.final = api.Job.from_wire(json.loads(_last_line(self.log_path.read_text())))
+        except (OSError, ValueError, ControlError) as e:
+            raise BenchError(f"{self.command} printed no final job: {e}") from None
 
     def kill(self) -> None:
         """Stop the migrate client (cleanup path; the daemon keeps the job); never raises."""

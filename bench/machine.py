@@ -9,7 +9,8 @@ from pathlib import Path
 from typing import Any
 
 from bench.fio import fio_version
-from bench.mount import REPO_ROOT, mount_table
+from bench.mount import REPO_ROOT
+from fusedisk import mountinfo
 
 
 def _first_value(path: str, key: str, separator: str = ":") -> str | None:
@@ -35,13 +36,7 @@ def _command_output(argv: list[str]) -> str | None:
 
 def filesystem_type(path: Path) -> str:
     """The type of the filesystem holding ``path`` (e.g. ``ext4``), from the mount table."""
-    target = os.path.realpath(path)
-    best, best_type = "", "unknown"
-    for mountpoint, fstype in mount_table():
-        inside = target == mountpoint or target.startswith(mountpoint.rstrip("/") + "/")
-        if inside and len(mountpoint) >= len(best):
-            best, best_type = mountpoint, fstype
-    return best_type
+    return mountinfo.fstype_holding(path) or "unknown"
 
 
 def machine_info(fio: str, dirs: dict[str, Path]) -> dict[str, Any]:

@@ -8,7 +8,6 @@ stops, never the other way round.
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import signal
 import subprocess
@@ -20,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bench.errors import BenchError
+from fusedisk import mountinfo
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 MOUNT_TIMEOUT_S = 20.0
@@ -29,17 +29,6 @@ _LOG_TAIL_LINES = 20
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
-def mount_table() -> list[tuple[str, str]]:
-    """(mountpoint, filesystem type) of every mount this process sees, in table order."""
-    table = []
-    with open("/proc/self/mountinfo") as mountinfo:
-        for line in mountinfo:
-            fields, _, tail = line.partition(" - ")
-            mountpoint = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m[1], 8)), fields.split()[4])
-            table.append((mountpoint, tail.split()[0]))
-    return table
-
-
 def is_mounted(mountpoint: Path) -> bool:
     """Whether ``mountpoint`` is listed in this process's mount table.
 
@@ -47,7 +36,7 @@ def is_mounted(mountpoint: Path) -> bool:
     true for a mount whose daemon died, and it cannot hang on one that stalls.
     """
     target = os.path.realpath(mountpoint)
-    return any(path == target for path, _ in mount_table())
+    return mountinfo.is_mounted(target)
 
 
 def _answers(mountpoint: Path, timeout_s: float) -> bool:

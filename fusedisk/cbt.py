@@ -73,6 +73,7 @@ from .metadata import (
     read_slotted,
     write_slotted,
 )
+from .sizes import block_span
 
 log = logging.getLogger(__name__)
 
@@ -191,15 +192,16 @@ class Tracker:
                 return
             await self._save_al()
 
-    def mark(self, offset: int, length: int) -> None:
-        """Record that ``[offset, offset+length)`` changed; call after the data landed."""
+    def mark_bytes(self, offset: int, length: int) -> None:
+        """Record that bytes ``[offset, offset+length)`` changed; call after the data landed.
+
+        (In bytes; the bitmaps below are in blocks.)
+        """
         if length <= 0:
             return
-        first = offset >> self._shift
-        nblocks = ((offset + length - 1) >> self._shift) - first + 1
-        self.segments[-1][1].mark(first, nblocks)
+        self.segments[-1][1].mark(*block_span(offset, length, self._shift))
 
-    async def mark_durably(self, offset: int, length: int) -> None:
+    async def mark_bytes_durably(self, offset: int, length: int) -> None:
         """Mark a change and save the bitmaps *before* it happens (truncate).
 
         A truncate may span far more than the activity log covers (any
@@ -211,7 +213,7 @@ class Tracker:
         new segment without it.
         """
         async with self._lock:
-            self.mark(offset, length)
+            self.mark_bytes(offset, length)
             if self.withdrawn is None:
                 await self._save_bitmaps(self._bitmap_record())
 
@@ -301,8 +303,29 @@ class Tracker:
             self.withdrawn = None
         return f"{self.file_id}/{label}"
 
-    def changes(self, change_id: str, file_size: int) -> list[tuple[int, int]]:
-        """Byte extents changed since *change_id*, merged, sorted, within *file_size*."""
+    def changes(self, change_id: str, file_size: int,
+                until: str | None = None) -> list[tuple[int, int]]:
+        """Byte extents changed since *change_id* (up to the later change id *until*, when
+        given: e.g. a snapshot's), merged, sorted, within *file_size*."""
+        seq = self._seq(change_id)
+        end = self._seq(until) if until is not None else None
+        if end is not None and end < seq:
+            raise ChangeIdError(f"change id {_shown(until or '')} is older than "
+                                f"{_shown(change_id)}")
+        union = Bitmap()
+        for label, bits in self.segments:
+            if label >= seq and (end is None or label < end):
+                union.update(bits)
+        out: list[tuple[int, int]] = []
+        for blockno, nblocks in union.extents():
+            start = blockno << self._shift
+            stop = min((blockno + nblocks) << self._shift, file_size)
+            if start < stop:
+                out.append((start, stop - start))
+        return out
+
+    def _seq(self, change_id: str) -> int:
+        """The segment label of one of this file's live change ids; ChangeIdError if none."""
         file_id, _, seq_text = change_id.partition("/")
         if file_id != self.file_id or not seq_text.isdigit():
             raise ChangeIdError(
@@ -316,17 +339,7 @@ class Tracker:
                 f"change id {_shown(change_id)} is unknown or has expired (only the last "
                 f"{MAX_CHECKPOINTS} are kept); a full backup is needed"
             )
-        union = Bitmap()
-        for label, bits in self.segments:
-            if label >= seq:
-                union.update(bits)
-        out: list[tuple[int, int]] = []
-        for blockno, nblocks in union.extents():
-            start = blockno << self._shift
-            end = min((blockno + nblocks) << self._shift, file_size)
-            if start < end:
-                out.append((start, end - start))
-        return out
+        return seq
 
     def statistics(self) -> dict[str, Any]:
         return {

@@ -9,6 +9,7 @@ more is printed, as a command killed by SIGPIPE would be reported).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import io
 import json
 import logging
@@ -20,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import __version__, control
+from . import __version__, api, control
 from .config import (
     MAX_PAUSE_MS,
     MIN_PAUSE_MS,
@@ -30,7 +31,7 @@ from .config import (
     parse_rate,
 )
 from .errors import ControlError, FusediskError, MountError
-from .sizes import format_size
+from .sizes import format_size, parse_size
 
 log = logging.getLogger("fusedisk")
 
@@ -138,9 +139,10 @@ def _parser() -> argparse.ArgumentParser:
     mg.add_argument("--rate", metavar="SIZE/s", default="0",
                     help="copy rate limit, e.g. 200M (default: unlimited); change it later "
                     "with `fusedisk rate`")
-    mg.add_argument("--max-pause", type=int, default=100, metavar="MS",
-                    help="pause budget of the switchover in ms (default 100)")
-    mg.add_argument("--mode", choices=("auto", "precopy", "mirror"), default="auto",
+    mg.add_argument("--max-pause", type=int, default=api.DEFAULT_MAX_PAUSE_MS, metavar="MS",
+                    help=f"pause budget of the switchover in ms (default "
+                    f"{api.DEFAULT_MAX_PAUSE_MS})")
+    mg.add_argument("--mode", choices=[m.value for m in api.Mode], default=api.DEFAULT_MODE,
                     help="auto: pre-copy, then mirror writes if the VM outruns the copy "
                     "(default); precopy: never mirror; mirror: mirror from the start")
     mg.add_argument("--keep-source", action="store_true",
@@ -157,6 +159,48 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("mountpoint", metavar="MOUNTPOINT")
     r.add_argument("entry", metavar="ENTRY")
     r.add_argument("rate", metavar="SIZE/s", help="e.g. 100M, or 0 for unlimited")
+
+    sn = sub.add_parser(
+        "snapshot", help="point-in-time snapshots of an entry (every file at one instant)",
+        description="A snapshot holds every file of ENTRY as it was at one instant (one "
+        "pause of the entry's writes, so a VM's disks are consistent with each other), each "
+        "paired with a new CBT change id. Files are cloned (reflinks), so the store must be "
+        "XFS or btrfs. Snapshots live on the store, under .fusedisk-snapshots, and are read "
+        "with `fusedisk export MNT ENTRY/FILE@NAME`.",
+    )
+    sn_sub = sn.add_subparsers(dest="snapshot_command", metavar="ACTION", required=True)
+    sc = sn_sub.add_parser("create", help="snapshot an entry")
+    sc.add_argument("mountpoint", metavar="MOUNTPOINT")
+    sc.add_argument("entry", metavar="ENTRY")
+    sc.add_argument("--name", default=None, help="default: the time, e.g. 20261202-154500")
+    sl = sn_sub.add_parser("list", help="list snapshots")
+    sl.add_argument("mountpoint", metavar="MOUNTPOINT")
+    sl.add_argument("entry", metavar="ENTRY", nargs="?")
+    sd = sn_sub.add_parser("delete", help="delete a snapshot")
+    sd.add_argument("mountpoint", metavar="MOUNTPOINT")
+    sd.add_argument("entry", metavar="ENTRY")
+    sd.add_argument("name", metavar="NAME")
+    for action in (sc, sl, sd):
+        action.add_argument("--json", action="store_true", help="JSON, for scripts")
+
+    ex = sub.add_parser(
+        "export", help="serve a file of the datastore as a read-only NBD export",
+        description="Serve FILE (a path inside the mount, absolute or relative to the mount "
+        "root) over NBD, read-only, until Ctrl-C or SIGTERM: nbdcopy, nbdinfo, qemu-img and "
+        "libnbd clients read it as they are. The meta context base:allocation tells data "
+        "from holes; with --since ID, qemu:dirty-bitmap:ID marks what changed since that "
+        "change id (an incremental backup). Both maps are taken when the export starts, and "
+        "the data is read live: stop or freeze the guest for a point-in-time backup. The "
+        "URI is printed on stdout once clients can connect.",
+    )
+    ex.add_argument("mountpoint", metavar="MOUNTPOINT")
+    ex.add_argument("file", metavar="FILE")
+    ex.add_argument("--since", metavar="ID", help="also serve qemu:dirty-bitmap:ID")
+    where = ex.add_mutually_exclusive_group(required=True)
+    where.add_argument("--socket", type=Path, metavar="PATH", help="listen on a Unix socket")
+    where.add_argument("--tcp", metavar="HOST:PORT", help="listen on TCP (no TLS yet)")
+    ex.add_argument("--name", default="", metavar="NAME",
+                    help="export name (default: FILE as given relative to the mount)")
 
     d = sub.add_parser(
         "demo", help="a live relocation on a default local layout",
@@ -185,6 +229,13 @@ def _parser() -> argparse.ArgumentParser:
         "be answered exactly is refused: the caller then needs a full backup.",
     )
     ch.add_argument("--since", required=True, metavar="ID", help="a change id, or '*'")
+    ch.add_argument("--snapshot", metavar="NAME", default=None,
+                    help="only the changes from ID up to snapshot NAME of the file's entry")
+    ch.add_argument("--start", default="0", metavar="OFFSET",
+                    help="only extents from this byte offset on (e.g. 1G; default 0)")
+    ch.add_argument("--length", default=None, metavar="SIZE",
+                    help="only extents within SIZE bytes from --start (default: to the end); "
+                    "extents are clipped to the range, so pages can be asked one by one")
     inf = cbt_sub.add_parser("info", help="a file's CBT state: its live change ids, dirty blocks")
     for action in (cp, ch, inf):
         action.add_argument("mountpoint", metavar="MOUNTPOINT")
@@ -221,10 +272,9 @@ def cmd_mount(args: argparse.Namespace) -> int:
 def _run_foreground(config: Config, ready_fd: int | None) -> int:
     import trio
 
-    from .daemon import Daemon
+    from .daemon import serve
 
     setup_logging(debug=logging.getLogger().level == logging.DEBUG)
-    daemon = Daemon(config)
 
     def report(message: str) -> None:
         nonlocal ready_fd
@@ -237,8 +287,7 @@ def _run_foreground(config: Config, ready_fd: int | None) -> int:
             ready_fd = None
 
     try:
-        daemon.prepare()
-        trio.run(daemon.run, lambda: report("OK"))
+        trio.run(serve, config, lambda: report("OK"))
     except FusediskError as e:
         report(f"ERR {e}")
         raise
@@ -279,16 +328,17 @@ def _spawn_daemon(config: Config, args: argparse.Namespace) -> int:
 
 
 def cmd_umount(args: argparse.Namespace) -> int:
-    from .daemon import FSNAME, _mount_fstype, detach_dead_mount
+    from .daemon import FSNAME, detach_dead_mount
+    from .mountinfo import fstype_at
 
     mountpoint = Path(os.path.abspath(args.mountpoint))
-    fstype = _mount_fstype(mountpoint)
+    fstype = fstype_at(mountpoint)
     if fstype is None:
         raise MountError(f"{mountpoint} is not mounted")
     if fstype != f"fuse.{FSNAME}":
         raise MountError(f"{mountpoint} is a {fstype} mount, not a fusedisk datastore")
     try:
-        pid: int | None = control.request(mountpoint, "status", timeout_s=10)["pid"]
+        pid: int | None = control.call(mountpoint, api.Status(), timeout_s=10)["pid"]
     except ControlError:
         pid = None
     if pid is None:
@@ -325,7 +375,7 @@ def _pid_alive(pid: int) -> bool:
 
 def cmd_status(args: argparse.Namespace) -> int:
     mountpoint = Path(os.path.abspath(args.mountpoint))
-    status = control.request(mountpoint, "status")
+    status = control.call(mountpoint, api.Status())
     if args.json:
         print(json.dumps(status, indent=2, sort_keys=True))
         return 0
@@ -354,16 +404,16 @@ def _print_status(status: dict[str, Any]) -> None:
     print()
     if status["jobs"]:
         print("RELOCATIONS")
-        for job in status["jobs"]:
+        for job in map(api.Job.from_wire, status["jobs"]):
             print(_progress_line(job))
-            if job.get("pause_ms") is not None:
-                print(f"  switched over with a {job['pause_ms']:.1f} ms pause "
-                      f"after {job['elapsed_s']:.1f} s")
-            if job.get("last_abandoned"):
-                print(f"  switchover attempts: {job['attempts']}; the last one abandoned: "
-                      f"{job['last_abandoned']}")
-            if job.get("error"):
-                print(f"  failed: {job['error']}")
+            if job.pause_ms is not None:
+                print(f"  switched over with a {job.pause_ms:.1f} ms pause "
+                      f"after {job.elapsed_s:.1f} s")
+            if job.last_abandoned:
+                print(f"  switchover attempts: {job.attempts}; the last one abandoned: "
+                      f"{job.last_abandoned}")
+            if job.error:
+                print(f"  failed: {job.error}")
     else:
         print("no relocation jobs")
 
@@ -391,6 +441,16 @@ def _file_in_mount(mountpoint: Path, file: str) -> str:
     return file  # relative to the mount root
 
 
+def _size_option(option: str, text: str) -> int:
+    try:
+        value = parse_size(text)
+    except (ValueError, OverflowError) as e:
+        raise FusediskError(f"{option}: {e}") from None
+    if value > api.MAX_FILE_SIZE:
+        raise FusediskError(f"{option}: {text} is past the largest file offset")
+    return value
+
+
 def _rate_arg(text: str) -> int:
     try:
         return parse_rate(text)
@@ -403,82 +463,80 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     if not MIN_PAUSE_MS <= args.max_pause <= MAX_PAUSE_MS:
         raise FusediskError(f"--max-pause must be from {MIN_PAUSE_MS} to {MAX_PAUSE_MS} ms, "
                             f"not {args.max_pause}")
-    job = control.request(
-        mountpoint, "migrate", entry=args.entry, to=args.to, rate=_rate_arg(args.rate),
-        max_pause_ms=args.max_pause, mode=args.mode, keep_source=args.keep_source,
-    )
+    job = control.call(mountpoint, api.Migrate(
+        entry=args.entry, to=args.to, rate=_rate_arg(args.rate),
+        max_pause_ms=args.max_pause, mode=api.Mode(args.mode), keep_source=args.keep_source,
+    ))
     if args.no_wait:
         if args.json:
-            print(json.dumps(job, sort_keys=True))
+            print(json.dumps(job.to_wire(), sort_keys=True))
         else:
             print(f"relocation of {args.entry} to {args.to} started; "
                   f"watch it with: fusedisk status {mountpoint}")
         return 0
     try:
-        job = _watch(mountpoint, args.entry, quiet=args.json)
+        job = _watch(mountpoint, job, quiet=args.json)
     except KeyboardInterrupt:
         print(f"\ndetached: the relocation of {args.entry} goes on "
               f"(fusedisk status {mountpoint}; fusedisk cancel {mountpoint} {args.entry})",
               file=sys.stderr)
         return 130
     if args.json:
-        print(json.dumps(job, sort_keys=True))
-    if job["state"] == "done":
+        print(json.dumps(job.to_wire(), sort_keys=True))
+    if job.state == api.State.DONE:
         if not args.json:
-            print(f"relocated {args.entry} from {job['from']} to {job['to']}: "
-                  f"{format_size(job['bytes_copied'])} copied in {job['elapsed_s']:.1f} s, "
-                  f"{job['pass']} pass(es), switchover pause {job['pause_ms']:.1f} ms")
+            print(f"relocated {args.entry} from {job.src} to {job.dst}: "
+                  f"{format_size(job.bytes_copied)} copied in {job.elapsed_s:.1f} s, "
+                  f"{job.pass_no} pass(es), switchover pause {job.pause_ms or 0.0:.1f} ms")
         return 0
-    if job["state"] == "cancelled":
+    if job.state == api.State.CANCELLED:
         raise FusediskError(f"the relocation of {args.entry} was cancelled; "
-                            f"it stays on {job['from']}")
-    raise FusediskError(f"relocation of {args.entry} failed: {job['error']}")
+                            f"it stays on {job.src}")
+    raise FusediskError(f"relocation of {args.entry} failed: {job.error}")
 
 
-def _job(mountpoint: Path, entry: str) -> dict[str, Any]:
-    for job in control.request(mountpoint, "status")["jobs"]:
-        if job["entry"] == entry:
-            return dict(job)
-    raise FusediskError(f"the daemon has no relocation job for {entry}")
-
-
-def _watch(mountpoint: Path, entry: str, quiet: bool) -> dict[str, Any]:
-    """Show a job's progress until it ends: a live line on a terminal, periodic lines otherwise."""
+def _watch(mountpoint: Path, job: api.Job, quiet: bool) -> api.Job:
+    """Show *job*'s progress until it ends (from the daemon's ``watch`` stream): a live
+    line on a terminal, a line every few seconds otherwise. Returns the final job."""
     tty = sys.stderr.isatty() and not quiet
     last_line, last_print = "", 0.0
-    while True:
-        job = _job(mountpoint, entry)
-        final = job["state"] in ("done", "failed", "cancelled")
+    for event in control.watch(mountpoint, api.Watch(entry=job.entry, job=job.id)):
+        job = api.Job.from_wire(event)
         line = _progress_line(job)
         now = time.monotonic()
         if tty:
-            print(f"\r\x1b[K{line}", end="" if not final else "\n", file=sys.stderr, flush=True)
-        elif not quiet and (final or now - last_print >= 2.0) and line != last_line:
+            print(f"\r\x1b[K{line}", end="" if not job.final else "\n", file=sys.stderr,
+                  flush=True)
+        elif not quiet and (job.final or now - last_print >= 2.0) and line != last_line:
             print(line, file=sys.stderr, flush=True)
             last_line, last_print = line, now
-        if final:
+        if job.final:
             return job
-        time.sleep(0.2)
+    raise FusediskError(f"the daemon ended the progress of {job.entry} before the job ended")
 
 
-def _progress_line(job: dict[str, Any]) -> str:
+def _progress_line(job: api.Job) -> str:
     width = 24
-    filled = int(job["progress"] * width)
+    filled = int(job.progress * width)
     bar = "#" * filled + "-" * (width - filled)
-    eta = job.get("eta_s")
-    eta_text = f"ETA {eta:.0f}s" if isinstance(eta, int | float) and eta > 0 else ""
-    state = job["state"] + (" (paused)" if job.get("paused") else "")
-    return (f"{job['entry']} {job['from']}->{job['to']} {state:<10} pass {job['pass']} "
-            f"[{bar}] {job['progress']:4.0%} {format_size(job['bytes_copied'])}"
-            f"/{format_size(job['bytes_total'])} {format_size(job['copy_rate'])}/s "
-            f"dirty {format_size(job['dirty_bytes'])} {eta_text}").rstrip()
+    eta = job.eta_s
+    eta_text = f"ETA {eta:.0f}s" if eta is not None and eta > 0 else ""
+    state = job.state + (" (paused)" if job.paused else "")
+    return (f"{job.entry} {job.src}->{job.dst} {state:<10} pass {job.pass_no} "
+            f"[{bar}] {job.progress:4.0%} {format_size(job.bytes_copied)}"
+            f"/{format_size(job.bytes_total)} {format_size(job.copy_rate)}/s "
+            f"dirty {format_size(job.dirty_bytes)} {eta_text}").rstrip()
 
 
 def cmd_job(args: argparse.Namespace) -> int:
     mountpoint = Path(os.path.abspath(args.mountpoint))
-    extra = {"rate": _rate_arg(args.rate)} if args.command == "rate" else {}
-    job = control.request(mountpoint, args.command, entry=args.entry, **extra)
-    print(_progress_line(job))
+    req: api.Request[api.Job]
+    if args.command == "rate":
+        req = api.Rate(entry=args.entry, rate=_rate_arg(args.rate))
+    else:
+        req = {"pause": api.Pause, "resume": api.Resume, "cancel": api.Cancel}[args.command](
+            entry=args.entry)
+    print(_progress_line(control.call(mountpoint, req)))
     return 0
 
 
@@ -493,14 +551,80 @@ def cmd_demo(args: argparse.Namespace) -> int:
         raise FusediskError(f"demo failed: {e}") from None
 
 
+def _snapshot_file(mountpoint: Path, entry: str, name: str,
+                   inside: str) -> dict[str, Any]:
+    """A file's record in snapshot *name* of *entry* (path inside the entry), plus its path."""
+    for snapshot in control.call(mountpoint, api.SnapshotList(entry=entry)):
+        if snapshot["name"] == name and snapshot["state"] == "ok":
+            record = snapshot["files"].get(inside)
+            if record is None:
+                raise FusediskError(f"snapshot {entry}@{name} holds no regular file "
+                                    f"{inside or entry!r}")
+            where = Path(snapshot["path"]) / "tree"
+            return {**record, "path": str(where / inside if inside else where)}
+    raise FusediskError(f"{entry!r} has no snapshot named {name!r} "
+                        f"(fusedisk snapshot list {mountpoint} {entry})")
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from . import export
+
+    mountpoint = Path(os.path.abspath(args.mountpoint))
+    tcp = export.parse_tcp(args.tcp) if args.tcp else None
+    if args.socket is not None and (args.socket.exists() or args.socket.is_symlink()):
+        raise FusediskError(f"--socket {args.socket}: something is there already")
+    file, at, snapshot_name = args.file.rpartition("@") if "@" in args.file \
+        else (args.file, "", "")
+    relative = _file_in_mount(mountpoint, file)
+    snapshot = None
+    if at:
+        entry, _, inside = relative.partition("/")
+        snapshot = _snapshot_file(mountpoint, entry, snapshot_name, inside)
+    return export.run(mountpoint, relative, args.since, args.socket, tcp,
+                      args.name or args.file, snapshot)
+
+
+def cmd_snapshot(args: argparse.Namespace) -> int:
+    mountpoint = Path(os.path.abspath(args.mountpoint))
+    if args.snapshot_command == "create":
+        name = args.name or time.strftime("%Y%m%d-%H%M%S")
+        result = control.call(mountpoint, api.SnapshotCreate(entry=args.entry, name=name),
+                              timeout_s=600)
+        if args.json:
+            print(json.dumps(result, sort_keys=True))
+        else:
+            print(f"snapshot {args.entry}@{name}: {len(result['files'])} file(s) on store "
+                  f"{result['store']}, {result['pause_ms']:.1f} ms pause")
+        return 0
+    if args.snapshot_command == "delete":
+        result = control.call(mountpoint, api.SnapshotDelete(entry=args.entry, name=args.name))
+        if args.json:
+            print(json.dumps(result, sort_keys=True))
+        else:
+            print(f"deleted snapshot {args.entry}@{args.name}")
+        return 0
+    snapshots = control.call(mountpoint, api.SnapshotList(entry=args.entry))
+    if args.json:
+        print(json.dumps(snapshots, sort_keys=True))
+        return 0
+    for s in snapshots:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(s["created"])) \
+            if s["created"] else "-"
+        print(f"{s['entry'] + '@' + s['name']:<40} {s['state']:<10} {when}  "
+              f"{len(s['files'])} file(s)  store {s['store']}")
+    if not snapshots:
+        print("(no snapshots)")
+    return 0
+
+
 def cmd_cbt(args: argparse.Namespace) -> int:
     mountpoint = Path(os.path.abspath(args.mountpoint))
     path = _file_in_mount(mountpoint, args.file)
     if args.cbt_command == "checkpoint":
-        print(control.request(mountpoint, "cbt-checkpoint", path=path)["change_id"])
+        print(control.call(mountpoint, api.CbtCheckpoint(path=path)))
         return 0
     if args.cbt_command == "info":
-        info = control.request(mountpoint, "cbt-info", path=path)
+        info = control.call(mountpoint, api.CbtInfo(path=path))
         if args.json:
             print(json.dumps(info, indent=2, sort_keys=True))
         else:
@@ -509,22 +633,33 @@ def cmd_cbt(args: argparse.Namespace) -> int:
             print(f"dirty        {info['dirty_blocks']} block(s) since the newest change id")
             print(f"change ids   {' '.join(info['change_ids']) or '(none yet)'}")
         return 0
-    result = control.request(mountpoint, "cbt-changes", path=path, since=args.since)
+    start = _size_option("--start", args.start)
+    length = None if args.length is None else _size_option("--length", args.length)
+    if length == 0:
+        raise FusediskError("--length must be at least 1 byte")
+    until = None
+    if args.snapshot is not None:
+        entry, _, inside = path.partition("/")
+        until = _snapshot_file(mountpoint, entry, args.snapshot, inside)["change_id"]
+    changes = control.call(mountpoint, api.CbtChanges(path=path, since=args.since,
+                                                      start=start, length=length,
+                                                      until=until))
     if args.json:
-        print(json.dumps(result, sort_keys=True))
+        print(json.dumps(dataclasses.asdict(changes), sort_keys=True))
         return 0
-    total = sum(length for _, length in result["extents"])
-    for offset, length in result["extents"]:
+    total = sum(length for _, length in changes.extents)
+    for offset, length in changes.extents:
         print(f"{offset} {length}")
-    print(f"# {len(result['extents'])} extent(s), {format_size(total)} of "
-          f"{format_size(result['file_size'])}", file=sys.stderr)
+    print(f"# {len(changes.extents)} extent(s), {format_size(total)} of "
+          f"{format_size(changes.file_size)}", file=sys.stderr)
     return 0
 
 
 _COMMANDS = {"mount": cmd_mount, "umount": cmd_umount, "status": cmd_status,
              "install-service": cmd_install_service, "cleanup": cmd_cleanup, "cbt": cmd_cbt,
-             "demo": cmd_demo, "migrate": cmd_migrate, "pause": cmd_job, "resume": cmd_job,
-             "cancel": cmd_job, "rate": cmd_job}
+             "demo": cmd_demo, "export": cmd_export, "snapshot": cmd_snapshot,
+             "migrate": cmd_migrate, "pause": cmd_job, "resume": cmd_job, "cancel": cmd_job,
+             "rate": cmd_job}
 
 
 def main(argv: list[str] | None = None) -> int:

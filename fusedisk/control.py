@@ -29,11 +29,12 @@ that fails unexpectedly is logged as an error and answered with
 ``internal-error`` — the mount outlives a bug in a control command. Clients
 are served concurrently, so one of them can never hold up another.
 
-This room knows nothing of FUSE or the datastore: the composition root hands
-it a table of :class:`Command` (a handler and the arguments it takes; the
-server refuses any other key before the handler runs). The argument helpers
-below (``*_arg``) are for those handlers: each returns a checked value or
-raises :class:`RequestError` with code ``bad-argument`` naming the key.
+This room knows nothing of FUSE or the datastore, nor what a command
+means (``api.py`` does): the daemon hands it a table of :class:`Command`
+(a handler and the arguments it takes; the server refuses any other key
+before the handler runs), usually built with :func:`typed`, which decodes
+the request into its ``api`` dataclass first. The client side
+(:func:`call`, :func:`watch`) sends those dataclasses and decodes replies.
 """
 
 from __future__ import annotations
@@ -49,12 +50,12 @@ import struct
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import trio
 
+from .api import Request, RequestError, check_args
 from .errors import ControlError
-from .sizes import parse_size
 
 log = logging.getLogger(__name__)
 
@@ -73,21 +74,11 @@ IDLE_TIMEOUT_S = 10.0
 MAX_CLIENTS = 64
 #: Pause before accepting again when the process is out of file descriptors.
 ACCEPT_RETRY_S = 0.5
-#: Longest name of a top-level entry, in bytes (NAME_MAX).
-MAX_NAME_BYTES = 255
 
 _RECV_SIZE = 64 * 1024
 _ACCEPT_RESOURCE_ERRORS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 #: Error codes that mean the client broke the protocol (logged as warnings).
 _PROTOCOL_ERRORS = {"bad-json", "bad-request", "unknown-command", "bad-argument"}
-
-
-class RequestError(Exception):
-    """A request was understood but refused; ``code`` is machine-readable."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
 
 
 class RequestRefused(ControlError):
@@ -109,6 +100,8 @@ class Stream:
 
 
 Handler = Callable[[dict[str, Any]], Awaitable[Any]]
+Q = TypeVar("Q", bound=Request[Any])
+R = TypeVar("R")
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,6 +117,15 @@ class Command:
     arguments: tuple[str, ...] = ()
 
 
+def typed(kind: type[Q], handler: Callable[[Q], Awaitable[Any]]) -> Command:
+    """The command *kind*: its request decoded (and checked) by ``api``, then *handler*."""
+
+    async def decoded(request: dict[str, Any]) -> Any:
+        return await handler(kind.decode(request))
+
+    return Command(decoded, kind.arguments())
+
+
 @dataclass(frozen=True, slots=True)
 class ControlStatistics:
     clients: int  #: connections open now
@@ -136,121 +138,6 @@ def socket_path(mountpoint: Path) -> Path:
     """Where the daemon serving *mountpoint* listens."""
     digest = hashlib.sha256(os.fsencode(os.path.abspath(mountpoint))).hexdigest()[:20]
     return RUN_DIR / f"{digest}.sock"
-
-
-# -- argument checking, for handlers -----------------------------------------------
-
-_REQUIRED: Any = object()
-
-
-def _bad(key: str, what: str) -> RequestError:
-    return RequestError("bad-argument", f"argument {key!r} {what}")
-
-
-def check_args(request: dict[str, Any], *allowed: str) -> None:
-    """Refuse any key of *request* other than ``cmd`` and *allowed*."""
-    unknown = sorted(set(request) - {"cmd", *allowed})
-    if unknown:
-        raise RequestError("bad-argument", f"unknown argument {unknown[0]!r}")
-
-
-def _get(request: dict[str, Any], key: str, default: Any) -> Any:
-    if key in request:
-        return request[key]
-    if default is _REQUIRED:
-        raise _bad(key, "is missing")
-    return default
-
-
-def str_arg(request: dict[str, Any], key: str, default: Any = _REQUIRED) -> Any:
-    """A string argument (or *default*, which may be any value, when absent)."""
-    value = _get(request, key, default)
-    if key in request and not isinstance(value, str):
-        raise _bad(key, "must be a string")
-    return value
-
-
-def int_arg(
-    request: dict[str, Any], key: str, default: Any = _REQUIRED,
-    *, minimum: int | None = None, maximum: int | None = None,
-) -> Any:
-    """An integer argument within [*minimum*, *maximum*]; booleans are not integers."""
-    value = _get(request, key, default)
-    if key not in request:
-        return value
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise _bad(key, "must be an integer")
-    if minimum is not None and value < minimum:
-        raise _bad(key, f"must be at least {minimum}")
-    if maximum is not None and value > maximum:
-        raise _bad(key, f"must be at most {maximum}")
-    return value
-
-
-def bool_arg(request: dict[str, Any], key: str, default: Any = _REQUIRED) -> Any:
-    value = _get(request, key, default)
-    if key in request and not isinstance(value, bool):
-        raise _bad(key, "must be true or false")
-    return value
-
-
-def size_arg(
-    request: dict[str, Any], key: str, default: Any = _REQUIRED, *, maximum: int | None = None
-) -> Any:
-    """A byte count up to *maximum*: a non-negative integer, or a string such as ``"64M"``."""
-    value = _get(request, key, default)
-    if key not in request:
-        return value
-    if isinstance(value, str):
-        try:
-            value = parse_size(value)
-        except ValueError as e:
-            raise _bad(key, f"is not a size: {e}") from None
-        except OverflowError:  # "inf", "1e400": a float that is no integer
-            raise _bad(key, "is not a size (it is too large)") from None
-    elif not isinstance(value, int) or isinstance(value, bool) or value < 0:
-        raise _bad(key, 'must be a size (a byte count, or a string such as "64M")')
-    if maximum is not None and value > maximum:
-        raise _bad(key, f"must be at most {maximum}")
-    return value
-
-
-def check_name(name: str, key: str = "entry") -> str:
-    """*name* if it is a possible directory entry name: not empty, '.', '..', no '/' or NUL."""
-    if name in ("", ".", ".."):
-        raise _bad(key, f"{name!r} is not a name")
-    if "/" in name or "\0" in name:
-        raise _bad(key, f"{name!r} must be a single name, without '/'")
-    try:
-        encoded = name.encode("utf-8", "surrogateescape")
-    except UnicodeEncodeError:
-        raise _bad(key, "is not a valid file name") from None
-    if len(encoded) > MAX_NAME_BYTES:
-        raise _bad(key, f"is longer than {MAX_NAME_BYTES} bytes")
-    return name
-
-
-def entry_arg(request: dict[str, Any], key: str = "entry") -> str:
-    """The name of a top-level entry (a VM home): syntax only; the caller checks it exists."""
-    name: str = str_arg(request, key)
-    return check_name(name, key)
-
-
-def path_arg(request: dict[str, Any], key: str = "path") -> tuple[str, ...]:
-    """A path inside the mount, relative to its root, as its components.
-
-    The first component is the top-level entry. Absolute paths, empty
-    components, '.' and '..' are refused, so a path can never name anything
-    outside the entry it starts with. Symlinks are not resolved here: a
-    handler must open the components without following links.
-    """
-    path: str = str_arg(request, key)
-    if path.startswith("/"):
-        raise _bad(key, "must be relative to the mountpoint")
-    parts = tuple(path.split("/"))
-    for part in parts:
-        check_name(part, key)
-    return parts
 
 
 def mount_relative(mountpoint: Path, path: str | os.PathLike[str]) -> str:
@@ -631,3 +518,19 @@ def events(mountpoint: Path, cmd: str, timeout_s: float | None = None,
                 continue
             _result(reply)
             return
+
+
+def call(mountpoint: Path, req: Request[R], timeout_s: float = 30.0) -> R:
+    """Send *req* to the daemon of *mountpoint*; its reply, decoded (see api.Request.reply)."""
+    return req.reply(request(mountpoint, req.command, timeout_s, **_arguments(req)))
+
+
+def watch(mountpoint: Path, req: Request[Any], timeout_s: float | None = None) -> Iterator[Any]:
+    """The events of the streaming request *req*, raw (the caller knows their type)."""
+    return events(mountpoint, req.command, timeout_s, **_arguments(req))
+
+
+def _arguments(req: Request[Any]) -> dict[str, Any]:
+    wire = req.encode()
+    del wire["cmd"]
+    return wire

@@ -40,6 +40,7 @@ import trio
 from . import backing
 from .config import Config
 from .errors import ConfigError, OwnershipError, StateError
+from .failpoint import stall
 from .gate import Gate
 from .metadata import (
     OWNER_SLOT_SIZE,
@@ -583,6 +584,7 @@ class Datastore:
         """Durably save the placement as it is now; concurrent calls serialise."""
         async with self._save_lock:
             record = self._record()
+            await stall("record-save")
             await backing.run_blocking(self.state.save, _RECORD, record)
 
     # -- namespace changes (backing first, then the record) -----------------------

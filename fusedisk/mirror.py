@@ -35,6 +35,7 @@ import trio
 from . import backing
 from .bitmap import Bitmap
 from .gate import Gate
+from .sizes import block_span
 from .vdisk import OpenFiles, VFile
 
 log = logging.getLogger(__name__)
@@ -97,16 +98,22 @@ def walk(
     The fd is valid only until the next item; nothing is followed, objects
     that vanish while the walk runs are skipped.
     """
+    for name, fd, st in children(dir_fd):
+        yield (*parts, name), fd, st
+        if stat.S_ISDIR(st.st_mode):
+            yield from walk(fd, (*parts, name))
+
+
+def children(dir_fd: int) -> Iterator[tuple[str, int, os.stat_result]]:
+    """The objects directly in the directory *dir_fd*, by name, as ``(name, O_PATH fd,
+    stat)``; the fd is valid only until the next item; vanished ones are skipped."""
     for name in sorted(backing.list_dir(dir_fd)):
         try:
             fd = backing.open_path(dir_fd, name)
         except FileNotFoundError:
             continue
         try:
-            st = backing.fstat(fd)
-            yield (*parts, name), fd, st
-            if stat.S_ISDIR(st.st_mode):
-                yield from walk(fd, (*parts, name))
+            yield name, fd, backing.fstat(fd)
         finally:
             backing.close(fd)
 
@@ -126,7 +133,8 @@ class Copier:
         self.bytes_copied = 0
         self._rate = 0.0
         self._rate_window: list[tuple[float, int]] = []
-        self._bucket_time = time.monotonic()
+        #: the token bucket's clock is trio's (tests drive it with the autojump clock)
+        self._bucket_time: float | None = None
         self._bucket = 0.0
         self._unpaused = trio.Event()
         self._unpaused.set()
@@ -166,8 +174,7 @@ class Copier:
         # Attach first, then scan: a write in between is marked by the consumer.
         vfile.consumers.append(copy.dirty)
         for offset, length in backing.data_extents(vfile.fd):
-            first = offset >> self._shift
-            copy.dirty.mark(first, ((offset + length - 1) >> self._shift) - first + 1)
+            copy.dirty.mark(*block_span(offset, length, self._shift))
         backing.ftruncate(dst_fd, vfile.size())
         if self.mirroring:
             vfile.mirror_fd = dst_fd
@@ -373,7 +380,7 @@ class Copier:
 
     def _account(self, nbytes: int) -> None:
         self.bytes_copied += nbytes
-        now = time.monotonic()
+        now = trio.current_time()
         window = self._rate_window
         window.append((now, self.bytes_copied))
         while len(window) > 2 and now - window[0][0] > 2.0:
@@ -388,7 +395,9 @@ class Copier:
         if limit <= 0:
             await trio.lowlevel.checkpoint()
             return
-        now = time.monotonic()
+        now = trio.current_time()
+        if self._bucket_time is None:
+            self._bucket_time = now
         self._bucket = min(float(limit), self._bucket + (now - self._bucket_time) * limit)
         self._bucket_time = now
         self._bucket -= nbytes
@@ -399,7 +408,7 @@ class Copier:
             step_s = min(1.0, -self._bucket / limit)
             await trio.sleep(step_s)
             self._bucket = min(0.0, self._bucket + step_s * limit)
-        self._bucket_time = time.monotonic()
+        self._bucket_time = trio.current_time()
         await trio.lowlevel.checkpoint()
 
     def copy_rate(self) -> float:

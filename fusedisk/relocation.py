@@ -21,19 +21,27 @@ one job per entry at a time, any number of entries at once.
 
 from __future__ import annotations
 
-import enum
 import logging
 import math
 import os
+import secrets
 import stat
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
-from typing import Any
+from dataclasses import dataclass
 
 import trio
 
 from . import backing
+from .api import (
+    DEFAULT_MAX_PAUSE_MS,
+    DEFAULT_MODE,
+    FINAL_STATES,
+    PRE_SWITCH_STATES,
+    Job,
+    Mode,
+    State,
+)
 from .config import MAX_PAUSE_MS, MAX_RATE, MIN_PAUSE_MS
 from .datastore import Datastore, Entry, Journal, Store, kept_source_name, staging_name
 from .errors import FusediskError
@@ -62,68 +70,12 @@ class RelocationError(FusediskError):
     """A relocation failed; the source is still the truth."""
 
 
-class State(enum.StrEnum):
-    COPYING = "copying"
-    MIRRORING = "mirroring"
-    SWITCHING = "switching"
-    FINISHING = "finishing"  # committed: removing the source copy
-    DONE = "done"
-    FAILED = "failed"
-    CANCELLED = "cancelled"
-
-
-FINAL_STATES = {State.DONE, State.FAILED, State.CANCELLED}
-
-
-class Mode(enum.StrEnum):
-    AUTO = "auto"
-    PRECOPY = "precopy"
-    MIRROR = "mirror"
-
-
 @dataclass(frozen=True, slots=True)
 class Options:
-    mode: Mode = Mode.AUTO
+    mode: Mode = DEFAULT_MODE
     rate: int = 0  #: bytes/s, 0 = unlimited
-    max_pause_ms: int = 100
+    max_pause_ms: int = DEFAULT_MAX_PAUSE_MS
     keep_source: bool = False
-
-
-@dataclass(frozen=True, slots=True)
-class JobStatistics:
-    """What ``status`` shows of a job; ``as_dict`` is the ``--json`` form."""
-
-    entry: str
-    src: str
-    dst: str
-    state: str
-    paused: bool
-    mode: str
-    pass_no: int
-    files: int
-    bytes_total: int
-    bytes_copied: int
-    dirty_bytes: int
-    copy_rate: float
-    dirty_rate: float
-    rate_limit: int
-    eta_s: float | None
-    progress: float
-    mirroring: bool  #: writes go to both stores now
-    mirrored: bool  #: the job switched to mirroring at some point
-    pause_ms: float | None
-    elapsed_s: float
-    error: str | None
-    #: switchovers tried (each abandoned one reopened the gate before the commit)
-    attempts: int
-    #: the pause estimated before the last attempt, and why it was abandoned
-    last_estimate_ms: float | None
-    last_abandoned: str | None
-
-    def as_dict(self) -> dict[str, Any]:
-        out = asdict(self)
-        out["from"], out["to"], out["pass"] = out.pop("src"), out.pop("dst"), out.pop("pass_no")
-        return out
 
 
 def allocated_bytes(entry_fd: int) -> int:
@@ -161,6 +113,7 @@ class Relocation:
         self.options = options
         self.block_size = block_size
         self.on_commit = on_commit
+        self.id = secrets.token_hex(8)
         self.state = State.COPYING
         self.error: str | None = None
         self.pass_no = 0
@@ -197,9 +150,7 @@ class Relocation:
         a flush that cannot be abandoned), so a cancel there could be
         silently outrun by the commit: it is refused, and the switch completes.
         """
-        if self.committed or self.state in FINAL_STATES or self.state in (
-            State.SWITCHING, State.FINISHING
-        ):
+        if self.committed or self.state not in PRE_SWITCH_STATES:
             return False
         self._cancel_scope.cancel()
         return True
@@ -356,6 +307,13 @@ class Relocation:
                     f"the switchover did not fit the {self.options.max_pause_ms} ms pause "
                     f"budget in {self.attempts} attempts (last: {e}); raise --max-pause, or "
                     "lower the VM's rate of changes") from None
+            # The commit's cost is known only from saves (a commit that never happens
+            # teaches nothing): one slow fsync, on a loaded store, would refuse every
+            # attempt to come. Measure it again now, outside the pause: a save of the
+            # record as it is changes nothing.
+            saving = time.monotonic()
+            await self.datastore.save()
+            self.costs.commit_ms = (time.monotonic() - saving) * 1000
             return False
         return True
 
@@ -453,7 +411,7 @@ class Relocation:
 
     # -- introspection -------------------------------------------------------------------
 
-    def statistics(self) -> JobStatistics:
+    def statistics(self) -> Job:
         copier = self.copier
         copied = copier.bytes_copied if copier else 0
         dirty = copier.dirty_bytes() if copier else 0
@@ -464,13 +422,14 @@ class Relocation:
         elif total:
             self._progress = max(self._progress, min(copied / total, 0.99))
         end = self._ended if self._ended is not None else time.monotonic()
-        return JobStatistics(
+        return Job(
+            id=self.id,
             entry=self.entry.name,
             src=self.src.name,
             dst=self.dst.name,
-            state=str(self.state),
+            state=self.state,
             paused=bool(copier and copier.paused),
-            mode=str(self.options.mode),
+            mode=self.options.mode,
             pass_no=self.pass_no,
             files=len(copier.copies) if copier else 0,
             bytes_total=total,
@@ -595,5 +554,5 @@ class Relocator:
                 job.cancel()
             await job.finished.wait()
 
-    def statistics(self) -> list[dict[str, Any]]:
-        return [job.statistics().as_dict() for job in self.jobs.values()]
+    def statistics(self) -> list[Job]:
+        return [job.statistics() for job in self.jobs.values()]

@@ -25,8 +25,9 @@ from pathlib import Path
 
 from . import control
 from .config import load_file
-from .daemon import FSNAME, _mount_fstype, detach_dead_mount
+from .daemon import FSNAME, detach_dead_mount
 from .errors import ConfigError, FusediskError, MountError
+from .mountinfo import fstype_at
 
 UNIT_NAME = "fusedisk@.service"
 EXAMPLE_NAME = "example.toml"
@@ -183,7 +184,7 @@ def _connection_dead(mountpoint: Path) -> bool:
 def cleanup(mountpoint: Path) -> str:
     """Detach the mount on *mountpoint* if it is a fusedisk mount whose daemon is dead."""
     mountpoint = Path(os.path.abspath(mountpoint))
-    fstype = _mount_fstype(mountpoint)
+    fstype = fstype_at(mountpoint)
     if fstype is None:
         return f"{mountpoint}: nothing mounted, nothing to clean up"
     if fstype != f"fuse.{FSNAME}":
@@ -191,7 +192,7 @@ def cleanup(mountpoint: Path) -> str:
     if _daemon_answers(mountpoint) or not _connection_dead(mountpoint):
         return f"{mountpoint}: served by a running fusedisk daemon, left alone"
     detach_dead_mount(mountpoint)
-    if _mount_fstype(mountpoint) == f"fuse.{FSNAME}":
+    if fstype_at(mountpoint) == f"fuse.{FSNAME}":
         raise MountError(f"cannot detach the dead mount on {mountpoint}")
     return f"{mountpoint}: detached the mount its dead daemon left behind"
 

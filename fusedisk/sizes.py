@@ -35,3 +35,10 @@ def format_size(nbytes: float) -> str:
             return f"{nbytes:.0f} {unit}" if unit == "B" else f"{nbytes:.1f} {unit}"
         nbytes /= 1024
     raise AssertionError("unreachable")
+
+
+def block_span(offset: int, length: int, shift: int) -> tuple[int, int]:
+    """(first block, number of blocks) of the blocks of ``1 << shift`` bytes that the
+    byte range ``[offset, offset + length)`` touches; *length* must be positive."""
+    first = offset >> shift
+    return first, ((offset + length - 1) >> shift) - first + 1

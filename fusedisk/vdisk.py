@@ -28,6 +28,7 @@ from . import backing
 from .bitmap import Bitmap
 from .cbt import REGION_SHIFT, CbtStore, Tracker
 from .gate import Gate
+from .sizes import block_span
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +136,7 @@ class VFile:
         written = backing.pwrite_all(self.fd, data, offset)
         self.touched = True
         if tracker is not None:
-            tracker.mark(offset, written)
+            tracker.mark_bytes(offset, written)
         if self.mirror_fd is not None:
             self._mirror(offset, data[:written])
         elif self.consumers:
@@ -145,8 +146,7 @@ class VFile:
     def _mark_consumers(self, offset: int, length: int) -> None:
         if length <= 0:
             return
-        first = offset >> self.block_shift
-        nblocks = ((offset + length - 1) >> self.block_shift) - first + 1
+        first, nblocks = block_span(offset, length, self.block_shift)
         for bits in self.consumers:
             bits.mark(first, nblocks)
 
@@ -176,10 +176,10 @@ class VFile:
             while min(old, length) < low or max(old, length) > high:
                 low, high = min(low, old, length), max(high, old, length)
                 try:
-                    await tracker.mark_durably(low, high - low)
+                    await tracker.mark_bytes_durably(low, high - low)
                 except OSError as e:  # the state directory refused: see cbt.py
                     await tracker.withdraw(self.fd, e)
-                    tracker.mark(low, high - low)
+                    tracker.mark_bytes(low, high - low)
                 old = self.size()
         if old == length:
             return
@@ -188,7 +188,7 @@ class VFile:
         backing.ftruncate(self.fd, length)
         self.touched = True
         if tracker is not None:
-            tracker.mark(start, span)
+            tracker.mark_bytes(start, span)
         if self.mirror_fd is not None:
             try:
                 backing.ftruncate(self.mirror_fd, length)
@@ -235,7 +235,7 @@ class VFile:
                         await tracker.withdraw(self.fd, e)
             else:
                 try:
-                    await tracker.mark_durably(low, high - low)
+                    await tracker.mark_bytes_durably(low, high - low)
                 except OSError as e:
                     await tracker.withdraw(self.fd, e)
         # No await from here on (as in write): the marks follow the change, and
@@ -247,7 +247,7 @@ class VFile:
                 self._mirror_fallocate(mode, offset, length, low, high)
             return
         if tracker is not None:
-            tracker.mark(low, high - low)
+            tracker.mark_bytes(low, high - low)
         if self.mirror_fd is not None:
             self._mirror_fallocate(mode, offset, length, low, high)
         else:
@@ -307,7 +307,7 @@ class VFile:
             copied = backing.pwrite_all(self.fd, data, offset) if data else 0
         self.touched = True
         if tracker is not None:
-            tracker.mark(offset, copied)
+            tracker.mark_bytes(offset, copied)
         if self.mirror_fd is not None:
             self._mirror(offset, data[:copied])
         else:

@@ -108,6 +108,7 @@ from typing import Any
 
 from fusedisk import control
 from fusedisk import datastore as _datastore
+from fusedisk.errors import ControlError
 
 from . import journal_writer
 from .mounting import MountedDatastore, fusedisk, wait_for
@@ -1266,10 +1267,10 @@ class Comparator:
                 mnt: dict[str, Obj], ctx: Context) -> list[Mismatch]:
         out: list[Mismatch] = []
         by_ino: dict[int, list[str]] = {}
-        for path, r in ref.items():
-            by_ino.setdefault(r.ino, []).append(path)
-            if r.fmt not in (stat.S_IFREG, stat.S_IFDIR) and r.nlink > 1:
-                ctx.linked_specials.setdefault(r.ino, ctx.settled)
+        for path, obj in ref.items():
+            by_ino.setdefault(obj.ino, []).append(path)
+            if obj.fmt not in (stat.S_IFREG, stat.S_IFDIR) and obj.nlink > 1:
+                ctx.linked_specials.setdefault(obj.ino, ctx.settled)
         for path in sorted(set(ref) | set(mnt)):
             r, m = ref.get(path), mnt.get(path)
             if r is None or m is None:
@@ -1773,7 +1774,7 @@ class Run:
         self.ref.close_held()
         self.mnt.close_held()
         if op.hurry_ms is not None and self.running() is not None:
-            with contextlib.suppress(control.ControlError):
+            with contextlib.suppress(ControlError):
                 control.request(self.ds.mnt, "rate", entry=ENTRY, rate=0)
                 control.request(self.ds.mnt, "resume", entry=ENTRY)
             time.sleep(op.hurry_ms / 1000)  # a random moment of the job, on purpose
@@ -2219,7 +2220,7 @@ def kill_loop(
             try:
                 jobs = control.request(ds.mnt, "status", timeout_s=5)["jobs"]
                 state = jobs[-1]["state"] if jobs else "?"
-            except control.ControlError:
+            except ControlError:
                 state = "?"
             ds.kill()
             report.states[state] = report.states.get(state, 0) + 1

@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from fusedisk import mountinfo
 from fusedisk.datastore import OWNER_NAME
 
 READY_TIMEOUT_S = 30.0
@@ -28,9 +29,7 @@ STOP_TIMEOUT_S = 30.0
 
 
 def is_mounted(path: Path) -> bool:
-    target = os.fsencode(os.path.abspath(path))
-    with open("/proc/self/mountinfo", "rb") as f:
-        return any(line.split()[4] == target for line in f)
+    return mountinfo.is_mounted(path)
 
 
 def store_names(path: Path) -> list[str]:

@@ -10,19 +10,20 @@ PACKAGE = Path(__file__).resolve().parent.parent / "fusedisk"
 # Lower layers first. A module may import only from layers before its own;
 # fs (the FUSE edge) and control (the control edge) never import each other.
 LAYERS: list[set[str]] = [
-    {"errors", "sizes", "failpoint", "fuseshim"},
+    {"errors", "sizes", "failpoint", "fuseshim", "mountinfo"},
     {"bitmap", "metadata", "config", "gate"},
-    {"backing"},
+    {"backing", "api"},
     {"cbt"},
     {"vdisk"},
     {"datastore"},
     {"mirror"},
     {"staging"},
     {"switchover"},
-    {"relocation"},
+    {"relocation", "snapshots"},
     {"fs", "control", "fuseloop", "extraops"},
+    {"commands", "nbd"},
     {"daemon"},
-    {"service", "demo"},
+    {"service", "demo", "export"},
     {"cli"},
 ]
 

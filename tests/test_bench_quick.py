@@ -27,6 +27,7 @@ import pytest
 from bench import cli as bench_cli
 from bench import fusedisk_cli, probe
 from bench.scenarios import SCENARIOS
+from fusedisk import mountinfo
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -42,10 +43,7 @@ DAEMON_LOG_BUGS = ("Traceback", " ERROR ", " CRITICAL ")
 
 def _mounts_under(root: Path) -> list[str]:
     """Mountpoints at or below ``root``, read from the mount table without touching them."""
-    prefix = os.path.realpath(root) + "/"
-    with open("/proc/self/mountinfo") as table:
-        points = [line.split()[4] for line in table]
-    return [point for point in points if point.startswith(prefix)]
+    return [str(point) for point in mountinfo.mounts_under(root)]
 
 
 def _run_bench(args: list[str], store_dir: Path) -> subprocess.CompletedProcess[str]:
@@ -78,7 +76,7 @@ class QuickRun:
 
     @property
     def results(self) -> dict[str, Any]:
-        return json.loads((self.out / "results.json").read_text())
+        return dict(json.loads((self.out / "results.json").read_text()))
 
     def scenario(self, name: str) -> dict[str, Any]:
         data: dict[str, Any] = self.results["scenarios"][name]
@@ -321,7 +319,7 @@ def test_probe_records_errors_and_goes_on(tmp_path: Path,
             raise OSError(errno.ENOTCONN, "injected")
         return real_pwrite(fd, data, offset)
 
-    monkeypatch.setattr(probe.os, "pwrite", flaky_pwrite)
+    monkeypatch.setattr(os, "pwrite", flaky_pwrite)
     target = tmp_path / "probe.img"
     data = probe.run_probe(target, 0.001, lambda: calls >= 50)
     _check_probe_document(data, target)

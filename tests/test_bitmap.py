@@ -21,6 +21,7 @@ from contextlib import contextmanager
 import pytest
 
 from fusedisk.bitmap import CHUNK_BITS, Bitmap
+from fusedisk.sizes import block_span
 
 UNIVERSE = 6 * CHUNK_BITS
 #: blocks of a 10^15-byte file at 4 KiB blocks, and more
@@ -307,3 +308,16 @@ def test_huge_ranges_against_the_reference() -> None:
                 bits = Bitmap.from_record(json.loads(json.dumps(bits.to_record())))
         assert list(bits.extents()) == model.extents()
         assert bits.memory_bytes < 64 << 20
+
+
+def test_block_span_is_exactly_the_blocks_a_byte_range_touches() -> None:
+    rng = random.Random(11)
+    for _ in range(2000):
+        shift = rng.choice((12, 16, 20))
+        size = 1 << shift
+        offset = rng.choice((0, rng.randrange(1 << 40), rng.randrange(8) * size))
+        length = rng.choice((1, size, size - 1, size + 1, rng.randrange(1, 5 * size)))
+        first, nblocks = block_span(offset, length, shift)
+        touched = {b for b in range(offset // size - 1, (offset + length) // size + 2)
+                   if b * size < offset + length and (b + 1) * size > offset}
+        assert set(range(first, first + nblocks)) == touched, (offset, length, shift)

@@ -28,7 +28,7 @@ BLOCK = 64 << 10
 
 def test_bitmap_matches_a_set_model() -> None:
     rng = random.Random(7)
-    bits, model = Bitmap(), set()
+    bits, model = Bitmap(), set[int]()
     for _ in range(3000):
         start, n = rng.randrange(0, 3 * CHUNK_BITS), rng.randrange(1, CHUNK_BITS // 2)
         if rng.random() < 0.6:
@@ -75,7 +75,7 @@ async def write(tracker: Tracker, offset: int, length: int) -> None:
     """What the data path does, minus the pwrite."""
     while not tracker.logged(offset, length):
         await tracker.log(offset, length)
-    tracker.mark(offset, length)
+    tracker.mark_bytes(offset, length)
 
 
 async def test_changes_since_checkpoints(tmp_path: Path) -> None:
@@ -341,7 +341,7 @@ async def test_a_huge_truncate_is_marked_durably_in_a_small_record(tmp_path: Pat
     change_id = await tracker.checkpoint()
     start, length = 5 * BLOCK + 100, 10**15
     with address_space_limit():  # a bit per block would be GBs: fail fast, not swap
-        await tracker.mark_durably(start, length)
+        await tracker.mark_bytes_durably(start, length)
     assert (store.home / "00000000000000aa.bitmap").stat().st_size < 16384
     assert tracker.statistics()["memory_bytes"] < 1 << 20
     crashed = store._load_tracker("00000000000000aa", (1, 2))
@@ -367,7 +367,7 @@ async def test_a_truncate_never_lands_outside_the_segment_it_was_saved_in(
         async with tracker._lock:  # a save in progress (an eviction, a close)
             nursery.start_soon(checkpoint)
             await trio.testing.wait_all_tasks_blocked()
-            nursery.start_soon(tracker.mark_durably, 9 * BLOCK, BLOCK)
+            nursery.start_soon(tracker.mark_bytes_durably, 9 * BLOCK, BLOCK)
             await trio.testing.wait_all_tasks_blocked()
     # the truncate happens now; the daemon dies before any other save
     crashed = store._load_tracker("00000000000000aa", (1, 2))

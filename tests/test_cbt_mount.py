@@ -405,3 +405,36 @@ def test_a_huge_truncate_stalls_nothing(datastore: MountedDatastore) -> None:
     datastore.stop()  # a clean close saves it all, and the next mount reads it back
     datastore.start()
     assert changes(datastore, "vm/disk.img", change_id) == expected
+
+
+def test_changes_page_by_page_add_up_to_the_whole_answer(datastore: MountedDatastore) -> None:
+    """VDDK-style paging: pages of any size, asked one after the other from offset 0,
+    give exactly the extents of one whole answer (split at page edges, nothing more)."""
+    (datastore.mnt / "vm1").mkdir()
+    disk = datastore.mnt / "vm1" / "disk.img"
+    disk.write_bytes(b"")
+    os.truncate(disk, 16 << 20)
+    since = checkpoint(datastore, "vm1/disk.img")
+    rng = random.Random(3)
+    with open(disk, "r+b") as f:
+        for _ in range(12):
+            f.seek(rng.randrange(16 << 20))
+            f.write(os.urandom(rng.randrange(1, 300000)))
+    whole = changes(datastore, "vm1/disk.img", since)
+    assert whole
+    for page in (1 << 20, 3 << 20, 7777777):
+        got: list[tuple[int, int]] = []
+        for start in range(0, 16 << 20, page):
+            result = fusedisk("cbt", "changes", str(datastore.mnt), "vm1/disk.img", "--since",
+                              since, "--json", "--start", str(start), "--length", str(page))
+            assert result.returncode == 0, result.stderr
+            for o, n in json.loads(result.stdout)["extents"]:
+                assert start <= o and o + n <= start + page  # clipped to the page
+                if got and got[-1][0] + got[-1][1] == o:
+                    got[-1] = (got[-1][0], got[-1][1] + n)  # one extent split at the edge
+                else:
+                    got.append((o, n))
+        assert got == whole, page
+    bad = fusedisk("cbt", "changes", str(datastore.mnt), "vm1/disk.img", "--since", since,
+                   "--length", "0")
+    assert bad.returncode == 1 and len(bad.stderr.splitlines()) == 1

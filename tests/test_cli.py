@@ -494,9 +494,11 @@ def test_names_that_are_not_utf8_print_as_they_are(datastore: MountedDatastore) 
 
 def test_a_mountpoint_that_is_not_utf8_gets_one_line(tmp_path: Path) -> None:
     path = os.fsencode(tmp_path) + b"/nowhere-\xff"
-    for args in (["status", path], ["umount", path], ["cbt", "checkpoint", path, "f"],
-                 ["mount", path, "--state-dir", str(tmp_path / "state"),
-                  "--store", f"a={tmp_path}"]):
+    all_args: list[list[str | bytes]] = [
+        ["status", path], ["umount", path], ["cbt", "checkpoint", path, "f"],
+        ["mount", path, "--state-dir", str(tmp_path / "state"), "--store", f"a={tmp_path}"],
+    ]
+    for args in all_args:
         result = run_bytes(*args)
         assert result.returncode == 1, args
         assert b"Traceback" not in result.stderr
@@ -590,7 +592,7 @@ def fsync_blocked_on(pid: int, directory: Path) -> bool:
 def job_of(ds: MountedDatastore, entry: str) -> dict[str, Any]:
     jobs = [j for j in ds.status()["jobs"] if j["entry"] == entry]
     assert jobs, f"no job for {entry}"
-    return jobs[0]
+    return dict(jobs[0])
 
 
 @pytest.fixture

@@ -23,8 +23,9 @@ import pytest
 import trio
 import trio.testing
 
-from fusedisk import control
-from fusedisk.control import ControlServer, RequestError, Stream
+from fusedisk import api, control
+from fusedisk.api import RequestError
+from fusedisk.control import ControlServer, Stream
 from fusedisk.errors import ControlError
 
 from .mounting import READY_TIMEOUT_S, MountedDatastore, fusedisk
@@ -41,66 +42,66 @@ def refused(call: Any, *args: Any, **kwargs: Any) -> RequestError:
 @pytest.mark.parametrize("name", ["", ".", "..", "a/b", "/", "../etc", "a\0b", "x" * 256,
                                   "\ud800"])
 def test_entry_arg_refuses_what_is_not_a_single_name(name: str) -> None:
-    error = refused(control.entry_arg, {"cmd": "x", "entry": name})
+    error = refused(api.entry_arg, {"cmd": "x", "entry": name})
     assert error.code == "bad-argument"
     assert "'entry'" in str(error)
 
 
 def test_entry_arg_accepts_names_and_checks_types() -> None:
-    assert control.entry_arg({"entry": "web01"}) == "web01"
-    assert control.entry_arg({"entry": ".hidden vm"}) == ".hidden vm"
-    assert control.entry_arg({"entry": "é" * 127}) == "é" * 127  # 254 bytes
-    assert refused(control.entry_arg, {}).args == ("argument 'entry' is missing",)
+    assert api.entry_arg({"entry": "web01"}) == "web01"
+    assert api.entry_arg({"entry": ".hidden vm"}) == ".hidden vm"
+    assert api.entry_arg({"entry": "é" * 127}) == "é" * 127  # 254 bytes
+    assert refused(api.entry_arg, {}).args == ("argument 'entry' is missing",)
     for wrong in (5, None, ["web01"], {"name": "web01"}, True):
-        assert str(refused(control.entry_arg, {"entry": wrong})) == \
+        assert str(refused(api.entry_arg, {"entry": wrong})) == \
             "argument 'entry' must be a string"
 
 
 @pytest.mark.parametrize("path", ["/etc/passwd", "../x", "vm1/../../etc", "vm1//disk",
                                   "vm1/./disk", "vm1/", "", "vm1/\0"])
 def test_path_arg_refuses_paths_that_could_leave_an_entry(path: str) -> None:
-    assert refused(control.path_arg, {"path": path}).code == "bad-argument"
+    assert refused(api.path_arg, {"path": path}).code == "bad-argument"
 
 
 def test_path_arg_splits_into_components() -> None:
-    assert control.path_arg({"path": "vm1/disk0.qcow2"}) == ("vm1", "disk0.qcow2")
-    assert control.path_arg({"path": "top.img"}) == ("top.img",)
+    assert api.path_arg({"path": "vm1/disk0.qcow2"}) == ("vm1", "disk0.qcow2")
+    assert api.path_arg({"path": "top.img"}) == ("top.img",)
 
 
 def test_scalar_arguments() -> None:
     req = {"n": 5, "flag": True, "s": "x", "size": "64K", "bytes": 4096}
-    assert control.int_arg(req, "n", minimum=0, maximum=10) == 5
-    assert control.int_arg(req, "absent", 7) == 7
-    assert str(refused(control.int_arg, req, "flag")) == "argument 'flag' must be an integer"
-    assert str(refused(control.int_arg, req, "n", maximum=4)) == "argument 'n' must be at most 4"
-    assert str(refused(control.int_arg, req, "n", minimum=6)) == \
+    assert api.int_arg(req, "n", minimum=0, maximum=10) == 5
+    assert api.int_arg(req, "absent", 7) == 7
+    assert str(refused(api.int_arg, req, "flag")) == "argument 'flag' must be an integer"
+    assert str(refused(api.int_arg, req, "n", maximum=4)) == "argument 'n' must be at most 4"
+    assert str(refused(api.int_arg, req, "n", minimum=6)) == \
         "argument 'n' must be at least 6"
-    assert control.bool_arg(req, "flag") is True
-    assert control.bool_arg(req, "absent", False) is False
-    assert refused(control.bool_arg, req, "n").code == "bad-argument"
-    assert control.str_arg(req, "s") == "x"
-    assert control.str_arg(req, "absent", None) is None
-    assert control.size_arg(req, "size") == 64 << 10
-    assert control.size_arg(req, "bytes") == 4096
-    assert "is not a size" in str(refused(control.size_arg, {"r": "fast"}, "r"))
-    assert refused(control.size_arg, {"r": -1}, "r").code == "bad-argument"
-    control.check_args({"cmd": "x", "entry": "a"}, "entry")
-    assert str(refused(control.check_args, {"cmd": "x", "entyr": "a"}, "entry")) == \
+    assert api.bool_arg(req, "flag") is True
+    assert api.bool_arg(req, "absent", False) is False
+    assert refused(api.bool_arg, req, "n").code == "bad-argument"
+    assert api.str_arg(req, "s") == "x"
+    assert api.str_arg(req, "absent", None) is None
+    assert api.size_arg(req, "size") == 64 << 10
+    assert api.size_arg(req, "bytes") == 4096
+    assert "is not a size" in str(refused(api.size_arg, {"r": "fast"}, "r"))
+    assert refused(api.size_arg, {"r": -1}, "r").code == "bad-argument"
+    api.check_args({"cmd": "x", "entry": "a"}, "entry")
+    assert str(refused(api.check_args, {"cmd": "x", "entyr": "a"}, "entry")) == \
         "unknown argument 'entyr'"
 
 
 @pytest.mark.parametrize("value", ["1e400", "inf", "-inf", "nan", "1e30", "2T", 2 << 40,
                                    10 ** 30, 1.5, float("inf"), -1, True, None])
 def test_size_arg_refuses_what_is_past_its_maximum_or_no_size(value: Any) -> None:
-    error = refused(control.size_arg, {"rate": value}, "rate", maximum=1 << 40)
+    error = refused(api.size_arg, {"rate": value}, "rate", maximum=1 << 40)
     assert error.code == "bad-argument" and "'rate'" in str(error)
     assert "\n" not in str(error)
 
 
 def test_size_arg_accepts_its_maximum() -> None:
-    assert control.size_arg({"rate": "1T"}, "rate", maximum=1 << 40) == 1 << 40
-    assert control.size_arg({"rate": 1 << 40}, "rate", maximum=1 << 40) == 1 << 40
-    assert control.size_arg({"rate": 0}, "rate", maximum=1 << 40) == 0
+    assert api.size_arg({"rate": "1T"}, "rate", maximum=1 << 40) == 1 << 40
+    assert api.size_arg({"rate": 1 << 40}, "rate", maximum=1 << 40) == 1 << 40
+    assert api.size_arg({"rate": 0}, "rate", maximum=1 << 40) == 0
 
 
 def test_mount_relative_is_lexical_and_stays_inside(tmp_path: Path) -> None:
@@ -626,7 +627,8 @@ def test_only_root_may_connect(datastore: MountedDatastore) -> None:
 def known_commands(client: RawClient) -> list[str]:
     reply = client.ask({"cmd": "no-such-command"})
     assert error_code(reply) == "unknown-command"
-    return reply["error"].split("(known: ", 1)[1].rstrip(")").split(", ")
+    known: str = reply["error"].split("(known: ", 1)[1].rstrip(")")
+    return known.split(", ")
 
 
 def test_every_command_refuses_unknown_arguments(

@@ -855,7 +855,7 @@ def test_shared_mmap_writes_reach_the_store(datastore: MountedDatastore) -> None
     with open(f, "r+b") as fh:
         fh.seek(2 * page)
         fh.write(b"via write")
-    with open(f, "rb") as fh, mmap.mmap(fh.fileno(), 0, prot=mmap.PROT_READ) as m:
+    with open(f, "rb") as reader, mmap.mmap(reader.fileno(), 0, prot=mmap.PROT_READ) as m:
         assert m[2 * page : 2 * page + 9] == b"via write"
         assert m[page : page + 5] == b"hello"
 

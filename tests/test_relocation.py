@@ -8,12 +8,15 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+from fusedisk import api, control
 
 from . import journal_writer
 from .conftest import require_tools
@@ -31,7 +34,7 @@ def migrate(ds: MountedDatastore, entry: str, *args: str) -> subprocess.Complete
 def job(ds: MountedDatastore, entry: str) -> dict[str, Any]:
     jobs = [j for j in ds.status()["jobs"] if j["entry"] == entry]
     assert jobs, f"no job for {entry}"
-    return jobs[0]
+    return dict(jobs[0])
 
 
 def wait_state(ds: MountedDatastore, entry: str, states: set[str], timeout_s: float = 60) -> None:
@@ -493,10 +496,10 @@ def test_two_entries_relocate_at_once(datastore: MountedDatastore) -> None:
 
 def _resume_through_holds(ds: MountedDatastore, entry: str) -> None:
     """Resume a job held after each pass (FUSEDISK_PAUSE_AFTER_PASS) until it ends."""
-    while job(ds, entry)["state"] not in ("done", "failed"):
+    while job(ds, entry)["state"] not in api.FINAL_STATES:
         fusedisk("resume", str(ds.mnt), entry)
         wait_for(lambda: job(ds, entry)["paused"]
-                 or job(ds, entry)["state"] in ("done", "failed"), 60, "the next hold")
+                 or job(ds, entry)["state"] in api.FINAL_STATES, 60, "the next hold")
 
 
 @pytest.mark.parametrize("how", ["truncate-0", "o-trunc", "truncate-partial"])
@@ -838,6 +841,29 @@ def test_a_pause_that_would_overrun_its_budget_is_abandoned_then_retried(
         ds.teardown()
 
 
+def test_one_slow_record_save_does_not_refuse_every_switchover(tmp_path: Path) -> None:
+    """The commit's cost is learned from record saves; the relocation's first save
+    stalls 400 ms (one slow fsync on a loaded store), so the first attempt is
+    abandoned for "the commit". The cost is measured again after it, and the next
+    attempt commits instead of all ten being refused on a stale estimate."""
+    ds = MountedDatastore(tmp_path)
+    try:
+        ds.start()
+        disk = make_vm(ds, disk_mib=4)
+        data = disk.read_bytes()
+        ds.stop()
+        ds.start(env={"FUSEDISK_STALL": "record-save:400:1"})
+        result = migrate(ds, "vm1", "--to", "b", "--max-pause", "100", "--json")
+        assert result.returncode == 0, result.stderr
+        final = json.loads(result.stdout)
+        assert final["state"] == "done" and final["attempts"] == 2, final
+        assert "the commit" in final["last_abandoned"], final
+        assert disk.read_bytes() == data
+        assert "stall point record-save reached" in ds.log()
+    finally:
+        ds.teardown()
+
+
 def test_a_budget_that_can_never_be_met_fails_clearly_and_keeps_the_source(
     tmp_path: Path,
 ) -> None:
@@ -857,3 +883,56 @@ def test_a_budget_that_can_never_be_met_fails_clearly_and_keeps_the_source(
         assert "switchover attempts: 10" in human.stdout, human
     finally:
         ds.teardown()
+
+
+# -- following a job -------------------------------------------------------------------------
+
+
+def test_watch_streams_a_job_to_its_end_and_job_ids_name_it(datastore: MountedDatastore) -> None:
+    """``watch`` (what ``migrate`` shows its progress from) reports the job as it
+    changes, ends with the final job, and every command that names a job id
+    refuses another job's id. The job holds after each pass, so the stream's
+    early events are seen while it is still copying."""
+    make_vm(datastore, disk_mib=8)
+    datastore.stop()
+    datastore.start(env={"FUSEDISK_PAUSE_AFTER_PASS": "1"})
+    started = migrate(datastore, "vm1", "--to", "b", "--no-wait", "--json")
+    assert started.returncode == 0, started.stderr
+    first = api.Job.from_wire(json.loads(started.stdout))
+    wait_for(lambda: job(datastore, "vm1")["paused"], 60, "the hold after pass 1")
+    for wrong in (api.Resume(entry="vm1", job="0" * 16), api.Cancel(entry="vm1", job="0" * 16),
+                  api.Watch(entry="vm1", job="0" * 16)):
+        with pytest.raises(control.RequestRefused) as refused:
+            list(control.watch(datastore.mnt, wrong)) if isinstance(wrong, api.Watch) \
+                else control.call(datastore.mnt, wrong)
+        assert refused.value.code == "no-job"
+    assert job(datastore, "vm1")["paused"]  # the refused cancel did nothing
+
+    seen: list[api.Job] = []
+    failed: list[BaseException] = []
+
+    def follow() -> None:
+        try:
+            for event in control.watch(datastore.mnt, api.Watch(entry="vm1", job=first.id)):
+                seen.append(api.Job.from_wire(event))
+        except BaseException as e:
+            failed.append(e)
+
+    watcher = threading.Thread(target=follow, daemon=True)
+    watcher.start()
+    wait_for(lambda: bool(seen), 60, "the first event")
+    assert seen[0].paused and not seen[0].final
+    held = control.call(datastore.mnt, api.Resume(entry="vm1", job=first.id))
+    assert held.id == first.id
+    _resume_through_holds(datastore, "vm1")
+    watcher.join(60)
+    assert not watcher.is_alive() and not failed, failed
+    assert {j.id for j in seen} == {first.id}
+    assert [j.final for j in seen] == [False] * (len(seen) - 1) + [True]
+    assert seen[-1].state == api.State.DONE and seen[-1].progress == 1.0
+    progress = [j.progress for j in seen]
+    assert progress == sorted(progress)
+    # a job that ended: one event, the final job
+    again = [api.Job.from_wire(e) for e in control.watch(
+        datastore.mnt, api.Watch(entry="vm1"))]
+    assert [(j.id, j.state) for j in again] == [(first.id, api.State.DONE)]

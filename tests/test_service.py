@@ -20,6 +20,7 @@ import pytest
 
 from fusedisk import config, daemon, service
 from fusedisk.control import socket_path
+from fusedisk.errors import FusediskError
 
 from .conftest import require_tools
 from .mounting import (
@@ -176,7 +177,7 @@ def test_render_unit_refuses_paths_systemd_would_misread(tmp_path: Path) -> None
     template = UNIT.read_text()
     for bad in (Path("/opt/my venv/bin/fusedisk"), Path("/opt/100%/fusedisk"),
                 Path("relative/fusedisk")):
-        with pytest.raises(service.FusediskError, match="cannot be written into a unit file"):
+        with pytest.raises(FusediskError, match="cannot be written into a unit file"):
             service.render_unit(template, bad, tmp_path)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import random
 import stat
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -80,11 +81,12 @@ class Source:
         is_dir = pick.is_dir() and not pick.is_symlink()
         roll = rng.random()
         touched: list[Path]
+        act: Callable[[], object]
         if roll < 0.15:
             touched, act = [parent], lambda: new.mkdir()
         elif roll < 0.35:
             data = rng.randbytes(rng.choice((0, 100, 70000)))
-            touched, act = [parent], lambda: new.write_bytes(data) and None
+            touched, act = [parent], lambda: new.write_bytes(data)
         elif roll < 0.42:
             touched, act = [parent], lambda: os.symlink(f"target-{self.ops}", new)
         elif roll < 0.45:
@@ -218,7 +220,8 @@ async def run_case(tmp_path: Path, seed: int, steps: int) -> None:
             parts = tree.in_tree((st.st_dev, st.st_ino))
             assert parts is not None, path
             staged = staging / TREE / Path(*parts) if parts else staging / TREE
-            assert os.lstat(staged).st_ino == tree.dst_key((st.st_dev, st.st_ino))[1]
+            dst_key = tree.dst_key((st.st_dev, st.st_ino))
+            assert dst_key is not None and os.lstat(staged).st_ino == dst_key[1]
         # a last sync with nothing noted does nothing, and a flush has nothing to do
         await tree.sync_names({}, final=True)
         assert tree.sync_attributes({}) == 0

@@ -378,9 +378,9 @@ def test_relocation_while_a_writer_discards_and_rewrites(
     reference = tmp_path / "reference"
     with open(path, "r+b") as f:
         f.write(random.Random(7).randbytes(48 * MiB))
-    with open(reference, "wb") as f:
-        f.truncate(64 * MiB)
-        f.write(random.Random(7).randbytes(48 * MiB))
+    with open(reference, "wb") as ref:
+        ref.truncate(64 * MiB)
+        ref.write(random.Random(7).randbytes(48 * MiB))
     stop = threading.Event()
     errors: list[BaseException] = []
     ops = 0
@@ -531,9 +531,9 @@ def test_a_discard_after_the_copy_reaches_the_destination(tmp_path: Path, mode: 
             assert _allocated(dest) == 10 * MiB, extents(dest)
         else:  # the same calls on both stores: the allocation of a plain file given them
             reference = tmp_path / "reference"
-            with open(reference, "wb") as f:
-                f.truncate(32 * MiB)
-                f.write(random.Random(3).randbytes(16 * MiB))
+            with open(reference, "wb") as ref:
+                ref.truncate(32 * MiB)
+                ref.write(random.Random(3).randbytes(16 * MiB))
             fd = os.open(reference, os.O_RDWR)
             try:
                 fallocate(fd, PUNCH_HOLE | KEEP_SIZE, 2 * MiB, 4 * MiB)
