@@ -1,0 +1,214 @@
+"""Bounded descriptors (issue 12): the mount's O_PATH fds and a relocation's.
+
+The table of O_PATH fds is tested alone against a dict reference (random
+lookups, evictions, renames and unlinks); then a daemon with a low fd limit
+serves and relocates many more files than the limit allows descriptors.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import random
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from fusedisk import backing
+from fusedisk.backing import PathRef, PathTable
+
+from .mounting import MountedDatastore, fusedisk, store_names
+from .test_relocation import tree_view
+
+NOFILE = 256
+
+
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_path_table_against_a_dict(tmp_path: Path, seed: int) -> None:
+    """Random operations on real files; every ref always reaches its own object,
+    after eviction, rename and unlink, and the open fds stay within the cap."""
+    rng = random.Random(seed)
+    root = tmp_path / "store"
+    root.mkdir()
+    root_fd = backing.open_dir_path(str(root))
+    dev = os.fstat(root_fd).st_dev
+    cap = 8
+    table = PathTable(cap)
+    table.add_filesystem(dev, root_fd)
+    before = _open_fds()
+    refs: dict[int, PathRef] = {}
+    expected: dict[int, tuple[int, bytes]] = {}  # object → (st_ino, content)
+    names: dict[str, int] = {}  # name on the store → object
+    unlinked_pins: set[int] = set()
+    try:
+        for step in range(600):
+            op = rng.choice(["create", "create", "lookup", "lookup", "lookup", "rename",
+                             "unlink", "forget", "scope"])
+            if op == "create" or not refs:
+                obj = step
+                name = f"n{step}"
+                content = f"object {obj}".encode()
+                (root / name).write_bytes(content)
+                fd = backing.open_path(root_fd, name)
+                refs[obj] = table.add(fd, dev)
+                expected[obj] = (os.fstat(fd).st_ino, content)
+                names[name] = obj
+            elif op == "lookup":
+                obj = rng.choice(list(refs))
+                fd = table.fd(refs[obj])
+                assert os.fstat(fd).st_ino == expected[obj][0]
+                data_fd = backing.reopen(fd, os.O_RDONLY)
+                try:
+                    assert os.read(data_fd, 100) == expected[obj][1]
+                finally:
+                    os.close(data_fd)
+            elif op == "rename" and names:
+                old = rng.choice(list(names))
+                new = f"r{step}"
+                os.rename(root / old, root / new)
+                names[new] = names.pop(old)
+            elif op == "unlink" and names:
+                name = rng.choice(list(names))
+                obj = names.pop(name)
+                table.pin(refs[obj])  # what fs.py does before a last link goes
+                unlinked_pins.add(obj)
+                os.unlink(root / name)
+            elif op == "forget":
+                obj = rng.choice(list(refs))
+                table.drop(refs.pop(obj))
+                del expected[obj]
+                unlinked_pins.discard(obj)
+                names = {n: o for n, o in names.items() if o != obj}
+            elif op == "scope":
+                chosen = rng.sample(list(refs), min(len(refs), cap + 3))
+                with table.scope():
+                    fds = [table.fd(refs[obj]) for obj in chosen]
+                    # all stay open together, beyond the cap, until the scope ends
+                    for obj, fd in zip(chosen, fds):
+                        assert os.fstat(fd).st_ino == expected[obj][0]
+            stats = table.statistics()
+            assert stats.evictable <= cap
+            assert stats.open_fds <= cap + len(unlinked_pins)
+            assert _open_fds() - before == stats.open_fds
+        assert table.statistics().reopens > 0, "nothing was ever evicted: nothing was tested"
+        for obj, ref in refs.items():
+            assert os.fstat(table.fd(ref)).st_ino == expected[obj][0]
+    finally:
+        for ref in refs.values():
+            table.drop(ref)
+    assert _open_fds() == before
+    table.close()
+    os.close(root_fd)
+
+
+def test_path_table_without_handles_keeps_fds(tmp_path: Path) -> None:
+    """A filesystem the table was not given a way into (as one without handles)
+    keeps every fd: nothing is evicted, nothing is lost."""
+    table = PathTable(2)
+    refs = []
+    for i in range(5):
+        (tmp_path / f"f{i}").write_bytes(b"x")
+        fd = os.open(tmp_path / f"f{i}", os.O_PATH)
+        refs.append(table.add(fd, os.fstat(fd).st_dev))
+    assert table.statistics().open_fds == 5
+    assert table.statistics().without_handle == 5
+    for ref in refs:
+        assert os.fstat(table.fd(ref)).st_size == 1
+        table.drop(ref)
+    assert table.statistics().open_fds == 0
+
+
+def _daemon_fds(ds: MountedDatastore) -> int:
+    assert ds.proc is not None
+    return len(os.listdir(f"/proc/{ds.proc.pid}/fd"))
+
+
+def _content(i: int) -> bytes:
+    return hashlib.sha256(str(i).encode()).digest() * (1 + i % 5)
+
+
+@pytest.mark.mount
+def test_many_more_files_than_descriptors(tmp_path: Path) -> None:
+    """A daemon limited to 256 fds: 1500 files are created, found, stat'ed,
+    renamed, unlinked while open, read back, and relocated; all exact."""
+    ds = MountedDatastore(tmp_path, nofile=NOFILE)
+    count = 1500
+    try:
+        ds.start()
+        vm = ds.mnt / "vm"
+        vm.mkdir()
+        for d in range(10):
+            (vm / f"d{d}").mkdir()
+        for i in range(count):
+            (vm / f"d{i % 10}" / f"f{i}").write_bytes(_content(i))
+        # what a guest's `find` does: every name looked up and stat'ed
+        found = subprocess.run(["find", str(vm), "-type", "f", "-newer", str(ds.mnt)],
+                               capture_output=True, text=True, check=True)
+        assert len(found.stdout.split()) == count
+        assert _daemon_fds(ds) < NOFILE
+        # names change under evicted fds: handles follow the objects
+        os.rename(vm / "d0", vm / "d0-renamed")
+        os.rename(vm / "d1" / "f1", vm / "d2" / "moved")
+        held = os.open(vm / "d3" / "f3", os.O_RDWR)
+        try:
+            os.unlink(vm / "d3" / "f3")
+            for i in range(0, count, 7):  # push every other fd out of the table
+                os.stat(vm / f"d{i % 10}-renamed" if i % 10 == 0 else vm / f"d{i % 10}")
+            subprocess.run(["find", str(vm), "-ls"], capture_output=True, check=True)
+            assert os.pread(held, 4096, 0) == _content(3)
+            os.pwrite(held, b"still here", 0)
+            assert os.fstat(held).st_nlink == 0
+        finally:
+            os.close(held)
+        assert (vm / "d2" / "moved").read_bytes() == _content(1)
+        for i in range(0, count, 3):
+            d = f"d{i % 10}" + ("-renamed" if i % 10 == 0 else "")
+            if i in (1, 3):
+                continue
+            assert (vm / d / f"f{i}").read_bytes() == _content(i)
+        before = tree_view(vm)
+        result = fusedisk("migrate", str(ds.mnt), "vm", "--to", "b", timeout=600)
+        assert result.returncode == 0, result.stderr + ds.log()[-3000:]
+        assert ds.status()["placement"]["vm"] == "b"
+        assert tree_view(vm) == before
+        assert store_names(ds.stores["a"]) == []
+        assert _daemon_fds(ds) < NOFILE
+        store_view = tree_view(ds.stores["b"] / "vm")
+        assert {k: v["sha"] for k, v in store_view.items() if "sha" in v} == {
+            k: v["sha"] for k, v in before.items() if "sha" in v}
+        assert ds.proc is not None and ds.proc.poll() is None
+        (vm / "after").write_bytes(b"works")
+        assert (vm / "after").read_bytes() == b"works"
+        assert ds.stop() == 0
+    finally:
+        ds.teardown()
+    log = ds.log()
+    assert "Traceback" not in log and " ERROR " not in log, log[-3000:]
+
+
+def test_errno_of_a_stale_handle(tmp_path: Path) -> None:
+    """A handle whose object is gone reopens as ESTALE (never another object)."""
+    root_fd = backing.open_dir_path(str(tmp_path))
+    try:
+        (tmp_path / "gone").write_bytes(b"x")
+        fd = backing.open_path(root_fd, "gone")
+        handle = backing.handle_of(fd)
+        assert handle is not None
+        mount_fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+        reopened = backing.open_by_handle(mount_fd, handle)
+        assert os.fstat(reopened).st_ino == os.fstat(fd).st_ino
+        os.close(reopened)
+        os.close(fd)
+        os.unlink(tmp_path / "gone")
+        with pytest.raises(OSError) as caught:
+            os.close(backing.open_by_handle(mount_fd, handle))
+        assert caught.value.errno == errno.ESTALE
+        os.close(mount_fd)
+    finally:
+        os.close(root_fd)
