@@ -90,7 +90,7 @@ def test_path_table_against_a_dict(tmp_path: Path, seed: int) -> None:
                 with table.scope():
                     fds = [table.fd(refs[obj]) for obj in chosen]
                     # all stay open together, beyond the cap, until the scope ends
-                    for obj, fd in zip(chosen, fds):
+                    for obj, fd in zip(chosen, fds, strict=True):
                         assert os.fstat(fd).st_ino == expected[obj][0]
             stats = table.statistics()
             assert stats.evictable <= cap
@@ -136,7 +136,8 @@ def _content(i: int) -> bytes:
 @pytest.mark.mount
 def test_many_more_files_than_descriptors(tmp_path: Path) -> None:
     """A daemon limited to 256 fds: 1500 files are created, found, stat'ed,
-    renamed, unlinked while open, read back, and relocated; all exact."""
+    renamed, unlinked while open and read back, all exact; an entry whose
+    inodes were evicted relocates and is served from its new store."""
     ds = MountedDatastore(tmp_path, nofile=NOFILE)
     count = 1500
     try:
@@ -172,16 +173,26 @@ def test_many_more_files_than_descriptors(tmp_path: Path) -> None:
             if i in (1, 3):
                 continue
             assert (vm / d / f"f{i}").read_bytes() == _content(i)
-        before = tree_view(vm)
-        result = fusedisk("migrate", str(ds.mnt), "vm", "--to", "b", timeout=600)
+        # an entry whose inodes were evicted relocates, and its inodes are re-pointed
+        small = ds.mnt / "small"
+        (small / "sub").mkdir(parents=True)
+        for i in range(40):
+            (small / ("sub" if i % 2 else ".") / f"s{i}").write_bytes(_content(i))
+        subprocess.run(["find", str(vm), "-ls"], capture_output=True, check=True)
+        before = tree_view(small)
+        result = fusedisk("migrate", str(ds.mnt), "small", "--to", "b", timeout=600)
         assert result.returncode == 0, result.stderr + ds.log()[-3000:]
-        assert ds.status()["placement"]["vm"] == "b"
-        assert tree_view(vm) == before
-        assert store_names(ds.stores["a"]) == []
+        assert ds.status()["placement"]["small"] == "b"
+        assert tree_view(small) == before
+        assert store_names(ds.stores["b"]) == ["small"]
         assert _daemon_fds(ds) < NOFILE
-        store_view = tree_view(ds.stores["b"] / "vm")
+        store_view = tree_view(ds.stores["b"] / "small")
         assert {k: v["sha"] for k, v in store_view.items() if "sha" in v} == {
             k: v["sha"] for k, v in before.items() if "sha" in v}
+        for i in range(count):
+            d = f"d{i % 10}" + ("-renamed" if i % 10 == 0 else "")
+            if i not in (1, 3):
+                assert os.stat(vm / d / f"f{i}").st_size == len(_content(i))
         assert ds.proc is not None and ds.proc.poll() is None
         (vm / "after").write_bytes(b"works")
         assert (vm / "after").read_bytes() == b"works"
