@@ -438,9 +438,11 @@ def handle_of(fd: int) -> bytes | None:
     return fh.handle_type.to_bytes(4, "little", signed=True) + bytes(fh.f_handle[:size])
 
 
-def open_by_handle(mount_fd: int, handle: bytes) -> int:
-    """Open the object a :func:`handle_of` value names as an O_PATH fd;
-    *mount_fd* is any fd on its filesystem that is not O_PATH.
+def open_by_handle(
+    mount_fd: int, handle: bytes, flags: int = os.O_PATH | os.O_NOFOLLOW
+) -> int:
+    """Open the object a :func:`handle_of` value names (as an O_PATH fd by
+    default); *mount_fd* is any fd on its filesystem that is not O_PATH.
 
     Raises ``OSError(ESTALE)`` when the object no longer exists."""
     fh = _FileHandleStruct()
@@ -449,7 +451,7 @@ def open_by_handle(mount_fd: int, handle: bytes) -> int:
     fh.handle_bytes = len(body)
     ctypes.memmove(fh.f_handle, body, len(body))
     fd = _libc.open_by_handle_at(
-        mount_fd, ctypes.byref(fh), os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
+        mount_fd, ctypes.byref(fh), flags | os.O_CLOEXEC
     )
     if fd < 0:
         err = ctypes.get_errno()
@@ -572,6 +574,7 @@ class PathTable:
             self.open_fds += 1
         self._lru.pop(ref, None)
         self._touch(ref)
+        self._evict()
 
     def drop(self, ref: PathRef) -> None:
         """The object is forgotten: close its fd."""

@@ -42,7 +42,7 @@ import errno
 import logging
 import os
 import stat
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import trio
@@ -374,18 +374,23 @@ class StagedTree:
                 continue
             copy = self.copier.copies.get(key)
             if copy is not None:
-                copy.vfile.touched = copy.restamp = False
-                self.copier.fit(copy)
-            self._copy_attributes(key, src_fd, st)
+                with self.copier.using(copy) as vfile:
+                    vfile.touched = copy.restamp = False
+                    self.copier.fit(copy)
+                    self._copy_attributes(key, src_fd, st)
+            else:
+                self._copy_attributes(key, src_fd, st)
             done += 1
         for copy in self._written():
-            copy.vfile.touched = copy.restamp = False
-            st = backing.fstat(copy.vfile.fd)
-            if st.st_nlink == 0:
-                continue
-            self.copier.fit(copy)
-            self._copy_attributes(copy.key, copy.vfile.fd, st)
+            with self.copier.using(copy) as vfile:
+                vfile.touched = copy.restamp = False
+                st = backing.fstat(vfile.fd)
+                if st.st_nlink == 0:
+                    continue
+                self.copier.fit(copy)
+                self._copy_attributes(copy.key, vfile.fd, st)
             done += 1
+        self.copier.park_idle()
         return done
 
     def written(self) -> int:
@@ -394,12 +399,17 @@ class StagedTree:
 
     def _written(self) -> Iterator[FileCopy]:
         for copy in list(self.copier.copies.values()):
-            if (copy.vfile.touched or copy.restamp) and self.in_tree(copy.key) is not None:
+            touched = copy.vfile is not None and copy.vfile.touched
+            if (touched or copy.restamp) and self.in_tree(copy.key) is not None:
                 yield copy
 
     def _copy_attributes(self, key: Key, src_fd: int, st: os.stat_result) -> None:
         copy = self.copier.copies.get(key) if stat.S_ISREG(st.st_mode) else None
-        dst_fd = copy.dst_fd if copy is not None else self._open(key)
+        own = copy is not None and copy.dst_fd >= 0
+        if copy is None:
+            dst_fd = self._open(key)
+        else:
+            dst_fd = copy.dst_fd if own else self.copier.open_pool(copy)
         try:
             backing.sync_attributes(src_fd, dst_fd, st)
             keep_identity_of(src_fd, dst_fd, st, self.src_store_id)
@@ -407,7 +417,7 @@ class StagedTree:
                 dst = backing.fstat(dst_fd)
                 self._dst_key[key] = (dst.st_dev, dst.st_ino)
         finally:
-            if copy is None:
+            if not own:
                 backing.close(dst_fd)
         self._unsynced.add(key)
 
@@ -425,31 +435,31 @@ class StagedTree:
 
     async def flush(self) -> int:
         """fsync what changed since the last flush (on a worker thread); return how many."""
-        files: list[int] = []
+        # Each is opened in turn on the worker thread (a descriptor each at
+        # once would grow with the entry): a pool file by its open copy or by
+        # file handle, a directory by its staged path.
+        files: list[Callable[[], int]] = []
         for key in self._unsynced:
             copy = self.copier.copies.get(key)
             if copy is not None:
-                files.append(copy.dst_fd)
+                files.append(self.copier.pool_opener(copy))
                 copy.unflushed = 0
         for copy in self.copier.copies.values():
             if copy.unflushed and copy.key not in self._unsynced:
-                files.append(copy.dst_fd)  # data only: the attributes were synced before
+                # data only: the attributes were synced before
+                files.append(self.copier.pool_opener(copy))
                 copy.unflushed = 0
-        dirs: list[int] = []
-        try:
-            for key in self._unsynced_dirs:
-                if key == _TOP:
-                    dirs.append(os.dup(self.staging_fd))
-                elif key == _LIMBO:
-                    dirs.append(os.dup(self._limbo_fd))
-                elif key in self._place:
-                    dirs.append(self._open(key))
-            self._unsynced.clear()
-            self._unsynced_dirs.clear()
-            await backing.run_blocking(_fsync_all, files, dirs)
-        finally:
-            for fd in dirs:
-                backing.close(fd)
+        dirs: list[tuple[str, ...]] = []
+        for key in self._unsynced_dirs:
+            if key == _TOP:
+                dirs.append(())
+            elif key == _LIMBO:
+                dirs.append((LIMBO,))
+            elif key in self._place:
+                dirs.append(self.path_of(key))
+        self._unsynced.clear()
+        self._unsynced_dirs.clear()
+        await backing.run_blocking(_fsync_all, files, self.staging_fd, dirs)
         return len(files) + len(dirs)
 
     def close(self) -> None:
@@ -487,13 +497,36 @@ def _listing(dir_fd: int) -> dict[str, Key] | None:
     return out
 
 
-def _fsync_all(files: list[int], dirs: list[int]) -> None:
-    """fsync every file, then every directory (names after the objects they name)."""
-    for fd in files:
-        os.fsync(fd)
-    for fd in dirs:
+def _fsync_all(
+    files: list[Callable[[], int]], staging_fd: int, dirs: list[tuple[str, ...]]
+) -> None:
+    """fsync every file (each opened by its callable, closed after), then every
+    directory below *staging_fd* (names after the objects they name)."""
+    error: OSError | None = None
+    for opener in files:  # each opened is closed, even after an error
+        try:
+            fd = opener()
+        except OSError as e:
+            error = error or e
+            continue
+        try:
+            if error is None:
+                os.fsync(fd)
+        except OSError as e:
+            error = e
+        finally:
+            backing.close(fd)
+    if error is not None:
+        raise error
+    for parts in dirs:
+        try:
+            fd = backing.open_parts(staging_fd, parts)
+        except FileNotFoundError:
+            continue
         try:
             backing.fsync_dir(fd)
         except OSError as e:
             if e.errno != errno.ENOENT:
                 raise
+        finally:
+            backing.close(fd)

@@ -212,6 +212,18 @@ class OpenFiles:
         self._to_close, self._closing = trio.open_memory_channel[VFile](math.inf)
         #: files whose CBT history is to be saved with a relocation's alias
         self._to_keep, self._keeping = trio.open_memory_channel[VFile](math.inf)
+        #: called when a file of these keys gets its first user (a relocation's
+        #: copier, which closes the files it is not copying: mirror.py)
+        self._watchers: dict[tuple[int, int], Callable[[VFile], None]] = {}
+
+    def watch(self, key: tuple[int, int], on_first_open: Callable[[VFile], None]) -> None:
+        """Call *on_first_open* (sync) whenever the file *key* gets its first
+        user, before that user can read or write it. It may raise: the open
+        then fails."""
+        self._watchers[key] = on_first_open
+
+    def unwatch(self, key: tuple[int, int]) -> None:
+        self._watchers.pop(key, None)
 
     def open(self, path_fd: int, key: tuple[int, int], gate: Gate, fresh: bool = False) -> VFile:
         """Open (or share) the file behind an O_PATH handle (*fresh*: just
@@ -235,6 +247,14 @@ class OpenFiles:
                 fd, key, writable, tracker, gate, self.block_size, self.activity
             )
         vfile.opens += 1
+        if vfile.opens == 1:
+            watcher = self._watchers.get(key)
+            if watcher is not None:
+                try:
+                    watcher(vfile)
+                except BaseException:
+                    self.release(vfile)
+                    raise
         return vfile
 
     def release(self, vfile: VFile) -> None:
