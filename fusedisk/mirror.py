@@ -230,15 +230,18 @@ class Copier:
     def park(self, copy: FileCopy) -> bool:
         """Close the descriptors of a copy that nobody else uses; True if parked.
 
-        Not parked: one another user has open (a guest may write it), one whose
-        size and times the staging has yet to see (``touched``), a failed
-        mirror (kept for :meth:`mirror_error`), a store without handles.
+        Not parked: one another user has open (a guest may write it), one a
+        pass is copying, a failed mirror (kept for :meth:`mirror_error`), a
+        store without handles. A written file whose size and times the staging
+        has yet to see (``touched``) keeps that as ``restamp``: the same sync.
         """
         vfile = copy.vfile
-        if (vfile is None or vfile.opens != 1 or vfile.touched or vfile.mirror_error
+        if (vfile is None or vfile.opens != 1 or vfile.mirror_error
                 or copy.src_handle is None or copy.dst_handle is None
                 or copy is self._copying):
             return False
+        if vfile.touched:
+            copy.restamp = True
         copy.size = vfile.size()
         self._release(copy)
         copy.vfile, copy.dst_fd = None, -1

@@ -174,10 +174,11 @@ def test_many_more_files_than_descriptors(tmp_path: Path) -> None:
             if i in (1, 3):
                 continue
             assert (vm / d / f"f{i}").read_bytes() == _content(i)
-        # an entry whose inodes were evicted relocates, and its inodes are re-pointed
+        # an entry written just now (its files' histories still saving) relocates,
+        # after its inodes were evicted, and its inodes are re-pointed
         small = ds.mnt / "small"
         (small / "sub").mkdir(parents=True)
-        for i in range(40):
+        for i in range(400):
             (small / ("sub" if i % 2 else ".") / f"s{i}").write_bytes(_content(i))
         subprocess.run(["find", str(vm), "-ls"], capture_output=True, check=True)
         before = tree_view(small)
