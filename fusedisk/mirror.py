@@ -150,8 +150,9 @@ class Copier:
             else backing.reopen(src_root_fd, os.O_RDONLY | os.O_DIRECTORY)
         )
         self._handles_warned = False
-        #: the copy a pass is in (its descriptors are in use across awaits)
-        self._copying: FileCopy | None = None
+        #: copies whose descriptors are in use (a pass copying one, across its
+        #: awaits; :meth:`using`): never parked meanwhile
+        self._busy: set[FileCopy] = set()
         #: copies parked and attached again, for statistics
         self.parks = 0
         self.unparks = 0
@@ -221,7 +222,7 @@ class Copier:
                 self._handles_warned = True
                 log.warning("a store has no file handles: the relocation keeps every file "
                             "it copies open")
-        self.files.watch(key, self._on_first_open)
+        self.files.watch(key, self._on_first_open, self._on_one_left)
         self.park(copy)
         return copy
 
@@ -238,7 +239,7 @@ class Copier:
         vfile = copy.vfile
         if (vfile is None or vfile.opens != 1 or vfile.mirror_error
                 or copy.src_handle is None or copy.dst_handle is None
-                or copy is self._copying):
+                or copy in self._busy):
             return False
         if vfile.touched:
             copy.restamp = True
@@ -268,6 +269,13 @@ class Copier:
         self.files.keep_history(vfile, copy.pool_key, copy.alive_test())
         self.unparks += 1
 
+    def _on_one_left(self, vfile: VFile) -> None:
+        """The other users of a copied file went (OpenFiles.watch): if the one
+        left is this copier, park it now rather than at the next pass."""
+        copy = self.copies.get(vfile.key)
+        if copy is not None and copy.vfile is vfile:
+            self.park(copy)
+
     def unpark(self, copy: FileCopy) -> VFile:
         """Open a parked copy again (by handle); return its source VFile.
 
@@ -280,10 +288,12 @@ class Copier:
             vfile = self.files.open(path_fd, copy.key, self.gate)  # attaches (above)
         finally:
             backing.close(path_fd)
-        if copy.vfile is vfile:
+        self._busy.add(copy)  # the release below leaves one: not a reason to park
+        try:
             self.files.release(vfile)  # the copier keeps the open _on_first_open took
-        else:  # someone had it open all along (never while parked): take this open
-            self.files.release(vfile)
+        finally:
+            self._busy.discard(copy)
+        if copy.vfile is not vfile:  # someone had it open all along: never while parked
             raise AssertionError("a parked copy's file was open")
         return vfile
 
@@ -293,9 +303,13 @@ class Copier:
         if it was parked before."""
         was_parked = copy.parked
         vfile = self.unpark(copy)
+        busy = copy not in self._busy
+        self._busy.add(copy)
         try:
             yield vfile
         finally:
+            if busy:
+                self._busy.discard(copy)
             if was_parked and copy.key in self.copies:
                 self.park(copy)
 
@@ -402,11 +416,11 @@ class Copier:
                 if e.errno not in (errno.ESTALE, errno.ENOENT):
                     raise
                 continue  # gone, with no link and nobody holding it: staging drops it
-            self._copying = copy
+            self._busy.add(copy)
             try:
                 await self._copy_file(copy, throttle)
             finally:
-                self._copying = None
+                self._busy.discard(copy)
             if throttle and copy.key in self.copies:  # not inside the pause
                 self.park(copy)
 

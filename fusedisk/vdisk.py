@@ -215,15 +215,21 @@ class OpenFiles:
         #: called when a file of these keys gets its first user (a relocation's
         #: copier, which closes the files it is not copying: mirror.py)
         self._watchers: dict[tuple[int, int], Callable[[VFile], None]] = {}
+        self._idle_watchers: dict[tuple[int, int], Callable[[VFile], None]] = {}
 
-    def watch(self, key: tuple[int, int], on_first_open: Callable[[VFile], None]) -> None:
+    def watch(
+        self, key: tuple[int, int], on_first_open: Callable[[VFile], None],
+        on_one_left: Callable[[VFile], None],
+    ) -> None:
         """Call *on_first_open* (sync) whenever the file *key* gets its first
-        user, before that user can read or write it. It may raise: the open
-        then fails."""
+        user, before that user can read or write it (it may raise: the open
+        then fails), and *on_one_left* (sync) whenever a release leaves one."""
         self._watchers[key] = on_first_open
+        self._idle_watchers[key] = on_one_left
 
     def unwatch(self, key: tuple[int, int]) -> None:
         self._watchers.pop(key, None)
+        self._idle_watchers.pop(key, None)
 
     def open(self, path_fd: int, key: tuple[int, int], gate: Gate, fresh: bool = False) -> VFile:
         """Open (or share) the file behind an O_PATH handle (*fresh*: just
@@ -259,7 +265,11 @@ class OpenFiles:
 
     def release(self, vfile: VFile) -> None:
         vfile.opens -= 1
-        if vfile.opens == 0:
+        if vfile.opens == 1:
+            one_left = self._idle_watchers.get(vfile.key)
+            if one_left is not None:
+                one_left(vfile)
+        elif vfile.opens == 0:
             # A closed file holds no descriptor, even while its history saves
             # (saves queue up behind each other: a `find | xargs cat` would
             # otherwise pile up descriptors); a new open reopens it.

@@ -19,7 +19,7 @@ import pytest
 from fusedisk import backing
 from fusedisk.backing import PathRef, PathTable
 
-from .mounting import MountedDatastore, fusedisk, store_names
+from .mounting import MountedDatastore, fusedisk, store_names, wait_for
 from .test_relocation import tree_view
 
 NOFILE = 256
@@ -232,3 +232,103 @@ def test_errno_of_a_stale_handle(tmp_path: Path) -> None:
         os.close(mount_fd)
     finally:
         os.close(root_fd)
+
+
+@pytest.mark.mount
+def test_parked_copies_see_every_change(tmp_path: Path) -> None:
+    """Files a relocation parked after pass 1 (a daemon at 256 fds, held after
+    each pass) are written, truncated, rewritten, appended, renamed, chmod'ed
+    and unlinked by a guest, at random; after the switchover the mount and the
+    new store hold exactly what a dict of the expected contents says."""
+    rng = random.Random(12)
+    ds = MountedDatastore(tmp_path, nofile=NOFILE)
+    ds.start(env={"FUSEDISK_PAUSE_AFTER_PASS": "1"})
+    try:
+        vm = ds.mnt / "vm"
+        vm.mkdir()
+        expected: dict[str, bytes] = {}
+        for i in range(600):
+            expected[f"f{i}"] = _content(i)
+            (vm / f"f{i}").write_bytes(expected[f"f{i}"])
+        result = fusedisk("migrate", str(ds.mnt), "vm", "--to", "b", "--no-wait")
+        assert result.returncode == 0, result.stderr
+
+        def job() -> dict[str, object]:
+            return next(j for j in ds.status()["jobs"] if j["entry"] == "vm")
+
+        def held_or_ended() -> bool:
+            state = job()
+            return bool(state["paused"]) or state["state"] in ("done", "failed")
+
+        wait_for(held_or_ended, 120, "the hold after pass 1")
+        assert _daemon_fds(ds) < NOFILE
+        modes: dict[str, int] = {}
+        held = os.open(vm / "f0", os.O_RDWR)  # open across the switchover
+        try:
+            for step in range(3):
+                for _ in range(150):
+                    name = rng.choice(sorted(expected))
+                    op = rng.choice(["pwrite", "truncate", "rewrite", "append", "rename",
+                                     "chmod", "unlink"])
+                    path = vm / name
+                    if op == "pwrite":
+                        offset = rng.randrange(0, 300)
+                        data = os.urandom(rng.randrange(1, 200))
+                        fd = os.open(path, os.O_WRONLY)
+                        os.pwrite(fd, data, offset)
+                        os.close(fd)
+                        old = expected[name].ljust(offset, b"\0")
+                        expected[name] = old[:offset] + data + old[offset + len(data):]
+                    elif op == "truncate":
+                        size = rng.randrange(0, 400)
+                        os.truncate(path, size)
+                        expected[name] = expected[name][:size].ljust(size, b"\0")
+                    elif op == "rewrite":
+                        expected[name] = os.urandom(rng.randrange(0, 300))
+                        path.write_bytes(expected[name])
+                    elif op == "append":
+                        data = os.urandom(50)
+                        with open(path, "ab") as f:
+                            f.write(data)
+                        expected[name] += data
+                    elif op == "rename" and name != "f0":
+                        new = f"{name}-r{step}"
+                        path.rename(vm / new)
+                        expected[new] = expected.pop(name)
+                        if name in modes:
+                            modes[new] = modes.pop(name)
+                    elif op == "chmod":
+                        modes[name] = rng.choice([0o600, 0o640, 0o755])
+                        path.chmod(modes[name])
+                    elif op == "unlink" and name != "f0":
+                        path.unlink()
+                        del expected[name]
+                        modes.pop(name, None)
+                if job()["state"] in ("done", "failed"):
+                    break
+                fusedisk("resume", str(ds.mnt), "vm")
+                wait_for(held_or_ended, 120, "the next hold")
+            os.pwrite(held, b"held", 0)
+            old = expected["f0"]
+            expected["f0"] = b"held" + old[4:]
+            while job()["state"] not in ("done", "failed"):
+                fusedisk("resume", str(ds.mnt), "vm")
+                wait_for(held_or_ended, 120, "the next hold")
+            assert job()["state"] == "done", job()
+            os.pwrite(held, b"after", 10)
+            expected["f0"] = expected["f0"][:10] + b"after" + expected["f0"][15:]
+        finally:
+            os.close(held)
+        assert ds.status()["placement"]["vm"] == "b"
+        assert sorted(os.listdir(vm)) == sorted(expected)
+        assert sorted(os.listdir(ds.stores["b"] / "vm")) == sorted(expected)
+        for name, data in expected.items():
+            assert (vm / name).read_bytes() == data, name
+            assert (ds.stores["b"] / "vm" / name).read_bytes() == data, name
+        for name, mode in modes.items():
+            assert (vm / name).stat().st_mode & 0o777 == mode, name
+        assert _daemon_fds(ds) < NOFILE
+    finally:
+        ds.teardown()
+    log = ds.log()
+    assert "Traceback" not in log and " ERROR " not in log, log[-3000:]
