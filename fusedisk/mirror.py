@@ -249,10 +249,6 @@ class Copier:
         self.parks += 1
         return True
 
-    def park_idle(self) -> None:
-        for copy in list(self.copies.values()):
-            self.park(copy)
-
     def _on_first_open(self, vfile: VFile) -> None:
         """A file this copier copies got its first user (OpenFiles.watch): attach
         the parked copy to it before that user can write. Sync."""

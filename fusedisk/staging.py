@@ -390,7 +390,6 @@ class StagedTree:
                 self.copier.fit(copy)
                 self._copy_attributes(copy.key, vfile.fd, st)
             done += 1
-        self.copier.park_idle()
         return done
 
     def written(self) -> int:
@@ -435,9 +434,9 @@ class StagedTree:
 
     async def flush(self) -> int:
         """fsync what changed since the last flush (on a worker thread); return how many."""
-        # Each is opened in turn on the worker thread (a descriptor each at
-        # once would grow with the entry): a pool file by its open copy or by
-        # file handle, a directory by its staged path.
+        # A descriptor each at once would grow with the entry: pool files are
+        # opened in turn on the worker thread (by their open copy or by file
+        # handle, which no rename changes), directories in batches here.
         files: list[Callable[[], int]] = []
         for key in self._unsynced:
             copy = self.copier.copies.get(key)
@@ -449,18 +448,25 @@ class StagedTree:
                 # data only: the attributes were synced before
                 files.append(self.copier.pool_opener(copy))
                 copy.unflushed = 0
-        dirs: list[tuple[str, ...]] = []
-        for key in self._unsynced_dirs:
-            if key == _TOP:
-                dirs.append(())
-            elif key == _LIMBO:
-                dirs.append((LIMBO,))
-            elif key in self._place:
-                dirs.append(self.path_of(key))
+        dir_keys = list(self._unsynced_dirs)
         self._unsynced.clear()
         self._unsynced_dirs.clear()
-        await backing.run_blocking(_fsync_all, files, self.staging_fd, dirs)
-        return len(files) + len(dirs)
+        await backing.run_blocking(_fsync_files, files)
+        for start in range(0, len(dir_keys), _FLUSH_DIRS):
+            dirs: list[int] = []
+            try:
+                for key in dir_keys[start:start + _FLUSH_DIRS]:
+                    if key == _TOP:
+                        dirs.append(os.dup(self.staging_fd))
+                    elif key == _LIMBO:
+                        dirs.append(os.dup(self._limbo_fd))
+                    elif key in self._place:
+                        dirs.append(self._open(key))
+                await backing.run_blocking(_fsync_dirs, dirs)
+            finally:
+                for fd in dirs:
+                    backing.close(fd)
+        return len(files) + len(dir_keys)
 
     def close(self) -> None:
         for fd in self._retry.values():
@@ -476,6 +482,10 @@ class StagedTree:
             unsynced=len(self._unsynced) + len(self._unsynced_dirs), syncs=self.syncs,
             last_sync_objects=self.last_sync_objects,
         )
+
+
+#: staged directories a flush holds open at once
+_FLUSH_DIRS = 64
 
 
 def _listing(dir_fd: int) -> dict[str, Key] | None:
@@ -497,11 +507,9 @@ def _listing(dir_fd: int) -> dict[str, Key] | None:
     return out
 
 
-def _fsync_all(
-    files: list[Callable[[], int]], staging_fd: int, dirs: list[tuple[str, ...]]
-) -> None:
-    """fsync every file (each opened by its callable, closed after), then every
-    directory below *staging_fd* (names after the objects they name)."""
+def _fsync_files(files: list[Callable[[], int]]) -> None:
+    """fsync every file, each opened by its callable and closed after (before
+    the directories: names after the objects they name)."""
     error: OSError | None = None
     for opener in files:  # each opened is closed, even after an error
         try:
@@ -518,15 +526,12 @@ def _fsync_all(
             backing.close(fd)
     if error is not None:
         raise error
-    for parts in dirs:
-        try:
-            fd = backing.open_parts(staging_fd, parts)
-        except FileNotFoundError:
-            continue
+
+
+def _fsync_dirs(dirs: list[int]) -> None:
+    for fd in dirs:
         try:
             backing.fsync_dir(fd)
         except OSError as e:
             if e.errno != errno.ENOENT:
                 raise
-        finally:
-            backing.close(fd)
