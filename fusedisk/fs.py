@@ -7,12 +7,14 @@ number from a private range when that would collide. The number stays with
 the :class:`Inode` for as long as the kernel knows it, whatever store holds
 the bytes later.
 
-Every known inode holds an ``O_PATH | O_NOFOLLOW`` handle on its backing
-object: names are resolved one component at a time with ``*at()`` calls
-relative to the parent's handle, never by joining strings, so no request can
-leave the store that holds its entry. Holding the handle also keeps the
-backing inode number from being reused while the kernel remembers it, and
-keeps an unlinked-but-open file usable.
+Every known inode reaches its backing object through an ``O_PATH |
+O_NOFOLLOW`` handle: names are resolved one component at a time with
+``*at()`` calls relative to the parent's handle, never by joining strings,
+so no request can leave the store that holds its entry. The handles live in
+a bounded LRU (:class:`backing.PathTable`): an evicted one is reopened by
+file handle, which names the inode, so renames do not matter. An open file,
+and an object whose last name went while the kernel remembers it, keep
+theirs open (an unlinked object's file handle is stale).
 
 The mount root is virtual: its children are the datastore's entries, each
 on its own store. Hard links and renames across entries get ``EXDEV`` (an
