@@ -344,13 +344,28 @@ class StagedTree:
         self._unsynced_dirs.add(_LIMBO)
 
     def _forget(self, key: Key, place: tuple[Key, str]) -> None:
-        """Drop *key* (and what is below it) from the tables, if staged at *place*."""
-        if self._place.get(key) != place:
-            return  # a surplus link: the object stays where it is
+        """Drop *key* (and what is below it) from the tables, if staged at *place*.
+
+        A name of an object that has another name left in the tree drops only
+        that name (the object lives on there: it is still copied and synced).
+        """
+        links = self._links.get(key)
+        here = self._place.get(key) == place
+        if not here or links:
+            if here and links:
+                self._place[key] = links.pop()  # another name stays: its place now
+            elif links is not None:
+                links.discard(place)  # a surplus link: the object stays where it is
+            if links is not None and not links:
+                del self._links[key]
+            return
         del self._place[key]
         self._dst_key.pop(key, None)
         self._links.pop(key, None)
         self._unsynced.discard(key)
+        # a directory gone for good needs no fsync; and its inode number may come back
+        # as a new file before the next flush, which must not fsync that as a directory
+        self._unsynced_dirs.discard(key)
         self.copier.drop(key)  # a regular file's copy: nothing will name it again
         for name, child in list(self._names.pop(key, {}).items()):
             self._forget(child, (key, name))

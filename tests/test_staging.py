@@ -237,3 +237,54 @@ async def run_case(tmp_path: Path, seed: int, steps: int) -> None:
 @pytest.mark.parametrize("seed", range(12))
 async def test_a_staged_tree_follows_random_changes(tmp_path: Path, seed: int) -> None:
     await run_case(tmp_path, seed, 400)
+
+
+async def test_a_linked_file_outlives_the_directory_of_its_first_name(tmp_path: Path) -> None:
+    """A file staged first under a directory that the guest then empties and removes
+    (both noted in one sync) lives on under its other name: it stays known, staged,
+    and copied. (Found by the random test: the removed directory's staged copy took
+    the file's tables with it, so later writes to it would not have been copied.)"""
+    src_root = tmp_path / "src" / "vm"
+    (src_root / "first").mkdir(parents=True)
+    (src_root / "other").mkdir()
+    (src_root / "first" / "f").write_bytes(b"x" * 100)
+    os.link(src_root / "first" / "f", src_root / "other" / "g")
+    staging = tmp_path / "dst" / "staging"
+    (staging / "pool").mkdir(parents=True)
+    journal = Journal()
+    source = Source(src_root, random.Random(0), journal)
+    files = OpenFiles(None, BLOCK)
+    staging_fd = os.open(staging, os.O_PATH)
+    pool_fd = os.open(staging / "pool", os.O_PATH)
+    copier = Copier(files, Gate(), pool_fd, BLOCK)
+    tree = StagedTree(staging_fd, copier, 1)
+    src_fd = os.open(src_root, os.O_PATH)
+    try:
+        await tree.build(src_fd)
+        await copier.copy_pass(throttle=False)
+        st = os.lstat(src_root / "other" / "g")
+        key = (st.st_dev, st.st_ino)
+        first = src_root / "first"
+        before = source._note(first, first / "f", src_root)
+        (first / "f").unlink()
+        first.rmdir()
+        source._done(before)
+        changed = journal.take()
+        try:
+            await tree.sync_names(changed, final=True)
+            tree.sync_attributes(changed)
+        finally:
+            for fd in changed.values():
+                os.close(fd)
+        assert tree.in_tree(key) == ("other", "g")
+        assert key in copier.copies  # still copied: a write to it reaches the destination
+        await tree.flush()
+        assert describe(staging / TREE) == describe(src_root)
+    finally:
+        os.close(src_fd)
+        tree.close()
+        for fd in copier.detach():
+            os.close(fd)
+        files.close_all()
+        os.close(pool_fd)
+        os.close(staging_fd)
