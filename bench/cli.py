@@ -61,6 +61,7 @@ class Options:
     scenarios: list[str]
     store_parent: Path
     keep_scratch: bool
+    files: int | None = None
 
     @property
     def complete(self) -> bool:
@@ -138,6 +139,9 @@ def parse_args(argv: list[str] | None) -> Options:
                              "is made in here (default /var/tmp)")
     parser.add_argument("--raw-only", action="store_true",
                         help="measure only the raw store; do not mount fusedisk")
+    parser.add_argument("--files", type=_positive, metavar="N",
+                        help="entry size of the manyfiles scenario (default 10000; 300 "
+                             "with --quick)")
     parser.add_argument("--keep-scratch", action="store_true",
                         help="keep the scratch directory (test files, daemon log) afterwards")
     args = parser.parse_args(argv)
@@ -161,6 +165,7 @@ def parse_args(argv: list[str] | None) -> Options:
         reps=args.reps, size=args.size or defaults["size"],
         runtime_s=args.runtime or defaults["runtime_s"], jobs=jobs, scenarios=args.scenarios,
         store_parent=args.store_dir.resolve(), keep_scratch=args.keep_scratch,
+        files=args.files,
     )
 
 
@@ -176,7 +181,8 @@ def _measure(options: Options, fio: str, scratch: Path
     machine = machine_info(fio, {"stores (scratch)": scratch})
     context = ScenarioContext(runner=runner, jobs=options.jobs, reps=options.reps,
                               quick=options.quick, raw_only=options.raw_only, size=options.size,
-                              runtime_s=options.runtime_s, scratch=scratch, out=options.out)
+                              runtime_s=options.runtime_s, scratch=scratch, out=options.out,
+                              files=options.files)
     outcomes: dict[str, Outcome] = {}
     try:
         for name in options.scenarios:

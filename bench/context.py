@@ -112,6 +112,8 @@ class ScenarioContext:
     runtime_s: int
     scratch: Path
     out: Path
+    #: entry size of the manyfiles scenario (``--files``); None: its defaults
+    files: int | None = None
     _mounts: list[str] = field(default_factory=list)
 
     def repetitions(self, full_default: int) -> int:
@@ -126,12 +128,17 @@ class ScenarioContext:
         path.mkdir(parents=True, exist_ok=False)
         return path
 
-    def mount(self, label: str, *extra_args: str) -> AbstractContextManager[Mounted]:
-        """A fresh mount with stores a (default) and b; ``extra_args`` go to ``fusedisk mount``."""
-        return self._mount(label, extra_args)
+    def mount(
+        self, label: str, *extra_args: str, nofile: int | None = None
+    ) -> AbstractContextManager[Mounted]:
+        """A fresh mount with stores a (default) and b; ``extra_args`` go to ``fusedisk mount``;
+        ``nofile``: the daemon's fd limit."""
+        return self._mount(label, extra_args, nofile)
 
     @contextmanager
-    def _mount(self, label: str, extra_args: tuple[str, ...]) -> Iterator[Mounted]:
+    def _mount(
+        self, label: str, extra_args: tuple[str, ...], nofile: int | None = None
+    ) -> Iterator[Mounted]:
         root = self.work(label)
         stores = {"a": root / "storeA", "b": root / "storeB"}
         for path in (*stores.values(), root / "state", root / "mnt"):
@@ -139,7 +146,7 @@ class ScenarioContext:
         log = root / "daemon.log"
         self._mounts.append(label)
         with mounted(root / "mnt", stores, "a", root / "state", log,
-                     extra_args=extra_args) as daemon:
+                     extra_args=extra_args, nofile=nofile) as daemon:
             flags = f" {' '.join(extra_args)}" if extra_args else ""
             print(f"bench: mounted {root / 'mnt'}{flags} (daemon pid {daemon.pid})",
                   file=sys.stderr, flush=True)

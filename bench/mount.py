@@ -167,12 +167,13 @@ def _signals_deferred() -> Iterator[None]:
 @contextmanager
 def mounted(mountpoint: Path, stores: dict[str, Path], default_store: str, state_dir: Path,
             log_path: Path, timeout_s: float = MOUNT_TIMEOUT_S,
-            extra_args: tuple[str, ...] = ()) -> Iterator[Daemon]:
+            extra_args: tuple[str, ...] = (), nofile: int | None = None) -> Iterator[Daemon]:
     """Run ``python -m fusedisk mount --foreground`` as our child until the block exits.
 
     Yields once ``mountpoint`` is mounted and answers. On every exit path
     (exceptions, KeyboardInterrupt) it unmounts and then stops the child;
-    ``extra_args`` go to ``fusedisk mount`` (e.g. ``--no-cbt``);
+    ``extra_args`` go to ``fusedisk mount`` (e.g. ``--no-cbt``); ``nofile`` is
+    the daemon's fd limit (soft and hard, through ``prlimit``, which execs it);
     leftovers are reported on stderr, since raising there would hide the
     original error.
     """
@@ -181,6 +182,10 @@ def mounted(mountpoint: Path, stores: dict[str, Path], default_store: str, state
     if is_mounted(mountpoint):
         raise BenchError(f"{mountpoint} is already a mountpoint")
     argv = [sys.executable, "-m", "fusedisk", "mount", "--foreground"]
+    if nofile is not None:
+        if shutil.which("prlimit") is None:
+            raise BenchError("prlimit not found on PATH (install util-linux)")
+        argv = ["prlimit", f"--nofile={nofile}:{nofile}", "--", *argv]
     for name, path in stores.items():
         argv += ["--store", f"{name}={path}"]
     argv += ["--default-store", default_store, "--state-dir", str(state_dir), *extra_args,

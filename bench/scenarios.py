@@ -17,7 +17,7 @@ from __future__ import annotations
 from contextlib import ExitStack
 from dataclasses import dataclass
 
-from bench import cbtcost, relocation, scale
+from bench import cbtcost, manyfiles, relocation, scale
 from bench.context import (
     MOUNT,
     RAW,
@@ -114,3 +114,4 @@ register("switchover-pause", relocation.switchover_pause, needs_migrate=True)
 register("relocate-sparse", relocation.relocate_sparse, needs_migrate=True)
 register("relocate-outrun", relocation.relocate_outrun, needs_migrate=True)
 register("switchover-scale", scale.switchover_scale, needs_migrate=True)
+register("manyfiles", manyfiles.manyfiles, needs_migrate=True)

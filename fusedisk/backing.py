@@ -24,16 +24,22 @@ cached once, in the backing store.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import ctypes
+import dataclasses
 import errno
+import logging
 import os
 import stat
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import TypeVar
 
 import trio
 
 _T = TypeVar("_T")
+
+log = logging.getLogger(__name__)
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -407,3 +413,246 @@ def copy_range(src_fd: int, src_offset: int, dst_fd: int, dst_offset: int, lengt
     """Copy up to *length* bytes inside the kernel; OSError (EXDEV, EOPNOTSUPP,
     EINVAL) where the backing filesystems cannot, for the caller to copy itself."""
     return os.copy_file_range(src_fd, dst_fd, length, src_offset, dst_offset)
+
+
+# -- bounded O_PATH handles ------------------------------------------------------------
+#
+# The mount must not hold a descriptor for every inode the kernel remembers
+# (it may remember millions). :class:`PathTable` keeps a bounded LRU of
+# O_PATH fds and a file handle (``name_to_handle_at``) for each object, and
+# reopens an evicted one by handle (``open_by_handle_at``, needs
+# CAP_DAC_READ_SEARCH: the daemon is root). A handle names the inode, not a
+# path: it survives renames, and it goes stale (ESTALE) only once the object
+# is gone, which is why objects whose last name goes are pinned (see fs.py).
+
+MAX_HANDLE_SZ = 128
+
+
+class _FileHandleStruct(ctypes.Structure):
+    _fields_ = (
+        ("handle_bytes", ctypes.c_uint),
+        ("handle_type", ctypes.c_int),
+        ("f_handle", ctypes.c_ubyte * MAX_HANDLE_SZ),
+    )
+
+
+def handle_of(fd: int) -> bytes | None:
+    """The file handle of the object behind *fd*, as opaque bytes; None when its
+    filesystem has no handles (EOPNOTSUPP) or the handle is too large."""
+    fh = _FileHandleStruct()
+    fh.handle_bytes = MAX_HANDLE_SZ
+    mount_id = ctypes.c_int()
+    ret = _libc.name_to_handle_at(
+        fd, b"", ctypes.byref(fh), ctypes.byref(mount_id), AT_EMPTY_PATH
+    )
+    if ret != 0:
+        err = ctypes.get_errno()
+        if err in (errno.EOPNOTSUPP, errno.EOVERFLOW, errno.ENOSYS, errno.EPERM):
+            return None
+        raise OSError(err, os.strerror(err))
+    size: int = fh.handle_bytes
+    handle_type: int = fh.handle_type
+    return handle_type.to_bytes(4, "little", signed=True) + bytes(fh.f_handle[:size])
+
+
+def open_by_handle(
+    mount_fd: int, handle: bytes, flags: int = os.O_PATH | os.O_NOFOLLOW
+) -> int:
+    """Open the object a :func:`handle_of` value names (as an O_PATH fd by
+    default); *mount_fd* is any fd on its filesystem that is not O_PATH.
+
+    Raises ``OSError(ESTALE)`` when the object no longer exists."""
+    fh = _FileHandleStruct()
+    body = handle[4:]
+    fh.handle_type = int.from_bytes(handle[:4], "little", signed=True)
+    fh.handle_bytes = len(body)
+    ctypes.memmove(fh.f_handle, body, len(body))
+    fd = _libc.open_by_handle_at(
+        mount_fd, ctypes.byref(fh), flags | os.O_CLOEXEC
+    )
+    if fd < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+    return int(fd)
+
+
+def path_fd_cap(nofile: int) -> int:
+    """How many evictable O_PATH fds a mount keeps open at an fd limit of
+    *nofile*: a quarter, so that open files, a relocation's pool, the state
+    directory and the control socket have the rest."""
+    return max(16, min(nofile // 4, 1 << 16))
+
+
+class PathRef:
+    """One object's O_PATH fd (``fd``, -1 while evicted) and file handle.
+
+    ``pins`` counts users that need the fd to stay open (an open file, an
+    unlinked object whose handle would be stale, a request in progress); a
+    pinned or handle-less ref is never evicted."""
+
+    __slots__ = ("dev", "fd", "handle", "pins")
+
+    def __init__(self, fd: int, dev: int, handle: bytes | None) -> None:
+        self.fd = fd
+        self.dev = dev
+        self.handle = handle
+        self.pins = 0
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class PathTableStatistics:
+    refs: int
+    open_fds: int
+    evictable: int
+    cap: int
+    reopens: int
+    evictions: int
+    without_handle: int
+
+
+class PathTable:
+    """A bounded LRU of O_PATH fds, reopened by file handle on demand.
+
+    Only evictable refs (open, unpinned, with a handle) are in the LRU, and
+    at most ``cap`` of them stay open. A request takes its fds through
+    :meth:`fd` inside :meth:`scope`: what it touched stays pinned until it
+    ends, across its awaits too, so no fd it holds as a number is closed
+    under it (and its number reused by another open). Outside a scope an fd
+    may be used until the next call into the table.
+    """
+
+    def __init__(self, cap: int) -> None:
+        self.cap = cap
+        self._lru: dict[PathRef, None] = {}  # insertion order = least recent first
+        self._mount_fds: dict[int, int] = {}
+        self._no_handles: set[int] = set()
+        self._scope: contextvars.ContextVar[list[PathRef] | None] = contextvars.ContextVar(
+            "fusedisk_path_scope", default=None)
+        self.refs = 0
+        self.open_fds = 0
+        self.reopens = 0
+        self.evictions = 0
+        self.without_handle = 0
+
+    def add_filesystem(self, dev: int, root_fd: int) -> None:
+        """Register the directory *root_fd* (a store root, O_PATH) as the way into
+        filesystem *dev*. ``open_by_handle_at`` refuses an O_PATH mount fd, so
+        the table holds a plain one, until :meth:`close`."""
+        if dev not in self._mount_fds:
+            self._mount_fds[dev] = reopen(root_fd, os.O_RDONLY | os.O_DIRECTORY)
+
+    def close(self) -> None:
+        """Close the filesystems' fds (after every ref was dropped)."""
+        for fd in self._mount_fds.values():
+            close(fd)
+        self._mount_fds.clear()
+
+    def add(self, fd: int, dev: int) -> PathRef:
+        """Take over the O_PATH *fd* of an object on filesystem *dev*."""
+        handle = handle_of(fd) if dev in self._mount_fds else None
+        if handle is None:
+            self.without_handle += 1
+            if dev not in self._no_handles:
+                self._no_handles.add(dev)
+                log.warning("the filesystem of device %d:%d has no file handles: every "
+                            "object the kernel remembers there keeps an open descriptor",
+                            os.major(dev), os.minor(dev))
+        ref = PathRef(fd, dev, handle)
+        self.refs += 1
+        self.open_fds += 1
+        self._touch(ref)
+        self._pin_in_scope(ref)
+        self._evict()
+        return ref
+
+    def fd(self, ref: PathRef) -> int:
+        """The open fd of *ref*, reopened by handle if it was evicted."""
+        if ref.fd < 0:
+            assert ref.handle is not None
+            ref.fd = open_by_handle(self._mount_fds[ref.dev], ref.handle)
+            self.open_fds += 1
+            self.reopens += 1
+            self._touch(ref)
+            self._pin_in_scope(ref)
+            self._evict()
+        else:
+            self._touch(ref)
+            self._pin_in_scope(ref)
+        return ref.fd
+
+    def replace(self, ref: PathRef, fd: int, dev: int) -> None:
+        """Point *ref* at another object (a relocation's re-point); takes over *fd*."""
+        old = ref.fd
+        ref.fd, ref.dev = fd, dev
+        ref.handle = handle_of(fd) if dev in self._mount_fds else None
+        if old >= 0:
+            close(old)
+        else:
+            self.open_fds += 1
+        self._lru.pop(ref, None)
+        self._touch(ref)
+        self._evict()
+
+    def drop(self, ref: PathRef) -> None:
+        """The object is forgotten: close its fd."""
+        self._lru.pop(ref, None)
+        self.refs -= 1
+        if ref.fd >= 0:
+            close(ref.fd)
+            ref.fd = -1
+            self.open_fds -= 1
+
+    def pin(self, ref: PathRef) -> None:
+        """Keep *ref* open until :meth:`unpin` (reopening it first if needed)."""
+        self.fd(ref)
+        ref.pins += 1
+        self._lru.pop(ref, None)
+
+    def unpin(self, ref: PathRef) -> None:
+        ref.pins -= 1
+        if ref.pins == 0 and ref.fd >= 0:
+            self._touch(ref)
+            self._evict()
+
+    @contextlib.contextmanager
+    def scope(self) -> Iterator[None]:
+        """Pin every ref a request touches until it ends (see the class doc)."""
+        pinned: list[PathRef] = []
+        token = self._scope.set(pinned)
+        try:
+            yield
+        finally:
+            self._scope.reset(token)
+            for ref in pinned:
+                ref.pins -= 1
+                if ref.pins == 0 and ref.fd >= 0:
+                    self._touch(ref)
+            self._evict()
+
+    def statistics(self) -> PathTableStatistics:
+        return PathTableStatistics(
+            refs=self.refs, open_fds=self.open_fds, evictable=len(self._lru), cap=self.cap,
+            reopens=self.reopens, evictions=self.evictions,
+            without_handle=self.without_handle,
+        )
+
+    def _touch(self, ref: PathRef) -> None:
+        if ref.pins == 0 and ref.handle is not None and ref.fd >= 0:
+            self._lru.pop(ref, None)
+            self._lru[ref] = None
+
+    def _pin_in_scope(self, ref: PathRef) -> None:
+        pinned = self._scope.get()
+        if pinned is not None and (not pinned or pinned[-1] is not ref):
+            pinned.append(ref)
+            ref.pins += 1
+            self._lru.pop(ref, None)
+
+    def _evict(self) -> None:
+        while len(self._lru) > self.cap:
+            ref = next(iter(self._lru))
+            del self._lru[ref]
+            close(ref.fd)
+            ref.fd = -1
+            self.open_fds -= 1
+            self.evictions += 1

@@ -7,12 +7,14 @@ number from a private range when that would collide. The number stays with
 the :class:`Inode` for as long as the kernel knows it, whatever store holds
 the bytes later.
 
-Every known inode holds an ``O_PATH | O_NOFOLLOW`` handle on its backing
-object: names are resolved one component at a time with ``*at()`` calls
-relative to the parent's handle, never by joining strings, so no request can
-leave the store that holds its entry. Holding the handle also keeps the
-backing inode number from being reused while the kernel remembers it, and
-keeps an unlinked-but-open file usable.
+Every known inode reaches its backing object through an ``O_PATH |
+O_NOFOLLOW`` handle: names are resolved one component at a time with
+``*at()`` calls relative to the parent's handle, never by joining strings,
+so no request can leave the store that holds its entry. The handles live in
+a bounded LRU (:class:`backing.PathTable`): an evicted one is reopened by
+file handle, which names the inode, so renames do not matter. An open file,
+and an object whose last name went while the kernel remembers it, keep
+theirs open (an unlinked object's file handle is stale).
 
 The mount root is virtual: its children are the datastore's entries, each
 on its own store. Hard links and renames across entries get ``EXDEV`` (an
@@ -31,6 +33,7 @@ import errno
 import functools
 import logging
 import os
+import resource
 import secrets
 import stat
 import time
@@ -42,7 +45,7 @@ import trio
 from pyfuse3 import FUSEError
 
 from . import backing, fuseshim
-from .backing import keep_identity, kept_identity
+from .backing import PathRef, PathTable, keep_identity, kept_identity
 from .datastore import Datastore, Entry, Journal, native_ino
 from .vdisk import OpenFiles, Resolver, VFile
 
@@ -71,10 +74,13 @@ def _errno_edge(
 
     @functools.wraps(fn)
     async def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> _R:
-        try:
-            return await fn(*args, **kwargs)
-        except OSError as e:
-            raise FUSEError(e.errno or errno.EIO) from None
+        ops = args[0]
+        assert isinstance(ops, Operations)
+        with ops.paths.scope():  # the O_PATH fds the request uses stay open until it ends
+            try:
+                return await fn(*args, **kwargs)
+            except OSError as e:
+                raise FUSEError(e.errno or errno.EIO) from None
 
     return wrapper
 
@@ -164,20 +170,27 @@ class Inode:
 
     __slots__ = (
         "cache_stale", "direct_handles", "entry", "file_type", "handles", "ino", "is_entry_root",
-        "kept_ctime_ns", "key", "killpriv", "lookups", "no_caps", "path_fd", "vfile",
+        "kept_ctime_ns", "key", "killpriv", "lookups", "no_caps", "paths", "ref", "sticky",
+        "vfile",
     )
 
     def __init__(
         self,
         ino: int,
-        path_fd: int,
+        paths: PathTable | None,
+        ref: PathRef | None,
         key: tuple[int, int],
         file_type: int,
         entry: Entry | None,
         is_entry_root: bool,
     ) -> None:
         self.ino = ino
-        self.path_fd = path_fd
+        #: the object's O_PATH fd lives in *paths* (bounded, reopened by handle);
+        #: None for the virtual root
+        self.paths = paths
+        self.ref = ref
+        #: pinned open because its last name went (its handle would be stale)
+        self.sticky = False
         self.key = key
         #: ``S_IFMT`` bits; an object never changes its type.
         self.file_type = file_type
@@ -203,6 +216,14 @@ class Inode:
         #: the ctime the object had before a relocation moved it, shown until
         #: the mount changes it (:meth:`Operations._changing`); None: the backing one
         self.kept_ctime_ns: int | None = None
+
+    @property
+    def path_fd(self) -> int:
+        """The O_PATH fd of the backing object (see :class:`backing.PathTable`:
+        inside a request it stays open until the request ends)."""
+        if self.ref is None or self.paths is None:
+            return -1
+        return self.paths.fd(self.ref)
 
 
 def _sync_mode(flags: int) -> int:
@@ -244,11 +265,20 @@ class Operations(pyfuse3.Operations):
     supports_dot_lookup = False
     enable_writeback_cache = False  # would acknowledge writes the daemon never saw
 
-    def __init__(self, datastore: Datastore, files: OpenFiles) -> None:
+    def __init__(
+        self, datastore: Datastore, files: OpenFiles, paths: PathTable | None = None
+    ) -> None:
         super().__init__()
         self.datastore = datastore
         self.files = files
-        self._root = Inode(ROOT_INODE, -1, (-1, -1), stat.S_IFDIR, None, False)
+        if paths is None:
+            nofile = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+            paths = PathTable(backing.path_fd_cap(nofile))
+        #: the O_PATH fds of every inode but the root: bounded, reopened by handle
+        self.paths = paths
+        for store in datastore.stores.values():
+            paths.add_filesystem(backing.fstat(store.root_fd).st_dev, store.root_fd)
+        self._root = Inode(ROOT_INODE, None, None, (-1, -1), stat.S_IFDIR, None, False)
         self._root.lookups = 1
         self._inodes: dict[int, Inode] = {ROOT_INODE: self._root}
         self._by_key: dict[tuple[int, int], Inode] = {}
@@ -308,7 +338,8 @@ class Operations(pyfuse3.Operations):
                                 "change when the kernel forgets it", ino, entry.name,
                                 e.strerror or e)
                     kept_ctime_ns = None
-        inode = Inode(ino, path_fd, key, stat.S_IFMT(st.st_mode), entry, is_entry_root)
+        ref = self.paths.add(path_fd, st.st_dev)
+        inode = Inode(ino, self.paths, ref, key, stat.S_IFMT(st.st_mode), entry, is_entry_root)
         inode.kept_ctime_ns = kept_ctime_ns
         self._inodes[ino] = inode
         self._by_key[key] = inode
@@ -316,10 +347,12 @@ class Operations(pyfuse3.Operations):
 
     def _maybe_drop(self, inode: Inode) -> None:
         if inode.lookups <= 0 and inode.handles == 0 and inode is not self._root:
+            inode.sticky = False  # drop closes the fd, pinned or not
             del self._inodes[inode.ino]
             if self._by_key.get(inode.key) is inode:
                 del self._by_key[inode.key]
-            backing.close(inode.path_fd)
+            assert inode.ref is not None
+            self.paths.drop(inode.ref)
 
     def _attr(self, inode: Inode, st: os.stat_result) -> pyfuse3.EntryAttributes:
         attr = pyfuse3.EntryAttributes()
@@ -385,6 +418,30 @@ class Operations(pyfuse3.Operations):
                 keep_identity(path_fd, ino, None)
         finally:
             backing.close(path_fd)
+
+    def _pin_last_link(self, dir_fd: int, name: str) -> Inode | None:
+        """Before *name* is unlinked, rmdir'ed or renamed over: if it is the last
+        name of an object the kernel knows, pin that object's O_PATH fd, so it
+        stays reachable once its handle is stale (an unlinked file still
+        answers ``fstat``). Returns the inode pinned, for :meth:`_unpin_last_link`
+        should the operation fail."""
+        try:
+            st = backing.lstat_at(dir_fd, name)
+        except OSError:
+            return None  # the operation itself reports it
+        known = self._by_key.get((st.st_dev, st.st_ino))
+        if known is None or known.sticky or known.ref is None:
+            return None
+        if not stat.S_ISDIR(st.st_mode) and st.st_nlink > 1:
+            return None
+        self.paths.pin(known.ref)
+        known.sticky = True
+        return known
+
+    def _unpin_last_link(self, inode: Inode | None) -> None:
+        if inode is not None and inode.sticky and inode.ref is not None:
+            inode.sticky = False
+            self.paths.unpin(inode.ref)
 
     def _root_attr(self) -> pyfuse3.EntryAttributes:
         attr = pyfuse3.EntryAttributes()
@@ -695,11 +752,16 @@ class Operations(pyfuse3.Operations):
         if parent is not self._root:
             self._changing(parent)
             self._changing_at(dir_fd, sname, entry)  # its nlink changes (another name may stay)
-        if is_dir:
-            os.rmdir(sname, dir_fd=dir_fd)
-        else:
-            doomed = self.files.last_link_history(dir_fd, sname)
-            os.unlink(sname, dir_fd=dir_fd)
+        pinned = self._pin_last_link(dir_fd, sname)
+        try:
+            if is_dir:
+                os.rmdir(sname, dir_fd=dir_fd)
+            else:
+                doomed = self.files.last_link_history(dir_fd, sname)
+                os.unlink(sname, dir_fd=dir_fd)
+        except BaseException:
+            self._unpin_last_link(pinned)
+            raise
         if parent is self._root:
             await self.datastore.removed(sname)
             self._root_time_ns = time.time_ns()
@@ -751,10 +813,15 @@ class Operations(pyfuse3.Operations):
             self._changing(new_parent)
             self._changing_at(old_dir_fd, old_name, old_entry)
             self._changing_at(new_dir_fd, new_name, old_entry)
-        doomed = None
+        doomed = pinned = None
         if not flags & pyfuse3.RENAME_EXCHANGE:
             doomed = self.files.last_link_history(new_dir_fd, new_name)
-        backing.renameat2(old_dir_fd, old_name, new_dir_fd, new_name, flags)
+            pinned = self._pin_last_link(new_dir_fd, new_name)
+        try:
+            backing.renameat2(old_dir_fd, old_name, new_dir_fd, new_name, flags)
+        except BaseException:
+            self._unpin_last_link(pinned)
+            raise
         if at_root:
             await self.datastore.renamed(
                 old_name, new_name, exchange=bool(flags & pyfuse3.RENAME_EXCHANGE)
@@ -768,8 +835,9 @@ class Operations(pyfuse3.Operations):
     def _open_handle(self, inode: Inode, direct: bool, flags: int, fresh: bool = False) -> int:
         """Register a new open of *inode* (*fresh*: just created); return its FUSE file handle."""
         if inode.vfile is None:
-            assert inode.entry is not None
+            assert inode.entry is not None and inode.ref is not None
             inode.vfile = self.files.open(inode.path_fd, inode.key, inode.entry.gate, fresh)
+            self.paths.pin(inode.ref)  # an open file keeps its O_PATH fd (unlinked, too)
             if inode.vfile.tracker is not None and inode.kept_ctime_ns is None and not fresh:
                 # a new CBT id moved the backing ctime and kept the old one (cbt.py)
                 inode.kept_ctime_ns = kept_identity(inode.path_fd)[1]
@@ -796,6 +864,8 @@ class Operations(pyfuse3.Operations):
         if inode.handles == 0 and vfile is not None:
             inode.vfile = None
             self.files.release(vfile)
+            assert inode.ref is not None
+            self.paths.unpin(inode.ref)
             self._maybe_drop(inode)
 
     async def _truncate_on_open(self, inode: Inode, fh: int) -> None:
@@ -1065,7 +1135,8 @@ class Operations(pyfuse3.Operations):
             raise FUSEError(pyfuse3.ENOATTR)  # the hot case: one per buffered write
         try:
             node = self._xattr_target(inode, name)
-            return backing.getxattr(node.path_fd, os.fsdecode(name))
+            with self.paths.scope():
+                return backing.getxattr(node.path_fd, os.fsdecode(name))
         except OSError as e:
             if e.errno == pyfuse3.ENOATTR and name == _CAPS_XATTR:
                 self._inodes[inode].no_caps = True
@@ -1107,17 +1178,20 @@ class Operations(pyfuse3.Operations):
             path_fd, st = found
             if self._by_key.get(inode.key) is inode:
                 del self._by_key[inode.key]
-            old_fd, inode.path_fd = inode.path_fd, path_fd
-            inode.key = (st.st_dev, st.st_ino)
+            assert inode.ref is not None
             inode.kept_ctime_ns = kept_identity(path_fd)[1]
+            self.paths.replace(inode.ref, path_fd, st.st_dev)
+            inode.key = (st.st_dev, st.st_ino)
             self._by_key[inode.key] = inode
-            backing.close(old_fd)
         self.files.repoint(resolve)
 
     # -- introspection ----------------------------------------------------------------------
 
     def statistics(self) -> dict[str, Any]:
-        return {"inodes": len(self._inodes), **self.files.statistics()}
+        paths = self.paths.statistics()
+        return {"inodes": len(self._inodes), "path_fds": paths.open_fds,
+                "path_fd_cap": paths.cap, "path_reopens": paths.reopens,
+                **self.files.statistics()}
 
     def close(self) -> None:
         """Close every backing handle (after the session ended)."""
@@ -1125,7 +1199,8 @@ class Operations(pyfuse3.Operations):
         self._handles.clear()
         self.files.close_all()
         for inode in self._inodes.values():
-            if inode is not self._root:
-                backing.close(inode.path_fd)
+            if inode.ref is not None:
+                self.paths.drop(inode.ref)
         self._inodes = {ROOT_INODE: self._root}
         self._by_key.clear()
+        self.paths.close()

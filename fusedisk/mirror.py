@@ -18,6 +18,13 @@ thread is the range lock.
 When mirroring is on, ``VFile.mirror_fd`` points at the pool file: guest
 writes land on both stores and no longer mark the consumer, so the dirty set
 only shrinks and the next pass converges.
+
+Descriptors do not grow with the entry's file count: a copy that nobody
+else has open and that is not being copied is *parked* (its source and pool
+descriptors closed, its bitmaps kept, both files remembered by file handle).
+Nothing can write a parked file without opening it, and :class:`OpenFiles`
+calls the copier on every first open of a file it copies, before the opener
+can write: the copy is then attached again (consumer, mirror) first.
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ import stat
 import time
 import weakref
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import trio
 
@@ -60,15 +68,25 @@ class FileCopy:
     """One source regular file and its pool file on the destination."""
 
     __slots__ = (
-        "__weakref__", "copied", "dirty", "dst_fd", "key", "pool_name", "restamp", "unflushed",
-        "vfile",
+        "__weakref__", "copied", "detached", "dirty", "dst_fd", "dst_handle", "key",
+        "pool_key", "pool_name", "restamp", "size", "src_handle", "unflushed", "vfile",
     )
 
     def __init__(self, vfile: VFile, dst_fd: int, pool_name: str) -> None:
-        self.vfile = vfile
+        #: the source, shared with its other users; None while parked
+        self.vfile: VFile | None = vfile
         self.key = vfile.key
+        #: the pool file, read-write; -1 while parked
         self.dst_fd = dst_fd
         self.pool_name = pool_name
+        #: file handles of source and pool file (None: no handles, never parked)
+        self.src_handle: bytes | None = None
+        self.dst_handle: bytes | None = None
+        self.pool_key = (-1, -1)
+        #: the source's size when last seen (the order of a pass while parked)
+        self.size = 0
+        #: the copy ended (dropped or detached): its history alias goes
+        self.detached = False
         #: blocks to copy (the consumer bitmap attached to the VFile)
         self.dirty = Bitmap()
         #: blocks the pool file holds data for (so a block that became zeros
@@ -85,9 +103,13 @@ class FileCopy:
 
         def attached() -> bool:
             copy = ref()
-            return copy is not None and any(b is copy.dirty for b in copy.vfile.consumers)
+            return copy is not None and not copy.detached
 
         return attached
+
+    @property
+    def parked(self) -> bool:
+        return self.vfile is None
 
 
 def walk(
@@ -121,10 +143,26 @@ def children(dir_fd: int) -> Iterator[tuple[str, int, os.stat_result]]:
 class Copier:
     """Copies the files of one entry into a pool directory; see the module doc."""
 
-    def __init__(self, files: OpenFiles, gate: Gate, pool_fd: int, block_size: int) -> None:
+    def __init__(
+        self, files: OpenFiles, gate: Gate, pool_fd: int, block_size: int,
+        src_root_fd: int | None = None,
+    ) -> None:
         self.files = files
         self.gate = gate
         self.pool_fd = pool_fd
+        # open_by_handle_at wants a plain (not O_PATH) fd on each filesystem
+        self._dst_mount_fd = backing.reopen(pool_fd, os.O_RDONLY | os.O_DIRECTORY)
+        self._src_mount_fd = (
+            -1 if src_root_fd is None
+            else backing.reopen(src_root_fd, os.O_RDONLY | os.O_DIRECTORY)
+        )
+        self._handles_warned = False
+        #: copies whose descriptors are in use (a pass copying one, across its
+        #: awaits; :meth:`using`): never parked meanwhile
+        self._busy: set[FileCopy] = set()
+        #: copies parked and attached again, for statistics
+        self.parks = 0
+        self.unparks = 0
         self.block_size = block_size
         self._shift = block_size.bit_length() - 1
         self.copies: dict[tuple[int, int], FileCopy] = {}
@@ -182,17 +220,132 @@ class Copier:
         # The commit makes the pool file the file: its CBT history must be found
         # under the pool file's key after a crash (saved before the commit).
         pool = backing.fstat(dst_fd)
-        self.files.keep_history(vfile, (pool.st_dev, pool.st_ino), copy.alive_test())
+        copy.pool_key = (pool.st_dev, pool.st_ino)
+        self.files.keep_history(vfile, copy.pool_key, copy.alive_test())
+        if self._src_mount_fd >= 0:
+            copy.src_handle = backing.handle_of(path_fd)
+            copy.dst_handle = backing.handle_of(dst_fd)
+            if (copy.src_handle is None or copy.dst_handle is None) and not self._handles_warned:
+                self._handles_warned = True
+                log.warning("a store has no file handles: the relocation keeps every file "
+                            "it copies open")
+        self.files.watch(key, self._on_first_open, self._on_one_left)
+        self.park(copy)
         return copy
+
+    # -- parking: closed while idle -------------------------------------------------------
+
+    def park(self, copy: FileCopy) -> bool:
+        """Close the descriptors of a copy that nobody else uses; True if parked.
+
+        Not parked: one another user has open (a guest may write it), one a
+        pass is copying, a failed mirror (kept for :meth:`mirror_error`), a
+        store without handles. A written file whose size and times the staging
+        has yet to see (``touched``) keeps that as ``restamp``: the same sync.
+        """
+        vfile = copy.vfile
+        if (vfile is None or vfile.opens != 1 or vfile.mirror_error
+                or copy.src_handle is None or copy.dst_handle is None
+                or copy in self._busy):
+            return False
+        if vfile.touched:
+            copy.restamp = True
+        copy.size = vfile.size()
+        self._release(copy)
+        copy.vfile, copy.dst_fd = None, -1
+        self.parks += 1
+        return True
+
+    def _on_first_open(self, vfile: VFile) -> None:
+        """A file this copier copies got its first user (OpenFiles.watch): attach
+        the parked copy to it before that user can write. Sync."""
+        copy = self.copies.get(vfile.key)
+        if copy is None or copy.vfile is not None:
+            return
+        assert copy.dst_handle is not None
+        dst_fd = backing.open_by_handle(self._dst_mount_fd, copy.dst_handle, os.O_RDWR)
+        vfile.opens += 1  # the copier's own use, until it parks it again
+        copy.vfile, copy.dst_fd = vfile, dst_fd
+        vfile.consumers.append(copy.dirty)
+        if self.mirroring:
+            vfile.mirror_fd = dst_fd
+        self.files.keep_history(vfile, copy.pool_key, copy.alive_test())
+        self.unparks += 1
+
+    def _on_one_left(self, vfile: VFile) -> None:
+        """The other users of a copied file went (OpenFiles.watch): if the one
+        left is this copier, park it now rather than at the next pass."""
+        copy = self.copies.get(vfile.key)
+        if copy is not None and copy.vfile is vfile:
+            self.park(copy)
+
+    def unpark(self, copy: FileCopy) -> VFile:
+        """Open a parked copy again (by handle); return its source VFile.
+
+        Raises ``OSError`` (ESTALE) when the source is gone."""
+        if copy.vfile is not None:
+            return copy.vfile
+        assert copy.src_handle is not None
+        path_fd = backing.open_by_handle(self._src_mount_fd, copy.src_handle)
+        try:
+            vfile = self.files.open(path_fd, copy.key, self.gate)  # attaches (above)
+        finally:
+            backing.close(path_fd)
+        self._busy.add(copy)  # the release below leaves one: not a reason to park
+        try:
+            self.files.release(vfile)  # the copier keeps the open _on_first_open took
+        finally:
+            self._busy.discard(copy)
+        if copy.vfile is not vfile:  # someone had it open all along: never while parked
+            raise AssertionError("a parked copy's file was open")
+        return vfile
+
+    @contextmanager
+    def using(self, copy: FileCopy) -> Iterator[VFile]:
+        """The copy's source VFile (and ``dst_fd``) for a while; parked again after
+        if it was parked before."""
+        was_parked = copy.parked
+        vfile = self.unpark(copy)
+        busy = copy not in self._busy
+        self._busy.add(copy)
+        try:
+            yield vfile
+        finally:
+            if busy:
+                self._busy.discard(copy)
+            if was_parked and copy.key in self.copies:
+                self.park(copy)
+
+    def pool_opener(self, copy: FileCopy) -> Callable[[], int]:
+        """What opens a new descriptor of the copy's pool file, on any thread,
+        even if the copy is parked meanwhile (each call's result is the
+        caller's to close; call it once)."""
+        if copy.dst_fd >= 0:
+            fd = os.dup(copy.dst_fd)
+            return lambda: fd
+        assert copy.dst_handle is not None
+        mount_fd, handle = self._dst_mount_fd, copy.dst_handle
+        return lambda: backing.open_by_handle(mount_fd, handle, os.O_RDWR)
+
+    def open_pool(self, copy: FileCopy) -> int:
+        """A new read-write descriptor of the copy's pool file; the caller closes it."""
+        if copy.dst_fd >= 0:
+            return os.dup(copy.dst_fd)
+        assert copy.dst_handle is not None
+        return backing.open_by_handle(self._dst_mount_fd, copy.dst_handle, os.O_RDWR)
 
     def drop(self, key: tuple[int, int]) -> None:
         """Stop copying a file whose source is gone (no link left)."""
         copy = self.copies.pop(key, None)
         if copy is not None:
-            self._release(copy)
+            self.files.unwatch(key)
+            copy.detached = True
+            if not copy.parked:
+                self._release(copy)
 
     def _release(self, copy: FileCopy, later: list[int] | None = None) -> None:
         vfile = copy.vfile
+        assert vfile is not None
         vfile.mirror_fd = None
         vfile.mirror_error = None
         for i, bits in enumerate(vfile.consumers):
@@ -207,21 +360,23 @@ class Copier:
 
     def fit(self, copy: FileCopy) -> None:
         """Give the pool file its source's size now (a shorter source cuts it)."""
-        size = copy.vfile.size()
-        if backing.fstat(copy.dst_fd).st_size > size:
-            self._cut_pool(copy, size)
-        else:
-            backing.ftruncate(copy.dst_fd, size)
+        with self.using(copy) as vfile:
+            size = vfile.size()
+            if backing.fstat(copy.dst_fd).st_size > size:
+                self._cut_pool(copy, size)
+            else:
+                backing.ftruncate(copy.dst_fd, size)
 
     def start_mirroring(self) -> None:
         """From now on every guest write lands on both stores before it is acknowledged."""
         self.mirroring = True
         for copy in self.copies.values():
-            copy.vfile.mirror_fd = copy.dst_fd
+            if copy.vfile is not None:  # a parked one mirrors once it is opened
+                copy.vfile.mirror_fd = copy.dst_fd
 
     def mirror_error(self) -> OSError | None:
         for copy in self.copies.values():
-            if copy.vfile.mirror_error is not None:
+            if copy.vfile is not None and copy.vfile.mirror_error is not None:
                 return copy.vfile.mirror_error
         return None
 
@@ -230,9 +385,16 @@ class Copier:
         files' descriptors, for the caller to close (outside a pause)."""
         later: list[int] = []
         for copy in self.copies.values():
-            self._release(copy, later)
+            self.files.unwatch(copy.key)
+            copy.detached = True
+            if not copy.parked:
+                self._release(copy, later)
         self.copies.clear()
         self.mirroring = False
+        for fd in (self._dst_mount_fd, self._src_mount_fd):
+            if fd >= 0:
+                later.append(fd)
+        self._dst_mount_fd = self._src_mount_fd = -1
         return later
 
     # -- copying --------------------------------------------------------------------
@@ -248,9 +410,22 @@ class Copier:
         the next pass.
         """
         dirty = [c for c in self.copies.values() if c.dirty.count]
-        for copy in sorted(dirty, key=lambda c: c.vfile.size()):
-            if copy.key in self.copies:  # not detached meanwhile
+        for copy in sorted(dirty, key=lambda c: c.size if c.vfile is None else c.vfile.size()):
+            if copy.key not in self.copies:  # detached meanwhile
+                continue
+            try:
+                self.unpark(copy)
+            except OSError as e:
+                if e.errno not in (errno.ESTALE, errno.ENOENT):
+                    raise
+                continue  # gone, with no link and nobody holding it: staging drops it
+            self._busy.add(copy)
+            try:
                 await self._copy_file(copy, throttle)
+            finally:
+                self._busy.discard(copy)
+            if throttle and copy.key in self.copies:  # not inside the pause
+                self.park(copy)
 
     async def _copy_file(self, copy: FileCopy, throttle: bool) -> None:
         activity = self.files.activity
@@ -289,6 +464,7 @@ class Copier:
 
     def _copy_run(self, copy: FileCopy, offset: int, length: int) -> int:
         """Copy one run from source to pool file; holes and zeros stay unallocated."""
+        assert copy.vfile is not None
         data = backing.pread(copy.vfile.fd, length, offset)
         if len(data) < length:
             # The source ends inside this run (it shrank since the run was
@@ -327,6 +503,7 @@ class Copier:
         a copy step (the hole is what the source is now).
         """
         offset = blockno << self._shift
+        assert copy.vfile is not None
         try:
             hole_end = os.lseek(copy.vfile.fd, offset, os.SEEK_DATA)
         except OSError as e:

@@ -215,7 +215,8 @@ class Relocation:
         self._staging_fd = backing.open_path(dst.root_fd, staging)
         os.mkdir("pool", 0o700, dir_fd=self._staging_fd)
         self._pool_fd = backing.open_path(self._staging_fd, "pool")
-        copier = self.copier = Copier(self.files, entry.gate, self._pool_fd, self.block_size)
+        copier = self.copier = Copier(self.files, entry.gate, self._pool_fd, self.block_size,
+                                      entry.store.root_fd)
         copier.rate_limit = self._rate_limit
         # from here on the mount notes what it changes in the entry: the first
         # build sees all that came before, a sync all that came after

@@ -42,7 +42,7 @@ import errno
 import logging
 import os
 import stat
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import trio
@@ -389,17 +389,21 @@ class StagedTree:
                 continue
             copy = self.copier.copies.get(key)
             if copy is not None:
-                copy.vfile.touched = copy.restamp = False
-                self.copier.fit(copy)
-            self._copy_attributes(key, src_fd, st)
+                with self.copier.using(copy) as vfile:
+                    vfile.touched = copy.restamp = False
+                    self.copier.fit(copy)
+                    self._copy_attributes(key, src_fd, st)
+            else:
+                self._copy_attributes(key, src_fd, st)
             done += 1
         for copy in self._written():
-            copy.vfile.touched = copy.restamp = False
-            st = backing.fstat(copy.vfile.fd)
-            if st.st_nlink == 0:
-                continue
-            self.copier.fit(copy)
-            self._copy_attributes(copy.key, copy.vfile.fd, st)
+            with self.copier.using(copy) as vfile:
+                vfile.touched = copy.restamp = False
+                st = backing.fstat(vfile.fd)
+                if st.st_nlink == 0:
+                    continue
+                self.copier.fit(copy)
+                self._copy_attributes(copy.key, vfile.fd, st)
             done += 1
         return done
 
@@ -409,12 +413,17 @@ class StagedTree:
 
     def _written(self) -> Iterator[FileCopy]:
         for copy in list(self.copier.copies.values()):
-            if (copy.vfile.touched or copy.restamp) and self.in_tree(copy.key) is not None:
+            touched = copy.vfile is not None and copy.vfile.touched
+            if (touched or copy.restamp) and self.in_tree(copy.key) is not None:
                 yield copy
 
     def _copy_attributes(self, key: Key, src_fd: int, st: os.stat_result) -> None:
         copy = self.copier.copies.get(key) if stat.S_ISREG(st.st_mode) else None
-        dst_fd = copy.dst_fd if copy is not None else self._open(key)
+        own = copy is not None and copy.dst_fd >= 0
+        if copy is None:
+            dst_fd = self._open(key)
+        else:
+            dst_fd = copy.dst_fd if own else self.copier.open_pool(copy)
         try:
             backing.sync_attributes(src_fd, dst_fd, st)
             keep_identity_of(src_fd, dst_fd, st, self.src_store_id)
@@ -422,7 +431,7 @@ class StagedTree:
                 dst = backing.fstat(dst_fd)
                 self._dst_key[key] = (dst.st_dev, dst.st_ino)
         finally:
-            if copy is None:
+            if not own:
                 backing.close(dst_fd)
         self._unsynced.add(key)
 
@@ -440,32 +449,39 @@ class StagedTree:
 
     async def flush(self) -> int:
         """fsync what changed since the last flush (on a worker thread); return how many."""
-        files: list[int] = []
+        # A descriptor each at once would grow with the entry: pool files are
+        # opened in turn on the worker thread (by their open copy or by file
+        # handle, which no rename changes), directories in batches here.
+        files: list[Callable[[], int]] = []
         for key in self._unsynced:
             copy = self.copier.copies.get(key)
             if copy is not None:
-                files.append(copy.dst_fd)
+                files.append(self.copier.pool_opener(copy))
                 copy.unflushed = 0
         for copy in self.copier.copies.values():
             if copy.unflushed and copy.key not in self._unsynced:
-                files.append(copy.dst_fd)  # data only: the attributes were synced before
+                # data only: the attributes were synced before
+                files.append(self.copier.pool_opener(copy))
                 copy.unflushed = 0
-        dirs: list[int] = []
-        try:
-            for key in self._unsynced_dirs:
-                if key == _TOP:
-                    dirs.append(os.dup(self.staging_fd))
-                elif key == _LIMBO:
-                    dirs.append(os.dup(self._limbo_fd))
-                elif key in self._place:
-                    dirs.append(self._open(key))
-            self._unsynced.clear()
-            self._unsynced_dirs.clear()
-            await backing.run_blocking(_fsync_all, files, dirs)
-        finally:
-            for fd in dirs:
-                backing.close(fd)
-        return len(files) + len(dirs)
+        dir_keys = list(self._unsynced_dirs)
+        self._unsynced.clear()
+        self._unsynced_dirs.clear()
+        await backing.run_blocking(_fsync_files, files)
+        for start in range(0, len(dir_keys), _FLUSH_DIRS):
+            dirs: list[int] = []
+            try:
+                for key in dir_keys[start:start + _FLUSH_DIRS]:
+                    if key == _TOP:
+                        dirs.append(os.dup(self.staging_fd))
+                    elif key == _LIMBO:
+                        dirs.append(os.dup(self._limbo_fd))
+                    elif key in self._place:
+                        dirs.append(self._open(key))
+                await backing.run_blocking(_fsync_dirs, dirs)
+            finally:
+                for fd in dirs:
+                    backing.close(fd)
+        return len(files) + len(dir_keys)
 
     def close(self) -> None:
         for fd in self._retry.values():
@@ -481,6 +497,10 @@ class StagedTree:
             unsynced=len(self._unsynced) + len(self._unsynced_dirs), syncs=self.syncs,
             last_sync_objects=self.last_sync_objects,
         )
+
+
+#: staged directories a flush holds open at once
+_FLUSH_DIRS = 64
 
 
 def _listing(dir_fd: int) -> dict[str, Key] | None:
@@ -502,10 +522,28 @@ def _listing(dir_fd: int) -> dict[str, Key] | None:
     return out
 
 
-def _fsync_all(files: list[int], dirs: list[int]) -> None:
-    """fsync every file, then every directory (names after the objects they name)."""
-    for fd in files:
-        os.fsync(fd)
+def _fsync_files(files: list[Callable[[], int]]) -> None:
+    """fsync every file, each opened by its callable and closed after (before
+    the directories: names after the objects they name)."""
+    error: OSError | None = None
+    for opener in files:  # each opened is closed, even after an error
+        try:
+            fd = opener()
+        except OSError as e:
+            error = error or e
+            continue
+        try:
+            if error is None:
+                os.fsync(fd)
+        except OSError as e:
+            error = e
+        finally:
+            backing.close(fd)
+    if error is not None:
+        raise error
+
+
+def _fsync_dirs(dirs: list[int]) -> None:
     for fd in dirs:
         try:
             backing.fsync_dir(fd)

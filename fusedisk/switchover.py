@@ -92,6 +92,11 @@ def explain(parts: dict[str, float]) -> str:
                      for what, ms in sorted(parts.items(), key=lambda p: -p[1]) if ms >= 0.05)
 
 
+#: directory handles a re-point keeps at once (its descriptors must not grow
+#: with the entry's size)
+_RESOLVER_DIRS = 64
+
+
 class _Resolver:
     """Finds the new self of a source object on the destination, by its old key.
 
@@ -107,6 +112,11 @@ class _Resolver:
     def _dir(self, parts: tuple[str, ...]) -> int:
         fd = self._dirs.get(parts)
         if fd is None:
+            if len(self._dirs) >= _RESOLVER_DIRS:  # bounded: start over from the root
+                for kept, dir_fd in list(self._dirs.items()):
+                    if kept:
+                        backing.close(dir_fd)
+                        del self._dirs[kept]
             fd = self._dirs[parts] = backing.open_path(self._dir(parts[:-1]), parts[-1])
         return fd
 

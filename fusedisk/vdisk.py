@@ -79,8 +79,8 @@ class VFile:
     """
 
     __slots__ = (
-        "activity", "block_shift", "closing", "consumers", "fd", "gate", "key", "mirror_error",
-        "mirror_fd", "opens", "stale", "touched", "tracker", "writable",
+        "activity", "block_shift", "closing", "consumers", "fd", "gate", "gone", "key",
+        "mirror_error", "mirror_fd", "opens", "stale", "touched", "tracker", "writable",
     )
 
     def __init__(
@@ -112,8 +112,11 @@ class VFile:
         #: relocation's staging last copied its attributes (staging.py)
         self.touched = False
         #: ``fd`` is the old backing file of a relocation that committed: no
-        #: user had the file open at the re-point, the next open reopens it
+        #: user had the file open at the re-point, the next open reopens it; or
+        #: ``fd`` is -1: the last user released it (its history may still be saving)
         self.stale = False
+        #: the file had no link left when its last user released it
+        self.gone = False
 
     def read(self, offset: int, length: int) -> bytes:
         self.activity.requests += 1
@@ -340,6 +343,24 @@ class OpenFiles:
         self._to_close, self._closing = trio.open_memory_channel[VFile](math.inf)
         #: files whose CBT history is to be saved with a relocation's alias
         self._to_keep, self._keeping = trio.open_memory_channel[VFile](math.inf)
+        #: called when a file of these keys gets its first user (a relocation's
+        #: copier, which closes the files it is not copying: mirror.py)
+        self._watchers: dict[tuple[int, int], Callable[[VFile], None]] = {}
+        self._idle_watchers: dict[tuple[int, int], Callable[[VFile], None]] = {}
+
+    def watch(
+        self, key: tuple[int, int], on_first_open: Callable[[VFile], None],
+        on_one_left: Callable[[VFile], None],
+    ) -> None:
+        """Call *on_first_open* (sync) whenever the file *key* gets its first
+        user, before that user can read or write it (it may raise: the open
+        then fails), and *on_one_left* (sync) whenever a release leaves one."""
+        self._watchers[key] = on_first_open
+        self._idle_watchers[key] = on_one_left
+
+    def unwatch(self, key: tuple[int, int]) -> None:
+        self._watchers.pop(key, None)
+        self._idle_watchers.pop(key, None)
 
     def open(self, path_fd: int, key: tuple[int, int], gate: Gate, fresh: bool = False) -> VFile:
         """Open (or share) the file behind an O_PATH handle (*fresh*: just
@@ -347,8 +368,9 @@ class OpenFiles:
         vfile = self._files.get(key)
         if vfile is not None and vfile.stale:
             fd, vfile.writable = backing.open_for_io(path_fd)
-            old_fd, vfile.fd, vfile.stale = vfile.fd, fd, False
-            backing.close(old_fd)
+            old_fd, vfile.fd, vfile.stale, vfile.gone = vfile.fd, fd, False, False
+            if old_fd >= 0:
+                backing.close(old_fd)
         if vfile is None:
             fd, writable = backing.open_for_io(path_fd)
             try:
@@ -362,13 +384,33 @@ class OpenFiles:
                 fd, key, writable, tracker, gate, self.block_size, self.activity
             )
         vfile.opens += 1
+        if vfile.opens == 1:
+            watcher = self._watchers.get(key)
+            if watcher is not None:
+                try:
+                    watcher(vfile)
+                except BaseException:
+                    self.release(vfile)
+                    raise
         return vfile
 
     def release(self, vfile: VFile) -> None:
         vfile.opens -= 1
-        if vfile.opens == 0 and not vfile.closing:
-            vfile.closing = 1
-            self._to_close.send_nowait(vfile)
+        if vfile.opens == 1:
+            one_left = self._idle_watchers.get(vfile.key)
+            if one_left is not None:
+                one_left(vfile)
+        elif vfile.opens == 0:
+            # A closed file holds no descriptor, even while its history saves
+            # (saves queue up behind each other: a `find | xargs cat` would
+            # otherwise pile up descriptors); a new open reopens it.
+            if vfile.fd >= 0:
+                vfile.gone = not vfile.stale and backing.fstat(vfile.fd).st_nlink == 0
+                backing.close(vfile.fd)
+                vfile.fd, vfile.stale = -1, True
+            if not vfile.closing:
+                vfile.closing = 1
+                self._to_close.send_nowait(vfile)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Close released files, and save the histories given to :meth:`keep_history`,
@@ -404,11 +446,10 @@ class OpenFiles:
                 del self._files[vfile.key]
                 # unlinked while open: now it is gone, and its history with it
                 # (a stale fd is the old self of a file that lives on elsewhere)
-                gone = (tracker is not None and not vfile.stale
-                        and backing.fstat(vfile.fd).st_nlink == 0)
-                backing.close(vfile.fd)
-                vfile.fd = -1
-                if tracker is not None and gone:
+                if vfile.fd >= 0:
+                    backing.close(vfile.fd)
+                    vfile.fd = -1
+                if tracker is not None and vfile.gone:
                     await self.forget_history((tracker.file_id, vfile.key))
 
     def last_link_history(self, dir_fd: int, name: str) -> tuple[str, tuple[int, int]] | None:
@@ -526,7 +567,8 @@ class OpenFiles:
                             "reports the logged regions as changed",
                             vfile.tracker and vfile.tracker.file_id, e.strerror or e)
             finally:
-                backing.close(vfile.fd)
+                if vfile.fd >= 0:
+                    backing.close(vfile.fd)
         self._files.clear()
 
     def statistics(self) -> dict[str, int]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import select
 import signal
 import subprocess
@@ -65,8 +66,11 @@ class MountedDatastore:
         stores: Sequence[str] = ("a", "b"),
         default_store: str = "a",
         extra_args: Sequence[str] = (),
+        nofile: int | None = None,
     ) -> None:
         self.root = root
+        #: the daemon's RLIMIT_NOFILE (soft and hard), None: inherited
+        self.nofile = nofile
         self.mnt = root / "mnt"
         self.state_dir = root / "state"
         self.stores = {name: root / "stores" / name for name in stores}
@@ -96,6 +100,7 @@ class MountedDatastore:
             self.proc = subprocess.Popen(
                 self.argv(write_end), stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                 pass_fds=(write_end,), env={**os.environ, **(env or {})},
+                preexec_fn=self._limit_fds if self.nofile is not None else None,
             )
         os.close(write_end)
         try:
@@ -107,6 +112,10 @@ class MountedDatastore:
             self.teardown()
             raise RuntimeError(f"daemon did not come up ({answer!r}); log:\n{self.log()}")
         return self
+
+    def _limit_fds(self) -> None:
+        assert self.nofile is not None
+        resource.setrlimit(resource.RLIMIT_NOFILE, (self.nofile, self.nofile))
 
     def stop(self) -> int:
         """Unmount cleanly the way an operator does; return the daemon's exit code."""

@@ -344,3 +344,17 @@ def test_switchover_scale_results_are_complete(quick_run: QuickRun) -> None:
         assert run["attempts"] >= 1, run
         assert {"drain", "names", "flush", "commit", "repoint"} <= set(run["steps"]), run
     assert data["targets"][0]["met"] in (True, False)
+
+
+@pytest.mark.mount
+@pytest.mark.timeout(TEST_TIMEOUT_S)
+def test_manyfiles_results_are_complete(quick_run: QuickRun) -> None:
+    data = quick_run.scenario("manyfiles")
+    assert data["summary"]["fd_limit"] == 1024
+    phases = [(run["files"], run["phase"]) for run in data["runs"]]
+    assert phases == [(n, p) for n in data["summary"]["counts"]
+                      for p in ("create", "lookup-all", "relocate")]
+    for run in data["runs"]:
+        _finite(run["seconds"], f"{run['phase']}: seconds")
+        # the daemon was sampled (fds at both ends at least) and stayed under its limit
+        assert 0 < run["max_fds"] < data["summary"]["fd_limit"], run
