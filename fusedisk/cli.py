@@ -23,6 +23,7 @@ from typing import Any
 from . import __version__, control
 from .config import (
     MAX_PAUSE_MS,
+    MAX_STALL_TIMEOUT_S,
     MIN_PAUSE_MS,
     Config,
     build_config,
@@ -145,6 +146,12 @@ def _parser() -> argparse.ArgumentParser:
                     "(default); precopy: never mirror; mirror: mirror from the start")
     mg.add_argument("--keep-source", action="store_true",
                     help="keep the old copy on the source store (as .fusedisk-kept-ENTRY)")
+    mg.add_argument("--stall-timeout", type=int, default=0, metavar="S",
+                    help="fail the relocation when it makes no progress for S seconds "
+                    "(default: never)")
+    mg.add_argument("--restart", action="store_true",
+                    help="start over: cancel a running (e.g. resumed) relocation of ENTRY "
+                    "and copy everything afresh")
     mg.add_argument("--no-wait", action="store_true", help="return once the relocation started")
     mg.add_argument("--json", action="store_true", help="print only the final job as JSON")
     for verb, text in (("pause", "pause a relocation's copy"),
@@ -359,6 +366,9 @@ def _print_status(status: dict[str, Any]) -> None:
             if job.get("pause_ms") is not None:
                 print(f"  switched over with a {job['pause_ms']:.1f} ms pause "
                       f"after {job['elapsed_s']:.1f} s")
+            if job.get("resumed"):
+                print(f"  resumed after an interruption: "
+                      f"{format_size(job['resumed_bytes'])} of the partial copy kept")
             if job.get("last_abandoned"):
                 print(f"  switchover attempts: {job['attempts']}; the last one abandoned: "
                       f"{job['last_abandoned']}")
@@ -403,9 +413,16 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     if not MIN_PAUSE_MS <= args.max_pause <= MAX_PAUSE_MS:
         raise FusediskError(f"--max-pause must be from {MIN_PAUSE_MS} to {MAX_PAUSE_MS} ms, "
                             f"not {args.max_pause}")
+    if not 0 <= args.stall_timeout <= MAX_STALL_TIMEOUT_S:
+        raise FusediskError(f"--stall-timeout must be from 0 (none) to {MAX_STALL_TIMEOUT_S} "
+                            f"seconds, not {args.stall_timeout}")
+    extra: dict[str, Any] = {"restart": True} if args.restart else {}
+    if args.stall_timeout:
+        extra["stall_timeout_s"] = args.stall_timeout
     job = control.request(
-        mountpoint, "migrate", entry=args.entry, to=args.to, rate=_rate_arg(args.rate),
-        max_pause_ms=args.max_pause, mode=args.mode, keep_source=args.keep_source,
+        mountpoint, "migrate", timeout_s=120.0, entry=args.entry, to=args.to,
+        rate=_rate_arg(args.rate), max_pause_ms=args.max_pause, mode=args.mode,
+        keep_source=args.keep_source, **extra,
     )
     if args.no_wait:
         if args.json:
@@ -432,6 +449,9 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     if job["state"] == "cancelled":
         raise FusediskError(f"the relocation of {args.entry} was cancelled; "
                             f"it stays on {job['from']}")
+    if job["state"] == "suspended":
+        raise FusediskError(f"the daemon stopped during the relocation of {args.entry}; "
+                            "it resumes at the next mount")
     raise FusediskError(f"relocation of {args.entry} failed: {job['error']}")
 
 
@@ -448,7 +468,7 @@ def _watch(mountpoint: Path, entry: str, quiet: bool) -> dict[str, Any]:
     last_line, last_print = "", 0.0
     while True:
         job = _job(mountpoint, entry)
-        final = job["state"] in ("done", "failed", "cancelled")
+        final = job["state"] in ("done", "failed", "cancelled", "suspended")
         line = _progress_line(job)
         now = time.monotonic()
         if tty:

@@ -33,7 +33,14 @@ import trio
 
 from . import __version__, backing, control, fuseshim
 from .cbt import CbtStore, ChangeIdError
-from .config import MAX_PAUSE_MS, MAX_RATE, MIN_PAUSE_MS, Config, check_directories
+from .config import (
+    MAX_PAUSE_MS,
+    MAX_RATE,
+    MAX_STALL_TIMEOUT_S,
+    MIN_PAUSE_MS,
+    Config,
+    check_directories,
+)
 from .control import ControlServer
 from .datastore import Datastore, Entry, StoreClaims
 from .errors import MountError
@@ -203,6 +210,7 @@ class Daemon:
                 nursery.start_soon(self._handle_signals)
                 await nursery.start(self.files.run)
                 await nursery.start(self.relocator.run)
+                self.relocator.resume_interrupted()
                 control_server = ControlServer(self.config.mountpoint, self._control_handlers())
                 await nursery.start(control_server.run)
                 await trio.to_thread.run_sync(os.stat, self.config.mountpoint)
@@ -244,7 +252,7 @@ class Daemon:
         if self.datastore.conflicts:
             line += f"; {len(self.datastore.conflicts)} in conflict (not served)"
         for job in self.relocator.statistics():
-            if job["state"] in ("copying", "mirroring", "switching", "finishing"):
+            if job["state"] in ("resuming", "copying", "mirroring", "switching", "finishing"):
                 line += (
                     f"; relocating {job['entry']} {job['from']}->{job['to']}: "
                     f"{job['state']}, pass {job['pass']}, {job['progress']:.0%}, "
@@ -361,7 +369,18 @@ class Daemon:
                 max_pause_ms=control.int_arg(request, "max_pause_ms", 100,
                                              minimum=MIN_PAUSE_MS, maximum=MAX_PAUSE_MS),
                 keep_source=control.bool_arg(request, "keep_source", False),
+                stall_timeout_s=control.int_arg(request, "stall_timeout_s", 0, minimum=0,
+                                                maximum=MAX_STALL_TIMEOUT_S),
             )
+            current = self.relocator.jobs.get(entry.name)
+            if control.bool_arg(request, "restart", False) and current is not None and (
+                    not current.finished.is_set()):
+                # start over: the running (say, resumed) job and its copy go first
+                if not current.cancel():
+                    raise control.RequestError(
+                        "too-late", f"the relocation of {entry.name!r} is already switching "
+                        "over; it will complete")
+                await current.finished.wait()
             try:
                 job = self.relocator.start(entry, dst, options)
             except RelocationError as e:
@@ -396,7 +415,7 @@ class Daemon:
             "status": command(status),
             "locate": command(locate, ("entry",)),
             "migrate": command(migrate, ("entry", "to", "rate", "max_pause_ms", "mode",
-                                         "keep_source")),
+                                         "keep_source", "stall_timeout_s", "restart")),
             "pause": command(job_command("pause"), ("entry",)),
             "resume": command(job_command("resume"), ("entry",)),
             "cancel": command(job_command("cancel"), ("entry",)),

@@ -13,7 +13,7 @@ LAYERS: list[set[str]] = [
     {"errors", "sizes", "failpoint", "fuseshim"},
     {"bitmap", "metadata", "config", "gate"},
     {"backing"},
-    {"cbt"},
+    {"cbt", "progress"},
     {"vdisk"},
     {"datastore"},
     {"mirror"},
