@@ -272,12 +272,18 @@ class Relocation:
         log.info("relocation of %r from %r to %r started (%s mode, max pause %d ms)",
                  name, self.src.name, self.dst.name, self.options.mode, self.options.max_pause_ms)
         try:
+            failure: OSError | FusediskError | None = None
             with self._cancel_scope:
                 async with trio.open_nursery() as nursery:
                     if self.options.stall_timeout_s > 0:
                         nursery.start_soon(self._watch_for_stalls)
-                    await self._run()
+                    try:
+                        await self._run()
+                    except (OSError, FusediskError) as e:
+                        failure = e  # raised below: a nursery would wrap it in a group
                     nursery.cancel_scope.cancel()
+            if failure is not None:
+                raise failure
             if self._stalled is not None:
                 raise RelocationError(self._stalled)
             if not self.committed and not self._suspending:
