@@ -99,6 +99,9 @@ def test_kill_9_part_way_resumes_from_the_destination(
         assert final["resumed"], final
         if total - remaining > window:
             assert final["resumed_bytes"] > 0, final
+        print(f"killed at {percent}%: {remaining / MiB:.1f} MiB left; the resumed job kept "
+              f"{final['resumed_bytes'] / MiB:.1f} MiB and copied {final['bytes_copied'] / MiB:.1f}"
+              f" MiB (bound {(remaining + window) / MiB:.1f})")
         assert final["bytes_copied"] <= remaining + window, (final, remaining, window)
         assert final["resumed_bytes"] >= total - remaining - window, final
         assert ds.status()["placement"]["vm1"] == "b"
