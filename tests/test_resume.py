@@ -200,12 +200,13 @@ def test_stall_timeout_fails_a_stuck_job(tmp_path: Path) -> None:
 
 
 @pytest.mark.daemon_errors
-@pytest.mark.parametrize("tamper", ["removed", "truncated"])
+@pytest.mark.parametrize("tamper", ["removed", "truncated", "source-replaced"])
 def test_a_tampered_destination_still_ends_with_the_right_data(
     tmp_path: Path, tamper: str
 ) -> None:
     """The staged disk is removed (or cut short) on the destination store while
-    the daemon is down: the resumed job copies what is missing again."""
+    the daemon is down, or the source disk is replaced by another file: the
+    resumed job copies what is missing, or the new file, again."""
     ds = MountedDatastore(tmp_path)
     try:
         disk, digest = make_full_vm(ds, disk_mib=16)
@@ -217,15 +218,21 @@ def test_a_tampered_destination_still_ends_with_the_right_data(
         assert staged.exists()
         if tamper == "removed":
             staged.unlink()
-        else:
+        elif tamper == "truncated":
             os.truncate(staged, 2 * MiB)
+        else:  # a new file takes the name (the old one stays until the rename)
+            source = ds.stores["a"] / "vm1" / "disk0.img"
+            new = source.with_name("new.img")
+            new.write_bytes(os.urandom(16 * MiB))
+            digest = sha_of(new)
+            new.rename(source)
         ds.start()
         final = wait_done(ds)
         assert final["resumed"], final
-        if tamper == "removed":
-            assert final["resumed_bytes"] == 0 and final["bytes_copied"] >= 16 * MiB, final
-        else:
+        if tamper == "truncated":
             assert final["resumed_bytes"] <= 2 * MiB, final
+        else:
+            assert final["resumed_bytes"] == 0 and final["bytes_copied"] >= 16 * MiB, final
         assert sha_of(disk) == digest
         assert sha_of(ds.stores["b"] / "vm1" / "disk0.img") == digest
         no_leftovers(ds)
