@@ -32,7 +32,6 @@ rest of the destination file.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -103,6 +102,3 @@ def load(staging: Path) -> Progress | None:
         return None
     return Progress.from_record(decode_record(_KIND, data, str(staging / NAME)))
 
-
-def exists(staging: Path) -> bool:
-    return os.path.exists(staging / NAME)

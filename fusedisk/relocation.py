@@ -269,8 +269,9 @@ class Relocation:
 
     async def run(self) -> None:
         name = self.entry.name
-        log.info("relocation of %r from %r to %r started (%s mode, max pause %d ms)",
-                 name, self.src.name, self.dst.name, self.options.mode, self.options.max_pause_ms)
+        log.info("relocation of %r from %r to %r %s (%s mode, max pause %d ms)",
+                 name, self.src.name, self.dst.name, "resuming" if self.resumed else "started",
+                 self.options.mode, self.options.max_pause_ms)
         try:
             failure: OSError | FusediskError | None = None
             with self._cancel_scope:
@@ -689,7 +690,9 @@ def _prepare_resume(
         return None
     staging_fd = backing.open_path(dst.root_fd, staging)
     try:
-        backing.remove_tree(staging_fd, _KEEP)
+        if backing.exists_at(staging_fd, _KEEP):  # a crash in a resume: collect from it too
+            backing.remove_tree(staging_fd, _KEEP + "-old")
+            backing.renameat2(staging_fd, _KEEP, staging_fd, _KEEP + "-old", 0)
         os.mkdir(_KEEP, 0o700, dir_fd=staging_fd)
         keep_fd = backing.open_path(staging_fd, _KEEP)
         try:
