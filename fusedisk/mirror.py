@@ -149,6 +149,8 @@ class Copier:
         #: called between copy steps once ``progress_due`` (monotonic) has passed
         self.progress_hook: Callable[[], Awaitable[None]] | None = None
         self.progress_due = math.inf
+        #: ... or once ``bytes_copied`` has reached this
+        self.progress_due_bytes = math.inf
         #: a test's crash once this many bytes were copied (failpoint ``copied-N``)
         self.kill_at: int | None = None
 
@@ -382,8 +384,9 @@ class Copier:
                 await self._throttle(copied)
             else:
                 await trio.lowlevel.checkpoint()
-            if throttle and self.progress_hook is not None and (
-                    time.monotonic() >= self.progress_due):  # never inside a pause
+            if throttle and self.progress_hook is not None and (  # never inside a pause
+                    time.monotonic() >= self.progress_due
+                    or self.bytes_copied >= self.progress_due_bytes):
                 await self.progress_hook()
             blockno = copy.dirty.next_dirty(blockno + nblocks)
 

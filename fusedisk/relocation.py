@@ -63,8 +63,11 @@ PAUSE_ESTIMATE_SHARE = 0.8
 MAX_SWITCH_ATTEMPTS = 10
 #: Wait after the n-th abandoned attempt: n times this (at most 2 s).
 ABANDON_BACKOFF_S = 0.2
-#: How often the copy saves its progress record (besides after each pass).
+#: How often the copy saves its progress record (besides after each pass):
+#: every second, or every so many bytes copied if that comes first. What was
+#: copied since the last record is copied again after a crash.
 PROGRESS_INTERVAL_S = 1.0
+PROGRESS_BYTES = 128 << 20
 
 
 class RelocationError(FusediskError):
@@ -358,6 +361,7 @@ class Relocation:
             copier.kill_at = int(self.bytes_total * share / 100)
         copier.progress_hook = self._save_progress
         copier.progress_due = time.monotonic() + PROGRESS_INTERVAL_S
+        copier.progress_due_bytes = copier.bytes_copied + PROGRESS_BYTES
         if self.options.mode == Mode.MIRROR:
             self._start_mirroring()
 
@@ -501,7 +505,7 @@ class Relocation:
         copier = self.copier
         if copier is None or self._staging_fd is None:
             return
-        copier.progress_due = math.inf  # no second save from inside this one
+        copier.progress_due = copier.progress_due_bytes = math.inf  # none from inside this one
         self._gen += 1
         gen = self._gen
         snapshot = copier.progress_snapshot(gen)
@@ -535,6 +539,7 @@ class Relocation:
             for fd in fds:
                 backing.close(fd)
             copier.progress_due = time.monotonic() + PROGRESS_INTERVAL_S
+            copier.progress_due_bytes = copier.bytes_copied + PROGRESS_BYTES
 
     async def _watch_for_stalls(self) -> None:
         """Fail the job when it makes no progress for ``stall_timeout_s`` (a
