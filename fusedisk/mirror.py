@@ -232,10 +232,10 @@ class Copier:
                 backing.close(fd)
             log.info("pool file %s is not kept (its source or destination changed): "
                      "copied afresh", pool_name)
-        try:
-            os.unlink(pool_name, dir_fd=self.pool_fd)
-        except FileNotFoundError:
-            pass
+            try:
+                os.unlink(pool_name, dir_fd=self.pool_fd)
+            except FileNotFoundError:
+                pass
         return os.open(pool_name, flags | os.O_CREAT | os.O_EXCL, 0o600,
                        dir_fd=self.pool_fd), None
 
