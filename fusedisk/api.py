@@ -23,7 +23,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Generic, TypeVar
 
-from .config import MAX_PAUSE_MS, MAX_RATE, MIN_PAUSE_MS
+from .config import MAX_PAUSE_MS, MAX_RATE, MAX_STALL_TIMEOUT_S, MIN_PAUSE_MS
 from .errors import ControlError
 from .sizes import parse_size
 
@@ -38,6 +38,7 @@ DEFAULT_MAX_PAUSE_MS = 100
 class State(enum.StrEnum):
     """Where a relocation job is. ``paused`` is not a state: a paused job is still copying."""
 
+    RESUMING = "resuming"  # pass 1 of a resumed relocation: copying what was not kept
     COPYING = "copying"
     MIRRORING = "mirroring"
     SWITCHING = "switching"
@@ -45,14 +46,16 @@ class State(enum.StrEnum):
     DONE = "done"
     FAILED = "failed"
     CANCELLED = "cancelled"
+    SUSPENDED = "suspended"  # the daemon stopped: the next mount resumes it
 
 
-#: A job in one of these states is over: nothing it does changes any more.
-FINAL_STATES = frozenset({State.DONE, State.FAILED, State.CANCELLED})
+#: A job in one of these states is over in this daemon: nothing it does changes any more
+#: (a suspended one goes on as a new job at the next mount).
+FINAL_STATES = frozenset({State.DONE, State.FAILED, State.CANCELLED, State.SUSPENDED})
 #: A job in one of these states is still working.
 ACTIVE_STATES = frozenset(State) - FINAL_STATES
 #: Before the switchover (a cancel is still accepted in these).
-PRE_SWITCH_STATES = frozenset({State.COPYING, State.MIRRORING})
+PRE_SWITCH_STATES = frozenset({State.RESUMING, State.COPYING, State.MIRRORING})
 
 
 class Mode(enum.StrEnum):
@@ -239,6 +242,10 @@ def _length_check(request: Mapping[str, object], key: str, default: Any) -> Any:
     return value
 
 
+def _stall_check(request: Mapping[str, object], key: str, default: Any) -> Any:
+    return int_arg(request, key, default, minimum=0, maximum=MAX_STALL_TIMEOUT_S)
+
+
 def _job_check(request: Mapping[str, object], key: str, default: Any) -> Any:
     value = str_arg(request, key, default)
     if key in request and not (value and len(value) <= 64 and value.isalnum()):
@@ -351,6 +358,11 @@ class Job:
     #: the pause estimated before the last attempt, and why it was abandoned
     last_estimate_ms: float | None
     last_abandoned: str | None
+    #: resumed after a crash or a stop, and the bytes of the partial copy it kept
+    resumed: bool
+    resumed_bytes: int
+    #: the job fails after this long without progress (0: never)
+    stall_timeout_s: float
 
     @property
     def final(self) -> bool:
@@ -394,6 +406,10 @@ class Migrate(Request[Job]):
     max_pause_ms: int = _arg(_pause_check, DEFAULT_MAX_PAUSE_MS)
     mode: Mode = _arg(mode_arg, DEFAULT_MODE)  # noqa: RUF009 (_arg returns a field)
     keep_source: bool = _arg(bool_arg, False)
+    #: fail the job after this many seconds without progress (0: never)
+    stall_timeout_s: int = _arg(_stall_check, 0)
+    #: cancel a running (e.g. resumed) job of the entry and copy everything again
+    restart: bool = _arg(bool_arg, False)
 
     def reply(self, result: object) -> Job:
         return Job.from_wire(result)

@@ -41,6 +41,14 @@ the bitmaps, drops the regions from the log *in the same step*, saves the
 bitmaps, then the log, all under one lock: a record that omits a region is
 durable only after the bitmaps that cover its writes are.
 
+**Relocation marks.** A relocation gives each file it copies an internal
+mark (:meth:`Tracker.start_relocation_mark`): a bitmap, by generation, that
+every mark also sets, saved with the bitmaps and recovered from the activity
+log like the last segment, but never shown as a change id nor counted among
+:data:`MAX_CHECKPOINTS`. After a crash, a generation's bitmap is a superset
+of what changed since the generation started: that is what lets a relocation
+resume from what its destination already holds (progress.py).
+
 **When the state directory refuses a save** (full, read-only, I/O error):
 data keeps flowing, and no answer may be wrong. A write whose region cannot
 be logged durably would leave a crash unable to know it changed the file,
@@ -160,6 +168,8 @@ class Tracker:
         self.al_saves = 0
         #: why this history was withdrawn (see :meth:`withdraw`); None while it is trusted
         self.withdrawn: str | None = None
+        #: a relocation's internal marks: generation → what changed since it started
+        self.relocation_marks: dict[int, Bitmap] = {}
 
     # -- the data path ------------------------------------------------------------
 
@@ -199,7 +209,22 @@ class Tracker:
         """
         if length <= 0:
             return
-        self.segments[-1][1].mark(*block_span(offset, length, self._shift))
+        first, nblocks = block_span(offset, length, self._shift)
+        self.segments[-1][1].mark(first, nblocks)
+        for bits in self.relocation_marks.values():
+            bits.mark(first, nblocks)
+
+    # -- a relocation's internal marks --------------------------------------------------
+
+    def start_relocation_mark(self, gen: int) -> None:
+        """Start generation *gen* of the relocation mark (sync; :meth:`save` makes it durable)."""
+        self.relocation_marks.setdefault(gen, Bitmap())
+
+    def drop_relocation_marks(self, below: int | None = None) -> None:
+        """Forget the generations before *below* (all of them: None). Sync."""
+        for gen in list(self.relocation_marks):
+            if below is None or gen < below:
+                del self.relocation_marks[gen]
 
     async def mark_bytes_durably(self, offset: int, length: int) -> None:
         """Mark a change and save the bitmaps *before* it happens (truncate).
@@ -366,6 +391,8 @@ class Tracker:
             "keys": [list(k) for k in keys],
             "next_seq": self.next_seq,
             "segments": [{"label": label, "bits": b.to_record()} for label, b in self.segments],
+            "relocation_marks": [{"gen": gen, "bits": b.to_record()}
+                                 for gen, b in sorted(self.relocation_marks.items())],
         }
 
     async def _save_bitmaps(self, record: dict[str, Any]) -> None:
@@ -601,10 +628,13 @@ class CbtStore:
                 (int(seg["label"]), Bitmap.from_record(seg["bits"])) for seg in bitmap["segments"]
             ]
             next_seq = int(bitmap["next_seq"])
+            marks = {int(m["gen"]): Bitmap.from_record(m["bits"])
+                     for m in bitmap.get("relocation_marks", [])}
         except (KeyError, TypeError, ValueError) as e:
             raise StateError(f"malformed bitmap record: {e}") from None
         tracker = Tracker(self.home, file_id, self.block_size, key, segments, next_seq,
                           health=self.health)
+        tracker.relocation_marks = marks
         al_seq, regions, clean = al or (0, [], True)
         tracker._al_saved, tracker._al_next_save = al_seq, al_seq + 1
         for region in regions[-AL_CAPACITY:]:  # disarmed: the first write re-arms them
@@ -612,7 +642,8 @@ class CbtStore:
         if not clean:
             region_blocks = REGION_SIZE // self.block_size
             for region in regions:
-                segments[-1][1].mark(int(region) * region_blocks, region_blocks)
+                for bits in (segments[-1][1], *marks.values()):
+                    bits.mark(int(region) * region_blocks, region_blocks)
             log.warning(
                 "file %s was not closed cleanly: marked %d hot region(s) (%d MiB) changed",
                 file_id, len(regions), len(regions) * REGION_SIZE >> 20,

@@ -24,6 +24,7 @@ from typing import Any
 from . import __version__, api, control
 from .config import (
     MAX_PAUSE_MS,
+    MAX_STALL_TIMEOUT_S,
     MIN_PAUSE_MS,
     Config,
     build_config,
@@ -147,6 +148,12 @@ def _parser() -> argparse.ArgumentParser:
                     "(default); precopy: never mirror; mirror: mirror from the start")
     mg.add_argument("--keep-source", action="store_true",
                     help="keep the old copy on the source store (as .fusedisk-kept-ENTRY)")
+    mg.add_argument("--stall-timeout", type=int, default=0, metavar="S",
+                    help="fail the relocation after S seconds without progress (default: "
+                    "never; paused time does not count)")
+    mg.add_argument("--restart", action="store_true",
+                    help="copy everything again: cancel a running (e.g. resumed) relocation "
+                    "of ENTRY and start a fresh one")
     mg.add_argument("--no-wait", action="store_true", help="return once the relocation started")
     mg.add_argument("--json", action="store_true", help="print only the final job as JSON")
     for verb, text in (("pause", "pause a relocation's copy"),
@@ -409,6 +416,9 @@ def _print_status(status: dict[str, Any]) -> None:
             if job.pause_ms is not None:
                 print(f"  switched over with a {job.pause_ms:.1f} ms pause "
                       f"after {job.elapsed_s:.1f} s")
+            if job.resumed:
+                print(f"  resumed after an interruption: "
+                      f"{format_size(job.resumed_bytes)} of the partial copy kept")
             if job.last_abandoned:
                 print(f"  switchover attempts: {job.attempts}; the last one abandoned: "
                       f"{job.last_abandoned}")
@@ -463,10 +473,14 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     if not MIN_PAUSE_MS <= args.max_pause <= MAX_PAUSE_MS:
         raise FusediskError(f"--max-pause must be from {MIN_PAUSE_MS} to {MAX_PAUSE_MS} ms, "
                             f"not {args.max_pause}")
+    if not 0 <= args.stall_timeout <= MAX_STALL_TIMEOUT_S:
+        raise FusediskError(f"--stall-timeout must be from 0 (none) to {MAX_STALL_TIMEOUT_S} "
+                            f"seconds, not {args.stall_timeout}")
     job = control.call(mountpoint, api.Migrate(
         entry=args.entry, to=args.to, rate=_rate_arg(args.rate),
         max_pause_ms=args.max_pause, mode=api.Mode(args.mode), keep_source=args.keep_source,
-    ))
+        stall_timeout_s=args.stall_timeout, restart=args.restart,
+    ), timeout_s=120.0)
     if args.no_wait:
         if args.json:
             print(json.dumps(job.to_wire(), sort_keys=True))
@@ -489,6 +503,9 @@ def cmd_migrate(args: argparse.Namespace) -> int:
                   f"{format_size(job.bytes_copied)} copied in {job.elapsed_s:.1f} s, "
                   f"{job.pass_no} pass(es), switchover pause {job.pause_ms or 0.0:.1f} ms")
         return 0
+    if job.state == api.State.SUSPENDED:
+        raise FusediskError(f"the daemon stopped during the relocation of {args.entry}; "
+                            "it resumes at the next mount")
     if job.state == api.State.CANCELLED:
         raise FusediskError(f"the relocation of {args.entry} was cancelled; "
                             f"it stays on {job.src}")

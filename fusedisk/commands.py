@@ -106,7 +106,16 @@ class Commands:
                 "unknown-store", f"{request.to!r} is not a store of this datastore "
                 f"({', '.join(sorted(self.datastore.stores))})")
         options = Options(mode=request.mode, rate=request.rate,
-                          max_pause_ms=request.max_pause_ms, keep_source=request.keep_source)
+                          max_pause_ms=request.max_pause_ms, keep_source=request.keep_source,
+                          stall_timeout_s=request.stall_timeout_s)
+        current = self.relocator.jobs.get(entry.name)
+        if request.restart and current is not None and not current.finished.is_set():
+            # start over: the running (say, resumed) job and its copy go first
+            if not current.cancel():
+                raise api.RequestError(
+                    "too-late", f"the relocation of {entry.name!r} is already switching "
+                    "over; it will complete")
+            await current.finished.wait()
         try:
             job = self.relocator.start(entry, dst, options)
         except RelocationError as e:

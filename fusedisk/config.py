@@ -26,6 +26,8 @@ MAX_BLOCK_SIZE = 64 << 20
 MAX_RATE = 1 << 40
 #: The range of a relocation's pause budget (``--max-pause``), in milliseconds.
 MIN_PAUSE_MS, MAX_PAUSE_MS = 1, 60_000
+#: The longest ``migrate --stall-timeout``, in seconds (a day).
+MAX_STALL_TIMEOUT_S = 86_400
 
 _KNOWN_KEYS = {
     "mountpoint", "state_dir", "default_store", "block_size", "allow_other", "cbt", "stores",

@@ -236,6 +236,7 @@ class Daemon:
                 await nursery.start(self.extra_ops.run)
             await nursery.start(self.files.run)
             await nursery.start(self.relocator.run)
+            self.relocator.resume_interrupted()
             commands = Commands(
                 mountpoint=self.config.mountpoint, state_dir=self.config.state_dir,
                 datastore_id=self.state.datastore_id, block_size=self.config.block_size,

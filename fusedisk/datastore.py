@@ -399,8 +399,13 @@ class Datastore:
         self._save_lock = trio.Lock()
         #: why the last namespace save failed, until one succeeds (see _save_namespace)
         self.record_stale: str | None = None
-        #: entry → relocation record: {"from", "to", "phase": "copying"|"committed", "keep_source"}
+        #: entry → relocation record: {"from", "to", "phase", "keep_source", "options"};
+        #: phase: "copying", "committed", or "abandoned" (failed or cancelled, its
+        #: partial copy not yet removed)
         self.relocations: dict[str, dict[str, Any]] = {}
+        #: relocations a crash or a stop interrupted before their commit: the
+        #: daemon resumes them (their records stay in :attr:`relocations`)
+        self.resumable: dict[str, dict[str, Any]] = {}
 
     # -- opening -----------------------------------------------------------------
 
@@ -442,6 +447,10 @@ class Datastore:
             for name, reloc in sorted(dict(record.get("relocations", {})).items()):
                 ds._recover_relocation(name, reloc, placement)
             ds._adopt(placement)
+            for name in list(ds.resumable):
+                if name not in ds.entries or ds.entries[name].store.name != ds.resumable[name][
+                        "from"]:
+                    ds._drop_resumable(name)
             for name in ds.relocations:  # clean-up still pending: served, not renamed
                 if name in ds.entries:
                     ds.entries[name].relocating = True
@@ -459,8 +468,10 @@ class Datastore:
     ) -> None:
         """Finish or undo a relocation that a crash interrupted (before adoption).
 
-        Before the commit record the source is the truth: the partial copy is
-        removed and the operator may start the relocation again. After it,
+        Before the commit record the source is the truth: the relocation is
+        resumed from the partial copy (the daemon starts it again, see
+        relocation.py), unless it had failed or was cancelled ("abandoned"):
+        then the partial copy is removed. After it,
         the destination is: its staged tree takes the entry's name, and the
         source copy is removed (or kept aside with ``keep_source``).
         """
@@ -502,6 +513,14 @@ class Datastore:
                 "relocation of %r from %r to %r was committed before a crash; finished it",
                 name, src.name, dst.name,
             )
+        elif reloc.get("phase") == "copying":
+            self.relocations[name] = reloc
+            self.resumable[name] = reloc
+            log.warning(
+                "relocation of %r from %r to %r was interrupted before its commit; %r is "
+                "authoritative; it resumes from what %r holds", name, src.name, dst.name,
+                src.name, dst.name,
+            )
         else:
             try:
                 backing.remove_tree(dst.root_fd, staging)
@@ -517,6 +536,21 @@ class Datastore:
                 "relocation of %r from %r to %r was interrupted before its commit; %r is "
                 "authoritative, the partial copy was removed", name, src.name, dst.name, src.name,
             )
+
+    def _drop_resumable(self, name: str) -> None:
+        """An interrupted relocation whose entry is gone (or moved): remove its copy."""
+        reloc = self.resumable.pop(name)
+        dst = self.stores[reloc["to"]]
+        try:
+            backing.remove_tree(dst.root_fd, staging_name(name))
+        except OSError as e:
+            reloc["phase"] = "abandoned"
+            log.error("relocation of %r: removing the partial copy failed (%s), the next "
+                      "mount retries it", name, e.strerror or e)
+            return
+        self.relocations.pop(name, None)
+        log.warning("relocation of %r is not resumed: the entry is not on %r any more; the "
+                    "partial copy was removed", name, reloc["from"])
 
     def _adopt(self, placement: dict[str, str]) -> None:
         found: dict[str, list[str]] = {}
@@ -611,14 +645,30 @@ class Datastore:
         self.entries.pop(name, None)
         await self._save_namespace()
 
-    async def relocation_started(self, entry: Entry, dst: Store, keep_source: bool) -> None:
-        """Durably record that *entry* is being copied to *dst* (the source stays the truth)."""
+    async def relocation_started(
+        self, entry: Entry, dst: Store, keep_source: bool, options: dict[str, Any] | None = None
+    ) -> None:
+        """Durably record that *entry* is being copied to *dst* (the source stays
+        the truth), with the *options* a resumed relocation runs with."""
         self.relocations[entry.name] = {
             "from": entry.store.name, "to": dst.name, "phase": "copying",
-            "keep_source": keep_source,
+            "keep_source": keep_source, "options": dict(options or {}),
         }
+        self.resumable.pop(entry.name, None)
         entry.relocating = True
         await self.save()
+
+    async def relocation_abandoned(self, entry: Entry) -> None:
+        """The relocation failed or was cancelled, and its partial copy could not
+        be removed: the next mount removes it rather than resume. Never raises."""
+        reloc = self.relocations.get(entry.name)
+        if reloc is None or reloc["phase"] != "copying":
+            return
+        reloc["phase"] = "abandoned"
+        try:
+            await self.save()
+        except OSError as e:
+            log.warning("relocation record of %r not saved (%s)", entry.name, e.strerror or e)
 
     async def relocation_committed(self, entry: Entry) -> None:
         """THE commit record: one atomic save flips the placement to the destination.

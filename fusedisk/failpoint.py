@@ -33,6 +33,21 @@ def failpoint(name: str) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+def armed_percent(prefix: str) -> float | None:
+    """For a failpoint armed as ``PREFIX<N>`` (e.g. ``copied-50``: die once half
+    of the relocation's bytes are copied): N; None if none such is armed."""
+    if not _ARMED.startswith(prefix):
+        return None
+    try:
+        return float(_ARMED.removeprefix(prefix))
+    except ValueError:
+        return None
+
+
+def armed_name() -> str:
+    return _ARMED
+
+
 def _stall_spec() -> tuple[str, float, int]:
     name, _, rest = os.environ.get("FUSEDISK_STALL", "").partition(":")
     ms, _, count = rest.partition(":")

@@ -15,6 +15,12 @@ it reads the run. And since a run's clear, read and write happen without a
 checkpoint, as a guest write does, the two never interleave: the trio
 thread is the range lock.
 
+**Resuming** (progress.py): a copier given a *plan* keeps the pool file a
+previous run left for a planned file, when it is still that file's (same
+destination inode, same CBT history holding the plan's relocation mark), and
+marks dirty only what the plan left pending plus what changed since (the
+mark); everything else of the pool file is kept (``resumed_bytes``).
+
 When mirroring is on, ``VFile.mirror_fd`` points at the pool file: guest
 writes land on both stores and no longer mark the consumer, so the dirty set
 only shrinks and the next pass converges.
@@ -31,18 +37,21 @@ from __future__ import annotations
 
 import errno
 import logging
+import math
 import os
 import stat
 import time
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 
 import trio
 
 from . import backing
 from .bitmap import Bitmap
+from .failpoint import armed_name, failpoint, stall
 from .gate import Gate
+from .progress import KEEP_MIN_BYTES, FileProgress
 from .sizes import block_span
 from .vdisk import OpenFiles, VFile
 
@@ -176,6 +185,20 @@ class Copier:
         self._bucket = 0.0
         self._unpaused = trio.Event()
         self._unpaused.set()
+        #: the generation of the relocation mark (cbt.py) files start when added
+        self.gen = 1
+        #: resuming: what a previous run left, by source key, and its generation
+        self.plan: dict[tuple[int, int], FileProgress] = {}
+        self.plan_gen = 0
+        #: bytes of pool files a previous run copied that this one kept
+        self.resumed_bytes = 0
+        #: called between copy steps once ``progress_due`` (monotonic) has passed
+        self.progress_hook: Callable[[], Awaitable[None]] | None = None
+        self.progress_due = math.inf
+        #: ... or once ``bytes_copied`` has reached this
+        self.progress_due_bytes = math.inf
+        #: a test's crash once this many bytes were copied (failpoint ``copied-N``)
+        self.kill_at: int | None = None
 
     # -- control ------------------------------------------------------------------
 
@@ -197,23 +220,32 @@ class Copier:
 
     def add(self, path_fd: int, key: tuple[int, int]) -> FileCopy:
         """Start copying the regular file behind *path_fd* (backing *key*) into a
-        new pool file; every allocated block is dirty. Blocking, small."""
+        new pool file, or into the one a previous run left (see the module doc);
+        every allocated block that the pool file may not hold is dirty. Blocking, small."""
         vfile = self.files.open(path_fd, key, self.gate)
         pool_name = f"{key[0]}-{key[1]}"
         try:
-            dst_fd = os.open(
-                pool_name, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600,
-                dir_fd=self.pool_fd,
-            )
+            dst_fd, plan = self._open_pool(vfile, pool_name, self.plan.pop(key, None))
         except BaseException:
             self.files.release(vfile)
             raise
         copy = FileCopy(vfile, dst_fd, pool_name)
         # Attach first, then scan: a write in between is marked by the consumer.
+        # No checkpoint from here to the relocation mark's start either.
         vfile.consumers.append(copy.dirty)
+        tracker = vfile.tracker
+        allocated = Bitmap()
         for offset, length in backing.data_extents(vfile.fd):
-            copy.dirty.mark(*block_span(offset, length, self._shift))
-        backing.ftruncate(dst_fd, vfile.size())
+            allocated.mark(*block_span(offset, length, self._shift))
+        if plan is not None and tracker is not None:
+            self._resume_file(copy, plan, tracker.relocation_marks[self.plan_gen], allocated)
+        else:
+            if tracker is not None:
+                tracker.drop_relocation_marks()  # an ended relocation's, if any
+            copy.dirty.update(allocated)
+            backing.ftruncate(dst_fd, vfile.size())
+        if tracker is not None:
+            tracker.start_relocation_mark(self.gen)
         if self.mirroring:
             vfile.mirror_fd = dst_fd
         self.copies[key] = copy
@@ -234,6 +266,13 @@ class Copier:
         return copy
 
     # -- parking: closed while idle -------------------------------------------------------
+    #
+    # Not parked: a file worth keeping across a crash (progress.py). Its CBT
+    # tracker must stay loaded, so that every write is marked in the
+    # relocation's mark generations (a parked file's tracker is closed, and a
+    # generation started meanwhile would miss it, which makes a resume copy it
+    # afresh). Those are the few large files (disks) of an entry; the many small
+    # ones, which bound the descriptors, are parked.
 
     def park(self, copy: FileCopy) -> bool:
         """Close the descriptors of a copy that nobody else uses; True if parked.
@@ -246,7 +285,7 @@ class Copier:
         vfile = copy.vfile
         if (vfile is None or vfile.opens != 1 or vfile.mirror_error
                 or copy.src_handle is None or copy.dst_handle is None
-                or copy in self._busy):
+                or copy in self._busy or _kept_across_a_crash(vfile)):
             return False
         if vfile.touched:
             copy.restamp = True
@@ -262,6 +301,8 @@ class Copier:
         copy = self.copies.get(vfile.key)
         if copy is None or copy.vfile is not None:
             return
+        if vfile.tracker is not None:
+            vfile.tracker.start_relocation_mark(self.gen)
         assert copy.dst_handle is not None
         dst_fd = backing.open_by_handle(self._dst_mount_fd, copy.dst_handle, os.O_RDWR)
         vfile.opens += 1  # the copier's own use, until it parks it again
@@ -333,6 +374,79 @@ class Copier:
             return os.dup(copy.dst_fd)
         assert copy.dst_handle is not None
         return backing.open_by_handle(self._dst_mount_fd, copy.dst_handle, os.O_RDWR)
+
+    def _open_pool(
+        self, vfile: VFile, pool_name: str, plan: FileProgress | None
+    ) -> tuple[int, FileProgress | None]:
+        """The pool file's descriptor, and *plan* if the file a previous run left
+        is still this file's copy (None: a new, empty pool file)."""
+        flags = os.O_RDWR | os.O_CLOEXEC
+        if plan is not None:
+            tracker = vfile.tracker
+            usable = (tracker is not None and tracker.withdrawn is None
+                      and tracker.file_id == plan.file_id
+                      and self.plan_gen in tracker.relocation_marks)
+            try:
+                fd = os.open(pool_name, flags | os.O_NOFOLLOW, dir_fd=self.pool_fd)
+            except FileNotFoundError:
+                fd = -1
+            if fd >= 0:
+                st = backing.fstat(fd)
+                if usable and stat.S_ISREG(st.st_mode) and st.st_ino == plan.dst_ino:
+                    return fd, plan
+                backing.close(fd)
+            log.info("pool file %s is not kept (its source or destination changed): "
+                     "copied afresh", pool_name)
+            try:
+                os.unlink(pool_name, dir_fd=self.pool_fd)
+            except FileNotFoundError:
+                pass
+        return os.open(pool_name, flags | os.O_CREAT | os.O_EXCL, 0o600,
+                       dir_fd=self.pool_fd), None
+
+    def _resume_file(
+        self, copy: FileCopy, plan: FileProgress, changed: Bitmap, allocated: Bitmap
+    ) -> None:
+        """Dirty: what the plan left pending, what changed since, and whatever lies
+        past the pool file's end; kept: the rest of what the source holds."""
+        copy.dirty.update(plan.pending)
+        copy.dirty.update(changed)
+        assert copy.vfile is not None  # called from add, before any park
+        pool_size = backing.fstat(copy.dst_fd).st_size
+        src_size = copy.vfile.size()
+        first = pool_size >> self._shift
+        end = (src_size + self.block_size - 1) >> self._shift
+        if end > first:
+            copy.dirty.mark(first, end - first)
+        for offset, length in backing.data_extents(copy.dst_fd):
+            start = offset >> self._shift
+            copy.copied.mark(start, ((offset + length - 1) >> self._shift) - start + 1)
+        if pool_size > src_size:
+            self._cut_pool(copy, src_size)
+        else:
+            backing.ftruncate(copy.dst_fd, src_size)
+        kept = allocated.copy()
+        for blockno, nblocks in copy.dirty.extents():
+            kept.clear(blockno, nblocks)
+        self.resumed_bytes += kept.count << self._shift
+
+    def progress_snapshot(self, gen: int) -> list[tuple[FileCopy, Bitmap]]:
+        """Start generation *gen* of every file's relocation mark and return, of
+        the files worth keeping, what is pending now (progress.py, step 1)."""
+        # no checkpoint here: the pending bitmaps and the generation are one instant
+        self.gen = gen
+        out = []
+        for copy in self.copies.values():
+            if copy.vfile is None:  # parked: a small file, copied afresh on a resume
+                continue
+            tracker = copy.vfile.tracker
+            if tracker is None:
+                continue
+            tracker.start_relocation_mark(gen)
+            if (tracker.withdrawn is None
+                    and backing.fstat(copy.vfile.fd).st_blocks * 512 >= KEEP_MIN_BYTES):
+                out.append((copy, copy.dirty.copy()))
+        return out
 
     def drop(self, key: tuple[int, int]) -> None:
         """Stop copying a file whose source is gone (no link left)."""
@@ -445,11 +559,15 @@ class Copier:
             nblocks = 1
             while nblocks < max_blocks and copy.dirty.test(blockno + nblocks):
                 nblocks += 1
+            if throttle:
+                await stall("copy-step")  # a test's stuck copy (failpoint.py)
             started = time.monotonic()
             # no await from the clear to the write (see the module doc)
             copy.dirty.clear(blockno, nblocks)
             copied = self._copy_run(copy, blockno << self._shift, nblocks << self._shift)
             self._account(copied)
+            if self.kill_at is not None and self.bytes_copied >= self.kill_at:
+                failpoint(armed_name())
             if copy.unflushed >= FLUSH_BYTES:
                 copy.unflushed = 0
                 await backing.run_blocking(backing.fsync, copy.dst_fd, True)
@@ -460,6 +578,10 @@ class Copier:
                 await self._throttle(copied)
             else:
                 await trio.lowlevel.checkpoint()
+            if throttle and self.progress_hook is not None and (  # never inside a pause
+                    time.monotonic() >= self.progress_due
+                    or self.bytes_copied >= self.progress_due_bytes):
+                await self.progress_hook()
             blockno = copy.dirty.next_dirty(blockno + nblocks)
 
     def _copy_run(self, copy: FileCopy, offset: int, length: int) -> int:
@@ -590,6 +712,11 @@ class Copier:
 
     def copy_rate(self) -> float:
         return self._rate
+
+
+def _kept_across_a_crash(vfile: VFile) -> bool:
+    """Whether a resume would keep this file's copy (see progress.py)."""
+    return backing.fstat(vfile.fd).st_blocks * 512 >= KEEP_MIN_BYTES
 
 
 def estimate_s(nbytes: int, rate: float) -> float:

@@ -8,8 +8,14 @@ A :class:`Relocation` runs::
     the dirty set stops shrinking] → flush → switchover (switchover.py) →
     source removed → record ended
 
-Until the switchover's commit the source is the truth: a failure, a cancel
-or a crash leaves it untouched and removes the partial copy. Convergence is
+Until the switchover's commit the source is the truth: a failure or a
+cancel leaves it untouched and removes the partial copy. A crash, a restart
+or a clean stop (the daemon's shutdown) keeps the partial copy and its
+progress record (progress.py, saved every :data:`PROGRESS_INTERVAL_S` and
+after each pass): the next mount *resumes* the relocation, copying only what
+the record left pending and what changed since (the files' relocation marks,
+cbt.py); ``--restart`` starts it over. ``stall_timeout_s`` fails a job that
+makes no progress for that long (a stuck store), whatever its size. Convergence is
 guaranteed in ``auto`` mode: when a pass does not shrink the dirty set by
 at least a fifth, or after :data:`MAX_PRECOPY_PASSES`, writes are mirrored
 to both stores and the next pass finishes the copy. ``precopy`` never
@@ -29,10 +35,12 @@ import stat
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import trio
 
-from . import backing
+from . import backing, progress
 from .api import (
     DEFAULT_MAX_PAUSE_MS,
     DEFAULT_MODE,
@@ -42,10 +50,10 @@ from .api import (
     Mode,
     State,
 )
-from .config import MAX_PAUSE_MS, MAX_RATE, MIN_PAUSE_MS
+from .config import MAX_PAUSE_MS, MAX_RATE, MAX_STALL_TIMEOUT_S, MIN_PAUSE_MS
 from .datastore import Datastore, Entry, Journal, Store, kept_source_name, staging_name
-from .errors import FusediskError
-from .failpoint import PAUSE_AFTER_PASS, failpoint
+from .errors import FusediskError, StateError
+from .failpoint import PAUSE_AFTER_PASS, armed_percent, failpoint
 from .mirror import Copier, walk
 from .staging import StagedTree
 from .switchover import Costs, PauseOverrun, switch_over
@@ -64,6 +72,11 @@ PAUSE_ESTIMATE_SHARE = 0.8
 MAX_SWITCH_ATTEMPTS = 10
 #: Wait after the n-th abandoned attempt: n times this (at most 2 s).
 ABANDON_BACKOFF_S = 0.2
+#: How often the copy saves its progress record (besides after each pass):
+#: every second, or every so many bytes copied if that comes first. What was
+#: copied since the last record is copied again after a crash.
+PROGRESS_INTERVAL_S = 1.0
+PROGRESS_BYTES = 128 << 20
 
 
 class RelocationError(FusediskError):
@@ -76,6 +89,27 @@ class Options:
     rate: int = 0  #: bytes/s, 0 = unlimited
     max_pause_ms: int = DEFAULT_MAX_PAUSE_MS
     keep_source: bool = False
+    #: fail the job after this long without progress (0: never)
+    stall_timeout_s: float = 0.0
+
+    def to_record(self) -> dict[str, Any]:
+        return {"mode": str(self.mode), "rate": self.rate, "max_pause_ms": self.max_pause_ms,
+                "stall_timeout_s": self.stall_timeout_s}
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any], keep_source: bool) -> Options:
+        """The options a relocation record saved (defaults for what it lacks)."""
+        out = cls(keep_source=keep_source)
+        try:
+            return cls(
+                mode=Mode(record.get("mode", out.mode)),
+                rate=int(record.get("rate", out.rate)),
+                max_pause_ms=int(record.get("max_pause_ms", out.max_pause_ms)),
+                keep_source=keep_source,
+                stall_timeout_s=float(record.get("stall_timeout_s", 0.0)),
+            )
+        except (TypeError, ValueError):
+            return out
 
 
 def allocated_bytes(entry_fd: int) -> int:
@@ -104,9 +138,11 @@ class Relocation:
         options: Options,
         block_size: int,
         on_commit: Callable[[Entry, Resolver], None],
+        resume: bool = False,
     ) -> None:
         self.datastore = datastore
         self.files = files
+        self.resumed = resume
         self.entry = entry
         self.src = entry.store
         self.dst = dst
@@ -135,6 +171,9 @@ class Relocation:
         self._cancel_scope = trio.CancelScope()
         self._staging_fd: int | None = None
         self._pool_fd: int | None = None
+        self._gen = 1
+        self._suspending = False
+        self._stalled: str | None = None
         self.finished = trio.Event()
 
     # -- control --------------------------------------------------------------------
@@ -155,6 +194,13 @@ class Relocation:
         self._cancel_scope.cancel()
         return True
 
+    def suspend(self) -> None:
+        """Stop for a daemon shutdown, keeping the partial copy for the next
+        mount to resume (a switchover that has begun is let finish)."""
+        self._suspending = True
+        if not self.cancel():
+            self._suspending = False
+
     def pause(self) -> None:
         if self.copier is not None:
             self.copier.pause()
@@ -172,12 +218,25 @@ class Relocation:
 
     async def run(self) -> None:
         name = self.entry.name
-        log.info("relocation of %r from %r to %r started (%s mode, max pause %d ms)",
-                 name, self.src.name, self.dst.name, self.options.mode, self.options.max_pause_ms)
+        log.info("relocation of %r from %r to %r %s (%s mode, max pause %d ms)",
+                 name, self.src.name, self.dst.name, "resuming" if self.resumed else "started",
+                 self.options.mode, self.options.max_pause_ms)
         try:
+            failure: OSError | FusediskError | None = None
             with self._cancel_scope:
-                await self._run()
-            if not self.committed:
+                async with trio.open_nursery() as nursery:
+                    if self.options.stall_timeout_s > 0:
+                        nursery.start_soon(self._watch_for_stalls)
+                    try:
+                        await self._run()
+                    except (OSError, FusediskError) as e:
+                        failure = e  # raised below: a nursery would wrap it in a group
+                    nursery.cancel_scope.cancel()
+            if failure is not None:
+                raise failure
+            if self._stalled is not None:
+                raise RelocationError(self._stalled)
+            if not self.committed and not self._suspending:
                 self.state = State.CANCELLED
                 log.info("relocation of %r cancelled; %r is still authoritative", name,
                          self.src.name)
@@ -207,17 +266,29 @@ class Relocation:
                 f"{needed >> 20} MiB"
             )
         saving = time.monotonic()
-        await self.datastore.relocation_started(entry, dst, self.options.keep_source)
+        await self.datastore.relocation_started(entry, dst, self.options.keep_source,
+                                                self.options.to_record())
         self.costs.learn("commit_ms", (time.monotonic() - saving) * 1000, 1)
         staging = staging_name(entry.name)
-        await backing.run_blocking(backing.remove_tree, dst.root_fd, staging)
-        os.mkdir(staging, 0o700, dir_fd=dst.root_fd)
+        found = None
+        if self.resumed:
+            found = await backing.run_blocking(_prepare_resume, dst, staging, self.src.name,
+                                               self.block_size)
+        if found is None:
+            await backing.run_blocking(backing.remove_tree, dst.root_fd, staging)
+            os.mkdir(staging, 0o700, dir_fd=dst.root_fd)
         self._staging_fd = backing.open_path(dst.root_fd, staging)
-        os.mkdir("pool", 0o700, dir_fd=self._staging_fd)
+        if found is None:
+            os.mkdir("pool", 0o700, dir_fd=self._staging_fd)
         self._pool_fd = backing.open_path(self._staging_fd, "pool")
         copier = self.copier = Copier(self.files, entry.gate, self._pool_fd, self.block_size,
                                       entry.store.root_fd)
         copier.rate_limit = self._rate_limit
+        if found is not None:
+            copier.plan = found.files
+            copier.plan_gen = found.gen
+            self._gen = copier.gen = found.gen + 1
+            self.state = State.RESUMING
         # from here on the mount notes what it changes in the entry: the first
         # build sees all that came before, a sync all that came after
         entry.journal = Journal()
@@ -227,7 +298,17 @@ class Relocation:
             await tree.build(src_fd)
         finally:
             backing.close(src_fd)
-        self.bytes_total = copier.dirty_bytes()
+        copier.plan = {}  # what the tree did not name any more is not kept
+        self.bytes_total = copier.dirty_bytes() + copier.resumed_bytes
+        if self.resumed:
+            log.info("relocation of %r resumed: %d MiB of the partial copy kept, %d MiB to copy",
+                     entry.name, copier.resumed_bytes >> 20, copier.dirty_bytes() >> 20)
+        share = armed_percent("copied-")
+        if share is not None:  # a test's crash part-way through the copy
+            copier.kill_at = int(self.bytes_total * share / 100)
+        copier.progress_hook = self._save_progress
+        copier.progress_due = time.monotonic() + PROGRESS_INTERVAL_S
+        copier.progress_due_bytes = copier.bytes_copied + PROGRESS_BYTES
         if self.options.mode == Mode.MIRROR:
             self._start_mirroring()
 
@@ -243,6 +324,9 @@ class Relocation:
                 await copier.wait_resumed()
             copied_in_pass = copier.bytes_copied - copied_before
             self._check_mirror()
+            if self.state == State.RESUMING:
+                self.state = State.COPYING
+            await self._save_progress()
             await self._sync()
             dirty = copier.dirty_bytes()
             self._dirty_rate = dirty / max(time.monotonic() - pass_start, 1e-3)
@@ -370,9 +454,90 @@ class Relocation:
         if error is not None:
             raise RelocationError(f"writing to store {self.dst.name!r} failed: {error.strerror}")
 
+    async def _save_progress(self) -> None:
+        """Save the progress record (progress.py); a failure only costs a resume."""
+        copier = self.copier
+        if copier is None or self._staging_fd is None:
+            return
+        copier.progress_due = copier.progress_due_bytes = math.inf  # none from inside this one
+        self._gen += 1
+        gen = self._gen
+        snapshot = copier.progress_snapshot(gen)
+        files: dict[tuple[int, int], progress.FileProgress] = {}
+        fds: list[int] = []
+        try:
+            for copy, pending in snapshot:
+                if copy.vfile is None:
+                    continue  # parked since (it shrank): copied afresh on a resume
+                tracker = copy.vfile.tracker
+                assert tracker is not None
+                file_id = tracker.file_id
+                try:
+                    await tracker.save()
+                except OSError:
+                    continue
+                if (copy.key not in copier.copies or tracker.file_id != file_id
+                        or copy.dst_fd < 0):
+                    continue  # dropped, parked, or the history was withdrawn meanwhile
+                files[copy.key] = progress.FileProgress(
+                    copy.key, file_id, backing.fstat(copy.dst_fd).st_ino, pending)
+                fds.append(os.dup(copy.dst_fd))
+            record = progress.Progress(gen, self.block_size, self.src.name, self.dst.name, files)
+            await backing.run_blocking(_save_progress_blocking, fds,
+                                       self.dst.path / staging_name(self.entry.name), record)
+        except OSError as e:
+            log.warning("relocation of %r: progress not saved (%s); a resume after a crash "
+                        "copies more", self.entry.name, e.strerror or e)
+        else:
+            for copy in copier.copies.values():
+                if copy.vfile is not None and copy.vfile.tracker is not None:
+                    copy.vfile.tracker.drop_relocation_marks(below=gen)
+        finally:
+            for fd in fds:
+                backing.close(fd)
+            copier.progress_due = time.monotonic() + PROGRESS_INTERVAL_S
+            copier.progress_due_bytes = copier.bytes_copied + PROGRESS_BYTES
+
+    async def _watch_for_stalls(self) -> None:
+        """Fail the job when it makes no progress for ``stall_timeout_s`` (a
+        paused job is not stuck)."""
+        timeout_s = self.options.stall_timeout_s
+        last: tuple[Any, ...] | None = None
+        since = time.monotonic()
+        while True:
+            await trio.sleep(min(1.0, timeout_s / 4))
+            copier = self.copier
+            now = (self.state, self.pass_no, self.attempts,
+                   copier.bytes_copied if copier else 0, bool(copier and copier.paused))
+            if now != last or (copier is not None and copier.paused):
+                last, since = now, time.monotonic()
+                continue
+            if time.monotonic() - since >= timeout_s:
+                where = f"{self.state}, pass {self.pass_no}"
+                message = (f"no progress for {timeout_s:g} s ({where}); the job is stuck "
+                           "(--stall-timeout)")
+                if self.cancel():
+                    self._stalled = message
+                    return
+
     async def _cleanup(self) -> None:
-        """Undo (not committed) or finish (committed) on the stores; end the record."""
+        """Undo (not committed) or finish (committed) on the stores; end the record.
+
+        Interrupted, not failed nor cancelled (the daemon is stopping): keep the
+        partial copy and the record, with a last progress record, for the next
+        mount to resume."""
+        keep = not self.committed and self.state not in FINAL_STATES
+        if keep and self.copier is not None and self._staging_fd is not None:
+            try:
+                with trio.fail_after(30):
+                    await self._save_progress()
+            except trio.TooSlowError:
+                pass
         if self.copier is not None:
+            if not keep:
+                for copy in self.copier.copies.values():
+                    if copy.vfile is not None and copy.vfile.tracker is not None:
+                        copy.vfile.tracker.drop_relocation_marks()
             for pool_fd in self.copier.detach():
                 backing.close(pool_fd)
         if self.entry.journal is not None:
@@ -385,6 +550,11 @@ class Relocation:
                 backing.close(fd)
         self._pool_fd = self._staging_fd = None
         name = self.entry.name
+        if keep:
+            self.state = State.SUSPENDED
+            log.info("relocation of %r to %r suspended; the next mount resumes it", name,
+                     self.dst.name)
+            return
         try:
             await backing.run_blocking(backing.remove_tree, self.dst.root_fd, staging_name(name))
             if self.committed:
@@ -402,6 +572,8 @@ class Relocation:
             # the next mount finishes this from the record; nothing is lost
             log.error("relocation of %r: cleanup failed (%s); the next mount retries it",
                       name, e.strerror)
+            if not self.committed:
+                await self.datastore.relocation_abandoned(self.entry)
             if self.committed:  # served from the destination; the record stays
                 self.error = (f"committed; removing the old copy failed ({e.strerror}); "
                               "the next mount retries it")
@@ -417,11 +589,12 @@ class Relocation:
         copied = copier.bytes_copied if copier else 0
         dirty = copier.dirty_bytes() if copier else 0
         rate = copier.copy_rate() if copier else 0.0
-        total = max(self.bytes_total, copied + dirty)
+        kept = copier.resumed_bytes if copier else 0
+        total = max(self.bytes_total, copied + kept + dirty)
         if self.state == State.DONE:
             self._progress = 1.0
         elif total:
-            self._progress = max(self._progress, min(copied / total, 0.99))
+            self._progress = max(self._progress, min((copied + kept) / total, 0.99))
         end = self._ended if self._ended is not None else time.monotonic()
         return Job(
             id=self.id,
@@ -449,10 +622,83 @@ class Relocation:
             attempts=self.attempts,
             last_estimate_ms=self.last_estimate_ms,
             last_abandoned=self.last_abandoned,
+            resumed=self.resumed,
+            resumed_bytes=kept,
+            stall_timeout_s=self.options.stall_timeout_s,
         )
 
 
-def blockers(datastore: Datastore, entry: Entry, dst: Store) -> list[str]:
+def _save_progress_blocking(fds: list[int], staging: Path, record: progress.Progress) -> None:
+    """Steps 3 and 4 of progress.py: the data, then the record. Blocking."""
+    for fd in fds:
+        os.fdatasync(fd)
+    progress.save(staging, record)
+
+
+def _prepare_resume(
+    dst: Store, staging: str, src_store: str, block_size: int
+) -> progress.Progress | None:
+    """Make an interrupted relocation's staging directory ready to resume: the
+    destination files its progress record lists go back to ``pool`` (under
+    their pool names), everything else goes. Return the record, with only
+    the files found; None if there is nothing to resume from. Blocking."""
+    try:
+        found = progress.load(dst.path / staging)
+    except StateError as e:
+        log.warning("the progress record of %s cannot be used (%s): copying afresh",
+                    dst.path / staging, e)
+        return None
+    if found is None or found.block_size != block_size or found.src_store != src_store or (
+            found.dst_store != dst.name):
+        return None
+    staging_fd = backing.open_path(dst.root_fd, staging)
+    try:
+        if backing.exists_at(staging_fd, _KEEP):  # a crash in a resume: collect from it too
+            backing.remove_tree(staging_fd, _KEEP + "-old")
+            backing.renameat2(staging_fd, _KEEP, staging_fd, _KEEP + "-old", 0)
+        os.mkdir(_KEEP, 0o700, dir_fd=staging_fd)
+        keep_fd = backing.open_path(staging_fd, _KEEP)
+        try:
+            by_ino = {f.dst_ino: f for f in found.files.values()}
+            kept: dict[tuple[int, int], progress.FileProgress] = {}
+            for name in backing.list_dir(staging_fd):
+                if name not in (_KEEP, progress.NAME):
+                    _collect(staging_fd, name, by_ino, keep_fd, kept)
+            for name in backing.list_dir(staging_fd):
+                if name not in (_KEEP, progress.NAME):
+                    backing.remove_tree(staging_fd, name)
+        finally:
+            backing.close(keep_fd)
+        backing.renameat2(staging_fd, _KEEP, staging_fd, "pool", 0)
+    finally:
+        backing.close(staging_fd)
+    return progress.Progress(found.gen, found.block_size, found.src_store, found.dst_store,
+                             kept)
+
+
+_KEEP = "resume"
+
+
+def _collect(dir_fd: int, name: str, by_ino: dict[int, progress.FileProgress], keep_fd: int,
+             kept: dict[tuple[int, int], progress.FileProgress]) -> None:
+    """Move the listed files found at or below *name* into *keep_fd*."""
+    st = backing.lstat_at(dir_fd, name)
+    if stat.S_ISREG(st.st_mode):
+        plan = by_ino.get(st.st_ino)
+        if plan is not None and plan.src_key not in kept:
+            backing.renameat2(dir_fd, name, keep_fd, f"{plan.src_key[0]}-{plan.src_key[1]}",
+                              backing.RENAME_NOREPLACE)
+            kept[plan.src_key] = plan
+    elif stat.S_ISDIR(st.st_mode):
+        sub_fd = backing.open_path(dir_fd, name)
+        try:
+            for child in backing.list_dir(sub_fd):
+                _collect(sub_fd, child, by_ino, keep_fd, kept)
+        finally:
+            backing.close(sub_fd)
+
+
+def blockers(datastore: Datastore, entry: Entry, dst: Store, resume: bool = False) -> list[str]:
     """What stops *entry* from relocating to *dst*, checked before any work.
 
     Each would otherwise be found late: a same-name object on the destination
@@ -461,7 +707,7 @@ def blockers(datastore: Datastore, entry: Entry, dst: Store) -> list[str]:
     """
     found = []
     pending = datastore.relocations.get(entry.name)
-    if pending is not None:
+    if pending is not None and not resume:
         found.append(
             f"the clean-up of its last relocation ({pending.get('from')} → {pending.get('to')}) "
             "has not finished; repair that store and mount again"
@@ -513,16 +759,21 @@ class Relocator:
             task_status.started()
             await trio.sleep_forever()
 
-    def start(self, entry: Entry, dst: Store, options: Options) -> Relocation:
-        """Start relocating *entry* to *dst*; raise RelocationError for a bad request."""
+    def start(
+        self, entry: Entry, dst: Store, options: Options, resume: bool = False
+    ) -> Relocation:
+        """Start relocating *entry* to *dst* (*resume*: an interrupted one, at
+        mount); raise RelocationError for a bad request."""
         assert self._nursery is not None, "the relocator is not running"
         current = self.jobs.get(entry.name)
         cleanup_pending = entry.name in self.datastore.relocations and (
             current is None or current.state in FINAL_STATES)
-        if not cleanup_pending and (
+        if not resume and not cleanup_pending and (
             entry.relocating or (current is not None and current.state not in FINAL_STATES)
         ):
-            raise RelocationError(f"{entry.name!r} is already being relocated")
+            hint = ("; it resumed after an interruption: `migrate --restart` starts it over"
+                    if current is not None and current.resumed else "")
+            raise RelocationError(f"{entry.name!r} is already being relocated{hint}")
         if dst is entry.store:
             raise RelocationError(f"{entry.name!r} is already on store {dst.name!r}")
         if not (math.isfinite(options.max_pause_ms)
@@ -532,27 +783,47 @@ class Relocator:
         if not 0 <= options.rate <= MAX_RATE:
             raise RelocationError(f"the copy rate limit must be from 0 (unlimited) to "
                                   f"{MAX_RATE} bytes/s")
+        if not (math.isfinite(options.stall_timeout_s) and 0 <= options.stall_timeout_s
+                <= MAX_STALL_TIMEOUT_S):
+            raise RelocationError(f"the stall timeout must be from 0 (none) to "
+                                  f"{MAX_STALL_TIMEOUT_S} seconds")
         st = backing.lstat_at(entry.store.root_fd, entry.name)
         if not (stat.S_ISDIR(st.st_mode) or stat.S_ISREG(st.st_mode)):
             raise RelocationError(f"{entry.name!r} is neither a directory nor a regular file")
-        found = blockers(self.datastore, entry, dst)
+        found = blockers(self.datastore, entry, dst, resume)
         if found:
             raise RelocationError(f"cannot relocate {entry.name!r}: " + "; ".join(found))
         job = Relocation(self.datastore, self.files, entry, dst, options, self.block_size,
-                         self.on_commit)
+                         self.on_commit, resume)
         self.jobs[entry.name] = job
         self._nursery.start_soon(job.run, name=f"relocate {entry.name}")
         return job
 
+    def resume_interrupted(self) -> None:
+        """At mount: start again the relocations a crash or a stop interrupted."""
+        for name, reloc in sorted(self.datastore.resumable.items()):
+            entry = self.datastore.get(name)
+            dst = self.datastore.stores.get(reloc.get("to", ""))
+            if entry is None or dst is None:
+                continue
+            options = Options.from_record(reloc.get("options") or {},
+                                          bool(reloc.get("keep_source")))
+            try:
+                self.start(entry, dst, options, resume=True)
+            except RelocationError as e:
+                # left as a pending clean-up: `migrate --restart` or the next mount
+                log.error("relocation of %r to %r cannot be resumed: %s", name, dst.name, e)
+
     async def stop(self) -> None:
-        """Before unmounting: cancel jobs still copying; let a switchover finish first."""
+        """Before unmounting: suspend jobs still copying (the next mount resumes
+        them); let a switchover finish first."""
         for job in list(self.jobs.values()):
             if job.finished.is_set():
                 continue
             if job.state == State.SWITCHING or job.committed:
                 log.info("waiting for the switchover of %r to finish", job.entry.name)
             else:
-                job.cancel()
+                job.suspend()
             await job.finished.wait()
 
     def statistics(self) -> list[Job]:

@@ -555,3 +555,46 @@ async def test_a_history_that_cannot_be_withdrawn_refuses_the_write(
 
 def backing_bytes(vfile: VFile, offset: int, length: int) -> bytes:
     return os.pread(vfile.fd, length, offset)
+
+
+# -- a relocation's internal marks -----------------------------------------------------
+
+
+async def test_a_relocation_mark_survives_a_crash_as_a_superset_and_is_no_change_id(
+    tmp_path: Path,
+) -> None:
+    """Every write acknowledged after a relocation mark's generation started is
+    in that generation after a crash (the activity log folds in); the mark is
+    no change id, counts against no checkpoint limit, and goes when dropped."""
+    store = CbtStore(tmp_path, BLOCK)
+    tracker = Tracker(store.home, "00000000000000aa", BLOCK, (1, 2))
+    user_id = await tracker.checkpoint()
+    await write(tracker, 0, BLOCK)  # before the mark: not in it
+    tracker.start_relocation_mark(1)
+    await tracker.save()
+    rng = random.Random(3)
+    written: set[int] = set()
+    for _ in range(300):  # more regions than the log holds: evictions happen
+        blockno = rng.randrange(1, (2 * AL_CAPACITY * REGION_SIZE) // BLOCK)
+        await write(tracker, blockno * BLOCK, 100)
+        written.add(blockno)
+    assert tracker.statistics()["change_ids"] == [user_id]
+    # the process "dies": nothing is closed
+    recovered = store._load_tracker("00000000000000aa", (1, 2))
+    assert recovered is not None
+    mark = recovered.relocation_marks[1]
+    assert all(mark.test(b) for b in written), "a write after the mark is missing from it"
+    assert not mark.test(0) or any(0 <= b < REGION_SIZE // BLOCK for b in written)
+    assert recovered.statistics()["change_ids"] == [user_id]
+    # a new generation, then the old one dropped: only the new one is saved
+    recovered.start_relocation_mark(2)
+    recovered.drop_relocation_marks(below=2)
+    await write(recovered, 5 * BLOCK, 1)
+    await recovered.close()
+    again = store._load_tracker("00000000000000aa", (1, 2))
+    assert again is not None and list(again.relocation_marks) == [2]
+    assert list(again.relocation_marks[2].extents()) == [(5, 1)]
+    again.drop_relocation_marks()
+    await again.close()
+    last = store._load_tracker("00000000000000aa", (1, 2))
+    assert last is not None and last.relocation_marks == {}

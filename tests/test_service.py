@@ -316,7 +316,8 @@ def test_exec_start_notifies_ready_status_and_stopping(tmp_path: Path) -> None:
         after_ready = receive(notify, proc, f"STATUS=serving 0 entries on {mnt}")
         assert "STOPPING=1" not in after_ready
 
-        # A relocation shows its progress in STATUS=; stopping cancels it while it copies.
+        # A relocation shows its progress in STATUS=; stopping suspends it while it
+        # copies (the next start resumes it).
         with open(mnt / "vm1" / "disk.img", "wb") as f:
             f.write(os.urandom(8 << 20))
         started = fusedisk("migrate", str(mnt), "vm1", "--to", "hdd", "--rate", "1M",
@@ -334,8 +335,10 @@ def test_exec_start_notifies_ready_status_and_stopping(tmp_path: Path) -> None:
         assert not is_mounted(mnt)
         assert not socket_path(mnt).exists()
         assert (ssd / "vm1" / "disk.img").stat().st_size == 8 << 20  # the source stays
-        # the cancelled copy is gone; the store's owner file stays (it names this datastore)
-        assert [p.name for p in hdd.iterdir()] == [".fusedisk-owner"]
+        # the partial copy stays for the next start to resume; the store's owner
+        # file stays too (it names this datastore)
+        assert {p.name for p in hdd.iterdir()} <= {".fusedisk-owner", ".fusedisk-reloc-vm1"}
+        assert "suspended; the next mount resumes it" in log_path.read_text()
         # Under systemd every log line carries a syslog priority for journald.
         lines = log_path.read_text().splitlines()
         assert lines and all(line.startswith(("<6>", "<7>")) for line in lines), lines
