@@ -51,6 +51,8 @@ def _valid(cls: type[api.Request[Any]], rng: random.Random) -> dict[str, Any]:
             "max_pause_ms": lambda: rng.randint(MIN_PAUSE_MS, MAX_PAUSE_MS),
             "mode": lambda: rng.choice([m.value for m in api.Mode]),
             "keep_source": lambda: rng.random() < 0.5,
+            "restart": lambda: rng.random() < 0.5,
+            "stall_timeout_s": lambda: rng.choice([0, 1, 86400, rng.randrange(86400)]),
             "job": lambda: f"{rng.getrandbits(64):016x}",
             "name": lambda: rng.choice(["s1", "before-move", "a.b_c"]),
             "start": lambda: rng.choice([0, 1, rng.randrange(1 << 62), "1G"]),
@@ -71,6 +73,8 @@ _WRONG: dict[str, list[Any]] = {
     "max_pause_ms": [MIN_PAUSE_MS - 1, MAX_PAUSE_MS + 1, 1.5, "100", True, None],
     "mode": ["fast", 1, None],
     "keep_source": [1, "yes", None],
+    "restart": [1, "yes", None],
+    "stall_timeout_s": [-1, 86401, 1.5, "10", True, None],
     "job": ["", "../x", "a" * 65, 5, None],
     "name": ["", "../x", "-x", "a" * 65, 5, None],
     "until": [5, ["x"]],
@@ -136,7 +140,7 @@ def test_jobs_round_trip_through_their_wire_form(seed: int) -> None:
         assert {"from", "to", "pass", "id"} <= set(wire)
         assert api.Job.from_wire(wire) == job
         assert job.final == (job.state in {api.State.DONE, api.State.FAILED,
-                                           api.State.CANCELLED})
+                                           api.State.CANCELLED, api.State.SUSPENDED})
         wire.pop(rng.choice(sorted(wire)))
         with pytest.raises(ControlError):
             api.Job.from_wire(wire)
