@@ -24,6 +24,10 @@ filesystem boundary.
 errno lives only here: domain code raises ``OSError``; :func:`_errno_edge`
 turns it into ``FUSEError``. Any other exception is a bug and ends the
 mount, as pyfuse3 intends.
+
+How file data reaches the kernel (``direct_io`` or the page cache, and what
+a ``direct_io`` write must do that the kernel then does not) is one policy
+of its own, in pagecache.py; this room only tells it what happened.
 """
 
 from __future__ import annotations
@@ -41,10 +45,9 @@ from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, ParamSpec, TypeVar
 
 import pyfuse3
-import trio
 from pyfuse3 import FUSEError
 
-from . import backing, fuseshim
+from . import backing, fuseshim, pagecache
 from .backing import PathRef, PathTable, keep_identity, kept_identity
 from .datastore import Datastore, Entry, Journal, native_ino
 from .vdisk import OpenFiles, Resolver, VFile
@@ -62,7 +65,6 @@ _SYNC_NONE, _SYNC_DATA, _SYNC_FULL = 0, 1, 2
 #: How long the kernel may cache attributes and names. Every change passes
 #: through this mount, so the kernel's own invalidation keeps it right.
 _ATTR_TIMEOUT_S = 1.0
-_CAPS_XATTR = b"security.capability"
 #: fusedisk's own xattrs on backing files (the CBT file id); never shown to clients
 _PRIVATE_XATTR_PREFIX = b"trusted.fusedisk."
 
@@ -142,25 +144,6 @@ def _quiesced(
     return wrapper
 
 
-def _without_set_id(mode: int) -> int:
-    """*mode* without the bits a write drops: set-uid, and set-gid if group-executable."""
-    mode &= ~stat.S_ISUID
-    if mode & stat.S_IXGRP:
-        mode &= ~stat.S_ISGID
-    return mode
-
-
-def _on_caps(call: Callable[[int, str], object], path_fd: int) -> bool:
-    """Apply *call* to the file's ``security.capability``; False if it has none."""
-    try:
-        call(path_fd, os.fsdecode(_CAPS_XATTR))
-    except OSError as e:
-        if e.errno != pyfuse3.ENOATTR:
-            raise
-        return False
-    return True
-
-
 class Inode:
     """A file, directory or other object the kernel knows by number.
 
@@ -200,18 +183,10 @@ class Inode:
         #: open FUSE handles; ``vfile`` is set while there is at least one
         self.handles = 0
         self.vfile: VFile | None = None
-        #: True once the file is known to carry no ``security.capability``.
-        #: The kernel asks for it before *every* write (to drop file
-        #: capabilities), so the answer is remembered; every change of that
-        #: xattr passes through :meth:`Operations.setxattr`/``removexattr``.
+        #: the page-cache policy's state (pagecache.py owns these four)
         self.no_caps = False
-        #: of ``handles``, those opened with O_DIRECT and served with ``direct_io``
         self.direct_handles = 0
-        #: the kernel's page cache of this file may be older than the backing
-        #: file (a ``direct_io`` handle wrote past it): the next cached open drops it
         self.cache_stale = False
-        #: set-id bits or file capabilities appeared while ``direct_io`` handles
-        #: are open: their next write must remove them (the kernel does not)
         self.killpriv = False
         #: the ctime the object had before a relocation moved it, shown until
         #: the mount changes it (:meth:`Operations._changing`); None: the backing one
@@ -555,9 +530,7 @@ class Operations(pyfuse3.Operations):
             )
         if fields.update_mode:
             backing.fchmod(node.path_fd, node.file_type, attr.st_mode)
-            mode = stat.S_IMODE(attr.st_mode)
-            if node.direct_handles and _without_set_id(mode) != mode:
-                node.killpriv = True
+            pagecache.mode_set(node, attr.st_mode)
         if fields.update_atime or fields.update_mtime:
             backing.futimens(
                 node.path_fd,
@@ -679,7 +652,7 @@ class Operations(pyfuse3.Operations):
             made = False
         backing.close(fd)  # the data path opens its own (shared) descriptor
         inode, attr = await self._created(parent, sname, dir_fd, entry, mode, ctx, made)
-        direct = self._serve_direct(inode, flags)
+        direct = pagecache.serve_direct(inode, flags)
         try:
             fh = self._open_handle(inode, direct, flags, fresh=made)
         except OSError:  # the kernel learns nothing of it: take it back
@@ -690,7 +663,7 @@ class Operations(pyfuse3.Operations):
             raise
         if flags & os.O_TRUNC:  # it may have existed after all (a racing create)
             await self._truncate_on_open(inode, fh)
-        return self._file_info(inode, fh, direct), attr
+        return pagecache.file_info(inode, fh, direct), attr
 
     @_errno_edge
     @_quiesced
@@ -842,9 +815,7 @@ class Operations(pyfuse3.Operations):
                 # a new CBT id moved the backing ctime and kept the old one (cbt.py)
                 inode.kept_ctime_ns = kept_identity(inode.path_fd)[1]
         inode.handles += 1
-        if direct:
-            inode.direct_handles += 1
-            inode.cache_stale = True
+        pagecache.opened(inode, direct)
         fh = self._next_fh
         self._next_fh += 1
         self._handles[fh] = _FileHandle(
@@ -858,8 +829,7 @@ class Operations(pyfuse3.Operations):
         del self._vfiles[fh]
         inode = handle.inode
         inode.handles -= 1
-        if handle.direct:
-            inode.direct_handles -= 1
+        pagecache.released(inode, handle.direct)
         vfile = inode.vfile
         if inode.handles == 0 and vfile is not None:
             inode.vfile = None
@@ -882,36 +852,6 @@ class Operations(pyfuse3.Operations):
             self._release_handle(fh)
             raise
 
-    def _serve_direct(self, inode: Inode, flags: int) -> bool:
-        """Whether an open with *flags* is served with FUSE ``direct_io``.
-
-        An ``O_DIRECT`` opener (QEMU ``cache=none``, fio ``--direct=1``) wants
-        no page cache. Served the ordinary way, the kernel sends a
-        ``getxattr("security.capability")`` round trip before *every* write,
-        to drop file capabilities (pyfuse3 cannot negotiate
-        FUSE_HANDLE_KILLPRIV_V2, which would spare it); with ``direct_io`` it
-        sends the write alone. The kernel then neither clears set-id bits nor
-        capabilities on write, so a file that has any is served the ordinary
-        way, and :attr:`Inode.killpriv` covers those that gain some later.
-        """
-        if not flags & os.O_DIRECT:
-            return False
-        mode = stat.S_IMODE(backing.fstat(inode.path_fd).st_mode)
-        if _without_set_id(mode) != mode:
-            return False
-        if not inode.no_caps:
-            inode.no_caps = not _on_caps(backing.getxattr, inode.path_fd)
-        return inode.no_caps
-
-    def _file_info(self, inode: Inode, fh: int, direct: bool) -> pyfuse3.FileInfo:
-        if direct:
-            return pyfuse3.FileInfo(fh=fh, direct_io=True)
-        # keep_cache: every change passes through this mount, and a direct_io
-        # write that the kernel's cache did not see marks it stale.
-        keep_cache = not inode.cache_stale
-        inode.cache_stale = inode.direct_handles > 0
-        return pyfuse3.FileInfo(fh=fh, keep_cache=keep_cache)
-
     @_errno_edge
     @_quiesced
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
@@ -919,12 +859,12 @@ class Operations(pyfuse3.Operations):
         if node.file_type != stat.S_IFREG:
             raise OSError(errno.EISDIR if node.file_type == stat.S_IFDIR else errno.EINVAL,
                           "not a regular file")
-        direct = self._serve_direct(node, flags)
+        direct = pagecache.serve_direct(node, flags)
         fh = self._open_handle(node, direct, flags)
         if flags & os.O_TRUNC:
             self._changing(node)
             await self._truncate_on_open(node, fh)
-        return self._file_info(node, fh, direct)
+        return pagecache.file_info(node, fh, direct)
 
     async def read(self, fh: int, off: int, size: int) -> bytes:
         try:
@@ -944,11 +884,7 @@ class Operations(pyfuse3.Operations):
                 self._changing(handle.inode)
             written = await vfile.write(off, buf)
             if handle.direct:
-                node = handle.inode
-                if node.killpriv:
-                    self._kill_privileges(node)
-                if node.handles != node.direct_handles:
-                    await self._invalidate_cache(node)
+                await pagecache.after_direct_write(handle.inode)
                 # O_DSYNC/O_SYNC of the open, or RWF_DSYNC/RWF_SYNC of this
                 # write (the shim's bits): stable before the reply
                 sync = max(handle.sync, fh >> fuseshim.FH_SYNC_SHIFT)
@@ -1011,38 +947,6 @@ class Operations(pyfuse3.Operations):
             raise FUSEError(e.errno or errno.EIO) from None
         finally:
             gate.leave()
-
-    def _kill_privileges(self, node: Inode) -> None:
-        """Drop set-id bits and capabilities, as a write must (see :meth:`_serve_direct`).
-
-        The writer's capabilities are unknown here (a FUSE write carries no
-        credentials), so they are dropped even for a writer with CAP_FSETID.
-        """
-        st = backing.fstat(node.path_fd)
-        mode = stat.S_IMODE(st.st_mode)
-        cleared = _without_set_id(mode)
-        if cleared != mode:
-            backing.fchmod(node.path_fd, st.st_mode, cleared)
-        _on_caps(backing.removexattr, node.path_fd)
-        node.no_caps = True
-        node.killpriv = False
-
-    async def _invalidate_cache(self, node: Inode) -> None:
-        """Drop the kernel's page cache of a file that buffered handles also use.
-
-        A ``direct_io`` write passes the kernel's cache by, so a buffered
-        reader holding the file open could read old pages. Recent kernels
-        drop them after such a write themselves (seen on 6.18); older ones,
-        such as Debian 12's 6.1, are not known to, hence this. Only files
-        open both ways pay for it. The notification runs on a thread: the
-        kernel takes page locks that a buffered READ, served by this loop,
-        may be holding.
-        """
-        try:
-            await trio.to_thread.run_sync(pyfuse3.invalidate_inode, node.ino, False)
-        except OSError as e:  # ENOENT: the kernel no longer caches it at all
-            if e.errno != errno.ENOENT:
-                raise
 
     async def flush(self, fh: int) -> None:
         return None  # writes are not buffered in the daemon
@@ -1123,23 +1027,20 @@ class Operations(pyfuse3.Operations):
         self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext
     ) -> None:
         node = self._xattr_target(inode, name)
-        node.no_caps = False
+        pagecache.xattr_changed(node, name, set_=True)
         self._changing(node)
         backing.setxattr(node.path_fd, os.fsdecode(name), value, 0)
-        if name == _CAPS_XATTR and node.direct_handles:
-            node.killpriv = True
 
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
-        node = self._inodes.get(inode)
-        if node is not None and node.no_caps and name == _CAPS_XATTR:
+        if pagecache.known_without(self._inodes.get(inode), name):
             raise FUSEError(pyfuse3.ENOATTR)  # the hot case: one per buffered write
         try:
             node = self._xattr_target(inode, name)
             with self.paths.scope():
                 return backing.getxattr(node.path_fd, os.fsdecode(name))
         except OSError as e:
-            if e.errno == pyfuse3.ENOATTR and name == _CAPS_XATTR:
-                self._inodes[inode].no_caps = True
+            if e.errno == pyfuse3.ENOATTR:
+                pagecache.learned_without(self._inodes[inode], name)
             elif e.errno == errno.EPERM:  # a symlink: it simply has none
                 raise FUSEError(pyfuse3.ENOATTR) from None
             raise FUSEError(e.errno or errno.EIO) from None
@@ -1156,7 +1057,7 @@ class Operations(pyfuse3.Operations):
     @_quiesced
     async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         node = self._xattr_target(inode, name)
-        node.no_caps = False
+        pagecache.xattr_changed(node, name, set_=False)
         self._changing(node)
         backing.removexattr(node.path_fd, os.fsdecode(name))
 

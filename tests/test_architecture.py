@@ -19,7 +19,7 @@ LAYERS: list[set[str]] = [
     {"mirror"},
     {"staging"},
     {"switchover"},
-    {"relocation", "snapshots"},
+    {"relocation", "snapshots", "pagecache"},
     {"fs", "control", "fuseloop", "extraops"},
     {"commands", "nbd"},
     {"daemon"},
