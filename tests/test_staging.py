@@ -10,7 +10,8 @@ from __future__ import annotations
 import os
 import random
 import stat
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
@@ -160,17 +161,10 @@ def describe(root: Path) -> dict[str, object]:
     return out
 
 
-async def run_case(tmp_path: Path, seed: int, steps: int) -> None:
-    rng = random.Random(seed)
-    src_root = tmp_path / "src" / "vm"
-    src_root.mkdir(parents=True)
-    staging = tmp_path / "dst" / "staging"
+@asynccontextmanager
+async def staged_tree(src_root: Path, staging: Path) -> AsyncIterator[tuple[Copier, StagedTree]]:
+    """A copier and a staged tree of *src_root* into *staging* (built), closed after."""
     (staging / "pool").mkdir(parents=True)
-    source = Source(src_root, rng, Journal())
-    for _ in range(30):  # what is there before the relocation starts
-        source.step()
-    source.journal.close()
-    journal = source.journal = Journal()
     files = OpenFiles(None, BLOCK)
     staging_fd = os.open(staging, os.O_PATH)
     pool_fd = os.open(staging / "pool", os.O_PATH)
@@ -179,6 +173,28 @@ async def run_case(tmp_path: Path, seed: int, steps: int) -> None:
     src_fd = os.open(src_root, os.O_PATH)
     try:
         await tree.build(src_fd)
+        yield copier, tree
+    finally:
+        os.close(src_fd)
+        tree.close()
+        for fd in copier.detach():
+            os.close(fd)
+        files.close_all()
+        os.close(pool_fd)
+        os.close(staging_fd)
+
+
+async def run_case(tmp_path: Path, seed: int, steps: int) -> None:
+    rng = random.Random(seed)
+    src_root = tmp_path / "src" / "vm"
+    src_root.mkdir(parents=True)
+    staging = tmp_path / "dst" / "staging"
+    source = Source(src_root, rng, Journal())
+    for _ in range(30):  # what is there before the relocation starts
+        source.step()
+    source.journal.close()
+    journal = source.journal = Journal()
+    async with staged_tree(src_root, staging) as (copier, tree):
 
         async def guest() -> None:
             for _ in range(steps):
@@ -227,14 +243,6 @@ async def run_case(tmp_path: Path, seed: int, steps: int) -> None:
         assert tree.sync_attributes({}) == 0
         assert await tree.flush() == 0
         assert noted <= steps and flushed >= 0
-    finally:
-        os.close(src_fd)
-        tree.close()
-        for fd in copier.detach():
-            os.close(fd)
-        files.close_all()
-        os.close(pool_fd)
-        os.close(staging_fd)
 
 
 @pytest.mark.parametrize("seed", range(12))
@@ -252,18 +260,9 @@ async def test_a_linked_file_outlives_the_directory_of_its_first_name(tmp_path: 
     (src_root / "other").mkdir()
     (src_root / "first" / "f").write_bytes(b"x" * 100)
     os.link(src_root / "first" / "f", src_root / "other" / "g")
-    staging = tmp_path / "dst" / "staging"
-    (staging / "pool").mkdir(parents=True)
     journal = Journal()
     source = Source(src_root, random.Random(0), journal)
-    files = OpenFiles(None, BLOCK)
-    staging_fd = os.open(staging, os.O_PATH)
-    pool_fd = os.open(staging / "pool", os.O_PATH)
-    copier = Copier(files, Gate(), pool_fd, BLOCK)
-    tree = StagedTree(staging_fd, copier, 1)
-    src_fd = os.open(src_root, os.O_PATH)
-    try:
-        await tree.build(src_fd)
+    async with staged_tree(src_root, tmp_path / "dst" / "staging") as (copier, tree):
         await copier.copy_pass(throttle=False)
         st = os.lstat(src_root / "other" / "g")
         key = (st.st_dev, st.st_ino)
@@ -282,12 +281,4 @@ async def test_a_linked_file_outlives_the_directory_of_its_first_name(tmp_path: 
         assert tree.in_tree(key) == ("other", "g")
         assert key in copier.copies  # still copied: a write to it reaches the destination
         await tree.flush()
-        assert describe(staging / TREE) == describe(src_root)
-    finally:
-        os.close(src_fd)
-        tree.close()
-        for fd in copier.detach():
-            os.close(fd)
-        files.close_all()
-        os.close(pool_fd)
-        os.close(staging_fd)
+        assert describe(tmp_path / "dst" / "staging" / TREE) == describe(src_root)
