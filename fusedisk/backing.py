@@ -154,6 +154,39 @@ def futimens(path_fd: int, atime_ns: int | None, mtime_ns: int | None) -> None:
     _check(_libc.utimensat(path_fd, b"", times, AT_EMPTY_PATH | AT_SYMLINK_NOFOLLOW))
 
 
+# -- namespace calls: relative to a directory descriptor, never following a link -----
+
+
+def open_at(dir_fd: int, name: str, flags: int, mode: int = 0o600) -> int:
+    """``openat`` of one name (always ``O_NOFOLLOW | O_CLOEXEC``); the caller closes it."""
+    return os.open(name, flags | os.O_NOFOLLOW | os.O_CLOEXEC, mode, dir_fd=dir_fd)
+
+
+def mkdir_at(dir_fd: int, name: str, mode: int) -> None:
+    os.mkdir(name, mode, dir_fd=dir_fd)
+
+
+def mknod_at(dir_fd: int, name: str, mode: int, rdev: int = 0) -> None:
+    os.mknod(name, mode, rdev, dir_fd=dir_fd)
+
+
+def symlink_at(dir_fd: int, name: str, target: str | bytes) -> None:
+    os.symlink(target, name, dir_fd=dir_fd)
+
+
+def link_at(src_dir_fd: int, src: str, dst_dir_fd: int, name: str) -> None:
+    """A new name *name* in *dst_dir_fd* for *src* (relative to *src_dir_fd*), not followed."""
+    os.link(src, name, src_dir_fd=src_dir_fd, dst_dir_fd=dst_dir_fd, follow_symlinks=False)
+
+
+def unlink_at(dir_fd: int, name: str, *, is_dir: bool = False) -> None:
+    """Remove one name: ``unlinkat``, with ``AT_REMOVEDIR`` for a directory."""
+    if is_dir:
+        os.rmdir(name, dir_fd=dir_fd)
+    else:
+        os.unlink(name, dir_fd=dir_fd)
+
+
 def renameat2(old_dir_fd: int, old: str, new_dir_fd: int, new: str, flags: int) -> None:
     _check(
         _libc.renameat2(old_dir_fd, os.fsencode(old), new_dir_fd, os.fsencode(new), flags)

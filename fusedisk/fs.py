@@ -624,10 +624,7 @@ class Operations(pyfuse3.Operations):
     def _unmake(dir_fd: int, sname: str, mode: int) -> None:
         """Remove an object a failed request made (see :meth:`_created`)."""
         try:
-            if stat.S_ISDIR(mode):
-                os.rmdir(sname, dir_fd=dir_fd)
-            else:
-                os.unlink(sname, dir_fd=dir_fd)
+            backing.unlink_at(dir_fd, sname, is_dir=stat.S_ISDIR(mode))
         except OSError as e:
             log.warning("could not remove %r after a failed create (%s); it stays on the "
                         "store", sname, e.strerror or e)
@@ -642,13 +639,13 @@ class Operations(pyfuse3.Operations):
         self._changing(parent)
         made = True
         try:
-            fd = os.open(sname, os.O_CREAT | os.O_EXCL | os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC,
-                         stat.S_IMODE(mode), dir_fd=dir_fd)
+            fd = backing.open_at(dir_fd, sname, os.O_CREAT | os.O_EXCL | os.O_RDWR,
+                                 stat.S_IMODE(mode))
         except FileExistsError:
             if flags & os.O_EXCL:
                 raise
             # made by someone else since the kernel's lookup: open it as it is
-            fd = os.open(sname, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+            fd = backing.open_at(dir_fd, sname, os.O_RDWR)
             made = False
         backing.close(fd)  # the data path opens its own (shared) descriptor
         inode, attr = await self._created(parent, sname, dir_fd, entry, mode, ctx, made)
@@ -673,7 +670,7 @@ class Operations(pyfuse3.Operations):
         parent = self._inode(parent_inode)
         dir_fd, sname, entry = self._where(parent, name, creating=True)
         self._changing(parent)
-        os.mkdir(sname, stat.S_IMODE(mode), dir_fd=dir_fd)
+        backing.mkdir_at(dir_fd, sname, stat.S_IMODE(mode))
         return (await self._created(parent, sname, dir_fd, entry, stat.S_IFDIR | mode, ctx))[1]
 
     @_errno_edge
@@ -684,7 +681,7 @@ class Operations(pyfuse3.Operations):
         parent = self._inode(parent_inode)
         dir_fd, sname, entry = self._where(parent, name, creating=True)
         self._changing(parent)
-        os.mknod(sname, mode, rdev, dir_fd=dir_fd)
+        backing.mknod_at(dir_fd, sname, mode, rdev)
         return (await self._created(parent, sname, dir_fd, entry, mode, ctx))[1]
 
     @_errno_edge
@@ -695,7 +692,7 @@ class Operations(pyfuse3.Operations):
         parent = self._inode(parent_inode)
         dir_fd, sname, entry = self._where(parent, name, creating=True)
         self._changing(parent)
-        os.symlink(target, sname, dir_fd=dir_fd)
+        backing.symlink_at(dir_fd, sname, target)
         return (await self._created(parent, sname, dir_fd, entry, stat.S_IFLNK | 0o777, ctx))[1]
 
     @_errno_edge
@@ -727,11 +724,9 @@ class Operations(pyfuse3.Operations):
             self._changing_at(dir_fd, sname, entry)  # its nlink changes (another name may stay)
         pinned = self._pin_last_link(dir_fd, sname)
         try:
-            if is_dir:
-                os.rmdir(sname, dir_fd=dir_fd)
-            else:
+            if not is_dir:
                 doomed = self.files.last_link_history(dir_fd, sname)
-                os.unlink(sname, dir_fd=dir_fd)
+            backing.unlink_at(dir_fd, sname, is_dir=is_dir)
         except BaseException:
             self._unpin_last_link(pinned)
             raise

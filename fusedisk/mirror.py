@@ -387,7 +387,7 @@ class Copier:
                       and tracker.file_id == plan.file_id
                       and self.plan_gen in tracker.relocation_marks)
             try:
-                fd = os.open(pool_name, flags | os.O_NOFOLLOW, dir_fd=self.pool_fd)
+                fd = backing.open_at(self.pool_fd, pool_name, flags)
             except FileNotFoundError:
                 fd = -1
             if fd >= 0:
@@ -398,11 +398,10 @@ class Copier:
             log.info("pool file %s is not kept (its source or destination changed): "
                      "copied afresh", pool_name)
             try:
-                os.unlink(pool_name, dir_fd=self.pool_fd)
+                backing.unlink_at(self.pool_fd, pool_name)
             except FileNotFoundError:
                 pass
-        return os.open(pool_name, flags | os.O_CREAT | os.O_EXCL, 0o600,
-                       dir_fd=self.pool_fd), None
+        return backing.open_at(self.pool_fd, pool_name, flags | os.O_CREAT | os.O_EXCL), None
 
     def _resume_file(
         self, copy: FileCopy, plan: FileProgress, changed: Bitmap, allocated: Bitmap

@@ -276,10 +276,10 @@ class Relocation:
                                                self.block_size)
         if found is None:
             await backing.run_blocking(backing.remove_tree, dst.root_fd, staging)
-            os.mkdir(staging, 0o700, dir_fd=dst.root_fd)
+            backing.mkdir_at(dst.root_fd, staging, 0o700)
         self._staging_fd = backing.open_path(dst.root_fd, staging)
         if found is None:
-            os.mkdir("pool", 0o700, dir_fd=self._staging_fd)
+            backing.mkdir_at(self._staging_fd, "pool", 0o700)
         self._pool_fd = backing.open_path(self._staging_fd, "pool")
         copier = self.copier = Copier(self.files, entry.gate, self._pool_fd, self.block_size,
                                       entry.store.root_fd)
@@ -656,7 +656,7 @@ def _prepare_resume(
         if backing.exists_at(staging_fd, _KEEP):  # a crash in a resume: collect from it too
             backing.remove_tree(staging_fd, _KEEP + "-old")
             backing.renameat2(staging_fd, _KEEP, staging_fd, _KEEP + "-old", 0)
-        os.mkdir(_KEEP, 0o700, dir_fd=staging_fd)
+        backing.mkdir_at(staging_fd, _KEEP, 0o700)
         keep_fd = backing.open_path(staging_fd, _KEEP)
         try:
             by_ino = {f.dst_ino: f for f in found.files.values()}

@@ -93,7 +93,7 @@ def _snapshots_fd(store: Store, create: bool) -> int | None:
     except FileNotFoundError:
         if not create:
             return None
-    os.mkdir(SNAPSHOT_DIR, 0o700, dir_fd=store.root_fd)
+    backing.mkdir_at(store.root_fd, SNAPSHOT_DIR, 0o700)
     backing.fsync_dir(store.root_fd)
     return backing.open_path(store.root_fd, SNAPSHOT_DIR)
 
@@ -105,7 +105,7 @@ def _copy_tree(entry: Entry, src_fd: int, st: os.stat_result, dst_dir_fd: int, n
     each regular file's path and key go to *found*. Blocking: run on a worker thread."""
     mode = st.st_mode
     if stat.S_ISDIR(mode):
-        os.mkdir(name, 0o700, dir_fd=dst_dir_fd)
+        backing.mkdir_at(dst_dir_fd, name, 0o700)
         child_dir = backing.open_path(dst_dir_fd, name)
         try:
             for child_name, fd, child_st in children(src_fd):
@@ -116,8 +116,7 @@ def _copy_tree(entry: Entry, src_fd: int, st: os.stat_result, dst_dir_fd: int, n
     elif stat.S_ISREG(mode):
         src = backing.reopen(src_fd, os.O_RDONLY)
         try:
-            dst = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600,
-                          dir_fd=dst_dir_fd)
+            dst = backing.open_at(dst_dir_fd, name, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
             try:
                 try:
                     _clone(src, dst)
@@ -134,9 +133,9 @@ def _copy_tree(entry: Entry, src_fd: int, st: os.stat_result, dst_dir_fd: int, n
             os.close(src)
         found.append((rel, (st.st_dev, st.st_ino)))
     elif stat.S_ISLNK(mode):
-        os.symlink(backing.readlink(src_fd), name, dir_fd=dst_dir_fd)
+        backing.symlink_at(dst_dir_fd, name, backing.readlink(src_fd))
     else:
-        os.mknod(name, mode, st.st_rdev, dir_fd=dst_dir_fd)
+        backing.mknod_at(dst_dir_fd, name, mode, st.st_rdev)
     if not stat.S_ISLNK(mode):
         child = backing.open_path(dst_dir_fd, name)
         try:
@@ -165,14 +164,13 @@ class Snapshots:
         temp = f".tmp-{final}-{os.getpid()}"
         try:
             backing.remove_tree(snaps_fd, temp)
-            os.mkdir(temp, 0o700, dir_fd=snaps_fd)
+            backing.mkdir_at(snaps_fd, temp, 0o700)
             temp_fd = backing.open_path(snaps_fd, temp)
             try:
                 files, pause_ms = await self._take(entry, temp_fd)
                 manifest = {"entry": entry.name, "created": time.time(), "files": files}
                 data = json.dumps(manifest, sort_keys=True).encode()
-                fd = os.open(MANIFEST, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
-                             0o600, dir_fd=temp_fd)
+                fd = backing.open_at(temp_fd, MANIFEST, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
                 try:
                     backing.pwrite_all(fd, data, 0)
                     os.fsync(fd)

@@ -154,7 +154,7 @@ class StagedTree:
         """Stage the whole entry below *src_fd* (its root) for the first time."""
         backing.remove_tree(self.staging_fd, TREE)
         backing.remove_tree(self.staging_fd, LIMBO)
-        os.mkdir(LIMBO, 0o700, dir_fd=self.staging_fd)
+        backing.mkdir_at(self.staging_fd, LIMBO, 0o700)
         self._limbo_fd = backing.open_path(self.staging_fd, LIMBO)
         st = backing.fstat(src_fd)
         key = (st.st_dev, st.st_ino)
@@ -169,15 +169,15 @@ class StagedTree:
         """Make a new staged object for source *key* as *name* in *dir_fd*."""
         mode = st.st_mode
         if stat.S_ISDIR(mode):
-            os.mkdir(name, 0o700, dir_fd=dir_fd)
+            backing.mkdir_at(dir_fd, name, 0o700)
         elif stat.S_ISREG(mode):
             copy = self.copier.copies.get(key) or self.copier.add(src_fd, key)
             backing.renameat2(self.copier.pool_fd, copy.pool_name, dir_fd, name,
                               backing.RENAME_NOREPLACE)
         elif stat.S_ISLNK(mode):
-            os.symlink(backing.readlink(src_fd), name, dir_fd=dir_fd)
+            backing.symlink_at(dir_fd, name, backing.readlink(src_fd))
         else:  # FIFOs, sockets, device nodes
-            os.mknod(name, mode, st.st_rdev, dir_fd=dir_fd)
+            backing.mknod_at(dir_fd, name, mode, st.st_rdev)
         self._place[key] = (parent, name)
         self._names.setdefault(parent, {})[name] = key
         if stat.S_ISDIR(mode):
@@ -223,8 +223,7 @@ class StagedTree:
             self._unsynced_dirs.add(old_parent)
             self._place[key] = (parent, name)
         else:  # another name of an object staged already
-            os.link("/".join(self.path_of(key)), name, src_dir_fd=self.staging_fd,
-                    dst_dir_fd=dir_fd, follow_symlinks=False)
+            backing.link_at(self.staging_fd, "/".join(self.path_of(key)), dir_fd, name)
             self._links.setdefault(key, set()).add((parent, name))
         self._names[parent][name] = key
 
