@@ -141,6 +141,12 @@ def learned_without(node: CachedFile, name: bytes) -> None:
         node.no_caps = True
 
 
+def direct_write_needs_work(node: CachedFile) -> bool:
+    """Whether :func:`after_direct_write` has anything to do (the common answer, no,
+    costs the write path no coroutine)."""
+    return node.killpriv or node.handles != node.direct_handles
+
+
 async def after_direct_write(node: CachedFile) -> None:
     """What a ``direct_io`` write must do that the kernel did not."""
     if node.killpriv:

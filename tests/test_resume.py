@@ -59,6 +59,15 @@ def wait_done(ds: MountedDatastore, timeout_s: float = 180) -> dict[str, Any]:
     return final
 
 
+def crash_part_way(ds: MountedDatastore, percent: int, rate: str) -> None:
+    """Start relocating vm1 to b at *rate* and let the daemon die (kill -9, a
+    failpoint) once *percent* of it is copied; the dead mount stays behind."""
+    ds.start(env={"FUSEDISK_FAILPOINT": f"copied-{percent}"})
+    assert fusedisk("migrate", str(ds.mnt), "vm1", "--to", "b", "--rate", rate,
+                    "--no-wait").returncode == 0
+    assert ds.wait_exit(timeout_s=60) == -signal.SIGKILL
+
+
 def no_leftovers(ds: MountedDatastore) -> None:
     leftovers = [n for s in ds.stores.values() for n in store_names(s) if n.startswith(".fusedisk")]
     assert not leftovers, leftovers
@@ -152,10 +161,7 @@ def test_restart_starts_over_from_zero(tmp_path: Path) -> None:
     ds = MountedDatastore(tmp_path)
     try:
         disk, digest = make_full_vm(ds, disk_mib=16)
-        ds.start(env={"FUSEDISK_FAILPOINT": "copied-50"})
-        assert fusedisk("migrate", str(ds.mnt), "vm1", "--to", "b", "--rate", "2M",
-                        "--no-wait").returncode == 0
-        assert ds.wait_exit(timeout_s=60) == -signal.SIGKILL
+        crash_part_way(ds, 50, "2M")
         ds.start()
         assert job(ds, "vm1")["resumed"]  # 8 MiB left at 2 MiB/s: it runs for a while
         again = fusedisk("migrate", str(ds.mnt), "vm1", "--to", "b")
@@ -210,10 +216,7 @@ def test_a_tampered_destination_still_ends_with_the_right_data(
     ds = MountedDatastore(tmp_path)
     try:
         disk, digest = make_full_vm(ds, disk_mib=16)
-        ds.start(env={"FUSEDISK_FAILPOINT": "copied-60"})
-        assert fusedisk("migrate", str(ds.mnt), "vm1", "--to", "b", "--rate", "8M",
-                        "--no-wait").returncode == 0
-        assert ds.wait_exit(timeout_s=60) == -signal.SIGKILL
+        crash_part_way(ds, 60, "8M")
         staged = ds.stores["b"] / ".fusedisk-reloc-vm1" / "tree" / "disk0.img"
         assert staged.exists()
         if tamper == "removed":

@@ -154,16 +154,22 @@ def test_unsupported_modes_get_eopnotsupp(datastore: MountedDatastore) -> None:
         os.close(fd)
 
 
+def qemu_image_with_data(datastore: MountedDatastore) -> tuple[Path, Path]:
+    """A 64 MiB raw image vm/disk.img on the mount, its first 16 MiB written by
+    qemu-io (cache=none); the image's path, and its file on the store."""
+    (datastore.mnt / "vm").mkdir()
+    image = datastore.mnt / "vm" / "disk.img"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "raw", str(image), "64M"], check=True)
+    subprocess.run(["qemu-io", "-f", "raw", "-t", "none", "-c", "write -P 0xab 0 16M",
+                    str(image)], check=True, capture_output=True)
+    return image, datastore.stores["a"] / "vm" / "disk.img"
+
+
 def test_qemu_discard_frees_the_store_and_is_tracked(datastore: MountedDatastore) -> None:
     """qemu-io discard shrinks the store file; qemu-img map through the mount is the
     store file's map; ``cbt changes --since`` lists the discarded extent."""
     require_tools("qemu-io", "qemu-img")
-    (datastore.mnt / "vm").mkdir()
-    image = datastore.mnt / "vm" / "disk.img"
-    store_file = datastore.stores["a"] / "vm" / "disk.img"
-    subprocess.run(["qemu-img", "create", "-q", "-f", "raw", str(image), "64M"], check=True)
-    subprocess.run(["qemu-io", "-f", "raw", "-t", "none", "-c", "write -P 0xab 0 16M",
-                    str(image)], check=True, capture_output=True)
+    image, store_file = qemu_image_with_data(datastore)
     blocks = store_file.stat().st_blocks
     assert blocks * 512 >= 16 * MiB
     since = checkpoint(datastore, "vm/disk.img")
@@ -472,12 +478,7 @@ def test_qemu_detect_zeroes_unmap_punches_zero_writes(datastore: MountedDatastor
     """With ``discard=unmap,detect-zeroes=unmap`` QEMU turns a guest's zero write
     into a discard, which now reaches the store (before, it wrote the zeros)."""
     require_tools("qemu-io", "qemu-img")
-    (datastore.mnt / "vm").mkdir()
-    image = datastore.mnt / "vm" / "disk.img"
-    store_file = datastore.stores["a"] / "vm" / "disk.img"
-    subprocess.run(["qemu-img", "create", "-q", "-f", "raw", str(image), "64M"], check=True)
-    subprocess.run(["qemu-io", "-f", "raw", "-t", "none", "-c", "write -P 0xab 0 16M",
-                    str(image)], check=True, capture_output=True)
+    image, store_file = qemu_image_with_data(datastore)
     full = store_file.stat().st_blocks * 512
     opts = (f"driver=raw,file.driver=file,file.filename={image},file.discard=unmap,"
             "detect-zeroes=unmap")
