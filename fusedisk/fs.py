@@ -878,8 +878,9 @@ class Operations(pyfuse3.Operations):
             if handle.inode.kept_ctime_ns is not None:
                 self._changing(handle.inode)
             written = await vfile.write(off, buf)
-            if handle.direct and pagecache.direct_write_needs_work(handle.inode):
-                await pagecache.after_direct_write(handle.inode)
+            if handle.direct:
+                if pagecache.direct_write_needs_work(handle.inode):
+                    await pagecache.after_direct_write(handle.inode)
                 # O_DSYNC/O_SYNC of the open, or RWF_DSYNC/RWF_SYNC of this
                 # write (the shim's bits): stable before the reply
                 sync = max(handle.sync, fh >> fuseshim.FH_SYNC_SHIFT)
