@@ -457,8 +457,9 @@ class Rate(Request[Job]):
 
 @dataclass(frozen=True, slots=True)
 class Watch(Request[None]):
-    """Events: the job, whenever it changed (at most every ``WATCH_INTERVAL_S``), the last
-    one final. The stream ends after the final event."""
+    """Events: the job, whenever it changed (at once when its state changes, otherwise
+    at most every ``WATCH_INTERVAL_S``), the last one final. The stream ends after the
+    final event."""
 
     command: ClassVar[str] = "watch"
     summary: ClassVar[str] = "a stream of a job's progress, until it ends"

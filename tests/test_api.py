@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from fusedisk import api, mountinfo
+from fusedisk import api, lifecycle, mountinfo
 from fusedisk.config import MAX_PAUSE_MS, MAX_RATE, MIN_PAUSE_MS
 from fusedisk.errors import ControlError
 
@@ -156,7 +156,9 @@ def test_final_active_and_cancellable_states_partition_the_states() -> None:
 def _doc_commands() -> dict[str, str]:
     """cmd → its arguments cell, from the document's command table."""
     rows = {}
-    for line in DOC.read_text().splitlines():
+    text = DOC.read_text()
+    text = text[:text.index("<!-- lifecycle tables: begin -->")]  # those rows are states
+    for line in text.splitlines():
         m = re.match(r"\| (`[a-z-]+`(?:, `[a-z-]+`)*) \| ([^|]*) \|", line)
         if m:
             for cmd in re.findall(r"`([a-z-]+)`", m[1]):
@@ -182,6 +184,15 @@ def test_the_protocol_document_names_every_job_field_and_state() -> None:
     wire = set(_job(random.Random(0)).to_wire())
     assert wire <= named, wire - named
     assert {s.value for s in api.State} <= named
+
+
+def test_the_protocol_document_shows_the_lifecycle_tables_of_the_code() -> None:
+    """The transition and command tables of docs/control-protocol.md are the code's."""
+    text = DOC.read_text()
+    begin, end = "<!-- lifecycle tables: begin -->\n", "\n<!-- lifecycle tables: end -->"
+    shown = text[text.index(begin) + len(begin):text.index(end)]
+    assert shown == lifecycle.markdown(), "run: python -c 'from fusedisk import lifecycle; " \
+        "print(lifecycle.markdown())' and paste it into the document"
 
 
 # -- the mount table ---------------------------------------------------------------------
