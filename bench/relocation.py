@@ -229,7 +229,7 @@ def relocate(context: ScenarioContext, mount: Mounted, tag: str, size: int,
     series = _series(observed, migration.started)
     last_seen = next((job for _, job, _ in reversed(observed) if job is not None), None)
     final_job = job_of(final_status, ENTRY)
-    if final_job is None or final_job.get("state") != "done":
+    if final_job is None or final_job.get("state") != api.State.DONE:
         final_job = {**(last_seen or {}), **(final_job or {})} or None
     placement = (final_status.get("placement") or {}).get(ENTRY)
     if placement != DEST:
@@ -516,7 +516,7 @@ def switch_window(moved: Relocation) -> tuple[float, float]:
         if job.get("state") in api.PRE_SWITCH_STATES:
             start = max(start, t)
     for t, job, _ in moved.observed:
-        if start < t <= moved.ended and job is not None and job.get("state") == "done":
+        if start < t <= moved.ended and job is not None and job.get("state") == api.State.DONE:
             end = min(end, t)
     return start, end
 

@@ -480,6 +480,20 @@ class Datastore:
         staging = staging_name(name)
         phase = reloc.get("phase")
         if phase == Phase.COMMITTED:
+            if not (backing.exists_at(dst.root_fd, staging + "/tree")
+                    or backing.exists_at(dst.root_fd, name)):
+                # neither the staged tree nor its renamed copy: the destination is not
+                # what the commit left (a store not mounted, or restored from a
+                # backup). The source is all there is: it is served, and stays the
+                # truth (the record ends, so that no later mount removes it); a copy
+                # that turns up on the destination later is ignored, not merged.
+                log.error(
+                    "relocation of %r from %r to %r was committed, but %r holds neither the "
+                    "staged tree nor the entry (is %s the store's right directory, and "
+                    "mounted?); serving the old copy on %r, which stays the truth; nothing "
+                    "was removed", name, src.name, dst.name, dst.name, dst.path, src.name,
+                )
+                return
             if backing.exists_at(dst.root_fd, staging + "/tree"):
                 staging_fd = backing.open_path(dst.root_fd, staging)
                 try:
