@@ -57,7 +57,7 @@ class Commands:
 
     def table(self) -> dict[str, control.Command]:
         """Every command of ``api.REQUESTS``, each with its handler."""
-        handlers: dict[type[api.Request[Any]], Any] = {
+        handlers: dict[type[api.Request[object]], Any] = {
             api.Status: self.status,
             api.Locate: self.locate,
             api.Migrate: self.migrate,
@@ -99,7 +99,7 @@ class Commands:
 
     # -- relocation ---------------------------------------------------------------------
 
-    async def migrate(self, request: api.Migrate) -> dict[str, Any]:
+    async def migrate(self, request: api.Migrate) -> api.JobWire:
         entry = self._entry(request.entry)
         dst = self.datastore.stores.get(request.to)
         if dst is None:
@@ -125,7 +125,7 @@ class Commands:
 
     async def job_command(
         self, request: api.Pause | api.Resume | api.Cancel | api.Rate
-    ) -> dict[str, Any]:
+    ) -> api.JobWire:
         job = self._job(request.entry, request.job)
         command = _COMMAND[type(request)]
         _check(job.life.answer(command), request.entry, request.job)
@@ -244,7 +244,7 @@ class Commands:
 
 
 #: The command of the lifecycle table each job request is.
-_COMMAND: dict[type[api.Request[Any]], Command] = {
+_COMMAND: dict[type[api.Request[object]], Command] = {
     api.Pause: Command.PAUSE, api.Resume: Command.RESUME, api.Rate: Command.RATE,
     api.Cancel: Command.CANCEL,
 }
@@ -258,10 +258,10 @@ def _check(answer: Answer, entry: str, job_id: str | None = None) -> None:
         raise api.RequestError(answer.code, answer.text(entry=entry, what=what))
 
 
-async def _progress(job: Relocation) -> AsyncIterator[dict[str, Any]]:
+async def _progress(job: Relocation) -> AsyncIterator[api.JobWire]:
     """*job* now, then whenever it changed: at once when its state moves (the lifecycle's
     ``changed``), otherwise at most every WATCH_INTERVAL_S; the last event is final."""
-    last: dict[str, Any] | None = None
+    last: dict[str, object] | None = None
     while True:
         finished = job.finished.is_set()
         now = job.statistics().to_wire()

@@ -139,6 +139,7 @@ def test_jobs_round_trip_through_their_wire_form(seed: int) -> None:
         wire = json.loads(json.dumps(job.to_wire()))
         assert {"from", "to", "pass", "id"} <= set(wire)
         assert api.Job.from_wire(wire) == job
+        assert set(wire) == set(api.JobWire.__annotations__)  # the wire type is the wire
         assert job.final == (job.state in {api.State.DONE, api.State.FAILED,
                                            api.State.CANCELLED, api.State.SUSPENDED})
         wire.pop(rng.choice(sorted(wire)))

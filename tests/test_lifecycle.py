@@ -252,7 +252,7 @@ def request_of(command: Command, job: Relocation) -> api.Request[object]:
         Command.RATE: api.Rate(entry="vm1", rate=12345, job=job.id),
         Command.CANCEL: api.Cancel(entry="vm1", job=job.id),
         Command.WATCH: api.Watch(entry="vm1", job=job.id),
-    }[command]  # type: ignore[return-value]
+    }[command]
 
 
 async def send(rig: Rig, request: api.Request[object]) -> object:
@@ -353,7 +353,7 @@ async def test_random_commands_follow_the_table(
             request: api.Request[object] = request_of(command, job)
             if command == Command.RATE:
                 new_rate = rng.choice([SLOW, 4 * SLOW, 0])
-                request = api.Rate(entry="vm1", rate=new_rate, job=job.id)  # type: ignore[assignment]
+                request = api.Rate(entry="vm1", rate=new_rate, job=job.id)
             try:
                 result = await send(rig, request)
             except api.RequestError as e:
