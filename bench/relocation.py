@@ -731,7 +731,7 @@ def relocate_outrun(context: ScenarioContext) -> Outcome:
     samples = read_iops_log(Path(f"{run_log}_iops.1.log"))
     during_iops = _window_mean(samples, moved.started_unix, moved.ended_unix, log_ms / 1000)
     write_mbps = during_iops * 65536 / 1e6 if during_iops is not None else None
-    mirrored = "mirroring" in moved.states
+    mirrored = api.State.MIRRORING in moved.states
     summary = {"disk_bytes": size, "rate": OUTRUN_RATE, "writer_mbps_during": write_mbps,
                "writer_mbps_whole_run": writer_json["jobs"][0]["write"]["bw_bytes"] / 1e6,
                "mirroring_seen": mirrored, "timeout_s": timeout_s, **moved.summary()}
