@@ -10,6 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from fusedisk import api
+
 _MIB = 2**20
 
 
@@ -80,7 +82,7 @@ def relocation_chart(name: str, data: dict[str, Any], out_dir: Path) -> dict[str
                 middle.annotate(f"pass {p['pass']}", (p["t"], 0), fontsize=7, rotation=90,
                                 xytext=(2, 2), textcoords="offset points")
                 previous = p.get("pass")
-            if p.get("state") == "mirroring":
+            if p.get("state") == api.State.MIRRORING:
                 middle.axvspan(p["t"] - 0.25, p["t"] + 0.25, color="tab:purple", alpha=0.1)
         middle.legend(fontsize=8)
     middle.axvspan(0, end, color="tab:orange", alpha=0.08)

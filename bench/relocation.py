@@ -229,7 +229,7 @@ def relocate(context: ScenarioContext, mount: Mounted, tag: str, size: int,
     series = _series(observed, migration.started)
     last_seen = next((job for _, job, _ in reversed(observed) if job is not None), None)
     final_job = job_of(final_status, ENTRY)
-    if final_job is None or final_job.get("state") != "done":
+    if final_job is None or final_job.get("state") != api.State.DONE:
         final_job = {**(last_seen or {}), **(final_job or {})} or None
     placement = (final_status.get("placement") or {}).get(ENTRY)
     if placement != DEST:
@@ -516,7 +516,7 @@ def switch_window(moved: Relocation) -> tuple[float, float]:
         if job.get("state") in api.PRE_SWITCH_STATES:
             start = max(start, t)
     for t, job, _ in moved.observed:
-        if start < t <= moved.ended and job is not None and job.get("state") == "done":
+        if start < t <= moved.ended and job is not None and job.get("state") == api.State.DONE:
             end = min(end, t)
     return start, end
 
@@ -731,7 +731,7 @@ def relocate_outrun(context: ScenarioContext) -> Outcome:
     samples = read_iops_log(Path(f"{run_log}_iops.1.log"))
     during_iops = _window_mean(samples, moved.started_unix, moved.ended_unix, log_ms / 1000)
     write_mbps = during_iops * 65536 / 1e6 if during_iops is not None else None
-    mirrored = "mirroring" in moved.states
+    mirrored = api.State.MIRRORING in moved.states
     summary = {"disk_bytes": size, "rate": OUTRUN_RATE, "writer_mbps_during": write_mbps,
                "writer_mbps_whole_run": writer_json["jobs"][0]["write"]["bw_bytes"] / 1e6,
                "mirroring_seen": mirrored, "timeout_s": timeout_s, **moved.summary()}

@@ -22,6 +22,7 @@ from typing import Any
 from bench import fusedisk_cli
 from bench.context import Outcome, ScenarioContext, median, number, say, target_check
 from bench.errors import BenchError
+from fusedisk import api
 
 ENTRY = "vm1"
 #: file counts: (full run, quick run)
@@ -103,7 +104,7 @@ def switchover_scale(context: ScenarioContext) -> Outcome:
                             "migrate", str(mount.mountpoint), ENTRY, "--to", dest,
                             "--max-pause", str(BUDGET_MS), "--json", timeout_s=1800)
                         job = json.loads(out)
-                        if job.get("state") != "done" or job.get("pause_ms") is None:
+                        if job.get("state") != api.State.DONE or job.get("pause_ms") is None:
                             raise BenchError(f"relocation of {files} files ended {job}")
                         steps = _steps(mount.daemon.log_path)
                         pauses.append(float(job["pause_ms"]))

@@ -21,7 +21,7 @@ import enum
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Generic, TypeVar
+from typing import Any, ClassVar, Generic, TypedDict, TypeVar, cast
 
 from .config import MAX_PAUSE_MS, MAX_RATE, MAX_STALL_TIMEOUT_S, MIN_PAUSE_MS
 from .errors import ControlError
@@ -80,7 +80,16 @@ class RequestError(Exception):
         self.code = code
 
 
-_REQUIRED: Any = object()
+class _Required(enum.Enum):
+    """The default of an argument that has none: it must be in the request."""
+
+    REQUIRED = enum.auto()
+
+
+_REQUIRED = _Required.REQUIRED
+T = TypeVar("T")
+#: A JSON object as the wire carries it: its consumer checks each value it reads.
+JSONObject = dict[str, Any]
 
 
 def _bad(key: str, what: str) -> RequestError:
@@ -94,30 +103,33 @@ def check_args(request: Mapping[str, object], *allowed: str) -> None:
         raise RequestError("bad-argument", f"unknown argument {unknown[0]!r}")
 
 
-def _get(request: Mapping[str, object], key: str, default: Any) -> Any:
-    if key in request:
-        return request[key]
-    if default is _REQUIRED:
+def _default(key: str, default: T | _Required) -> T:
+    """An absent argument's value: *default*, or ``bad-argument`` if it has none."""
+    if isinstance(default, _Required):
         raise _bad(key, "is missing")
     return default
 
 
-def str_arg(request: Mapping[str, object], key: str, default: Any = _REQUIRED) -> Any:
+def str_arg(
+    request: Mapping[str, object], key: str, default: T | _Required = _REQUIRED
+) -> str | T:
     """A string argument (or *default*, which may be any value, when absent)."""
-    value = _get(request, key, default)
-    if key in request and not isinstance(value, str):
+    if key not in request:
+        return _default(key, default)
+    value = request[key]
+    if not isinstance(value, str):
         raise _bad(key, "must be a string")
     return value
 
 
 def int_arg(
-    request: Mapping[str, object], key: str, default: Any = _REQUIRED,
+    request: Mapping[str, object], key: str, default: T | _Required = _REQUIRED,
     *, minimum: int | None = None, maximum: int | None = None,
-) -> Any:
+) -> int | T:
     """An integer argument within [*minimum*, *maximum*]; booleans are not integers."""
-    value = _get(request, key, default)
     if key not in request:
-        return value
+        return _default(key, default)
+    value = request[key]
     if not isinstance(value, int) or isinstance(value, bool):
         raise _bad(key, "must be an integer")
     if minimum is not None and value < minimum:
@@ -127,21 +139,25 @@ def int_arg(
     return value
 
 
-def bool_arg(request: Mapping[str, object], key: str, default: Any = _REQUIRED) -> Any:
-    value = _get(request, key, default)
-    if key in request and not isinstance(value, bool):
+def bool_arg(
+    request: Mapping[str, object], key: str, default: T | _Required = _REQUIRED
+) -> bool | T:
+    if key not in request:
+        return _default(key, default)
+    value = request[key]
+    if not isinstance(value, bool):
         raise _bad(key, "must be true or false")
     return value
 
 
 def size_arg(
-    request: Mapping[str, object], key: str, default: Any = _REQUIRED,
+    request: Mapping[str, object], key: str, default: T | _Required = _REQUIRED,
     *, maximum: int | None = None,
-) -> Any:
+) -> int | T:
     """A byte count up to *maximum*: a non-negative integer, or a string such as ``"64M"``."""
-    value = _get(request, key, default)
     if key not in request:
-        return value
+        return _default(key, default)
+    value = request[key]
     if isinstance(value, str):
         try:
             value = parse_size(value)
@@ -173,8 +189,7 @@ def check_name(name: str, key: str = "entry") -> str:
 
 def entry_arg(request: Mapping[str, object], key: str = "entry") -> str:
     """The name of a top-level entry (a VM home): syntax only; the caller checks it exists."""
-    name: str = str_arg(request, key)
-    return check_name(name, key)
+    return check_name(str_arg(request, key), key)
 
 
 def path_arg(request: Mapping[str, object], key: str = "path") -> tuple[str, ...]:
@@ -185,7 +200,7 @@ def path_arg(request: Mapping[str, object], key: str = "path") -> tuple[str, ...
     outside the entry it starts with. Symlinks are not resolved here: a
     handler must open the components without following links.
     """
-    path: str = str_arg(request, key)
+    path = str_arg(request, key)
     if path.startswith("/"):
         raise _bad(key, "must be relative to the mountpoint")
     parts = tuple(path.split("/"))
@@ -194,67 +209,75 @@ def path_arg(request: Mapping[str, object], key: str = "path") -> tuple[str, ...
     return parts
 
 
-def mode_arg(request: Mapping[str, object], key: str, default: Any = _REQUIRED) -> Any:
-    value = str_arg(request, key, default)
-    if key in request and value not in {m.value for m in Mode}:
+def mode_arg(
+    request: Mapping[str, object], key: str, default: T | _Required = _REQUIRED
+) -> Mode | T:
+    if key not in request:
+        return _default(key, default)
+    value = str_arg(request, key)
+    if value not in {m.value for m in Mode}:
         raise _bad(key, "must be one of " + ", ".join(m.value for m in Mode))
-    return Mode(value) if isinstance(value, str) else value
+    return Mode(value)
 
 
 # -- requests -------------------------------------------------------------------------
 
 #: How one argument is read from a request: (request, key, default) → value.
-Check = Callable[[Mapping[str, object], str, Any], Any]
+Check = Callable[[Mapping[str, object], str, object], object]
 
 
-def _arg(check: Check, default: Any = dataclasses.MISSING, doc: str = "") -> Any:
-    """A request field: its check, its default (none: the argument is required), its doc."""
+def _arg(check: Check, default: object = dataclasses.MISSING, doc: str = "") -> Any:
+    """A request field: its check, its default (none: the argument is required), its doc.
+
+    ``Any``: a dataclass field stands for a value of the field's own type."""
     meta = {"check": check, "doc": doc}
     if default is dataclasses.MISSING:
         return field(metadata=meta)
     return field(default=default, metadata=meta)
 
 
-def _entry_check(request: Mapping[str, object], key: str, default: Any) -> Any:
+def _entry_check(request: Mapping[str, object], key: str, default: object) -> object:
     return entry_arg(request, key)
 
 
-def _path_check(request: Mapping[str, object], key: str, default: Any) -> Any:
+def _path_check(request: Mapping[str, object], key: str, default: object) -> object:
     return "/".join(path_arg(request, key))
 
 
-def _rate_check(request: Mapping[str, object], key: str, default: Any) -> Any:
+def _rate_check(request: Mapping[str, object], key: str, default: object) -> object:
     return size_arg(request, key, default, maximum=MAX_RATE)
 
 
-def _pause_check(request: Mapping[str, object], key: str, default: Any) -> Any:
+def _pause_check(request: Mapping[str, object], key: str, default: object) -> object:
     return int_arg(request, key, default, minimum=MIN_PAUSE_MS, maximum=MAX_PAUSE_MS)
 
 
-def _offset_check(request: Mapping[str, object], key: str, default: Any) -> Any:
+def _offset_check(request: Mapping[str, object], key: str, default: object) -> object:
     return size_arg(request, key, default, maximum=MAX_FILE_SIZE)
 
 
-def _length_check(request: Mapping[str, object], key: str, default: Any) -> Any:
+def _length_check(request: Mapping[str, object], key: str, default: object) -> object:
     value = size_arg(request, key, default, maximum=MAX_FILE_SIZE)
     if value == 0:
         raise _bad(key, "must be at least 1")
     return value
 
 
-def _stall_check(request: Mapping[str, object], key: str, default: Any) -> Any:
+def _stall_check(request: Mapping[str, object], key: str, default: object) -> object:
     return int_arg(request, key, default, minimum=0, maximum=MAX_STALL_TIMEOUT_S)
 
 
-def _job_check(request: Mapping[str, object], key: str, default: Any) -> Any:
-    value = str_arg(request, key, default)
-    if key in request and not (value and len(value) <= 64 and value.isalnum()):
+def _job_check(request: Mapping[str, object], key: str, default: object) -> object:
+    if key not in request:
+        return _default(key, default)
+    value = str_arg(request, key)
+    if not (value and len(value) <= 64 and value.isalnum()):
         raise _bad(key, "is not a job id")
     return value
 
 
-R = TypeVar("R")
-Q = TypeVar("Q", bound="Request[Any]")
+R = TypeVar("R", covariant=True)
+Q = TypeVar("Q", bound="Request[object]")
 
 
 @dataclass(frozen=True, slots=True)
@@ -295,18 +318,18 @@ class Request(Generic[R]):
         raise NotImplementedError
 
 
-def _object(result: object) -> dict[str, Any]:
+def _object(result: object) -> JSONObject:
     if not isinstance(result, dict):
         raise ControlError("the daemon sent a reply of the wrong shape")
     return result
 
 
 @dataclass(frozen=True, slots=True)
-class Status(Request[dict[str, Any]]):
+class Status(Request[JSONObject]):
     command: ClassVar[str] = "status"
     summary: ClassVar[str] = "the datastore: stores, placement, counters, jobs, health"
 
-    def reply(self, result: object) -> dict[str, Any]:
+    def reply(self, result: object) -> JSONObject:
         return _object(result)
 
 
@@ -325,6 +348,19 @@ class Locate(Request[Location]):
 
     def reply(self, result: object) -> Location:
         return _build(Location, result)
+
+
+#: A job on the wire (:meth:`Job.to_wire`): JSON's types, and the names ``from``,
+#: ``to`` and ``pass`` (keywords in Python).
+JobWire = TypedDict("JobWire", {
+    "id": str, "entry": str, "from": str, "to": str, "state": str, "paused": bool,
+    "mode": str, "pass": int, "files": int, "bytes_total": int, "bytes_copied": int,
+    "dirty_bytes": int, "copy_rate": float, "dirty_rate": float, "rate_limit": int,
+    "eta_s": float | None, "progress": float, "mirroring": bool, "mirrored": bool,
+    "pause_ms": float | None, "elapsed_s": float, "error": str | None, "attempts": int,
+    "last_estimate_ms": float | None, "last_abandoned": str | None, "resumed": bool,
+    "resumed_bytes": int, "stall_timeout_s": float,
+})
 
 
 @dataclass(frozen=True, slots=True)
@@ -368,11 +404,11 @@ class Job:
     def final(self) -> bool:
         return self.state in FINAL_STATES
 
-    def to_wire(self) -> dict[str, Any]:
+    def to_wire(self) -> JobWire:
         out = dataclasses.asdict(self)
         out["state"], out["mode"] = str(self.state), str(self.mode)
         out["from"], out["to"], out["pass"] = out.pop("src"), out.pop("dst"), out.pop("pass_no")
-        return out
+        return cast(JobWire, out)  # the same keys: test_api checks it
 
     @classmethod
     def from_wire(cls, result: object) -> Job:
@@ -385,7 +421,7 @@ class Job:
         return _build(cls, raw)
 
 
-def _build(cls: type[R], result: object) -> R:
+def _build(cls: type[T], result: object) -> T:
     """*cls* from a reply object; its keys must be exactly *cls*'s fields."""
     raw = _object(result)
     names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
@@ -457,8 +493,9 @@ class Rate(Request[Job]):
 
 @dataclass(frozen=True, slots=True)
 class Watch(Request[None]):
-    """Events: the job, whenever it changed (at most every ``WATCH_INTERVAL_S``), the last
-    one final. The stream ends after the final event."""
+    """Events: the job, whenever it changed (at once when its state changes, otherwise
+    at most every ``WATCH_INTERVAL_S``), the last one final. The stream ends after the
+    final event."""
 
     command: ClassVar[str] = "watch"
     summary: ClassVar[str] = "a stream of a job's progress, until it ends"
@@ -511,12 +548,12 @@ class CbtChanges(Request[Changes]):
 
 
 @dataclass(frozen=True, slots=True)
-class CbtInfo(Request[dict[str, Any]]):
+class CbtInfo(Request[JSONObject]):
     command: ClassVar[str] = "cbt-info"
     summary: ClassVar[str] = "a file's tracking state: block size, size, change ids, counters"
     path: str = _arg(_path_check)
 
-    def reply(self, result: object) -> dict[str, Any]:
+    def reply(self, result: object) -> JSONObject:
         return _object(result)
 
 
@@ -524,50 +561,52 @@ class CbtInfo(Request[dict[str, Any]]):
 SNAPSHOT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 
-def _snapshot_name_check(request: Mapping[str, object], key: str, default: Any) -> Any:
-    value = str_arg(request, key, default)
-    if key in request and not SNAPSHOT_NAME.fullmatch(value):
+def _snapshot_name_check(request: Mapping[str, object], key: str, default: object) -> object:
+    if key not in request:
+        return _default(key, default)
+    value = str_arg(request, key)
+    if not SNAPSHOT_NAME.fullmatch(value):
         raise _bad(key, f"{value!r} must be 1-64 letters, digits, '.', '_' or '-', starting "
                    "with a letter or digit")
     return value
 
 
 @dataclass(frozen=True, slots=True)
-class SnapshotCreate(Request[dict[str, Any]]):
+class SnapshotCreate(Request[JSONObject]):
     command: ClassVar[str] = "snapshot-create"
     summary: ClassVar[str] = "a point-in-time snapshot of every file of an entry"
     entry: str = _arg(_entry_check)
     name: str = _arg(_snapshot_name_check)
 
-    def reply(self, result: object) -> dict[str, Any]:
+    def reply(self, result: object) -> JSONObject:
         return _object(result)
 
 
 @dataclass(frozen=True, slots=True)
-class SnapshotList(Request[list[dict[str, Any]]]):
+class SnapshotList(Request[list[JSONObject]]):
     command: ClassVar[str] = "snapshot-list"
     summary: ClassVar[str] = "the snapshots (of one entry, or all)"
     entry: str | None = _arg(lambda r, k, d: entry_arg(r, k) if k in r else d, None)
 
-    def reply(self, result: object) -> list[dict[str, Any]]:
+    def reply(self, result: object) -> list[JSONObject]:
         if not isinstance(result, list) or not all(isinstance(s, dict) for s in result):
             raise ControlError("the daemon sent a reply of the wrong shape")
         return result
 
 
 @dataclass(frozen=True, slots=True)
-class SnapshotDelete(Request[dict[str, Any]]):
+class SnapshotDelete(Request[JSONObject]):
     command: ClassVar[str] = "snapshot-delete"
     summary: ClassVar[str] = "delete a snapshot"
     entry: str = _arg(_entry_check)
     name: str = _arg(_snapshot_name_check)
 
-    def reply(self, result: object) -> dict[str, Any]:
+    def reply(self, result: object) -> JSONObject:
         return _object(result)
 
 
 #: Every command, by name.
-REQUESTS: dict[str, type[Request[Any]]] = {
+REQUESTS: dict[str, type[Request[object]]] = {
     cls.command: cls
     for cls in (Status, Locate, Migrate, Pause, Resume, Cancel, Rate, Watch,
                 CbtCheckpoint, CbtChanges, CbtInfo, SnapshotCreate, SnapshotList,

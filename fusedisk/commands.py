@@ -21,6 +21,7 @@ import trio
 from . import __version__, api, backing, control, fuseshim
 from .cbt import ChangeIdError
 from .datastore import Datastore, Entry
+from .lifecycle import NO_JOB, Answer, Command
 from .relocation import Options, Relocation, RelocationError, Relocator
 from .snapshots import SnapshotError, Snapshots
 from .vdisk import OpenFiles, VFile
@@ -56,7 +57,7 @@ class Commands:
 
     def table(self) -> dict[str, control.Command]:
         """Every command of ``api.REQUESTS``, each with its handler."""
-        handlers: dict[type[api.Request[Any]], Any] = {
+        handlers: dict[type[api.Request[object]], Any] = {
             api.Status: self.status,
             api.Locate: self.locate,
             api.Migrate: self.migrate,
@@ -98,7 +99,7 @@ class Commands:
 
     # -- relocation ---------------------------------------------------------------------
 
-    async def migrate(self, request: api.Migrate) -> dict[str, Any]:
+    async def migrate(self, request: api.Migrate) -> api.JobWire:
         entry = self._entry(request.entry)
         dst = self.datastore.stores.get(request.to)
         if dst is None:
@@ -109,13 +110,13 @@ class Commands:
                           max_pause_ms=request.max_pause_ms, keep_source=request.keep_source,
                           stall_timeout_s=request.stall_timeout_s)
         current = self.relocator.jobs.get(entry.name)
-        if request.restart and current is not None and not current.finished.is_set():
-            # start over: the running (say, resumed) job and its copy go first
-            if not current.cancel():
-                raise api.RequestError(
-                    "too-late", f"the relocation of {entry.name!r} is already switching "
-                    "over; it will complete")
-            await current.finished.wait()
+        if request.restart and current is not None:
+            _check(current.life.answer(Command.RESTART), entry.name)
+            if not current.finished.is_set():
+                # start over: the running (say, resumed) job and its copy go first
+                if not current.cancel():  # the state moved on since the table's answer
+                    _check(current.life.answer(Command.RESTART), entry.name)
+                await current.finished.wait()
         try:
             job = self.relocator.start(entry, dst, options)
         except RelocationError as e:
@@ -124,31 +125,32 @@ class Commands:
 
     async def job_command(
         self, request: api.Pause | api.Resume | api.Cancel | api.Rate
-    ) -> dict[str, Any]:
-        job = self._job(request.entry, request.job, running=True)
+    ) -> api.JobWire:
+        job = self._job(request.entry, request.job)
+        command = _COMMAND[type(request)]
+        _check(job.life.answer(command), request.entry, request.job)
         if isinstance(request, api.Pause):
             job.pause()
         elif isinstance(request, api.Resume):
             job.resume()
         elif isinstance(request, api.Rate):
             job.set_rate(request.rate)
-        elif not job.cancel():  # the switchover began: it will not be undone
-            raise api.RequestError(
-                "too-late", f"the relocation of {request.entry!r} is already switching over; "
-                "it will complete")
+        elif not job.cancel():  # the table said yes: the state moved on since
+            _check(job.life.answer(command), request.entry, request.job)
         return job.statistics().to_wire()
 
     async def watch(self, request: api.Watch) -> control.Stream:
         """The job's progress as events, the last one final (a finished job: that one only)."""
-        job = self._job(request.entry, request.job, running=False)
+        job = self._job(request.entry, request.job)
+        _check(job.life.answer(Command.WATCH), request.entry, request.job)
         return control.Stream(_progress(job))
 
-    def _job(self, name: str, job_id: str | None, *, running: bool) -> Relocation:
+    def _job(self, name: str, job_id: str | None) -> Relocation:
+        """The entry's job (the one named *job_id*); ``no-job`` if there is none."""
         job = self.relocator.jobs.get(name)
-        if job is None or (job_id is not None and job.id != job_id) or (
-                running and job.finished.is_set()):
-            what = f"job {job_id} of {name!r}" if job_id else repr(name)
-            raise api.RequestError("no-job", f"{what} is not being relocated")
+        if job is None or (job_id is not None and job.id != job_id):
+            _check(NO_JOB, name, job_id)
+            raise AssertionError  # unreachable: a refusal raises
         return job
 
     # -- changed block tracking -----------------------------------------------------------
@@ -241,17 +243,43 @@ class Commands:
         return entry
 
 
-async def _progress(job: Relocation) -> AsyncIterator[dict[str, Any]]:
-    """*job* now, then whenever it changed, at most every WATCH_INTERVAL_S; last, final."""
-    last: dict[str, Any] | None = None
+#: The command of the lifecycle table each job request is.
+_COMMAND: dict[type[api.Request[object]], Command] = {
+    api.Pause: Command.PAUSE, api.Resume: Command.RESUME, api.Rate: Command.RATE,
+    api.Cancel: Command.CANCEL,
+}
+
+
+def _check(answer: Answer, entry: str, job_id: str | None = None) -> None:
+    """Raise the refusal *answer* is (as the control socket answers it); nothing if ok."""
+    if not answer.ok:
+        assert answer.code is not None
+        what = f"job {job_id} of {entry!r}" if job_id else None
+        raise api.RequestError(answer.code, answer.text(entry=entry, what=what))
+
+
+async def _progress(job: Relocation) -> AsyncIterator[api.JobWire]:
+    """*job* now, then whenever it changed: at once when its state moves (the lifecycle's
+    ``changed``), otherwise at most every WATCH_INTERVAL_S; the last event is final."""
+    last: dict[str, object] | None = None
     while True:
         finished = job.finished.is_set()
         now = job.statistics().to_wire()
         moved = {k: v for k, v in now.items() if k != "elapsed_s"}
-        if finished or moved != last:
+        # a final state is shown once the job is over (its clean-up done), as the
+        # stream's last event: a client stops reading at the first final one
+        if finished or (moved != last and not job.life.final):
             yield now
             last = moved
         if finished:
             return
+        changed = job.life.changed
         with trio.move_on_after(api.WATCH_INTERVAL_S):
-            await job.finished.wait()
+            async with trio.open_nursery() as nursery:  # whichever comes first
+                for event in (job.finished, changed):
+                    nursery.start_soon(_wait_then_cancel, event, nursery.cancel_scope)
+
+
+async def _wait_then_cancel(event: trio.Event, scope: trio.CancelScope) -> None:
+    await event.wait()
+    scope.cancel()

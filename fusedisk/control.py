@@ -380,6 +380,10 @@ class ControlServer:
                 await self._send(stream, {"event": event})
         except RequestError as e:
             return _error(e.code, str(e))
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            # the client hung up (it has what it wanted): no error of ours
+            log.debug("control event stream: the client went away")
+            return {"ok": True, "result": None}
         except Exception:
             log.exception("control event stream failed")
             return _internal_error("stream")

@@ -42,6 +42,7 @@ from .config import Config
 from .errors import ConfigError, OwnershipError, StateError
 from .failpoint import stall
 from .gate import Gate
+from .lifecycle import Phase
 from .metadata import (
     OWNER_SLOT_SIZE,
     StateDir,
@@ -137,16 +138,15 @@ class Journal:
 class Entry:
     """A top-level entry. Only :class:`Datastore` changes ``name`` and ``store``.
 
-    ``gate`` quiesces the entry's requests for a switchover; ``relocating``
-    is True from the start of a relocation to its end (renames and removals
-    of the entry itself are refused meanwhile); ``journal``, while one runs,
-    lists what the mount changed in the entry (see :class:`Journal`).
+    ``gate`` quiesces the entry's requests for a switchover; ``journal``,
+    while a relocation runs, lists what the mount changed in the entry (see
+    :class:`Journal`). Whether one runs is the datastore's record
+    (:meth:`Datastore.relocating`), not a copy here.
     """
 
     name: str
     store: Store
     gate: Gate = field(default_factory=Gate)
-    relocating: bool = False
     journal: Journal | None = None
 
 
@@ -400,8 +400,7 @@ class Datastore:
         #: why the last namespace save failed, until one succeeds (see _save_namespace)
         self.record_stale: str | None = None
         #: entry → relocation record: {"from", "to", "phase", "keep_source", "options"};
-        #: phase: "copying", "committed", or "abandoned" (failed or cancelled, its
-        #: partial copy not yet removed)
+        #: phase: a lifecycle.Phase (what the job's state maps to, lifecycle.PHASE_OF)
         self.relocations: dict[str, dict[str, Any]] = {}
         #: relocations a crash or a stop interrupted before their commit: the
         #: daemon resumes them (their records stay in :attr:`relocations`)
@@ -451,9 +450,6 @@ class Datastore:
                 if name not in ds.entries or ds.entries[name].store.name != ds.resumable[name][
                         "from"]:
                     ds._drop_resumable(name)
-            for name in ds.relocations:  # clean-up still pending: served, not renamed
-                if name in ds.entries:
-                    ds.entries[name].relocating = True
             claims.commit({name: store.path for name, store in stores.items()})
         except BaseException:
             claims.release()  # before the root handles it works through are closed
@@ -482,7 +478,22 @@ class Datastore:
                 f"{reloc.get('to')!r}; configure both stores again to finish the recovery"
             )
         staging = staging_name(name)
-        if reloc.get("phase") == "committed":
+        phase = reloc.get("phase")
+        if phase == Phase.COMMITTED:
+            if not (backing.exists_at(dst.root_fd, staging + "/tree")
+                    or backing.exists_at(dst.root_fd, name)):
+                # neither the staged tree nor its renamed copy: the destination is not
+                # what the commit left (a store not mounted, or restored from a
+                # backup). The source is all there is: it is served, and stays the
+                # truth (the record ends, so that no later mount removes it); a copy
+                # that turns up on the destination later is ignored, not merged.
+                log.error(
+                    "relocation of %r from %r to %r was committed, but %r holds neither the "
+                    "staged tree nor the entry (is %s the store's right directory, and "
+                    "mounted?); serving the old copy on %r, which stays the truth; nothing "
+                    "was removed", name, src.name, dst.name, dst.name, dst.path, src.name,
+                )
+                return
             if backing.exists_at(dst.root_fd, staging + "/tree"):
                 staging_fd = backing.open_path(dst.root_fd, staging)
                 try:
@@ -502,7 +513,7 @@ class Datastore:
             except OSError as e:
                 # the entry is served from the destination all the same; one
                 # store in trouble must not keep the others from being served
-                self.relocations[name] = {**reloc, "phase": "committed"}
+                self.relocations[name] = {**reloc, "phase": str(Phase.COMMITTED)}
                 log.error(
                     "relocation of %r from %r to %r was committed; removing the old copy "
                     "failed (%s); %r serves it, the next mount retries the removal",
@@ -513,7 +524,7 @@ class Datastore:
                 "relocation of %r from %r to %r was committed before a crash; finished it",
                 name, src.name, dst.name,
             )
-        elif reloc.get("phase") == "copying":
+        elif phase == Phase.COPYING:
             self.relocations[name] = reloc
             self.resumable[name] = reloc
             log.warning(
@@ -544,7 +555,7 @@ class Datastore:
         try:
             backing.remove_tree(dst.root_fd, staging_name(name))
         except OSError as e:
-            reloc["phase"] = "abandoned"
+            reloc["phase"] = str(Phase.ABANDONED)
             log.error("relocation of %r: removing the partial copy failed (%s), the next "
                       "mount retries it", name, e.strerror or e)
             return
@@ -602,7 +613,7 @@ class Datastore:
     def _record(self) -> dict[str, Any]:
         placement = {name: e.store.name for name, e in sorted(self.entries.items())}
         for name, reloc in self.relocations.items():
-            if reloc["phase"] == "committed" and name in placement:
+            if reloc["phase"] == Phase.COMMITTED and name in placement:
                 placement[name] = reloc["to"]  # committed: the destination is the truth
         return {
             "stores": dict(self._store_ids),
@@ -651,37 +662,28 @@ class Datastore:
         """Durably record that *entry* is being copied to *dst* (the source stays
         the truth), with the *options* a resumed relocation runs with."""
         self.relocations[entry.name] = {
-            "from": entry.store.name, "to": dst.name, "phase": "copying",
+            "from": entry.store.name, "to": dst.name, "phase": str(Phase.COPYING),
             "keep_source": keep_source, "options": dict(options or {}),
         }
         self.resumable.pop(entry.name, None)
-        entry.relocating = True
         await self.save()
 
-    async def relocation_abandoned(self, entry: Entry) -> None:
-        """The relocation failed or was cancelled, and its partial copy could not
-        be removed: the next mount removes it rather than resume. Never raises."""
-        reloc = self.relocations.get(entry.name)
-        if reloc is None or reloc["phase"] != "copying":
-            return
-        reloc["phase"] = "abandoned"
-        try:
-            await self.save()
-        except OSError as e:
-            log.warning("relocation record of %r not saved (%s)", entry.name, e.strerror or e)
+    async def relocation_phase(self, entry: Entry, phase: Phase) -> None:
+        """Durably record the relocation's new *phase* (lifecycle.py decides when).
 
-    async def relocation_committed(self, entry: Entry) -> None:
-        """THE commit record: one atomic save flips the placement to the destination.
-
-        In memory the entry keeps its store until :meth:`relocation_switched`:
-        the switchover renames the staged tree into place first.
+        The save of :attr:`Phase.COMMITTED` is THE commit record: one atomic
+        save flips the placement to the destination. In memory the entry
+        keeps its store until :meth:`relocation_switched` (the switchover
+        renames the staged tree into place first). A failed save leaves the
+        record as it was, and raises.
         """
         reloc = self.relocations[entry.name]
-        reloc["phase"] = "committed"
+        before = reloc["phase"]
+        reloc["phase"] = str(phase)
         try:
             await self.save()
         except BaseException:
-            reloc["phase"] = "copying"
+            reloc["phase"] = before
             raise
 
     def relocation_switched(self, entry: Entry, dst: Store) -> None:
@@ -691,8 +693,12 @@ class Datastore:
     async def relocation_ended(self, entry: Entry) -> None:
         """Forget the relocation record (after cleanup, committed or not)."""
         self.relocations.pop(entry.name, None)
-        entry.relocating = False
         await self.save()
+
+    def relocating(self, name: str) -> bool:
+        """Whether *name* has a relocation record: from the start of a relocation to
+        the end of its clean-up (renames and removals of the entry are refused)."""
+        return name in self.relocations
 
     async def renamed(self, old: str, new: str, exchange: bool) -> None:
         """Record a rename (or exchange) that just happened on the backing store."""

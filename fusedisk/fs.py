@@ -716,7 +716,7 @@ class Operations(pyfuse3.Operations):
         dir_fd, sname, entry = self._where(parent, name)
         if entry is None:
             raise OSError(errno.ENOENT, "no such entry")
-        if parent is self._root and entry.relocating:
+        if parent is self._root and self.datastore.relocating(entry.name):
             raise OSError(errno.EBUSY, "the entry is being relocated")
         doomed = None
         if parent is not self._root:
@@ -767,7 +767,8 @@ class Operations(pyfuse3.Operations):
         if at_root != (new_parent is self._root):
             raise OSError(errno.EXDEV, "moving into or out of the top level crosses entries")
         if at_root:
-            if old_entry.relocating or (new_entry is not None and new_entry.relocating):
+            if self.datastore.relocating(old_entry.name) or (
+                    new_entry is not None and self.datastore.relocating(new_entry.name)):
                 raise OSError(errno.EBUSY, "the entry is being relocated")
             if new_entry is not None and new_entry.store is not old_entry.store:
                 raise OSError(errno.EXDEV, "the two entries live on different stores")

@@ -41,19 +41,12 @@ from typing import Any
 import trio
 
 from . import backing, progress
-from .api import (
-    DEFAULT_MAX_PAUSE_MS,
-    DEFAULT_MODE,
-    FINAL_STATES,
-    PRE_SWITCH_STATES,
-    Job,
-    Mode,
-    State,
-)
+from .api import DEFAULT_MAX_PAUSE_MS, DEFAULT_MODE, Job, Mode, State
 from .config import MAX_PAUSE_MS, MAX_RATE, MAX_STALL_TIMEOUT_S, MIN_PAUSE_MS
 from .datastore import Datastore, Entry, Journal, Store, kept_source_name, staging_name
 from .errors import FusediskError, StateError
 from .failpoint import PAUSE_AFTER_PASS, armed_percent, failpoint
+from .lifecycle import Command, Event, Lifecycle, Phase
 from .mirror import Copier, walk
 from .staging import StagedTree
 from .switchover import Costs, PauseOverrun, switch_over
@@ -150,12 +143,12 @@ class Relocation:
         self.block_size = block_size
         self.on_commit = on_commit
         self.id = secrets.token_hex(8)
-        self.state = State.COPYING
+        #: the job's state, moved only through lifecycle.TRANSITIONS
+        self.life = Lifecycle(entry.name, self._persist_phase)
         self.error: str | None = None
         self.pass_no = 0
         self.bytes_total = 0
         self.pause_ms: float | None = None
-        self.committed = False
         self.copier: Copier | None = None
         self.tree: StagedTree | None = None
         self.costs = Costs()
@@ -165,7 +158,6 @@ class Relocation:
         self._rate_limit = options.rate
         self._dirty_rate = 0.0
         self._progress = 0.0
-        self._mirrored = False
         self._started = time.monotonic()
         self._ended: float | None = None
         self._cancel_scope = trio.CancelScope()
@@ -175,6 +167,31 @@ class Relocation:
         self._suspending = False
         self._stalled: str | None = None
         self.finished = trio.Event()
+
+    @property
+    def state(self) -> State:
+        return self.life.state
+
+    @property
+    def committed(self) -> bool:
+        return self.life.committed
+
+    async def _persist_phase(self, phase: Phase) -> None:
+        """Save the record's new phase (the lifecycle calls this when a move changes it).
+
+        The commit's save raises when it fails (the commit did not happen); an
+        abandoned record that cannot be saved only means the next mount
+        resumes the copy rather than remove it (a cancel is then undone, never
+        any data)."""
+        if phase != Phase.ABANDONED:
+            await self.datastore.relocation_phase(self.entry, phase)
+            return
+        try:
+            with trio.CancelScope(shield=True):
+                await self.datastore.relocation_phase(self.entry, phase)
+        except OSError as e:
+            log.warning("relocation record of %r not saved (%s)", self.entry.name,
+                        e.strerror or e)
 
     # -- control --------------------------------------------------------------------
 
@@ -189,7 +206,7 @@ class Relocation:
         a flush that cannot be abandoned), so a cancel there could be
         silently outrun by the commit: it is refused, and the switch completes.
         """
-        if self.committed or self.state not in PRE_SWITCH_STATES:
+        if not self.life.answer(Command.CANCEL).ok:
             return False
         self._cancel_scope.cancel()
         return True
@@ -237,14 +254,19 @@ class Relocation:
             if self._stalled is not None:
                 raise RelocationError(self._stalled)
             if not self.committed and not self._suspending:
-                self.state = State.CANCELLED
+                await self.life.advance(Event.CANCEL)
                 log.info("relocation of %r cancelled; %r is still authoritative", name,
                          self.src.name)
         except (OSError, FusediskError) as e:
-            self.state = State.FAILED
             self.error = _one_line(e)
-            log.warning("relocation of %r to %r failed: %s; %r is still authoritative",
-                      name, self.dst.name, self.error, self.src.name)
+            if self.committed:  # the switch only goes forward: the clean-up finishes it
+                log.error("relocation of %r to %r: %s after the commit; %r serves it",
+                          name, self.dst.name, self.error, self.dst.name)
+            else:
+                with trio.CancelScope(shield=True):
+                    await self.life.advance(Event.FAIL)
+                log.warning("relocation of %r to %r failed: %s; %r is still authoritative",
+                            name, self.dst.name, self.error, self.src.name)
         finally:
             with trio.CancelScope(shield=True):
                 await self._cleanup()
@@ -268,6 +290,7 @@ class Relocation:
         saving = time.monotonic()
         await self.datastore.relocation_started(entry, dst, self.options.keep_source,
                                                 self.options.to_record())
+        self.life.recorded_as(True)
         self.costs.learn("commit_ms", (time.monotonic() - saving) * 1000, 1)
         staging = staging_name(entry.name)
         found = None
@@ -288,7 +311,7 @@ class Relocation:
             copier.plan = found.files
             copier.plan_gen = found.gen
             self._gen = copier.gen = found.gen + 1
-            self.state = State.RESUMING
+            self.life.move(Event.RESUME_FOUND)
         # from here on the mount notes what it changes in the entry: the first
         # build sees all that came before, a sync all that came after
         entry.journal = Journal()
@@ -325,7 +348,7 @@ class Relocation:
             copied_in_pass = copier.bytes_copied - copied_before
             self._check_mirror()
             if self.state == State.RESUMING:
-                self.state = State.COPYING
+                self.life.move(Event.PASS_DONE)
             await self._save_progress()
             await self._sync()
             dirty = copier.dirty_bytes()
@@ -368,22 +391,21 @@ class Relocation:
                 self._start_mirroring()
             previous_dirty = dirty
 
-        self.state = State.FINISHING
         log.info("relocation of %r committed: now on %r (pause %.1f ms)", entry.name, dst.name,
                  self.pause_ms)
 
     async def _switch_over(self) -> bool:
         """One switchover attempt; False if it was abandoned for the budget."""
         assert self.copier is not None and self.tree is not None
-        self.state = State.SWITCHING
+        self.life.move(Event.SWITCH)
         self.attempts += 1
         try:
             self.pause_ms = await switch_over(
-                self.datastore, self.entry, self.dst, self.copier, self.tree, self._committed,
-                self.options.max_pause_ms, self.costs,
+                self.datastore, self.entry, self.dst, self.copier, self.tree, self.on_commit,
+                self._commit, self.options.max_pause_ms, self.costs,
             )
         except PauseOverrun as e:
-            self.state = State.MIRRORING if self.copier.mirroring else State.COPYING
+            self.life.move(Event.ABANDON_MIRRORING if self.copier.mirroring else Event.ABANDON)
             self.last_abandoned = str(e)
             log.warning("relocation of %r: switchover attempt %d abandoned, the gate is open "
                         "again: %s", self.entry.name, self.attempts, e)
@@ -422,9 +444,9 @@ class Relocation:
         count = await self.tree.flush()
         self.costs.learn("fsync_ms", (time.monotonic() - started) * 1000, count)
 
-    def _committed(self, entry: Entry, resolve: Resolver) -> None:
-        self.committed = True
-        self.on_commit(entry, resolve)
+    async def _commit(self) -> None:
+        """THE commit: the record's phase becomes ``committed`` (switch_over calls this)."""
+        await self.life.advance(Event.COMMIT)
 
     async def _sync(self) -> None:
         """Bring the staged tree in step with what the mount changed since the last sync."""
@@ -443,8 +465,7 @@ class Relocation:
     def _start_mirroring(self) -> None:
         assert self.copier is not None
         self.copier.start_mirroring()
-        self._mirrored = True
-        self.state = State.MIRRORING
+        self.life.move(Event.MIRROR)
         log.info("relocation of %r: mirroring writes to %r from now on", self.entry.name,
                  self.dst.name)
 
@@ -526,7 +547,7 @@ class Relocation:
         Interrupted, not failed nor cancelled (the daemon is stopping): keep the
         partial copy and the record, with a last progress record, for the next
         mount to resume."""
-        keep = not self.committed and self.state not in FINAL_STATES
+        keep = not self.committed and not self.life.final
         if keep and self.copier is not None and self._staging_fd is not None:
             try:
                 with trio.fail_after(30):
@@ -551,7 +572,7 @@ class Relocation:
         self._pool_fd = self._staging_fd = None
         name = self.entry.name
         if keep:
-            self.state = State.SUSPENDED
+            self.life.move(Event.SUSPEND)
             log.info("relocation of %r to %r suspended; the next mount resumes it", name,
                      self.dst.name)
             return
@@ -566,19 +587,19 @@ class Relocation:
                              self.src.path / kept)
                 else:
                     await backing.run_blocking(backing.remove_tree, self.src.root_fd, name)
-            if name in self.datastore.relocations:
+            if self.life.recorded:
                 await self.datastore.relocation_ended(self.entry)
+                self.life.recorded_as(False)
         except OSError as e:
-            # the next mount finishes this from the record; nothing is lost
+            # the next mount finishes this from the record (its phase says how:
+            # abandoned, or committed); nothing is lost
             log.error("relocation of %r: cleanup failed (%s); the next mount retries it",
                       name, e.strerror)
-            if not self.committed:
-                await self.datastore.relocation_abandoned(self.entry)
             if self.committed:  # served from the destination; the record stays
                 self.error = (f"committed; removing the old copy failed ({e.strerror}); "
                               "the next mount retries it")
         if self.committed:
-            self.state = State.DONE
+            self.life.move(Event.DONE)
             log.info("relocation of %r to %r done in %.1f s", name, self.dst.name,
                      time.monotonic() - self._started)
 
@@ -612,10 +633,10 @@ class Relocation:
             copy_rate=rate,
             dirty_rate=self._dirty_rate,
             rate_limit=self._rate_limit,
-            eta_s=(dirty / rate if rate > 0 else None) if self.state not in FINAL_STATES else 0.0,
+            eta_s=(dirty / rate if rate > 0 else None) if not self.life.final else 0.0,
             progress=self._progress,
             mirroring=bool(copier and copier.mirroring),
-            mirrored=self._mirrored,
+            mirrored=State.MIRRORING in self.life.visited,
             pause_ms=self.pause_ms,
             elapsed_s=end - self._started,
             error=self.error,
@@ -766,14 +787,12 @@ class Relocator:
         mount); raise RelocationError for a bad request."""
         assert self._nursery is not None, "the relocator is not running"
         current = self.jobs.get(entry.name)
-        cleanup_pending = entry.name in self.datastore.relocations and (
-            current is None or current.state in FINAL_STATES)
-        if not resume and not cleanup_pending and (
-            entry.relocating or (current is not None and current.state not in FINAL_STATES)
-        ):
+        busy = current.life.answer(Command.MIGRATE) if current is not None else None
+        if not resume and busy is not None and not busy.ok:
+            # (a record left by an ended job is a pending clean-up: blockers() says so)
             hint = ("; it resumed after an interruption: `migrate --restart` starts it over"
                     if current is not None and current.resumed else "")
-            raise RelocationError(f"{entry.name!r} is already being relocated{hint}")
+            raise RelocationError(busy.text(entry=entry.name, hint=hint))
         if dst is entry.store:
             raise RelocationError(f"{entry.name!r} is already on store {dst.name!r}")
         if not (math.isfinite(options.max_pause_ms)
@@ -820,7 +839,7 @@ class Relocator:
         for job in list(self.jobs.values()):
             if job.finished.is_set():
                 continue
-            if job.state == State.SWITCHING or job.committed:
+            if not job.life.answer(Command.CANCEL).ok:  # switching or committed
                 log.info("waiting for the switchover of %r to finish", job.entry.name)
             else:
                 job.suspend()

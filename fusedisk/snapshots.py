@@ -153,7 +153,7 @@ class Snapshots:
 
     async def create(self, entry: Entry, name: str) -> Snapshot:
         check_name(name)
-        if entry.relocating:
+        if self.datastore.relocating(entry.name):
             raise SnapshotError(f"{entry.name!r} is being relocated; snapshot it afterwards")
         store = entry.store
         if any(s.entry == entry.name and s.name == name for s in self.list(entry.name)):

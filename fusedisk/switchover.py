@@ -28,7 +28,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import trio
@@ -148,6 +148,7 @@ async def switch_over(
     copier: Copier,
     tree: StagedTree,
     on_commit: Callable[[Entry, Resolver], None],
+    commit: Callable[[], Awaitable[object]],
     budget_ms: float = math.inf,
     costs: Costs | None = None,
 ) -> float:
@@ -211,7 +212,7 @@ async def switch_over(
         fits(f"the commit {costs.commit_ms:.1f} ms", costs.commit_ms)
         failpoint("before-commit")
         with trio.CancelScope(shield=True):
-            await datastore.relocation_committed(entry)
+            await commit()  # the commit record (the job's lifecycle saves it)
             step("commit")
             costs.learn("commit_ms", steps["commit"], 1)
             # committed: from here on the switch only goes forward

@@ -106,12 +106,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fusedisk import control
+from fusedisk import api, control
 from fusedisk import datastore as _datastore
 from fusedisk.errors import ControlError
 
 from . import journal_writer
 from .mounting import MountedDatastore, fusedisk, wait_for
+
+#: A job in one of these states has ended in this daemon (not suspended for the next).
+ENDED = api.FINAL_STATES - {api.State.SUSPENDED}
 
 #: Bugs known and not fixed yet: each name turns off the failure of exactly one
 #: signature (see ``Comparator`` and ``Run``): the mismatch is recorded and
@@ -1498,8 +1501,7 @@ class Run:
 
     def running(self) -> dict[str, Any] | None:
         job = self.job()
-        return job if job is not None and job["state"] not in ("done", "failed", "cancelled",
-                                                               "suspended") else None
+        return job if job is not None and job["state"] not in api.FINAL_STATES else None
 
     def poll(self) -> dict[str, Any]:
         """Note a switchover (the placement moved) since the last poll."""
@@ -1510,7 +1512,7 @@ class Run:
             self.ctx.epoch += 1
             self.report.relocations += 1
         job = self.job(status)
-        busy = job is not None and job["state"] in ("switching", "finishing")
+        busy = job is not None and job["state"] in (api.State.SWITCHING, api.State.FINISHING)
         self.ctx.settled = self.ctx.epoch - 1 if busy else self.ctx.epoch
         return status
 
@@ -1643,7 +1645,7 @@ class Run:
 
         def ended() -> bool:
             job = self.job()
-            if job is not None and job["state"] in ("done", "failed", "cancelled"):
+            if job is not None and job["state"] in ENDED:
                 final.update(job)
                 return True
             if self.hold and job is not None and job["paused"]:
@@ -1665,7 +1667,7 @@ class Run:
             deadline = time.monotonic() + 120
             while time.monotonic() < deadline:
                 job = self.job()
-                if job is None or job["state"] not in ("resuming", "copying", "mirroring"):
+                if job is None or job["state"] not in api.PRE_SWITCH_STATES:
                     break
                 if job["paused"]:
                     self._resume()
@@ -1681,8 +1683,9 @@ class Run:
         self.poll()
         self.say(f"cancel ({op.when}) accepted while {asked_in}: {final['state']}")
         out = []
-        if asked_in is not None and final["state"] != "cancelled":
-            gap = self.cmp.gap("cancel-while-switching") if asked_in == "switching" else None
+        if asked_in is not None and final["state"] != api.State.CANCELLED:
+            switching = asked_in == api.State.SWITCHING
+            gap = self.cmp.gap("cancel-while-switching") if switching else None
             out.append(Mismatch("cancel", "", f"cancel accepted while {asked_in}, but the job "
                                 f"ended {final['state']} (now on {self.placement})", gap))
         return out + self._after_job(final)
@@ -1696,18 +1699,18 @@ class Run:
         self.poll()
         out: list[Mismatch] = []
         where = self.placement
-        if job["state"] == "done":
+        if job["state"] == api.State.DONE:
             if where != dst:
                 out.append(Mismatch("relocation", "", f"job done but placement is {where}"))
             self.say(f"relocated to {dst}, pause {job.get('pause_ms')} ms")
-        elif job["state"] == "failed" and "did not converge" not in (job["error"] or ""):
+        elif job["state"] == api.State.FAILED and "did not converge" not in (job["error"] or ""):
             out.append(Mismatch("relocation", "", f"relocation failed: {job['error']}"))
         elif where != src:
             out.append(Mismatch("relocation", "", f"job {job['state']} but placement {where}"))
-        elif job["state"] == "cancelled":
+        elif job["state"] == api.State.CANCELLED:
             self.say("cancelled")
         out += self._leftovers()
-        if job["state"] == "done":
+        if job["state"] == api.State.DONE:
             notes = self._thin_check()
             if THIN_STRICT:
                 out += [Mismatch("thin", "", note) for note in notes]
@@ -1852,7 +1855,7 @@ class Run:
 
         def there() -> bool:  # (paused again: held after the pass, or paused by a user)
             now = self.running()
-            return now is None or now["state"] not in ("copying", "mirroring") or (
+            return now is None or now["state"] not in (api.State.COPYING, api.State.MIRRORING) or (
                 now["bytes_copied"] >= target) or now["paused"]
 
         wait_for(there, 120, "the copy to progress")
@@ -2136,7 +2139,7 @@ def _wait_switch(ds: MountedDatastore) -> None:
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         jobs = control.request(ds.mnt, "status", timeout_s=5)["jobs"]
-        if jobs and jobs[-1]["state"] not in ("resuming", "copying", "mirroring"):
+        if jobs and jobs[-1]["state"] not in api.PRE_SWITCH_STATES:
             return
 
 
@@ -2279,10 +2282,10 @@ def _wait_resumed(ds: MountedDatastore) -> list[str]:
         job: dict[str, Any] = ds.status()["jobs"][-1]
         return job
 
-    wait_for(lambda: final()["state"] in ("done", "failed", "cancelled"), 180,
+    wait_for(lambda: final()["state"] in ENDED, 180,
              "the resumed relocation to end")
     job = final()
-    if not job["resumed"] or job["state"] != "done":
+    if not job["resumed"] or job["state"] != api.State.DONE:
         return [f"the resumed relocation ended {job['state']}: {job.get('error')}"]
     return []
 

@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from fusedisk import api, mountinfo
+from fusedisk import api, lifecycle, mountinfo
 from fusedisk.config import MAX_PAUSE_MS, MAX_RATE, MIN_PAUSE_MS
 from fusedisk.errors import ControlError
 
@@ -139,6 +139,7 @@ def test_jobs_round_trip_through_their_wire_form(seed: int) -> None:
         wire = json.loads(json.dumps(job.to_wire()))
         assert {"from", "to", "pass", "id"} <= set(wire)
         assert api.Job.from_wire(wire) == job
+        assert set(wire) == set(api.JobWire.__annotations__)  # the wire type is the wire
         assert job.final == (job.state in {api.State.DONE, api.State.FAILED,
                                            api.State.CANCELLED, api.State.SUSPENDED})
         wire.pop(rng.choice(sorted(wire)))
@@ -156,7 +157,9 @@ def test_final_active_and_cancellable_states_partition_the_states() -> None:
 def _doc_commands() -> dict[str, str]:
     """cmd → its arguments cell, from the document's command table."""
     rows = {}
-    for line in DOC.read_text().splitlines():
+    text = DOC.read_text()
+    text = text[:text.index("<!-- lifecycle tables: begin -->")]  # those rows are states
+    for line in text.splitlines():
         m = re.match(r"\| (`[a-z-]+`(?:, `[a-z-]+`)*) \| ([^|]*) \|", line)
         if m:
             for cmd in re.findall(r"`([a-z-]+)`", m[1]):
@@ -182,6 +185,15 @@ def test_the_protocol_document_names_every_job_field_and_state() -> None:
     wire = set(_job(random.Random(0)).to_wire())
     assert wire <= named, wire - named
     assert {s.value for s in api.State} <= named
+
+
+def test_the_protocol_document_shows_the_lifecycle_tables_of_the_code() -> None:
+    """The transition and command tables of docs/control-protocol.md are the code's."""
+    text = DOC.read_text()
+    begin, end = "<!-- lifecycle tables: begin -->\n", "\n<!-- lifecycle tables: end -->"
+    shown = text[text.index(begin) + len(begin):text.index(end)]
+    assert shown == lifecycle.markdown(), "run: python -c 'from fusedisk import lifecycle; " \
+        "print(lifecycle.markdown())' and paste it into the document"
 
 
 # -- the mount table ---------------------------------------------------------------------

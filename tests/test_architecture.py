@@ -13,7 +13,7 @@ LAYERS: list[set[str]] = [
     {"errors", "sizes", "failpoint", "fuseshim", "mountinfo"},
     {"bitmap", "metadata", "config", "gate"},
     {"backing", "api"},
-    {"cbt", "progress"},
+    {"cbt", "progress", "lifecycle"},
     {"vdisk"},
     {"datastore"},
     {"mirror"},
