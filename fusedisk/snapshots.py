@@ -188,7 +188,7 @@ class Snapshots:
             backing.close(snaps_fd)
         log.info("snapshot %s@%s made on store %r in a %.1f ms pause (%d files)",
                  entry.name, name, store.name, pause_ms, len(files))
-        snapshot = self._read(store, final)
+        snapshot = self.read(store, final)
         assert snapshot is not None
         return dataclasses.replace(snapshot, pause_ms=pause_ms)
 
@@ -235,14 +235,15 @@ class Snapshots:
                 continue
             try:
                 for name in sorted(backing.list_dir(snaps_fd)):
-                    snapshot = self._read(store, name)
+                    snapshot = self.read(store, name)
                     if snapshot is not None and entry in (None, snapshot.entry):
                         out.append(snapshot)
             finally:
                 backing.close(snaps_fd)
         return out
 
-    def _read(self, store: Store, dir_name: str) -> Snapshot | None:
+    @staticmethod
+    def read(store: Store, dir_name: str) -> Snapshot | None:
         path = store.path / SNAPSHOT_DIR / dir_name
         incomplete = dir_name.startswith(".tmp-")
         shown = dir_name[len(".tmp-"):].rsplit("-", 1)[0] if incomplete else dir_name
@@ -274,6 +275,88 @@ class Snapshots:
                     backing.close(snaps_fd)
                 return snapshot
         raise SnapshotError(f"{entry!r} has no snapshot named {name!r}")
+
+
+class SnapshotFile:
+    """One regular file of a snapshot, read-only: the one way the ``.snapshots``
+    view and the NBD export read a snapshot (see :func:`open_file`).
+
+    ``pread`` and ``extents`` are plain ``def`` s that run their syscalls on
+    the caller's thread; on the daemon call them on the trio thread (as
+    ``VFile.read``): a copy-before-write snapshot's view is then exact with
+    respect to the guest's writes, which run there too.
+    """
+
+    def __init__(self, fd: int, size: int) -> None:
+        self._fd = fd
+        #: the file's size at the snapshot's instant (bytes)
+        self.size = size
+
+    def pread(self, length: int, offset: int) -> bytes:
+        """Up to *length* bytes at *offset* (short only at the end of the file)."""
+        if offset < 0 or length < 0:
+            raise OSError(errno.EINVAL, "negative offset or length")
+        length = max(0, min(length, self.size - offset))
+        if length == 0:
+            return b""
+        data = backing.pread(self._fd, length, offset)
+        return data + bytes(length - len(data))
+
+    def extents(self) -> list[tuple[int, int]]:
+        """The allocated ranges ``(offset, length)``, sorted, disjoint; reading
+        outside them gives zeros. Blocking: it walks the whole file."""
+        return [(o, min(n, self.size - o)) for o, n in backing.data_extents(self._fd)
+                if o < self.size]
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def __enter__(self) -> SnapshotFile:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def open_file(datastore: Datastore, entry: str, name: str, path: str) -> SnapshotFile:
+    """Open regular file *path* (inside the entry, ``/``-separated; ``""`` for an
+    entry that is one file) of snapshot *entry*@*name*, read-only.
+
+    Raises :class:`SnapshotError` for an unknown or incomplete snapshot and
+    ``FileNotFoundError`` for a path it does not hold as a regular file.
+    Blocking (a few syscalls). The caller closes the result.
+    """
+    snapshot = _find(datastore, entry, name)
+    parts = [p for p in path.split("/") if p]
+    if any(p in (".", "..") for p in parts):
+        raise FileNotFoundError(errno.ENOENT, f"no file {path!r} in {entry}@{name}")
+    record = snapshot.files.get("/".join(parts))
+    if record is None:
+        raise FileNotFoundError(errno.ENOENT, f"no file {path!r} in {entry}@{name}")
+    store = datastore.stores[snapshot.store]
+    snaps_fd = _snapshots_fd(store, create=False)
+    if snaps_fd is None:
+        raise SnapshotError(f"snapshot {entry}@{name} is gone")
+    try:
+        path_fd = backing.open_parts(snaps_fd, [os.path.basename(snapshot.path), TREE, *parts])
+    finally:
+        backing.close(snaps_fd)
+    try:
+        fd = backing.reopen(path_fd, os.O_RDONLY)
+    finally:
+        backing.close(path_fd)
+    size = record.get("size")
+    return SnapshotFile(fd, int(size) if isinstance(size, int) else os.fstat(fd).st_size)
+
+
+def _find(datastore: Datastore, entry: str, name: str) -> Snapshot:
+    for store in datastore.stores.values():
+        snapshot = Snapshots.read(store, _dir_name(entry, name))
+        if snapshot is not None and snapshot.state == "ok":
+            return snapshot
+    raise SnapshotError(f"{entry!r} has no snapshot named {name!r}")
 
 
 def _fsync_tree(dir_fd: int) -> None:
