@@ -572,6 +572,8 @@ def _snapshot_file(mountpoint: Path, entry: str, name: str,
                    inside: str) -> dict[str, Any]:
     """A file's record in snapshot *name* of *entry* (path inside the entry), plus its path."""
     for snapshot in control.call(mountpoint, api.SnapshotList(entry=entry)):
+        if snapshot["name"] == name and snapshot["state"] == "lost":
+            raise FusediskError(f"snapshot {entry}@{name} is lost: {snapshot['lost']}")
         if snapshot["name"] == name and snapshot["state"] == "ok":
             record = snapshot["files"].get(inside)
             if record is None:
@@ -597,6 +599,10 @@ def cmd_export(args: argparse.Namespace) -> int:
     if at:
         entry, _, inside = relative.partition("/")
         snapshot = _snapshot_file(mountpoint, entry, snapshot_name, inside)
+        if snapshot.get("method") == "cbw":
+            # its store file holds only the saved blocks: only the daemon can read it
+            raise FusediskError(f"snapshot {entry}@{snapshot_name} is copy-before-write "
+                                "(its store cannot clone): this export cannot read it yet")
     return export.run(mountpoint, relative, args.since, args.socket, tcp,
                       args.name or args.file, snapshot)
 

@@ -34,10 +34,15 @@ import logging
 import os
 import stat
 import time
+import weakref
 from dataclasses import dataclass
+from typing import Any
 
-from . import backing
+import trio
+
+from . import backing, metadata
 from .api import SNAPSHOT_NAME
+from .bitmap import Bitmap
 from .datastore import Datastore, Entry, Store
 from .errors import FusediskError
 from .mirror import children, walk
@@ -48,11 +53,35 @@ log = logging.getLogger(__name__)
 SNAPSHOT_DIR = ".fusedisk-snapshots"
 TREE = "tree"
 MANIFEST = "manifest"
+#: present in a snapshot's directory once it is lost; holds the reason
+LOST = "lost"
+#: a copy-before-write file's map of saved blocks: ``cbw-N`` in the snapshot's directory
+CBW_MAP = "cbw"
+CBW_KIND = "snapshot-cbw"
+#: how a file is held: a reflink clone, or copy-before-write
+REFLINK = "reflink"
+CBW = "cbw"
 _FICLONE = 0x40049409
+#: the snapshot service of each datastore the process serves (for open_file)
+_SERVICES: weakref.WeakKeyDictionary[Datastore, Snapshots] = weakref.WeakKeyDictionary()
 
 
 class SnapshotError(FusediskError):
     """A snapshot request was refused or failed; nothing half-made is left."""
+
+
+class _Torn(Exception):
+    """A copy-before-write snapshot found at start cannot be trusted (the reason)."""
+
+
+def _write_lost(dir_fd: int, reason: str) -> None:
+    fd = backing.open_at(dir_fd, LOST, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    try:
+        backing.pwrite_all(fd, reason.encode(), 0)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    backing.fsync_dir(dir_fd)
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,13 +92,20 @@ class Snapshot:
     path: str  #: the snapshot's directory on its store
     created: float | None  #: Unix time; None when incomplete
     files: dict[str, dict[str, object]]  #: path in the entry → change_id, size
-    state: str  #: "ok", or "incomplete" (a crash interrupted its creation)
+    #: "ok"; "incomplete" (a crash interrupted its creation); "lost" (see ``lost``)
+    state: str
     pause_ms: float | None = None
+    lost: str | None = None  #: why a lost snapshot cannot be read
+    #: bytes its own files allocate on its store (reflink: shared extents included)
+    space_bytes: int = 0
+    #: bytes saved by copy-before-write so far (blocks of the live files it holds)
+    saved_bytes: int = 0
 
     def as_dict(self) -> dict[str, object]:
         return {"entry": self.entry, "name": self.name, "store": self.store,
                 "path": self.path, "created": self.created, "files": self.files,
-                "state": self.state, "pause_ms": self.pause_ms}
+                "state": self.state, "pause_ms": self.pause_ms, "lost": self.lost,
+                "space_bytes": self.space_bytes, "saved_bytes": self.saved_bytes}
 
 
 def check_name(name: str) -> str:
@@ -99,10 +135,12 @@ def _snapshots_fd(store: Store, create: bool) -> int | None:
 
 
 def _copy_tree(entry: Entry, src_fd: int, st: os.stat_result, dst_dir_fd: int, name: str,
-               rel: tuple[str, ...], found: list[tuple[tuple[str, ...], tuple[int, int]]]
+               rel: tuple[str, ...], found: list[tuple[tuple[str, ...], tuple[int, int], str]]
                ) -> None:
     """Clone the object *src_fd* as *name* in *dst_dir_fd* (directories: recursively);
-    each regular file's path and key go to *found*. Blocking: run on a worker thread."""
+    each regular file's path, key and method (:data:`REFLINK`, or :data:`CBW` where
+    the store cannot clone: then the copy is an empty file of the same size, which
+    its guard fills) go to *found*. Blocking: run on a worker thread."""
     mode = st.st_mode
     if stat.S_ISDIR(mode):
         backing.mkdir_at(dst_dir_fd, name, 0o700)
@@ -117,21 +155,20 @@ def _copy_tree(entry: Entry, src_fd: int, st: os.stat_result, dst_dir_fd: int, n
         src = backing.reopen(src_fd, os.O_RDONLY)
         try:
             dst = backing.open_at(dst_dir_fd, name, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+            method = REFLINK
             try:
                 try:
                     _clone(src, dst)
                 except OSError as e:
-                    if e.errno in (errno.EOPNOTSUPP, errno.ENOTTY, errno.EXDEV, errno.EINVAL):
-                        raise SnapshotError(
-                            f"store {entry.store.name!r} cannot clone files (reflinks; its "
-                            "filesystem is not XFS or btrfs): snapshots need reflinks"
-                        ) from None
-                    raise
+                    if e.errno not in (errno.EOPNOTSUPP, errno.ENOTTY, errno.EXDEV, errno.EINVAL):
+                        raise
+                    method = CBW  # ext4 and the like: copy-before-write
+                    backing.ftruncate(dst, st.st_size)
             finally:
                 os.close(dst)
         finally:
             os.close(src)
-        found.append((rel, (st.st_dev, st.st_ino)))
+        found.append((rel, (st.st_dev, st.st_ino), method))
     elif stat.S_ISLNK(mode):
         backing.symlink_at(dst_dir_fd, name, backing.readlink(src_fd))
     else:
@@ -144,12 +181,375 @@ def _copy_tree(entry: Entry, src_fd: int, st: os.stat_result, dst_dir_fd: int, n
             backing.close(child)
 
 
+class _Live:
+    """The copy-before-write state of one snapshot while the daemon serves it."""
+
+    def __init__(self, snapshots: Snapshots, entry: Entry, dir_name: str, dir_fd: int) -> None:
+        self.snapshots = snapshots
+        self.entry = entry
+        self.dir_name = dir_name
+        #: O_PATH of the snapshot's directory (valid across its rename into place)
+        self.dir_fd = dir_fd
+        self.guards: dict[str, CbwGuard] = {}  #: path in the entry → its guard
+        #: why the snapshot is lost (None: it is intact)
+        self.lost: str | None = None
+
+    def lose(self, reason: str) -> None:
+        """The snapshot cannot be kept: say so durably (best effort), stop guarding.
+        Sync: it runs inside a guest's change, which goes ahead regardless."""
+        if self.lost is not None:
+            return
+        self.lost = reason
+        log.error("snapshot %s of %s is lost: %s", self.dir_name, self.entry.name, reason)
+        try:
+            fd = backing.open_at(self.dir_fd, LOST, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+            try:
+                backing.pwrite_all(fd, reason.encode(), 0)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            backing.fsync_dir(self.dir_fd)
+        except OSError as e:  # an unclean map (its guard armed it) reports it after a crash too
+            log.warning("snapshot %s: the lost marker was not written: %s", self.dir_name,
+                        e.strerror or e)
+        self.detach()
+
+    def detach(self) -> None:
+        for guard in self.guards.values():
+            self.snapshots.files.remove_guard(guard.key, guard)
+            guard.close()
+
+    def close(self) -> None:
+        self.detach()
+        backing.close(self.dir_fd)
+
+
+class CbwGuard:
+    """Copy-before-write of one file of one snapshot (see vdisk.Guard, and the module doc).
+
+    ``bits`` marks the blocks saved in the data file (the file's copy in the
+    snapshot's tree, at the same offsets); the others are still the live
+    file's. Every change is serialised by the trio thread: :meth:`preserve`
+    runs inside the change's checkpoint-free section, so a block is saved
+    from the live file exactly once, before its first change.
+
+    Durability: the map ``cbw-N`` says ``clean`` only while every saved block
+    is durable. The first save after a clean map first saves the map unclean
+    (:meth:`arm`); :meth:`sync` (before each fsync of the live file, and at
+    unmount) makes the data durable and then saves the map clean. A map
+    found unclean at the next start is a snapshot that a crash may have torn:
+    it is reported lost, never read.
+    """
+
+    def __init__(self, live: _Live, index: int, path: str, key: tuple[int, int], size: int,
+                 block_size: int, data_fd: int, bits: Bitmap) -> None:
+        self.live = live
+        self.index = index
+        self.path = path
+        self.key = key
+        self.size = size
+        self.block_size = block_size
+        self.nblocks = -(-size // block_size)
+        self.data_fd = data_fd
+        self.bits = bits
+        #: the map on disk is unclean: saving blocks may go ahead
+        self.armed = False
+        self._lock = trio.Lock()
+        self._own_fd: int | None = None  #: our descriptor of the live file, if opened
+
+    # -- the write path (vdisk.Guard) ---------------------------------------------------
+
+    def _span(self, offset: int, length: int) -> range:
+        end = min(offset + length, self.size)
+        if offset >= end:
+            return range(0)
+        return range(offset // self.block_size, -(-end // self.block_size))
+
+    def _needs(self, offset: int, length: int) -> bool:
+        if self.bits.count >= self.nblocks:
+            return False
+        return any(not self.bits.test(k) for k in self._span(offset, length))
+
+    def ready(self, offset: int, length: int) -> bool:
+        return self.armed or self.live.lost is not None or not self._needs(offset, length)
+
+    async def arm(self) -> None:
+        async with self._lock:
+            if self.armed or self.live.lost is not None:
+                return
+            record = self._record(clean=False)
+            try:
+                await backing.run_blocking(self._write_map, record)
+            except OSError as e:
+                self.live.lose(f"its map {self._map_name()} cannot be saved: {e.strerror or e}")
+                return
+            self.armed = True
+
+    def preserve(self, fd: int, offset: int, length: int) -> None:
+        if self.live.lost is not None:
+            return
+        for blockno in self._span(offset, length):
+            if self.bits.test(blockno):
+                continue
+            if not self.armed:  # vdisk's loop waits for ready(): a bug if it did not
+                self.live.lose("a change reached it before its map was armed")
+                return
+            start = blockno * self.block_size
+            n = min(self.block_size, self.size - start)
+            try:
+                data = backing.pread(fd, n, start)
+                if data.count(0) != len(data):  # a zero block stays a hole of the copy
+                    backing.pwrite_all(self.data_fd, data, start)
+            except OSError as e:
+                self.live.lose(f"saving a block of {self.path or self.live.entry.name} "
+                               f"failed: {e.strerror or e}")
+                return
+            self.bits.mark(blockno)
+
+    async def write_initial(self) -> None:
+        """The first map, while the snapshot is being made (before its manifest)."""
+        async with self._lock:
+            if not self.armed and self.live.lost is None:
+                await backing.run_blocking(self._write_map, self._record(clean=True))
+
+    async def sync(self) -> None:
+        async with self._lock:
+            if not self.armed or self.live.lost is not None:
+                return
+            # no await between the record and disarming: a block saved after this
+            # re-arms (after this clean save, the lock orders them) before it is saved
+            record = self._record(clean=True)
+            self.armed = False
+            try:
+                await backing.run_blocking(os.fdatasync, self.data_fd)
+                await backing.run_blocking(self._write_map, record)
+            except OSError as e:
+                self.live.lose(f"its saved blocks cannot be made durable: {e.strerror or e}")
+
+    def rekey(self, key: tuple[int, int]) -> None:
+        self.key = key
+        if self._own_fd is not None:  # the old self of a relocated file
+            os.close(self._own_fd)
+            self._own_fd = None
+
+    # -- the view -----------------------------------------------------------------------
+
+    def live_fd(self) -> int:
+        """A descriptor of the live file (the data path's, or our own)."""
+        fd = self.live.snapshots.files.fd_of(self.key)
+        if fd is not None:
+            return fd
+        if self._own_fd is None:
+            self._own_fd = _open_live(self.live.entry, self.path, self.key)
+        return self._own_fd
+
+    def pread(self, length: int, offset: int) -> bytes:
+        if self.live.lost is not None:
+            raise OSError(errno.EIO, f"snapshot lost: {self.live.lost}")
+        end = min(offset + length, self.size)
+        out = bytearray()
+        pos = offset
+        while pos < end:
+            blockno = pos // self.block_size
+            saved = self.bits.test(blockno)
+            stop = blockno + 1  # a run of blocks of one kind: one pread
+            while stop * self.block_size < end and self.bits.test(stop) == saved:
+                stop += 1
+            upto = min(end, stop * self.block_size)
+            fd = self.data_fd if saved else self.live_fd()
+            data = backing.pread(fd, upto - pos, pos)
+            out += data + bytes(upto - pos - len(data))
+            pos = upto
+        return bytes(out)
+
+    def extents(self) -> list[tuple[int, int]]:
+        """A superset of the allocated ranges: the copy's and the live file's, merged."""
+        found = sorted(backing.data_extents(self.data_fd) + backing.data_extents(self.live_fd()))
+        merged: list[tuple[int, int]] = []
+        for start, length in found:
+            end = min(start + length, self.size)
+            if start >= end:
+                continue
+            if merged and start <= merged[-1][0] + merged[-1][1]:
+                last_start, last_length = merged[-1]
+                merged[-1] = (last_start, max(last_start + last_length, end) - last_start)
+            else:
+                merged.append((start, end - start))
+        return merged
+
+    # -- the map ------------------------------------------------------------------------
+
+    def _map_name(self) -> str:
+        return f"{CBW_MAP}-{self.index}"
+
+    def _record(self, clean: bool) -> dict[str, Any]:
+        return {"path": self.path, "key": list(self.key), "size": self.size,
+                "block_size": self.block_size, "clean": clean, "saved": self.bits.to_record()}
+
+    def _write_map(self, record: dict[str, Any]) -> None:
+        """Atomically replace the map. Blocking."""
+        data = metadata.encode_record(CBW_KIND, record)
+        dir_fd = self.live.dir_fd
+        tmp = f".{self._map_name()}.tmp"
+        fd = backing.open_at(dir_fd, tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+        try:
+            backing.pwrite_all(fd, data, 0)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.rename(tmp, self._map_name(), src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+        backing.fsync_dir(dir_fd)
+
+    def close_blocking(self) -> None:
+        """At unmount: make the saved blocks durable and the map clean. Blocking."""
+        if self.live.lost is not None:
+            return
+        try:
+            os.fdatasync(self.data_fd)
+            self._write_map(self._record(clean=True))
+            self.armed = False
+        except OSError as e:
+            log.warning("snapshot %s: map of %r not saved clean at unmount (%s): it will be "
+                        "reported lost", self.live.dir_name, self.path, e.strerror or e)
+
+    def close(self) -> None:
+        if self.data_fd >= 0:
+            os.close(self.data_fd)
+            self.data_fd = -1
+        if self._own_fd is not None:
+            os.close(self._own_fd)
+            self._own_fd = None
+
+
+def _open_live(entry: Entry, path: str, key: tuple[int, int]) -> int:
+    """The live file *path* of *entry*, read-only, if it still is the object *key*."""
+    parts = [entry.name, *(p for p in path.split("/") if p)]
+    try:
+        path_fd = backing.open_parts(entry.store.root_fd, parts)
+    except OSError as e:
+        raise OSError(errno.EIO, f"the live file {'/'.join(parts)} is gone ({e.strerror})"
+                      ) from None
+    try:
+        st = backing.fstat(path_fd)
+        if (st.st_dev, st.st_ino) != key or not stat.S_ISREG(st.st_mode):
+            raise OSError(errno.EIO, f"the live file {'/'.join(parts)} was replaced")
+        return backing.reopen(path_fd, os.O_RDONLY)
+    finally:
+        backing.close(path_fd)
+
+
+def _space(snapshot_dir: str) -> int:
+    """Bytes the snapshot's own files allocate on its store (for a reflink
+    snapshot, extents still shared with the live file count too). Blocking."""
+    total = 0
+    for root, dirs, names in os.walk(snapshot_dir):
+        for name in (*dirs, *names):
+            try:
+                total += os.lstat(os.path.join(root, name)).st_blocks * 512
+            except OSError:
+                continue
+    return total
+
+
 class Snapshots:
-    """The daemon's snapshot service: create, list, delete."""
+    """The daemon's snapshot service: create, list, delete, and the copy-before-write
+    guards of the snapshots on stores that cannot clone (:meth:`load` at start,
+    :meth:`close` at unmount)."""
 
     def __init__(self, datastore: Datastore, files: OpenFiles) -> None:
         self.datastore = datastore
         self.files = files
+        #: (store, snapshot directory name) → its copy-before-write state
+        self.live: dict[tuple[str, str], _Live] = {}
+        _SERVICES[datastore] = self
+
+    def load(self) -> None:
+        """Guard the files of every copy-before-write snapshot found intact, and mark
+        lost the ones a crash may have torn. Blocking; call it before the mount
+        serves (a write before it would not be saved)."""
+        for snapshot in self.list():
+            if snapshot.state != "ok" or not any(
+                    f.get("method") == CBW for f in snapshot.files.values()):
+                continue
+            store = self.datastore.stores[snapshot.store]
+            entry = self.datastore.entries.get(snapshot.entry)
+            dir_name = os.path.basename(snapshot.path)
+            snaps_fd = _snapshots_fd(store, create=False)
+            assert snaps_fd is not None
+            try:
+                dir_fd = backing.open_path(snaps_fd, dir_name)
+            finally:
+                backing.close(snaps_fd)
+            live = _Live(self, entry, dir_name, dir_fd) if entry is not None else None
+            if live is None:
+                _write_lost(dir_fd, f"its entry {snapshot.entry!r} is gone")
+                backing.close(dir_fd)
+                continue
+            try:
+                for path, record in sorted(snapshot.files.items()):
+                    if record.get("method") == CBW:
+                        live.guards[path] = self._reload(live, path, record)
+            except _Torn as e:
+                for guard in live.guards.values():
+                    guard.close()
+                live.guards.clear()
+                live.lost = str(e)
+                _write_lost(dir_fd, str(e))
+                log.error("snapshot %s@%s is lost: %s", snapshot.entry, snapshot.name, e)
+                live.close()
+                continue
+            self._attach(store, live)
+
+    def _reload(self, live: _Live, path: str, record: dict[str, Any]) -> CbwGuard:
+        index = int(record["cbw"])
+        name = f"{CBW_MAP}-{index}"
+        try:
+            fd = backing.open_at(live.dir_fd, name, os.O_RDONLY)
+            try:
+                data = backing.pread(fd, 1 << 30, 0)
+            finally:
+                os.close(fd)
+            body = metadata.decode_record(CBW_KIND, data, name)
+            bits = Bitmap.from_record(body["saved"])
+            key = (int(body["key"][0]), int(body["key"][1]))
+        except (OSError, ValueError, KeyError, TypeError, FusediskError) as e:
+            raise _Torn(f"the map of {path or live.entry.name} is unreadable ({e})") from None
+        if not body.get("clean"):
+            raise _Torn(f"a crash interrupted copy-before-write of {path or live.entry.name}")
+        try:
+            os.close(_open_live(live.entry, path, key))
+        except OSError as e:
+            raise _Torn(e.strerror or str(e)) from None
+        parts = [TREE, *(p for p in path.split("/") if p)]
+        data_path = backing.open_parts(live.dir_fd, parts)
+        try:
+            data_fd = backing.reopen(data_path, os.O_RDWR)
+        finally:
+            backing.close(data_path)
+        return CbwGuard(live, index, path, key, int(body["size"]), int(body["block_size"]),
+                        data_fd, bits)
+
+    def _attach(self, store: Store, live: _Live) -> None:
+        self.live[(store.name, live.dir_name)] = live
+        for guard in live.guards.values():
+            self.files.add_guard(guard.key, guard)
+
+    def close(self) -> None:
+        """At unmount, after the last write: every guard's map saved clean. Blocking."""
+        for live in self.live.values():
+            for guard in live.guards.values():
+                guard.close_blocking()
+            live.close()
+        self.live.clear()
+        _SERVICES.pop(self.datastore, None)
+
+    def guard(self, store: str, dir_name: str, path: str) -> CbwGuard:
+        live = self.live.get((store, dir_name))
+        if live is None or path not in live.guards:
+            raise SnapshotError(f"snapshot {dir_name} is not guarded by this daemon")
+        if live.lost is not None:
+            raise SnapshotError(f"snapshot {dir_name} is lost: {live.lost}")
+        return live.guards[path]
 
     async def create(self, entry: Entry, name: str) -> Snapshot:
         check_name(name)
@@ -162,12 +562,16 @@ class Snapshots:
         assert snaps_fd is not None
         final = _dir_name(entry.name, name)
         temp = f".tmp-{final}-{os.getpid()}"
+        live: _Live | None = None
         try:
             backing.remove_tree(snaps_fd, temp)
             backing.mkdir_at(snaps_fd, temp, 0o700)
             temp_fd = backing.open_path(snaps_fd, temp)
             try:
-                files, pause_ms = await self._take(entry, temp_fd)
+                files, pause_ms, live = await self._take(entry, temp_fd, temp)
+                if live is not None:
+                    for guard in live.guards.values():
+                        await guard.write_initial()
                 manifest = {"entry": entry.name, "created": time.time(), "files": files}
                 data = json.dumps(manifest, sort_keys=True).encode()
                 fd = backing.open_at(temp_fd, MANIFEST, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
@@ -182,31 +586,38 @@ class Snapshots:
             backing.renameat2(snaps_fd, temp, snaps_fd, final, backing.RENAME_NOREPLACE)
             backing.fsync_dir(snaps_fd)
         except BaseException:
+            if live is not None:
+                live.close()
             backing.remove_tree(snaps_fd, temp)
             raise
         finally:
             backing.close(snaps_fd)
+        if live is not None:
+            live.dir_name = final
+            self.live[(store.name, final)] = live
         log.info("snapshot %s@%s made on store %r in a %.1f ms pause (%d files)",
                  entry.name, name, store.name, pause_ms, len(files))
-        snapshot = self.read(store, final)
+        snapshot = self._overlay(self.read(store, final))
         assert snapshot is not None
         return dataclasses.replace(snapshot, pause_ms=pause_ms)
 
     async def _take(
-        self, entry: Entry, into_fd: int
-    ) -> tuple[dict[str, dict[str, object]], float]:
-        """Inside one closed gate: clone the entry's tree and checkpoint every file."""
+        self, entry: Entry, into_fd: int, dir_name: str
+    ) -> tuple[dict[str, dict[str, object]], float, _Live | None]:
+        """Inside one closed gate: clone the entry's tree, checkpoint every file,
+        and guard the files that could not be cloned."""
         src_fd = backing.open_path(entry.store.root_fd, entry.name)
         gate = entry.gate
-        found: list[tuple[tuple[str, ...], tuple[int, int]]] = []
+        found: list[tuple[tuple[str, ...], tuple[int, int], str]] = []
         files: dict[str, dict[str, object]] = {}
+        live: _Live | None = None
         await gate.close_and_drain()
         started = time.monotonic()
         try:
             st = backing.fstat(src_fd)
             # off the trio thread: a clone writes back the file's dirty pages first
             await backing.run_blocking(_copy_tree, entry, src_fd, st, into_fd, TREE, (), found)
-            for rel, key in found:
+            for rel, key, method in found:
                 change_id = None
                 size = 0
                 path_fd = backing.open_parts(src_fd, rel)
@@ -220,12 +631,43 @@ class Snapshots:
                         self.files.release(vfile)
                 finally:
                     backing.close(path_fd)
-                files["/".join(rel)] = {"change_id": change_id, "size": size}
+                path = "/".join(rel)
+                record: dict[str, object] = {"change_id": change_id, "size": size,
+                                             "method": method}
+                if method == CBW:
+                    if live is None:
+                        live = _Live(self, entry, dir_name, os.dup(into_fd))
+                    index = len(live.guards)
+                    record.update(cbw=index, block_size=self.files.block_size)
+                    live.guards[path] = self._guard_new(live, index, path, rel, key, size)
+                files[path] = record
+            if live is not None:  # no await from here to the gate's opening
+                for guard in live.guards.values():
+                    self.files.add_guard(guard.key, guard)
+        except BaseException:
+            if live is not None:
+                live.close()
+            raise
         finally:
             pause_ms = (time.monotonic() - started) * 1000
             gate.open()
             backing.close(src_fd)
-        return files, round(pause_ms, 2)
+        return files, round(pause_ms, 2), live
+
+    def _guard_new(self, live: _Live, index: int, path: str, rel: tuple[str, ...],
+                   key: tuple[int, int], size: int) -> CbwGuard:
+        data_path = backing.open_parts(live.dir_fd, (TREE, *rel))
+        try:
+            data_fd = backing.reopen(data_path, os.O_RDWR)
+        finally:
+            backing.close(data_path)
+        try:
+            if backing.fstat(data_fd).st_size != size:
+                backing.ftruncate(data_fd, size)
+        except BaseException:
+            os.close(data_fd)
+            raise
+        return CbwGuard(live, index, path, key, size, self.files.block_size, data_fd, Bitmap())
 
     def list(self, entry: str | None = None) -> list[Snapshot]:
         out = []
@@ -235,12 +677,24 @@ class Snapshots:
                 continue
             try:
                 for name in sorted(backing.list_dir(snaps_fd)):
-                    snapshot = self.read(store, name)
+                    snapshot = self._overlay(self.read(store, name))
                     if snapshot is not None and entry in (None, snapshot.entry):
                         out.append(snapshot)
             finally:
                 backing.close(snaps_fd)
         return out
+
+    def _overlay(self, snapshot: Snapshot | None) -> Snapshot | None:
+        """*snapshot* as read from its store, with what only the daemon knows."""
+        if snapshot is None:
+            return None
+        live = self.live.get((snapshot.store, os.path.basename(snapshot.path)))
+        if live is None:
+            return snapshot
+        saved = sum(g.bits.count * g.block_size for g in live.guards.values())
+        if live.lost is not None:
+            return dataclasses.replace(snapshot, state="lost", lost=live.lost, saved_bytes=saved)
+        return dataclasses.replace(snapshot, saved_bytes=saved)
 
     @staticmethod
     def read(store: Store, dir_name: str) -> Snapshot | None:
@@ -259,16 +713,31 @@ class Snapshots:
             return Snapshot(entry, name, store.name, str(path), None, {}, "incomplete")
         if incomplete:
             return Snapshot(entry, name, store.name, str(path), None, {}, "incomplete")
-        return Snapshot(entry, name, store.name, str(path), created, files, "ok")
+        space = _space(str(path))
+        try:
+            with open(path / LOST, "rb") as f:
+                lost = f.read().decode(errors="replace") or "lost"
+            return Snapshot(entry, name, store.name, str(path), created, files, "lost",
+                            lost=lost, space_bytes=space)
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            return Snapshot(entry, name, store.name, str(path), created, files, "lost",
+                            lost=f"its state cannot be read: {e.strerror}", space_bytes=space)
+        return Snapshot(entry, name, store.name, str(path), created, files, "ok",
+                        space_bytes=space)
 
     def delete(self, entry: str, name: str) -> Snapshot:
         for snapshot in self.list(entry):
             if snapshot.name == name:
                 store = self.datastore.stores[snapshot.store]
+                dir_name = os.path.basename(snapshot.path)
+                live = self.live.pop((store.name, dir_name), None)
+                if live is not None:
+                    live.close()
                 snaps_fd = _snapshots_fd(store, create=False)
                 assert snaps_fd is not None
                 try:
-                    dir_name = os.path.basename(snapshot.path)
                     backing.remove_tree(snaps_fd, dir_name)
                     backing.fsync_dir(snaps_fd)
                 finally:
@@ -320,6 +789,29 @@ class SnapshotFile:
         self.close()
 
 
+class _CbwFile(SnapshotFile):
+    """A copy-before-write file of a snapshot: the saved blocks, the live file elsewhere."""
+
+    def __init__(self, guard: CbwGuard) -> None:
+        super().__init__(-1, guard.size)
+        self._guard: CbwGuard | None = guard
+
+    def pread(self, length: int, offset: int) -> bytes:
+        if offset < 0 or length < 0:
+            raise OSError(errno.EINVAL, "negative offset or length")
+        if self._guard is None:
+            raise OSError(errno.EBADF, "snapshot file closed")
+        return self._guard.pread(length, offset)
+
+    def extents(self) -> list[tuple[int, int]]:
+        if self._guard is None:
+            raise OSError(errno.EBADF, "snapshot file closed")
+        return self._guard.extents()
+
+    def close(self) -> None:
+        self._guard = None
+
+
 def open_file(datastore: Datastore, entry: str, name: str, path: str) -> SnapshotFile:
     """Open regular file *path* (inside the entry, ``/``-separated; ``""`` for an
     entry that is one file) of snapshot *entry*@*name*, read-only.
@@ -335,6 +827,13 @@ def open_file(datastore: Datastore, entry: str, name: str, path: str) -> Snapsho
     record = snapshot.files.get("/".join(parts))
     if record is None:
         raise FileNotFoundError(errno.ENOENT, f"no file {path!r} in {entry}@{name}")
+    if record.get("method") == CBW:
+        service = _SERVICES.get(datastore)
+        if service is None:
+            raise SnapshotError(f"snapshot {entry}@{name} is copy-before-write: only the "
+                                "daemon serving it can read it")
+        return _CbwFile(service.guard(snapshot.store, os.path.basename(snapshot.path),
+                                      "/".join(parts)))
     store = datastore.stores[snapshot.store]
     snaps_fd = _snapshots_fd(store, create=False)
     if snaps_fd is None:
@@ -354,6 +853,8 @@ def open_file(datastore: Datastore, entry: str, name: str, path: str) -> Snapsho
 def _find(datastore: Datastore, entry: str, name: str) -> Snapshot:
     for store in datastore.stores.values():
         snapshot = Snapshots.read(store, _dir_name(entry, name))
+        if snapshot is not None and snapshot.state == "lost":
+            raise SnapshotError(f"snapshot {entry}@{name} is lost: {snapshot.lost}")
         if snapshot is not None and snapshot.state == "ok":
             return snapshot
     raise SnapshotError(f"{entry!r} has no snapshot named {name!r}")

@@ -1,0 +1,277 @@
+"""Snapshots against a reference copy, on both paths: copy-before-write (the
+ext4 of the test machine's tmp) and reflinks (a loop-mounted XFS).
+
+The rooms run as the daemon runs them (a real datastore, changed block
+tracking on, the data path of vdisk.py, the snapshot service), unmounted, so
+a randomized writer can compare the snapshot's view after every round with
+a copy of the file taken at the snapshot's instant: overwrites of partial
+and whole blocks, writes past the end, truncates down and up, punched holes,
+zeroed ranges, allocations, copy_file_range from another file, fsyncs.
+Then the daemon's two ends: a clean stop (the view is the same after the
+next start) and a crash (kill -9 is a stop without any of the unmount's
+saves: the snapshot is intact or reported lost, never read wrong).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import trio
+
+from fusedisk import backing
+from fusedisk.cbt import CbtStore
+from fusedisk.config import build_config
+from fusedisk.datastore import Datastore, StoreClaims
+from fusedisk.metadata import StateDir
+from fusedisk.snapshots import CBW, REFLINK, SnapshotError, Snapshots, open_file
+from fusedisk.vdisk import OpenFiles, VFile
+
+from .test_snapshots import XfsStore
+
+BLOCK = 16 << 10  #: the datastore's block size here: small, so that writes straddle blocks
+SIZE = 40 * BLOCK + 1000  #: not a whole number of blocks
+ROUNDS = 12
+OPS_PER_ROUND = 8
+
+
+@dataclass
+class Rig:
+    datastore: Datastore
+    files: OpenFiles
+    snapshots: Snapshots
+
+    def vfile(self, path: str) -> VFile:
+        entry = self.datastore.entries["vm1"]
+        path_fd = backing.open_parts(entry.store.root_fd, ["vm1", path])
+        try:
+            st = backing.fstat(path_fd)
+            return self.files.open(path_fd, (st.st_dev, st.st_ino), entry.gate)
+        finally:
+            backing.close(path_fd)
+
+    def view(self, name: str, path: str = "disk.img") -> bytes:
+        with open_file(self.datastore, "vm1", name, path) as f:
+            data = f.pread(f.size + 10, 0)
+            assert len(data) == f.size
+            extents = f.extents()
+        # outside the allocated ranges it reads as zeros (base:allocation's promise)
+        pos = 0
+        for offset, length in extents:
+            assert offset >= pos and length > 0
+            assert data[pos:offset].count(0) == offset - pos, (name, pos, offset)
+            pos = offset + length
+        assert data[pos:].count(0) == len(data) - pos
+        return data
+
+
+@contextlib.asynccontextmanager
+async def rig(tmp_path: Path, store: Path, crash: bool = False) -> AsyncIterator[Rig]:
+    """The rooms of a daemon on *store*; at the end a clean stop, or with *crash*
+    one that saves nothing (as kill -9)."""
+    config = build_config(config_file=None, mountpoint=str(tmp_path / "mnt"),
+                          stores=[f"a={store}"], default_store="a",
+                          state_dir=str(tmp_path / "state"), block_size=str(BLOCK),
+                          allow_other=None, cbt=True)
+    (tmp_path / "mnt").mkdir(exist_ok=True)
+    state = StateDir(config.state_dir)
+    state.open()
+    claims = StoreClaims(state, config.mountpoint)
+    datastore = Datastore.open(config, state, claims)
+    files = OpenFiles(CbtStore(config.state_dir, config.block_size), config.block_size)
+    snapshots = Snapshots(datastore, files)
+    snapshots.load()
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(files.run)
+            yield Rig(datastore, files, snapshots)
+            nursery.cancel_scope.cancel()
+    finally:
+        if crash:  # every descriptor closed, nothing saved
+            for live in snapshots.live.values():
+                for guard in live.guards.values():
+                    guard.close()
+                backing.close(live.dir_fd)
+            for key in list(files.guards):
+                files.guards.pop(key)
+        else:
+            files.close_all()
+            snapshots.close()
+        datastore.close()
+        claims.release()
+        state.close()
+
+
+def make_entry(store: Path, rng: random.Random) -> None:
+    home = store / "vm1"
+    home.mkdir()
+    data = bytearray(rng.randbytes(SIZE))
+    data[5 * BLOCK: 9 * BLOCK] = bytes(4 * BLOCK)  # zeros that are data
+    (home / "disk.img").write_bytes(bytes(data))
+    with open(home / "disk.img", "r+b") as f:  # and a hole
+        os.posix_fallocate(f.fileno(), 0, 1)
+        f.truncate(SIZE)
+    fd = os.open(home / "disk.img", os.O_RDWR)
+    try:
+        backing.fallocate(fd, backing.FALLOC_FL_PUNCH_HOLE | backing.FALLOC_FL_KEEP_SIZE,
+                          20 * BLOCK, 3 * BLOCK)
+    finally:
+        os.close(fd)
+    (home / "other.img").write_bytes(rng.randbytes(8 * BLOCK))
+    (home / "vm1.vmx").write_text("x\n")
+
+
+def _set(ref: bytearray, offset: int, data: bytes) -> None:
+    if offset > len(ref):
+        ref.extend(bytes(offset - len(ref)))
+    ref[offset: offset + len(data)] = data
+
+
+async def random_op(rng: random.Random, vfile: VFile, other: VFile, ref: bytearray) -> str:
+    """One random change of the live file, mirrored into *ref*; its name."""
+    kind = rng.choice(["write", "write", "write", "block", "truncate", "punch", "zero",
+                       "allocate", "copy", "fsync"])
+    size = len(ref)
+    offset = rng.randrange(0, max(size, 1) + BLOCK)
+    length = rng.choice([1, 512, 4096, BLOCK, 3 * BLOCK + 7, rng.randrange(1, 2 * BLOCK)])
+    if kind == "write":
+        data = rng.randbytes(length)
+        assert await vfile.write(offset, data) == length
+        _set(ref, offset, data)
+    elif kind == "block":  # an aligned whole block, as a guest's page cache writes
+        offset -= offset % BLOCK
+        data = rng.randbytes(BLOCK)
+        await vfile.write(offset, data)
+        _set(ref, offset, data)
+    elif kind == "truncate":
+        new = rng.choice([0, rng.randrange(0, SIZE), SIZE + rng.randrange(0, 4 * BLOCK)])
+        new = new if rng.random() < 0.8 else max(new, size // 2)
+        await vfile.truncate(new)
+        del ref[new:]
+        ref.extend(bytes(new - len(ref)))
+    elif kind in ("punch", "zero"):
+        mode = (backing.FALLOC_FL_PUNCH_HOLE | backing.FALLOC_FL_KEEP_SIZE if kind == "punch"
+                else backing.FALLOC_FL_ZERO_RANGE)
+        await vfile.fallocate(mode, offset, length)
+        end = min(offset + length, size) if kind == "punch" else offset + length
+        if end > offset:
+            _set(ref, offset, bytes(end - offset))
+    elif kind == "allocate":
+        await vfile.fallocate(0, offset, length)
+        if offset + length > size:
+            ref.extend(bytes(offset + length - size))
+    elif kind == "copy":
+        src = rng.randrange(0, 8 * BLOCK)
+        done = await vfile.copy_from(other, src, offset, length)
+        source = other.read(src, done)
+        assert len(source) == done
+        _set(ref, offset, source)
+    else:
+        await vfile.fsync(rng.random() < 0.5)
+    return kind
+
+
+async def writer_rounds(r: Rig, rng: random.Random, refs: dict[str, bytes],
+                        live: bytearray, rounds: int) -> None:
+    """Random changes of disk.img; every snapshot in *refs* compared after each round;
+    a new snapshot every few rounds (its reference taken at the same instant)."""
+    vfile, other = r.vfile("disk.img"), r.vfile("other.img")
+    try:
+        for round_no in range(rounds):
+            if round_no % 4 == 0:
+                taken = {s.name for s in r.snapshots.list("vm1")}
+                name = next(f"s{n}" for n in range(len(taken) + 1) if f"s{n}" not in taken)
+                await r.snapshots.create(r.datastore.entries["vm1"], name)
+                refs[name] = bytes(live)
+            done = [await random_op(rng, vfile, other, live) for _ in range(OPS_PER_ROUND)]
+            assert vfile.read(0, len(live) + 1) == live, done
+            for name, ref in refs.items():
+                assert r.view(name) == ref, (name, round_no, done)
+    finally:
+        r.files.release(vfile)
+        r.files.release(other)
+
+
+@pytest.fixture
+def xfs_store(tmp_path: Path) -> Iterator[Path]:
+    path = tmp_path / "xfs"
+    xfs = XfsStore(tmp_path / "xfs.img", path)
+    try:
+        xfs.set_up()
+        yield path
+    finally:
+        xfs.tear_down()
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("kind", ["ext4", "xfs"])
+async def test_a_randomized_writer_never_changes_the_snapshot(
+    tmp_path: Path, request: pytest.FixtureRequest, kind: str, seed: int
+) -> None:
+    store = request.getfixturevalue("xfs_store") if kind == "xfs" else tmp_path / "store"
+    store.mkdir(exist_ok=True)
+    rng = random.Random(seed)
+    make_entry(store, rng)
+    live = bytearray((store / "vm1" / "disk.img").read_bytes())
+    refs: dict[str, bytes] = {}
+    async with rig(tmp_path, store) as r:
+        await writer_rounds(r, rng, refs, live, ROUNDS)
+        listed = {s.name: s for s in r.snapshots.list("vm1")}
+        assert set(listed) == set(refs) and all(s.state == "ok" for s in listed.values())
+        method = CBW if kind == "ext4" else REFLINK
+        assert {s.files["disk.img"]["method"] for s in listed.values()} == {method}
+        assert all(s.space_bytes > 0 for s in listed.values())
+        if kind == "ext4":  # what copy-before-write saved is counted
+            assert listed["s0"].saved_bytes > 0
+            assert listed["s0"].saved_bytes <= SIZE + BLOCK
+        # a deleted snapshot stops costing: the others are still exact
+        r.snapshots.delete("vm1", "s1")
+        del refs["s1"]
+        with pytest.raises(SnapshotError, match="no snapshot named"):
+            open_file(r.datastore, "vm1", "s1", "disk.img")
+        await writer_rounds(r, rng, refs, live, 2)
+    # a clean stop and a new start: the same views, still guarded
+    async with rig(tmp_path, store) as r:
+        assert {s.name: s.state for s in r.snapshots.list("vm1")} == dict.fromkeys(refs, "ok")
+        for name, ref in refs.items():
+            assert r.view(name) == ref
+        await writer_rounds(r, rng, refs, live, 2)
+        assert r.view("s0", "other.img") == (store / "vm1" / "other.img").read_bytes()
+
+
+async def test_a_crash_leaves_each_snapshot_intact_or_reported_lost(tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    store.mkdir()
+    rng = random.Random(7)
+    make_entry(store, rng)
+    live = bytearray((store / "vm1" / "disk.img").read_bytes())
+    async with rig(tmp_path, store, crash=True) as r:
+        entry = r.datastore.entries["vm1"]
+        await r.snapshots.create(entry, "synced")
+        synced = bytes(live)
+        vfile = r.vfile("disk.img")
+        try:
+            await vfile.write(3 * BLOCK, b"a" * BLOCK)
+            await vfile.fsync(True)  # the saved block is durable, the map clean
+            await r.snapshots.create(entry, "torn")
+            await vfile.write(3 * BLOCK + 5, b"b" * 100)  # "torn" saves it, never synced
+        finally:
+            r.files.release(vfile)
+    # kill -9: the snapshot with an unsynced copy is lost, the other intact
+    async with rig(tmp_path, store) as r:
+        states = {s.name: (s.state, s.lost) for s in r.snapshots.list("vm1")}
+        assert states["synced"] == ("ok", None)
+        assert states["torn"][0] == "lost" and "crash" in str(states["torn"][1]), states
+        assert r.view("synced") == synced
+        with pytest.raises(SnapshotError, match="is lost"):
+            open_file(r.datastore, "vm1", "torn", "disk.img")
+        # a lost snapshot stays lost (and is not guarded); it can be deleted
+        r.snapshots.delete("vm1", "torn")
+    async with rig(tmp_path, store) as r:
+        assert [(s.name, s.state) for s in r.snapshots.list("vm1")] == [("synced", "ok")]
+        assert r.view("synced") == synced
