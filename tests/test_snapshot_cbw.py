@@ -28,7 +28,9 @@ from fusedisk import backing
 from fusedisk.cbt import CbtStore
 from fusedisk.config import build_config
 from fusedisk.datastore import Datastore, StoreClaims
+from fusedisk.fs import Operations
 from fusedisk.metadata import StateDir
+from fusedisk.relocation import Options, Relocator
 from fusedisk.snapshots import CBW, REFLINK, SnapshotError, Snapshots, open_file
 from fusedisk.vdisk import OpenFiles, VFile
 
@@ -45,6 +47,7 @@ class Rig:
     datastore: Datastore
     files: OpenFiles
     snapshots: Snapshots
+    relocator: Relocator
 
     def vfile(self, path: str) -> VFile:
         entry = self.datastore.entries["vm1"]
@@ -71,11 +74,13 @@ class Rig:
 
 
 @contextlib.asynccontextmanager
-async def rig(tmp_path: Path, store: Path, crash: bool = False) -> AsyncIterator[Rig]:
-    """The rooms of a daemon on *store*; at the end a clean stop, or with *crash*
-    one that saves nothing (as kill -9)."""
+async def rig(tmp_path: Path, store: Path, crash: bool = False,
+              other: Path | None = None) -> AsyncIterator[Rig]:
+    """The rooms of a daemon on *store* (and store ``b`` = *other*); at the end a
+    clean stop, or with *crash* one that saves nothing (as kill -9)."""
+    stores = [f"a={store}"] + ([f"b={other}"] if other is not None else [])
     config = build_config(config_file=None, mountpoint=str(tmp_path / "mnt"),
-                          stores=[f"a={store}"], default_store="a",
+                          stores=stores, default_store="a",
                           state_dir=str(tmp_path / "state"), block_size=str(BLOCK),
                           allow_other=None, cbt=True)
     (tmp_path / "mnt").mkdir(exist_ok=True)
@@ -86,10 +91,13 @@ async def rig(tmp_path: Path, store: Path, crash: bool = False) -> AsyncIterator
     files = OpenFiles(CbtStore(config.state_dir, config.block_size), config.block_size)
     snapshots = Snapshots(datastore, files)
     snapshots.load()
+    ops = Operations(datastore, files)
+    relocator = Relocator(datastore, files, config.block_size, ops.repoint)
     try:
         async with trio.open_nursery() as nursery:
             await nursery.start(files.run)
-            yield Rig(datastore, files, snapshots)
+            await nursery.start(relocator.run)
+            yield Rig(datastore, files, snapshots, relocator)
             nursery.cancel_scope.cancel()
     finally:
         if crash:  # every descriptor closed, nothing saved
@@ -100,7 +108,7 @@ async def rig(tmp_path: Path, store: Path, crash: bool = False) -> AsyncIterator
             for key in list(files.guards):
                 files.guards.pop(key)
         else:
-            files.close_all()
+            ops.close()
             snapshots.close()
         datastore.close()
         claims.release()
@@ -275,3 +283,50 @@ async def test_a_crash_leaves_each_snapshot_intact_or_reported_lost(tmp_path: Pa
     async with rig(tmp_path, store) as r:
         assert [(s.name, s.state) for s in r.snapshots.list("vm1")] == [("synced", "ok")]
         assert r.view("synced") == synced
+
+
+async def test_a_snapshot_stays_exact_across_a_relocation_of_its_entry(tmp_path: Path) -> None:
+    """Copy-before-write follows the live file to its new store; the snapshot stays
+    on the store it was made on. A writer runs during the whole relocation, with
+    disk.img open across the switchover and other.img closed at it."""
+    store, dest = tmp_path / "store", tmp_path / "dest"
+    store.mkdir()
+    dest.mkdir()
+    rng = random.Random(11)
+    make_entry(store, rng)
+    live = bytearray((store / "vm1" / "disk.img").read_bytes())
+    other_ref = (store / "vm1" / "other.img").read_bytes()
+    refs: dict[str, bytes] = {}
+    async with rig(tmp_path, store, other=dest) as r:
+        await writer_rounds(r, rng, refs, live, 2)
+        entry = r.datastore.entries["vm1"]
+        made_on_a = set(refs)
+        vfile, vmx = r.vfile("disk.img"), r.vfile("vm1.vmx")
+        job = r.relocator.start(entry, r.datastore.stores["b"], Options())
+        try:
+            while not job.finished.is_set():
+                await random_op(rng, vfile, vmx, live)
+                await trio.lowlevel.checkpoint()
+        finally:
+            r.files.release(vfile)
+            r.files.release(vmx)
+        assert job.state.value == "done", (job.state, job.error)
+        assert r.datastore.entries["vm1"].store.name == "b"
+        assert not (store / "vm1").exists()
+        for name, ref in refs.items():
+            assert r.view(name) == ref, name
+        await writer_rounds(r, rng, refs, live, 3)
+        other = r.vfile("other.img")  # first open since the move: still guarded
+        try:
+            await other.write(0, b"z" * (3 * BLOCK))
+        finally:
+            r.files.release(other)
+        assert all(r.view(name, "other.img") == other_ref for name in made_on_a)
+        # the ones made before the move stay on a, a later one is made on b
+        assert {s.name: s.store for s in r.snapshots.list("vm1")} == {
+            name: "a" if name in made_on_a else "b" for name in refs}
+    async with rig(tmp_path, store, other=dest) as r:  # the new keys were saved
+        assert {s.name: s.state for s in r.snapshots.list("vm1")} == dict.fromkeys(refs, "ok")
+        for name, ref in refs.items():
+            assert r.view(name) == ref, name
+        await writer_rounds(r, rng, refs, live, 2)
