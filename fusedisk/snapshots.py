@@ -45,6 +45,7 @@ from .api import SNAPSHOT_NAME
 from .bitmap import Bitmap
 from .datastore import Datastore, Entry, Store
 from .errors import FusediskError
+from .failpoint import failpoint
 from .mirror import children, walk
 from .vdisk import OpenFiles
 
@@ -305,6 +306,7 @@ class CbwGuard:
                                f"failed: {e.strerror or e}")
                 return
             self.bits.mark(blockno)
+            failpoint("cbw-saved")  # a test's kill -9 between a save and its overwrite
 
     async def write_initial(self) -> None:
         """The first map, while the snapshot is being made (before its manifest)."""

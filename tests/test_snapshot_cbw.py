@@ -75,13 +75,13 @@ class Rig:
 
 @contextlib.asynccontextmanager
 async def rig(tmp_path: Path, store: Path, crash: bool = False,
-              other: Path | None = None) -> AsyncIterator[Rig]:
+              other: Path | None = None, block_size: int = BLOCK) -> AsyncIterator[Rig]:
     """The rooms of a daemon on *store* (and store ``b`` = *other*); at the end a
     clean stop, or with *crash* one that saves nothing (as kill -9)."""
     stores = [f"a={store}"] + ([f"b={other}"] if other is not None else [])
     config = build_config(config_file=None, mountpoint=str(tmp_path / "mnt"),
                           stores=stores, default_store="a",
-                          state_dir=str(tmp_path / "state"), block_size=str(BLOCK),
+                          state_dir=str(tmp_path / "state"), block_size=str(block_size),
                           allow_other=None, cbt=True)
     (tmp_path / "mnt").mkdir(exist_ok=True)
     state = StateDir(config.state_dir)
