@@ -409,6 +409,12 @@ def _print_status(status: dict[str, Any]) -> None:
     for entry, stores in status.get("conflicts", {}).items():
         print(f"{entry:<32} CONFLICT: on {', '.join(stores)} (not served)")
     print()
+    snaps = status.get("snapshots")
+    if snaps and snaps["count"]:
+        print(f"SNAPSHOTS  {snaps['count']}, {format_size(snaps['space_bytes'])} on the stores "
+              f"({format_size(snaps['saved_bytes'])} saved by copy-before-write), "
+              f"{len(snaps['lost'])} lost")
+        print()
     if status["jobs"]:
         print("RELOCATIONS")
         for job in map(api.Job.from_wire, status["jobs"]):
@@ -633,8 +639,12 @@ def cmd_snapshot(args: argparse.Namespace) -> int:
     for s in snapshots:
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(s["created"])) \
             if s["created"] else "-"
+        methods = sorted({f.get("method", "reflink") for f in s["files"].values()})
         print(f"{s['entry'] + '@' + s['name']:<40} {s['state']:<10} {when}  "
-              f"{len(s['files'])} file(s)  store {s['store']}")
+              f"{len(s['files'])} file(s)  store {s['store']}  "
+              f"{format_size(s.get('space_bytes', 0))} ({'+'.join(methods) or '-'})")
+        if s.get("lost"):
+            print(f"  lost: {s['lost']}")
     if not snapshots:
         print("(no snapshots)")
     return 0

@@ -88,6 +88,7 @@ class Commands:
             **self.datastore.statistics(),
             "fuse_shim": fuseshim.statistics(),
             "jobs": [job.to_wire() for job in self.relocator.statistics()],
+            "snapshots": self.snapshots.statistics(),
             **self.extra_status(),
         }
 

@@ -325,6 +325,8 @@ class Daemon:
             reasons.append(f"the state directory refuses CBT saves ({cbt.health.error}); "
                            "change ids of files written meanwhile are withdrawn "
                            "(a full backup is needed for them)")
+        for lost in self.snapshots.statistics()["lost"]:
+            reasons.append(f"snapshot {lost} (it cannot be read; delete it and make a new one)")
         for entry, stores in sorted(self.datastore.conflicts.items()):
             reasons.append(f"entry {entry!r} is not served: it is on {', '.join(stores)}")
         return {

@@ -545,6 +545,18 @@ class Snapshots:
         self.live.clear()
         _SERVICES.pop(self.datastore, None)
 
+    def statistics(self) -> dict[str, Any]:
+        """For ``status``: how many snapshots, which are lost, and their space."""
+        snapshots = self.list()
+        return {
+            "count": len(snapshots),
+            "lost": [f"{s.entry}@{s.name}: {s.lost}" for s in snapshots if s.state == "lost"],
+            "incomplete": sum(s.state == "incomplete" for s in snapshots),
+            "space_bytes": sum(s.space_bytes for s in snapshots),
+            "saved_bytes": sum(s.saved_bytes for s in snapshots),
+            "guarded_files": sum(len(live.guards) for live in self.live.values()),
+        }
+
     def guard(self, store: str, dir_name: str, path: str) -> CbwGuard:
         live = self.live.get((store, dir_name))
         if live is None or path not in live.guards:

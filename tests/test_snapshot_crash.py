@@ -180,6 +180,11 @@ async def test_kill_9_after_an_fsync_keeps_the_snapshot_and_at_the_save_loses_it
         listed = json.loads(fusedisk("snapshot", "list", str(ds.mnt), "--json").stdout)
         assert [(s["name"], s["state"]) for s in listed] == [("s", "lost")]
         assert "crash" in listed[0]["lost"], listed
+        status = ds.status()
+        assert status["snapshots"]["lost"] == [f"vm1@s: {listed[0]['lost']}"], status
+        assert status["health"] == "degraded" and "vm1@s" in status["degraded"][0], status
+        shown = fusedisk("snapshot", "list", str(ds.mnt))
+        assert "lost: a crash" in shown.stdout, shown.stdout
         ds.stop()
     finally:
         ds.teardown()

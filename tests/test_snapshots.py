@@ -262,6 +262,9 @@ def test_snapshots_survive_a_relocation_and_a_remount(ds: MountedDatastore,
                                                     "--json").stdout)}
     assert listed["n"]["state"] == "ok" and listed["n"]["saved_bytes"] == BLOCK
     assert listed["before-move"]["files"]["disk0.img"]["method"] == "reflink"
+    status = ds.status()["snapshots"]
+    assert status["count"] == 2 and status["saved_bytes"] == BLOCK and not status["lost"]
+    assert status["space_bytes"] >= BLOCK and status["guarded_files"] == 3  # disk0, disk1, vm1.vmx
     # the export reads store files: it refuses the copy-before-write one, one line
     refused = fusedisk("export", str(ds.mnt), "vm1/disk0.img@n", "--socket",
                        str(tmp_path / "e.sock"))
