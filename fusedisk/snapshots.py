@@ -63,6 +63,8 @@ CBW_KIND = "snapshot-cbw"
 REFLINK = "reflink"
 CBW = "cbw"
 _FICLONE = 0x40049409
+#: what a guard saves between two checkpoints when a file's last name goes
+SAVE_ALL_PIECE = 4 << 20
 #: the snapshot service of each datastore the process serves (for open_file)
 _SERVICES: weakref.WeakKeyDictionary[Datastore, Snapshots] = weakref.WeakKeyDictionary()
 
@@ -328,6 +330,25 @@ class CbwGuard:
             except OSError as e:
                 self.live.lose(f"its saved blocks cannot be made durable: {e.strerror or e}")
 
+    async def save_all(self, fd: int) -> None:
+        piece = max(1, SAVE_ALL_PIECE // self.block_size)
+        for blockno in range(0, self.nblocks, piece):
+            span = (blockno * self.block_size, piece * self.block_size)
+            while not self.ready(*span):
+                await self.arm()
+            self.preserve(fd, *span)  # no await between ready() and it
+            await trio.lowlevel.checkpoint()  # the loop serves others between pieces
+        await self.sync()
+        self.live.snapshots.files.remove_guard(self.key, self)
+        if self.live.lost is None:
+            log.info("snapshot %s holds all of %r now (its live file is going)",
+                     self.live.dir_name, self.path or self.live.entry.name)
+
+    @property
+    def complete(self) -> bool:
+        """Every block is saved: the live file is not needed any more."""
+        return self.bits.count >= self.nblocks
+
     def rekey(self, key: tuple[int, int]) -> None:
         self.key = key
         if self._own_fd is not None:  # the old self of a relocated file
@@ -366,7 +387,9 @@ class CbwGuard:
 
     def extents(self) -> list[tuple[int, int]]:
         """A superset of the allocated ranges: the copy's and the live file's, merged."""
-        found = sorted(backing.data_extents(self.data_fd) + backing.data_extents(self.live_fd()))
+        found = backing.data_extents(self.data_fd)
+        if not self.complete:
+            found = sorted(found + backing.data_extents(self.live_fd()))
         merged: list[tuple[int, int]] = []
         for start, length in found:
             end = min(start + length, self.size)
@@ -518,23 +541,25 @@ class Snapshots:
             raise _Torn(f"the map of {path or live.entry.name} is unreadable ({e})") from None
         if not body.get("clean"):
             raise _Torn(f"a crash interrupted copy-before-write of {path or live.entry.name}")
-        try:
-            os.close(_open_live(live.entry, path, key))
-        except OSError as e:
-            raise _Torn(e.strerror or str(e)) from None
+        size, block_size = int(body["size"]), int(body["block_size"])
+        if bits.count < -(-size // block_size):  # not complete: the live file holds the rest
+            try:
+                os.close(_open_live(live.entry, path, key))
+            except OSError as e:
+                raise _Torn(e.strerror or str(e)) from None
         parts = [TREE, *(p for p in path.split("/") if p)]
         data_path = backing.open_parts(live.dir_fd, parts)
         try:
             data_fd = backing.reopen(data_path, os.O_RDWR)
         finally:
             backing.close(data_path)
-        return CbwGuard(live, index, path, key, int(body["size"]), int(body["block_size"]),
-                        data_fd, bits)
+        return CbwGuard(live, index, path, key, size, block_size, data_fd, bits)
 
     def _attach(self, store: Store, live: _Live) -> None:
         self.live[(store.name, live.dir_name)] = live
         for guard in live.guards.values():
-            self.files.add_guard(guard.key, guard)
+            if not guard.complete:
+                self.files.add_guard(guard.key, guard)
 
     def close(self) -> None:
         """At unmount, after the last write: every guard's map saved clean. Blocking."""
@@ -554,7 +579,9 @@ class Snapshots:
             "incomplete": sum(s.state == "incomplete" for s in snapshots),
             "space_bytes": sum(s.space_bytes for s in snapshots),
             "saved_bytes": sum(s.saved_bytes for s in snapshots),
-            "guarded_files": sum(len(live.guards) for live in self.live.values()),
+            #: files whose changes are still copied before they are written
+            "guarded_files": sum(not g.complete for live in self.live.values()
+                                 if live.lost is None for g in live.guards.values()),
         }
 
     def guard(self, store: str, dir_name: str, path: str) -> CbwGuard:

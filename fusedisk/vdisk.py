@@ -85,6 +85,11 @@ class Guard(Protocol):
     def rekey(self, key: tuple[int, int]) -> None:
         """A relocation moved the file: its backing key is now *key* (no I/O)."""
 
+    async def save_all(self, fd: int) -> None:
+        """The file's last name is going: save every block not saved yet (read from
+        *fd*) and make them durable; then (or when that failed and lost the
+        snapshot) the guard leaves the file's guards."""
+
 
 #: the guards of a file that has none
 _NO_GUARDS: list[Guard] = []
@@ -446,6 +451,36 @@ class OpenFiles:
         guards = self.guards.get(key)
         if guards is not None and guard in guards:
             guards.remove(guard)
+
+    async def before_last_link(self, dir_fd: int, name: str) -> None:
+        """Before *name* is unlinked or renamed over: when it is the last name of a
+        file that snapshots guard, they take the rest of it first (a snapshot must
+        not depend on a file that goes). Never raises: the guards lose their
+        snapshot if they cannot, and the removal goes ahead."""
+        # Until no guard is left for what the name is now: the caller removes it
+        # with no checkpoint after our last look (a save guards against nothing
+        # when another request renamed a different file to the name meanwhile).
+        while self.guards:
+            try:
+                st = backing.lstat_at(dir_fd, name)
+            except OSError:
+                return  # the unlink or rename reports it
+            guards = self.guards.get((st.st_dev, st.st_ino))
+            if not guards or not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+                return
+            try:
+                path_fd = backing.open_path(dir_fd, name)
+                try:
+                    fd = backing.reopen(path_fd, os.O_RDONLY)
+                finally:
+                    backing.close(path_fd)
+            except OSError:
+                return
+            try:
+                for guard in list(guards):
+                    await guard.save_all(fd)  # then it is gone from the guards
+            finally:
+                backing.close(fd)
 
     def fd_of(self, key: tuple[int, int]) -> int | None:
         """The descriptor the data path uses for the file *key*, if it is open."""

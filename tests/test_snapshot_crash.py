@@ -188,3 +188,44 @@ async def test_kill_9_after_an_fsync_keeps_the_snapshot_and_at_the_save_loses_it
         ds.stop()
     finally:
         ds.teardown()
+
+
+async def test_a_disk_removed_or_replaced_after_the_snapshot_stays_in_it(
+    tmp_path: Path, ds: MountedDatastore
+) -> None:
+    """Before the last name of a guarded file goes (rm, or a rename over it), the
+    snapshot takes the rest of the file; it then needs it no more, across a
+    kill -9 too."""
+    try:
+        ds.start()
+        disk, data = make_disk(ds)
+        other = ds.mnt / "vm1" / "other.img"
+        other_data = random.Random(2).randbytes(DISK // 2)
+        other.write_bytes(other_data)
+        snapshot(ds, "s")
+        fd = os.open(disk, os.O_WRONLY)  # some blocks saved the usual way first
+        try:
+            os.pwrite(fd, b"q" * 5000, 0)
+        finally:
+            os.close(fd)
+        disk.unlink()
+        (ds.mnt / "vm1" / "new.img").write_bytes(b"new")
+        os.rename(ds.mnt / "vm1" / "new.img", other)
+        assert other.read_bytes() == b"new"
+        listed = json.loads(fusedisk("snapshot", "list", str(ds.mnt), "--json").stdout)
+        assert listed[0]["state"] == "ok"
+        # all of both files is saved now (and nothing is guarded any more)
+        assert listed[0]["saved_bytes"] >= DISK + DISK // 2, listed
+        assert ds.status()["snapshots"]["guarded_files"] == 0
+        assert "holds all of 'disk.img' now" in ds.log()
+        ds.kill()
+        force_unmount(ds.mnt)
+        async with rig(tmp_path, ds.stores["a"], block_size=DAEMON_BLOCK) as r:
+            assert [(s.name, s.state) for s in r.snapshots.list("vm1")] == [("s", "ok")]
+            with open_file(r.datastore, "vm1", "s", "disk.img") as f:
+                assert f.pread(DISK, 0) == data
+                assert f.extents() == [(0, DISK)]
+            with open_file(r.datastore, "vm1", "s", "other.img") as f:
+                assert f.pread(DISK, 0) == other_data
+    finally:
+        ds.teardown()
