@@ -4,24 +4,39 @@ A snapshot is made with the entry's gate closed (no request that changes
 the entry runs), so all of a VM's disks and files are taken at the same
 instant (crash-consistent across disks), and each regular file gets a new
 CBT change id at exactly that instant: ``cbt changes --since A --until B``
-between two snapshots' ids is exact. Files are cloned with ``FICLONE``
-(reflinks: XFS, btrfs), which costs metadata only, so the pause is short
-and the guest's later writes never touch the snapshot; a store whose
-filesystem cannot clone (ext4) is refused with one line (copy-before-write
-is not built yet).
+between two snapshots' ids is exact. A regular file is held one of two ways:
+
+- **reflink** (XFS, btrfs): cloned with ``FICLONE``, metadata only, so the
+  pause is short and the guest's later writes never touch the clone.
+- **copy-before-write** (``cbw``; ext4 and every store that cannot clone):
+  the snapshot's file starts empty (sparse, the same size) and a
+  :class:`CbwGuard` on the data path (vdisk.Guard) copies each block into
+  it before the first change of that block after the snapshot; the view
+  reads saved blocks from it and the others from the live file. Its map
+  ``cbw-N`` (a checksummed record, atomically replaced) says which blocks
+  are saved and whether every saved block is durable (``clean``); the first
+  save after a clean map arms it (saves it unclean) and every fsync of the
+  live file first makes the saved blocks durable and the map clean again.
+  A map found unclean at start is a snapshot a crash may have torn: it is
+  marked **lost** (the ``lost`` file, with the reason), never read.
 
 Layout, on the entry's store::
 
     .fusedisk-snapshots/ENTRY@NAME/tree       the entry (its directory, or its file)
-    .fusedisk-snapshots/ENTRY@NAME/manifest   JSON: entry, name, created, files
-                                               (path → change id, size)
+    .fusedisk-snapshots/ENTRY@NAME/manifest   JSON: entry, created, files (path →
+                                               change_id, size, method[, cbw, block_size])
+    .fusedisk-snapshots/ENTRY@NAME/cbw-N      the map of copy-before-write file N
+    .fusedisk-snapshots/ENTRY@NAME/lost       only once lost: why
 
 The name starts with the datastore's reserved prefix, so the mount never
 serves it as an entry and a relocation never copies it: a snapshot stays on
-the store it was made on and stays valid when its entry moves (its blocks
-are its own). A snapshot is built under a temporary name and renamed into
-place after its manifest is fsynced; one left without a manifest by a crash
-is listed as ``incomplete`` (never as a snapshot) until deleted.
+the store it was made on. A reflink snapshot's blocks are its own; a
+copy-before-write one follows its live files through a relocation (the
+guards move with the files' keys, OpenFiles.repoint) and reads their
+unsaved blocks on the new store. A snapshot is built under a temporary name
+and renamed into place after its manifest is fsynced; one left without a
+manifest by a crash is listed as ``incomplete`` (never as a snapshot) until
+deleted. Readers use :func:`open_file` only.
 """
 
 from __future__ import annotations
