@@ -198,7 +198,7 @@ class Commands:
 
     async def snapshot_delete(self, request: api.SnapshotDelete) -> dict[str, Any]:
         try:
-            return self.snapshots.delete(request.entry, request.name).as_dict()
+            return (await self.snapshots.delete(request.entry, request.name)).as_dict()
         except SnapshotError as e:
             raise api.RequestError("no-snapshot", str(e)) from None
         except OSError as e:

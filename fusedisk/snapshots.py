@@ -233,12 +233,27 @@ class _Live:
         self.detach()
 
     def detach(self) -> None:
+        """Stop guarding (sync). The descriptors stay open: a guard's save may be
+        running on a worker thread (see :meth:`aclose`)."""
         for guard in self.guards.values():
             self.snapshots.files.remove_guard(guard.key, guard)
-            guard.close()
 
     def close(self) -> None:
+        """Close, when no guard's save can be running (before serving, at unmount,
+        or inside the gate's pause)."""
         self.detach()
+        for guard in self.guards.values():
+            guard.close()
+        backing.close(self.dir_fd)
+
+    async def aclose(self) -> None:
+        """Close while serving: each guard's running save finishes first (a
+        descriptor closed under it could be reused by another file)."""
+        self.detach()
+        with trio.CancelScope(shield=True):
+            for guard in self.guards.values():
+                async with guard.lock:
+                    guard.close()
         backing.close(self.dir_fd)
 
 
@@ -272,7 +287,8 @@ class CbwGuard:
         self.bits = bits
         #: the map on disk is unclean: saving blocks may go ahead
         self.armed = False
-        self._lock = trio.Lock()
+        #: held by every save that runs on a worker thread, and by aclose
+        self.lock = trio.Lock()
         self._own_fd: int | None = None  #: our descriptor of the live file, if opened
 
     # -- the write path (vdisk.Guard) ---------------------------------------------------
@@ -292,7 +308,7 @@ class CbwGuard:
         return self.armed or self.live.lost is not None or not self._needs(offset, length)
 
     async def arm(self) -> None:
-        async with self._lock:
+        async with self.lock:
             if self.armed or self.live.lost is not None:
                 return
             record = self._record(clean=False)
@@ -327,12 +343,12 @@ class CbwGuard:
 
     async def write_initial(self) -> None:
         """The first map, while the snapshot is being made (before its manifest)."""
-        async with self._lock:
+        async with self.lock:
             if not self.armed and self.live.lost is None:
                 await backing.run_blocking(self._write_map, self._record(clean=True))
 
     async def sync(self) -> None:
-        async with self._lock:
+        async with self.lock:
             if not self.armed or self.live.lost is not None:
                 return
             # no await between the record and disarming: a block saved after this
@@ -643,7 +659,7 @@ class Snapshots:
             backing.fsync_dir(snaps_fd)
         except BaseException:
             if live is not None:
-                live.close()
+                await live.aclose()
             backing.remove_tree(snaps_fd, temp)
             raise
         finally:
@@ -783,14 +799,14 @@ class Snapshots:
         return Snapshot(entry, name, store.name, str(path), created, files, "ok",
                         space_bytes=space)
 
-    def delete(self, entry: str, name: str) -> Snapshot:
+    async def delete(self, entry: str, name: str) -> Snapshot:
         for snapshot in self.list(entry):
             if snapshot.name == name:
                 store = self.datastore.stores[snapshot.store]
                 dir_name = os.path.basename(snapshot.path)
                 live = self.live.pop((store.name, dir_name), None)
                 if live is not None:
-                    live.close()
+                    await live.aclose()
                 snaps_fd = _snapshots_fd(store, create=False)
                 assert snaps_fd is not None
                 try:

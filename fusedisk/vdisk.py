@@ -107,7 +107,7 @@ def _all_ready(guards: list[Guard], offset: int, length: int) -> bool:
 
 
 def _preserve(vfile: VFile, offset: int, length: int) -> None:
-    for guard in vfile.guards:
+    for guard in list(vfile.guards):  # a guard that loses its snapshot leaves the list
         guard.preserve(vfile.fd, offset, length)
 
 

@@ -238,7 +238,7 @@ async def test_a_randomized_writer_never_changes_the_snapshot(
             assert listed["s0"].saved_bytes > 0
             assert listed["s0"].saved_bytes <= SIZE + BLOCK
         # a deleted snapshot stops costing: the others are still exact
-        r.snapshots.delete("vm1", "s1")
+        await r.snapshots.delete("vm1", "s1")
         del refs["s1"]
         with pytest.raises(SnapshotError, match="no snapshot named"):
             open_file(r.datastore, "vm1", "s1", "disk.img")
@@ -279,7 +279,7 @@ async def test_a_crash_leaves_each_snapshot_intact_or_reported_lost(tmp_path: Pa
         with pytest.raises(SnapshotError, match="is lost"):
             open_file(r.datastore, "vm1", "torn", "disk.img")
         # a lost snapshot stays lost (and is not guarded); it can be deleted
-        r.snapshots.delete("vm1", "torn")
+        await r.snapshots.delete("vm1", "torn")
     async with rig(tmp_path, store) as r:
         assert [(s.name, s.state) for s in r.snapshots.list("vm1")] == [("synced", "ok")]
         assert r.view("synced") == synced
@@ -330,3 +330,42 @@ async def test_a_snapshot_stays_exact_across_a_relocation_of_its_entry(tmp_path:
         for name, ref in refs.items():
             assert r.view(name) == ref, name
         await writer_rounds(r, rng, refs, live, 2)
+
+
+async def test_deleting_snapshots_while_the_guest_writes_and_syncs(tmp_path: Path) -> None:
+    """A delete waits for a save running on a worker thread (arm, sync) before it
+    closes its descriptors; the snapshots left stay exact."""
+    store = tmp_path / "store"
+    store.mkdir()
+    rng = random.Random(5)
+    make_entry(store, rng)
+    live = bytearray((store / "vm1" / "disk.img").read_bytes())
+    async with rig(tmp_path, store) as r:
+        entry = r.datastore.entries["vm1"]
+        await r.snapshots.create(entry, "keep")
+        keep = bytes(live)
+        vfile, vmx = r.vfile("disk.img"), r.vfile("vm1.vmx")
+        try:
+            for round_no in range(6):
+                await r.snapshots.create(entry, f"d{round_no}")
+                stop = trio.Event()
+
+                async def guest() -> None:
+                    while not stop.is_set():  # noqa: B023
+                        await random_op(rng, vfile, vmx, live)
+                        if rng.random() < 0.3:
+                            await vfile.fsync(True)
+
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(guest)
+                    for _ in range(rng.randrange(1, 20)):
+                        await trio.lowlevel.checkpoint()
+                    await r.snapshots.delete("vm1", f"d{round_no}")
+                    stop.set()
+                assert [s.name for s in r.snapshots.list("vm1")] == ["keep"]
+                assert r.view("keep") == keep
+                assert vfile.read(0, len(live) + 1) == live
+        finally:
+            r.files.release(vfile)
+            r.files.release(vmx)
+        assert r.snapshots.statistics()["guarded_files"] == 3
