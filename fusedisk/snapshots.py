@@ -478,20 +478,29 @@ class CbwGuard:
 
 
 def _open_live(entry: Entry, path: str, key: tuple[int, int]) -> int:
-    """The live file *path* of *entry*, read-only, if it still is the object *key*."""
+    """The live file of *entry* that is the object *key*, read-only: at *path*, or
+    wherever a rename inside the entry took it (the entry is searched). Blocking."""
     parts = [entry.name, *(p for p in path.split("/") if p)]
     try:
         path_fd = backing.open_parts(entry.store.root_fd, parts)
-    except OSError as e:
-        raise OSError(errno.EIO, f"the live file {'/'.join(parts)} is gone ({e.strerror})"
-                      ) from None
+    except OSError:
+        path_fd = -1
+    if path_fd >= 0:
+        try:
+            st = backing.fstat(path_fd)
+            if (st.st_dev, st.st_ino) == key and stat.S_ISREG(st.st_mode):
+                return backing.reopen(path_fd, os.O_RDONLY)
+        finally:
+            backing.close(path_fd)
+    entry_fd = backing.open_path(entry.store.root_fd, entry.name)
     try:
-        st = backing.fstat(path_fd)
-        if (st.st_dev, st.st_ino) != key or not stat.S_ISREG(st.st_mode):
-            raise OSError(errno.EIO, f"the live file {'/'.join(parts)} was replaced")
-        return backing.reopen(path_fd, os.O_RDONLY)
+        if stat.S_ISDIR(backing.fstat(entry_fd).st_mode):
+            for _parts, fd, st in walk(entry_fd):
+                if (st.st_dev, st.st_ino) == key and stat.S_ISREG(st.st_mode):
+                    return backing.reopen(fd, os.O_RDONLY)
     finally:
-        backing.close(path_fd)
+        backing.close(entry_fd)
+    raise OSError(errno.EIO, f"the live file {'/'.join(parts)} is gone or was replaced")
 
 
 def _space(snapshot_dir: str) -> int:

@@ -369,3 +369,34 @@ async def test_deleting_snapshots_while_the_guest_writes_and_syncs(tmp_path: Pat
             r.files.release(vfile)
             r.files.release(vmx)
         assert r.snapshots.statistics()["guarded_files"] == 3
+
+
+async def test_a_guarded_file_renamed_inside_its_entry_is_found_by_its_key(
+    tmp_path: Path
+) -> None:
+    store = tmp_path / "store"
+    store.mkdir()
+    rng = random.Random(9)
+    make_entry(store, rng)
+    live = bytearray((store / "vm1" / "disk.img").read_bytes())
+    refs = {"s0": bytes(live)}
+    async with rig(tmp_path, store) as r:
+        await r.snapshots.create(r.datastore.entries["vm1"], "s0")
+        vfile = r.vfile("disk.img")
+        try:
+            await vfile.write(2 * BLOCK + 10, b"w" * 100)  # one block saved, the rest not
+        finally:
+            r.files.release(vfile)
+        (store / "vm1" / "sub").mkdir()
+        os.rename(store / "vm1" / "disk.img", store / "vm1" / "sub" / "moved.img")
+        assert r.view("s0") == refs["s0"]  # unsaved blocks from the file where it is now
+    async with rig(tmp_path, store) as r:  # and after a restart
+        assert [(s.name, s.state) for s in r.snapshots.list("vm1")] == [("s0", "ok")]
+        assert r.snapshots.list("vm1")[0].saved_bytes == BLOCK
+        assert r.view("s0") == refs["s0"]
+        vfile = r.vfile("sub/moved.img")
+        try:
+            await vfile.write(0, bytes(SIZE))  # still guarded under its new name
+        finally:
+            r.files.release(vfile)
+        assert r.view("s0") == refs["s0"]

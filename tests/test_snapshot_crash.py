@@ -208,7 +208,8 @@ async def test_a_disk_removed_or_replaced_after_the_snapshot_stays_in_it(
             os.pwrite(fd, b"q" * 5000, 0)
         finally:
             os.close(fd)
-        disk.unlink()
+        os.rename(disk, ds.mnt / "vm1" / "renamed.img")  # still guarded, found by its key
+        os.unlink(ds.mnt / "vm1" / "renamed.img")
         (ds.mnt / "vm1" / "new.img").write_bytes(b"new")
         os.rename(ds.mnt / "vm1" / "new.img", other)
         assert other.read_bytes() == b"new"
