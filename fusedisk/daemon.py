@@ -243,6 +243,7 @@ class Daemon:
                 await nursery.start(self.extra_ops.run)
             await nursery.start(self.files.run)
             await nursery.start(self.relocator.run)
+            await nursery.start(self.snapshots.run)
             self.relocator.resume_interrupted()
             commands = Commands(
                 mountpoint=self.config.mountpoint, state_dir=self.config.state_dir,

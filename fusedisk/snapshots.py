@@ -78,6 +78,10 @@ CBW_KIND = "snapshot-cbw"
 REFLINK = "reflink"
 CBW = "cbw"
 _FICLONE = 0x40049409
+#: how long a guard stays armed (saved blocks not yet durable) without an fsync
+#: of its file before the service syncs it: a crash loses a copy-before-write
+#: snapshot only when a block was saved within about this long
+SYNC_INTERVAL_S = 1.0
 #: what a guard saves between two checkpoints when a file's last name goes
 SAVE_ALL_PIECE = 4 << 20
 #: the snapshot service of each datastore the process serves (for open_file)
@@ -527,6 +531,26 @@ class Snapshots:
         #: (store, snapshot directory name) → its copy-before-write state
         self.live: dict[tuple[str, str], _Live] = {}
         _SERVICES[datastore] = self
+        self._pass_done = trio.Event()
+
+    async def wait_synced(self) -> None:
+        """Wait until the periodic sync's next pass is over."""
+        await self._pass_done.wait()
+
+    async def run(self, *, sync_interval_s: float = SYNC_INTERVAL_S,
+                  task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Sync every armed guard every *sync_interval_s* (a service of the daemon's
+        nursery): a guest that never fsyncs still gets its snapshots' saved
+        blocks durable and their maps clean."""
+        task_status.started()
+        while True:
+            await trio.sleep(sync_interval_s)
+            for live in list(self.live.values()):
+                for guard in list(live.guards.values()):
+                    if guard.armed:
+                        await guard.sync()
+            self._pass_done.set()
+            self._pass_done = trio.Event()
 
     def load(self) -> None:
         """Guard the files of every copy-before-write snapshot found intact, and mark

@@ -15,6 +15,7 @@ saves: the snapshot is intact or reported lost, never read wrong).
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import random
 from collections.abc import AsyncIterator, Iterator
@@ -75,9 +76,11 @@ class Rig:
 
 @contextlib.asynccontextmanager
 async def rig(tmp_path: Path, store: Path, crash: bool = False,
-              other: Path | None = None, block_size: int = BLOCK) -> AsyncIterator[Rig]:
+              other: Path | None = None, block_size: int = BLOCK,
+              sync_interval_s: float | None = None) -> AsyncIterator[Rig]:
     """The rooms of a daemon on *store* (and store ``b`` = *other*); at the end a
-    clean stop, or with *crash* one that saves nothing (as kill -9)."""
+    clean stop, or with *crash* one that saves nothing (as kill -9); with
+    *sync_interval_s*, the snapshot service's periodic sync runs."""
     stores = [f"a={store}"] + ([f"b={other}"] if other is not None else [])
     config = build_config(config_file=None, mountpoint=str(tmp_path / "mnt"),
                           stores=stores, default_store="a",
@@ -97,6 +100,9 @@ async def rig(tmp_path: Path, store: Path, crash: bool = False,
         async with trio.open_nursery() as nursery:
             await nursery.start(files.run)
             await nursery.start(relocator.run)
+            if sync_interval_s is not None:
+                await nursery.start(functools.partial(snapshots.run,
+                                                      sync_interval_s=sync_interval_s))
             yield Rig(datastore, files, snapshots, relocator)
             nursery.cancel_scope.cancel()
     finally:
@@ -400,3 +406,29 @@ async def test_a_guarded_file_renamed_inside_its_entry_is_found_by_its_key(
         finally:
             r.files.release(vfile)
         assert r.view("s0") == refs["s0"]
+
+
+async def test_the_periodic_sync_keeps_a_snapshot_of_a_guest_that_never_fsyncs(
+    tmp_path: Path
+) -> None:
+    store = tmp_path / "store"
+    store.mkdir()
+    rng = random.Random(3)
+    make_entry(store, rng)
+    data = (store / "vm1" / "disk.img").read_bytes()
+    async with rig(tmp_path, store, crash=True, sync_interval_s=0.05) as r:
+        await r.snapshots.create(r.datastore.entries["vm1"], "s")
+        vfile = r.vfile("disk.img")
+        try:
+            await vfile.write(7 * BLOCK, b"n" * 300)  # saved, and no fsync ever
+        finally:
+            r.files.release(vfile)
+        guards = [g for live in r.snapshots.live.values() for g in live.guards.values()]
+        assert any(g.armed for g in guards)
+        with trio.fail_after(60):  # a pass that began before the write, then a whole one
+            await r.snapshots.wait_synced()
+            await r.snapshots.wait_synced()
+        assert not any(g.armed for g in guards)
+    async with rig(tmp_path, store) as r:  # after the crash: intact
+        assert [(s.name, s.state) for s in r.snapshots.list("vm1")] == [("s", "ok")]
+        assert r.view("s") == data
