@@ -171,9 +171,12 @@ def _parser() -> argparse.ArgumentParser:
         "snapshot", help="point-in-time snapshots of an entry (every file at one instant)",
         description="A snapshot holds every file of ENTRY as it was at one instant (one "
         "pause of the entry's writes, so a VM's disks are consistent with each other), each "
-        "paired with a new CBT change id. Files are cloned (reflinks), so the store must be "
-        "XFS or btrfs. Snapshots live on the store, under .fusedisk-snapshots, and are read "
-        "with `fusedisk export MNT ENTRY/FILE@NAME`.",
+        "paired with a new CBT change id. On XFS or btrfs files are cloned (reflinks); on "
+        "other stores (ext4) each block is copied into the snapshot before the guest first "
+        "changes it (copy-before-write; a crash at the wrong moment makes such a snapshot "
+        "'lost', never wrong). Snapshots live on the store, under .fusedisk-snapshots; "
+        "`list` shows their state and space; reflink ones are exported with "
+        "`fusedisk export MNT ENTRY/FILE@NAME`.",
     )
     sn_sub = sn.add_subparsers(dest="snapshot_command", metavar="ACTION", required=True)
     sc = sn_sub.add_parser("create", help="snapshot an entry")
