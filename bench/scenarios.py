@@ -7,6 +7,9 @@ runs all of them by default, in registry order; ``--scenarios`` picks some.
 - ``idle``: every fio job against the raw store and the mount, alternating.
 - ``cbt``: the cost of changed block tracking (mount vs ``--no-cbt`` mount)
   and the daemon's memory for a 100 GiB sparse file (``bench/cbtcost.py``).
+- ``snapshot``: guest random writes with one live snapshot vs none (reflink
+  on XFS, copy-before-write on ext4), NBD read of a snapshot vs ``dd``
+  (``bench/snapshot.py``).
 - ``relocate-idle``, ``relocate-busy``, ``switchover-pause``,
   ``relocate-sparse``, ``relocate-outrun``: live relocation with
   ``fusedisk migrate`` (``bench/relocation.py``).
@@ -17,7 +20,7 @@ from __future__ import annotations
 from contextlib import ExitStack
 from dataclasses import dataclass
 
-from bench import cbtcost, manyfiles, relocation, scale
+from bench import cbtcost, manyfiles, relocation, scale, snapshot
 from bench.context import (
     MOUNT,
     RAW,
@@ -115,3 +118,4 @@ register("relocate-sparse", relocation.relocate_sparse, needs_migrate=True)
 register("relocate-outrun", relocation.relocate_outrun, needs_migrate=True)
 register("switchover-scale", scale.switchover_scale, needs_migrate=True)
 register("manyfiles", manyfiles.manyfiles, needs_migrate=True)
+register("snapshot", snapshot.snapshot)

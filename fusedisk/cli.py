@@ -171,9 +171,12 @@ def _parser() -> argparse.ArgumentParser:
         "snapshot", help="point-in-time snapshots of an entry (every file at one instant)",
         description="A snapshot holds every file of ENTRY as it was at one instant (one "
         "pause of the entry's writes, so a VM's disks are consistent with each other), each "
-        "paired with a new CBT change id. Files are cloned (reflinks), so the store must be "
-        "XFS or btrfs. Snapshots live on the store, under .fusedisk-snapshots, and are read "
-        "with `fusedisk export MNT ENTRY/FILE@NAME`.",
+        "paired with a new CBT change id. On XFS or btrfs files are cloned (reflinks); on "
+        "other stores (ext4) each block is copied into the snapshot before the guest first "
+        "changes it (copy-before-write; a crash at the wrong moment makes such a snapshot "
+        "'lost', never wrong). Snapshots live on the store, under .fusedisk-snapshots; "
+        "`list` shows their state and space; reflink ones are exported with "
+        "`fusedisk export MNT ENTRY/FILE@NAME`.",
     )
     sn_sub = sn.add_subparsers(dest="snapshot_command", metavar="ACTION", required=True)
     sc = sn_sub.add_parser("create", help="snapshot an entry")
@@ -409,6 +412,12 @@ def _print_status(status: dict[str, Any]) -> None:
     for entry, stores in status.get("conflicts", {}).items():
         print(f"{entry:<32} CONFLICT: on {', '.join(stores)} (not served)")
     print()
+    snaps = status.get("snapshots")
+    if snaps and snaps["count"]:
+        print(f"SNAPSHOTS  {snaps['count']}, {format_size(snaps['space_bytes'])} on the stores "
+              f"({format_size(snaps['saved_bytes'])} saved by copy-before-write), "
+              f"{len(snaps['lost'])} lost")
+        print()
     if status["jobs"]:
         print("RELOCATIONS")
         for job in map(api.Job.from_wire, status["jobs"]):
@@ -572,6 +581,8 @@ def _snapshot_file(mountpoint: Path, entry: str, name: str,
                    inside: str) -> dict[str, Any]:
     """A file's record in snapshot *name* of *entry* (path inside the entry), plus its path."""
     for snapshot in control.call(mountpoint, api.SnapshotList(entry=entry)):
+        if snapshot["name"] == name and snapshot["state"] == "lost":
+            raise FusediskError(f"snapshot {entry}@{name} is lost: {snapshot['lost']}")
         if snapshot["name"] == name and snapshot["state"] == "ok":
             record = snapshot["files"].get(inside)
             if record is None:
@@ -597,6 +608,10 @@ def cmd_export(args: argparse.Namespace) -> int:
     if at:
         entry, _, inside = relative.partition("/")
         snapshot = _snapshot_file(mountpoint, entry, snapshot_name, inside)
+        if snapshot.get("method") == "cbw":
+            # its store file holds only the saved blocks: only the daemon can read it
+            raise FusediskError(f"snapshot {entry}@{snapshot_name} is copy-before-write "
+                                "(its store cannot clone): this export cannot read it yet")
     return export.run(mountpoint, relative, args.since, args.socket, tcp,
                       args.name or args.file, snapshot)
 
@@ -627,8 +642,12 @@ def cmd_snapshot(args: argparse.Namespace) -> int:
     for s in snapshots:
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(s["created"])) \
             if s["created"] else "-"
+        methods = sorted({f.get("method", "reflink") for f in s["files"].values()})
         print(f"{s['entry'] + '@' + s['name']:<40} {s['state']:<10} {when}  "
-              f"{len(s['files'])} file(s)  store {s['store']}")
+              f"{len(s['files'])} file(s)  store {s['store']}  "
+              f"{format_size(s.get('space_bytes', 0))} ({'+'.join(methods) or '-'})")
+        if s.get("lost"):
+            print(f"  lost: {s['lost']}")
     if not snapshots:
         print("(no snapshots)")
     return 0

@@ -89,6 +89,7 @@ class Commands:
             **self.datastore.statistics(),
             "fuse_shim": fuseshim.statistics(),
             "jobs": [job.to_wire() for job in self.relocator.statistics()],
+            "snapshots": self.snapshots.statistics(),
             **self.extra_status(),
         }
 
@@ -199,7 +200,7 @@ class Commands:
 
     async def snapshot_delete(self, request: api.SnapshotDelete) -> dict[str, Any]:
         try:
-            return self.snapshots.delete(request.entry, request.name).as_dict()
+            return (await self.snapshots.delete(request.entry, request.name)).as_dict()
         except SnapshotError as e:
             raise api.RequestError("no-snapshot", str(e)) from None
         except OSError as e:

@@ -162,6 +162,11 @@ async def serve(config: Config, on_ready: Callable[[], None]) -> None:
         cbt = CbtStore(config.state_dir, config.block_size) if config.cbt else None
         files = OpenFiles(cbt, config.block_size)
         prepared = True
+        # before the mount serves: a copy-before-write snapshot must see every write;
+        # closed after the FUSE session and the files (a later callback runs earlier)
+        snapshots = Snapshots(datastore, files)
+        snapshots.load()
+        stack.callback(snapshots.close)
 
         os.umask(0)  # new backing objects get exactly the mode the caller asked for
         os.chdir("/")  # every configured path is absolute; hold no directory busy
@@ -172,7 +177,8 @@ async def serve(config: Config, on_ready: Callable[[], None]) -> None:
         relocator = Relocator(datastore, files, config.block_size, ops.repoint)
         fuse_loop, extra_ops = _mount(config, ops)
         stack.callback(pyfuse3.close, unmount=True)
-        daemon = Daemon(config, state, datastore, files, ops, relocator, fuse_loop, extra_ops)
+        daemon = Daemon(config, state, datastore, files, ops, relocator, fuse_loop, extra_ops,
+                        snapshots=snapshots)
         stack.callback(daemon.notify_stopping)
         await daemon.serve(on_ready)
 
@@ -216,8 +222,9 @@ class Daemon:
 
     def __init__(self, config: Config, state: StateDir, datastore: Datastore, files: OpenFiles,
                  ops: Operations, relocator: Relocator, fuse_loop: RequestLoop,
-                 extra_ops: ExtraOps | None) -> None:
+                 extra_ops: ExtraOps | None, *, snapshots: Snapshots) -> None:
         self.config = config
+        self.snapshots = snapshots
         self.state = state
         self.datastore = datastore
         self.files = files
@@ -236,12 +243,13 @@ class Daemon:
                 await nursery.start(self.extra_ops.run)
             await nursery.start(self.files.run)
             await nursery.start(self.relocator.run)
+            await nursery.start(self.snapshots.run)
             self.relocator.resume_interrupted()
             commands = Commands(
                 mountpoint=self.config.mountpoint, state_dir=self.config.state_dir,
                 datastore_id=self.state.datastore_id, block_size=self.config.block_size,
                 cbt_enabled=self.config.cbt, datastore=self.datastore, files=self.files,
-                relocator=self.relocator, snapshots=Snapshots(self.datastore, self.files),
+                relocator=self.relocator, snapshots=self.snapshots,
                 extra_status=self._extra_status,
             )
             control_server = ControlServer(self.config.mountpoint, commands.table())
@@ -318,6 +326,8 @@ class Daemon:
             reasons.append(f"the state directory refuses CBT saves ({cbt.health.error}); "
                            "change ids of files written meanwhile are withdrawn "
                            "(a full backup is needed for them)")
+        for lost in self.snapshots.statistics()["lost"]:
+            reasons.append(f"snapshot {lost} (it cannot be read; delete it and make a new one)")
         for entry, stores in sorted(self.datastore.conflicts.items()):
             reasons.append(f"entry {entry!r} is not served: it is on {', '.join(stores)}")
         return {

@@ -722,6 +722,8 @@ class Operations(pyfuse3.Operations):
         if parent is not self._root:
             self._changing(parent)
             self._changing_at(dir_fd, sname, entry)  # its nlink changes (another name may stay)
+        if not is_dir:  # a snapshot's copy-before-write takes the rest of the file first
+            await self.files.before_last_link(dir_fd, sname)
         pinned = self._pin_last_link(dir_fd, sname)
         try:
             if not is_dir:
@@ -784,6 +786,7 @@ class Operations(pyfuse3.Operations):
             self._changing_at(new_dir_fd, new_name, old_entry)
         doomed = pinned = None
         if not flags & pyfuse3.RENAME_EXCHANGE:
+            await self.files.before_last_link(new_dir_fd, new_name)  # as in _remove
             doomed = self.files.last_link_history(new_dir_fd, new_name)
             pinned = self._pin_last_link(new_dir_fd, new_name)
         try:

@@ -58,6 +58,59 @@ class Resolver(Protocol):
         """The backing key of the new self of source object *key* (no I/O)."""
 
 
+class Guard(Protocol):
+    """Copy-before-write for a snapshot of a file whose store cannot clone
+    (snapshots.py): the file's old bytes are saved before a change overwrites them.
+
+    A change of ``[offset, offset + length)`` first awaits :meth:`arm` until
+    :meth:`ready` holds, then calls :meth:`preserve` with no checkpoint
+    between it and the change; :meth:`sync` runs before the file's own fsync,
+    so a saved block is durable before the overwrite is acknowledged as
+    durable.
+    """
+
+    def ready(self, offset: int, length: int) -> bool:
+        """True if :meth:`preserve` of this range may run now (no I/O)."""
+
+    async def arm(self) -> None:
+        """Make :meth:`ready` true (one durable save), for every range."""
+
+    def preserve(self, fd: int, offset: int, length: int) -> None:
+        """Save the blocks of the range not saved yet, read from *fd*. Sync; never raises
+        (a failure loses the snapshot, never the guest's change)."""
+
+    async def sync(self) -> None:
+        """Make every saved block durable. Never raises (as :meth:`preserve`)."""
+
+    def rekey(self, key: tuple[int, int]) -> None:
+        """A relocation moved the file: its backing key is now *key* (no I/O)."""
+
+    async def save_all(self, fd: int) -> None:
+        """The file's last name is going: save every block not saved yet (read from
+        *fd*) and make them durable; then (or when that failed and lost the
+        snapshot) the guard leaves the file's guards."""
+
+
+#: the guards of a file that has none
+_NO_GUARDS: list[Guard] = []
+
+
+async def _guard(vfile: VFile, offset: int, length: int) -> None:
+    """Wait until every guard of *vfile* may preserve the range (see :class:`Guard`)."""
+    for guard in list(vfile.guards):
+        if not guard.ready(offset, length):
+            await guard.arm()
+
+
+def _all_ready(guards: list[Guard], offset: int, length: int) -> bool:
+    return all(guard.ready(offset, length) for guard in guards)
+
+
+def _preserve(vfile: VFile, offset: int, length: int) -> None:
+    for guard in list(vfile.guards):  # a guard that loses its snapshot leaves the list
+        guard.preserve(vfile.fd, offset, length)
+
+
 class Activity:
     """Counts guest reads and writes, so background work can yield to them."""
 
@@ -79,7 +132,7 @@ class VFile:
     """
 
     __slots__ = (
-        "activity", "block_shift", "closing", "consumers", "fd", "gate", "gone", "key",
+        "activity", "block_shift", "closing", "consumers", "fd", "gate", "gone", "guards", "key",
         "mirror_error", "mirror_fd", "opens", "stale", "touched", "tracker", "writable",
     )
 
@@ -117,6 +170,8 @@ class VFile:
         self.stale = False
         #: the file had no link left when its last user released it
         self.gone = False
+        #: copy-before-write of the snapshots of the file (shared with OpenFiles.guards)
+        self.guards: list[Guard] = _NO_GUARDS
 
     def read(self, offset: int, length: int) -> bytes:
         self.activity.requests += 1
@@ -127,15 +182,22 @@ class VFile:
             raise OSError(errno.EROFS, "backing file is read-only")
         self.activity.requests += 1
         tracker = self.tracker
-        if tracker is not None:
-            while not tracker.logged(offset, len(data)):
+        while True:
+            if tracker is not None and not tracker.logged(offset, len(data)):
                 try:
                     await tracker.log(offset, len(data))
                 except OSError as e:  # the state directory refused: see cbt.py
                     await tracker.withdraw(self.fd, e)
+            elif self.guards and not _all_ready(self.guards, offset, len(data)):
+                await _guard(self, offset, len(data))
+            else:
+                break
         # No await from here on: the region stays logged, the marks follow the
-        # write they describe (the CBT ordering rule), and a copy of the same
-        # blocks (also checkpoint-free) is wholly before or after this write.
+        # write they describe (the CBT ordering rule), a copy of the same
+        # blocks (also checkpoint-free) is wholly before or after this write,
+        # and a snapshot's old bytes are saved before they are overwritten.
+        if self.guards:
+            _preserve(self, offset, len(data))
         written = backing.pwrite_all(self.fd, data, offset)
         self.touched = True
         if tracker is not None:
@@ -172,22 +234,30 @@ class VFile:
             raise OSError(errno.EROFS, "backing file is read-only")
         tracker = self.tracker
         old = self.size()
-        if tracker is not None:
-            # The save checkpoints, and a write meanwhile may move the end of the
-            # file: mark again until the marks cover the span as it is now.
-            low = high = old
-            while min(old, length) < low or max(old, length) > high:
+        # The saves checkpoint, and a write meanwhile may move the end of the
+        # file: mark again until the marks cover the span as it is now (and the
+        # snapshots' guards are ready for the bytes a shrink cuts off).
+        low = high = old
+        while True:
+            if tracker is not None and (min(old, length) < low or max(old, length) > high):
                 low, high = min(low, old, length), max(high, old, length)
                 try:
                     await tracker.mark_bytes_durably(low, high - low)
                 except OSError as e:  # the state directory refused: see cbt.py
                     await tracker.withdraw(self.fd, e)
                     tracker.mark_bytes(low, high - low)
-                old = self.size()
+            elif self.guards and old > length and not _all_ready(self.guards, length,
+                                                                 old - length):
+                await _guard(self, length, old - length)
+            else:
+                break
+            old = self.size()
         if old == length:
             return
         start, span = min(old, length), abs(old - length)
         # no await from here on (as in write)
+        if self.guards and old > length:
+            _preserve(self, length, old - length)
         backing.ftruncate(self.fd, length)
         self.touched = True
         if tracker is not None:
@@ -229,20 +299,30 @@ class VFile:
         if new_size > old:
             low = min(low, old)
         tracker = self.tracker
-        if tracker is not None and high > low:
-            if (high - 1 >> REGION_SHIFT) - (low >> REGION_SHIFT) < _LOGGED_REGIONS:
-                while not tracker.logged(low, high - low):
-                    try:
-                        await tracker.log(low, high - low)
-                    except OSError as e:  # the state directory refused: see cbt.py
-                        await tracker.withdraw(self.fd, e)
-            else:
+        logged = tracker is not None and high > low and (
+            (high - 1 >> REGION_SHIFT) - (low >> REGION_SHIFT) < _LOGGED_REGIONS)
+        if tracker is not None and high > low and not logged:
+            try:
+                await tracker.mark_bytes_durably(low, high - low)
+            except OSError as e:
+                await tracker.withdraw(self.fd, e)
+        # a punch or zero range of bytes a snapshot holds is saved first (as in
+        # write); an allocation changes no byte
+        changes_bytes = bool(mode & (backing.FALLOC_FL_PUNCH_HOLE | backing.FALLOC_FL_ZERO_RANGE))
+        while True:
+            if logged and tracker is not None and not tracker.logged(low, high - low):
                 try:
-                    await tracker.mark_bytes_durably(low, high - low)
-                except OSError as e:
+                    await tracker.log(low, high - low)
+                except OSError as e:  # the state directory refused: see cbt.py
                     await tracker.withdraw(self.fd, e)
+            elif changes_bytes and self.guards and not _all_ready(self.guards, offset, length):
+                await _guard(self, offset, length)
+            else:
+                break
         # No await from here on (as in write): the marks follow the change, and
         # a copy step of the same blocks is wholly before or after it.
+        if changes_bytes and self.guards:
+            _preserve(self, offset, length)
         backing.fallocate(self.fd, mode, offset, length)
         self.touched = True
         if high <= low:
@@ -287,16 +367,22 @@ class VFile:
             return 0
         self.activity.requests += 1
         tracker = self.tracker
-        if tracker is not None:
-            while not tracker.logged(offset, length):
+        while True:
+            if tracker is not None and not tracker.logged(offset, length):
                 try:
                     await tracker.log(offset, length)
                 except OSError as e:  # the state directory refused: see cbt.py
                     await tracker.withdraw(self.fd, e)
+            elif self.guards and not _all_ready(self.guards, offset, length):
+                await _guard(self, offset, length)
+            else:
+                break
         # No await from here on (as in write).
         length = min(length, max(0, source.size() - src_offset))
         if length == 0:
             return 0
+        if self.guards:
+            _preserve(self, offset, length)
         copied = 0
         if self.mirror_fd is None:
             try:
@@ -318,6 +404,8 @@ class VFile:
         return copied
 
     async def fsync(self, datasync: bool) -> None:
+        for guard in list(self.guards):  # a snapshot's saved blocks are durable first
+            await guard.sync()
         await backing.run_blocking(backing.fsync, self.fd, datasync)
 
     def size(self) -> int:
@@ -347,6 +435,66 @@ class OpenFiles:
         #: copier, which closes the files it is not copying: mirror.py)
         self._watchers: dict[tuple[int, int], Callable[[VFile], None]] = {}
         self._idle_watchers: dict[tuple[int, int], Callable[[VFile], None]] = {}
+        #: backing key → the copy-before-write guards of its snapshots (snapshots.py);
+        #: an open VFile shares the list. A relocation's repoint moves them along.
+        self.guards: dict[tuple[int, int], list[Guard]] = {}
+
+    def add_guard(self, key: tuple[int, int], guard: Guard) -> None:
+        """Guard the file *key*, open or not, from now on (sync: no write can slip in)."""
+        guards = self.guards.setdefault(key, [])
+        guards.append(guard)
+        vfile = self._files.get(key)
+        if vfile is not None:
+            vfile.guards = guards
+
+    def remove_guard(self, key: tuple[int, int], guard: Guard) -> None:
+        guards = self.guards.get(key)
+        if guards is not None and guard in guards:
+            guards.remove(guard)
+
+    async def before_last_link(self, dir_fd: int, name: str) -> None:
+        """Before *name* is unlinked or renamed over: when it is the last name of a
+        file that snapshots guard, they take the rest of it first (a snapshot must
+        not depend on a file that goes). Never raises: the guards lose their
+        snapshot if they cannot, and the removal goes ahead."""
+        # Until no guard is left for what the name is now: the caller removes it
+        # with no checkpoint after our last look (a save guards against nothing
+        # when another request renamed a different file to the name meanwhile).
+        while self.guards:
+            try:
+                st = backing.lstat_at(dir_fd, name)
+            except OSError:
+                return  # the unlink or rename reports it
+            guards = self.guards.get((st.st_dev, st.st_ino))
+            if not guards or not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+                return
+            try:
+                path_fd = backing.open_path(dir_fd, name)
+                try:
+                    fd = backing.reopen(path_fd, os.O_RDONLY)
+                finally:
+                    backing.close(path_fd)
+            except OSError:
+                return
+            try:
+                for guard in list(guards):
+                    await guard.save_all(fd)  # then it is gone from the guards
+            finally:
+                backing.close(fd)
+
+    def fd_of(self, key: tuple[int, int]) -> int | None:
+        """The descriptor the data path uses for the file *key*, if it is open."""
+        vfile = self._files.get(key)
+        if vfile is None or vfile.stale or vfile.fd < 0:
+            return None
+        return vfile.fd
+
+    def _move_guards(self, old: tuple[int, int], new: tuple[int, int]) -> None:
+        guards = self.guards.pop(old, None)
+        if guards is not None:
+            self.guards[new] = guards
+            for guard in guards:
+                guard.rekey(new)
 
     def watch(
         self, key: tuple[int, int], on_first_open: Callable[[VFile], None],
@@ -383,6 +531,7 @@ class OpenFiles:
             vfile = self._files[key] = VFile(
                 fd, key, writable, tracker, gate, self.block_size, self.activity
             )
+            vfile.guards = self.guards.get(key, _NO_GUARDS)
         vfile.opens += 1
         if vfile.opens == 1:
             watcher = self._watchers.get(key)
@@ -534,6 +683,7 @@ class OpenFiles:
                 new = resolve.new_key(vfile.key)
                 if new is not None:
                     del self._files[vfile.key]
+                    self._move_guards(vfile.key, new)
                     vfile.key, vfile.stale = new, True
                     self._files[new] = vfile
                     if vfile.tracker is not None:
@@ -550,11 +700,17 @@ class OpenFiles:
             old_fd, vfile.fd = vfile.fd, fd
             backing.close(old_fd)
             del self._files[vfile.key]
+            self._move_guards(vfile.key, (st.st_dev, st.st_ino))
             vfile.key = (st.st_dev, st.st_ino)
             vfile.writable = writable
             self._files[vfile.key] = vfile
             if vfile.tracker is not None:
                 vfile.tracker.key = vfile.key
+        for key in [k for k in self.guards if k not in self._files]:
+            # guarded files nobody had open: their next open must find the guards
+            new = resolve.new_key(key)
+            if new is not None:
+                self._move_guards(key, new)
 
     def close_all(self) -> None:
         """At unmount: save every tracker cleanly and close every descriptor. Blocking."""

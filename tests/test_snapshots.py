@@ -1,7 +1,8 @@
 """Snapshots (fusedisk/snapshots.py) on a loop-mounted XFS store, read by real NBD clients.
 
 The store ``x`` is XFS (reflinks); ``a`` is a plain directory on the test
-machine's ext4, where snapshots are refused. A writer stamps a generation
+machine's ext4, where snapshots are copy-before-write (test_snapshot_cbw.py
+tests that path against a reference). A writer stamps a generation
 into a block of disk0 and then into the same block of disk1, so a snapshot
 taken at one instant for both disks can only show disk0 at most one
 generation ahead of disk1, never behind: per-disk snapshots at different
@@ -249,15 +250,30 @@ def test_snapshots_survive_a_relocation_and_a_remount(ds: MountedDatastore,
     listed = json.loads(ok("snapshot", "list", str(ds.mnt), "--json").stdout)
     assert [(s["name"], s["store"], s["state"]) for s in listed] == [("before-move", "x", "ok")]
     assert (Path(str(snap["path"])) / "tree" / "disk0.img").read_bytes() == kept
-    # an entry on the ext4 store cannot be snapshot: one line, nothing left
-    refused = fusedisk("snapshot", "create", str(ds.mnt), "vm1", "--name", "n")
+    # on the ext4 store the entry's snapshot is copy-before-write; its space is shown
+    cbw = snapshot(ds, "n")
+    files = cbw["files"]
+    assert isinstance(files, dict) and files["disk0.img"]["method"] == "cbw"
+    assert cbw["store"] == "a" and cbw["saved_bytes"] == 0
+    with open(home / "disk0.img", "r+b") as f:
+        f.write(b"overwrites the first block")
+        os.fsync(f.fileno())
+    listed = {s["name"]: s for s in json.loads(ok("snapshot", "list", str(ds.mnt),
+                                                    "--json").stdout)}
+    assert listed["n"]["state"] == "ok" and listed["n"]["saved_bytes"] == BLOCK
+    assert listed["before-move"]["files"]["disk0.img"]["method"] == "reflink"
+    status = ds.status()["snapshots"]
+    assert status["count"] == 2 and status["saved_bytes"] == BLOCK and not status["lost"]
+    assert status["space_bytes"] >= BLOCK and status["guarded_files"] == 3  # disk0, disk1, vm1.vmx
+    # the export reads store files: it refuses the copy-before-write one, one line
+    refused = fusedisk("export", str(ds.mnt), "vm1/disk0.img@n", "--socket",
+                       str(tmp_path / "e.sock"))
     assert refused.returncode == 1 and len(refused.stderr.splitlines()) == 1
-    assert "cannot clone files" in refused.stderr, refused.stderr
-    assert not (ds.stores["a"] / ".fusedisk-snapshots" / "vm1@n").exists()
-    assert [n for n in os.listdir(ds.stores["a"] / ".fusedisk-snapshots")
-            if not n.startswith("vm1@")] == []
+    assert "copy-before-write" in refused.stderr, refused.stderr
     ok("snapshot", "delete", str(ds.mnt), "vm1", "before-move")
+    ok("snapshot", "delete", str(ds.mnt), "vm1", "n")
     assert json.loads(ok("snapshot", "list", str(ds.mnt), "--json").stdout) == []
+    assert os.listdir(ds.stores["a"] / ".fusedisk-snapshots") == []
 
 
 def test_snapshot_bad_input_and_a_crash_leftover(ds: MountedDatastore) -> None:
