@@ -241,7 +241,8 @@ class Daemon:
                 mountpoint=self.config.mountpoint, state_dir=self.config.state_dir,
                 datastore_id=self.state.datastore_id, block_size=self.config.block_size,
                 cbt_enabled=self.config.cbt, datastore=self.datastore, files=self.files,
-                relocator=self.relocator, snapshots=Snapshots(self.datastore, self.files),
+                relocator=self.relocator,
+                snapshots=Snapshots(self.datastore, self.files, self.ops.view.deleted),
                 extra_status=self._extra_status,
             )
             control_server = ControlServer(self.config.mountpoint, commands.table())

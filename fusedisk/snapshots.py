@@ -34,6 +34,7 @@ import logging
 import os
 import stat
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from . import backing
@@ -98,19 +99,42 @@ def _snapshots_fd(store: Store, create: bool) -> int | None:
     return backing.open_path(store.root_fd, SNAPSHOT_DIR)
 
 
+@dataclass(slots=True)
+class _Cloning:
+    """One clone of a tree: where it goes and what it found on the way."""
+
+    into_fd: int  #: the snapshot's directory; the tree is its TREE
+    #: each regular file's path and key
+    found: list[tuple[tuple[str, ...], tuple[int, int]]]
+    #: the first path cloned of each object with several names, so the others link to it
+    linked: dict[tuple[int, int], tuple[str, ...]]
+
+
 def _copy_tree(entry: Entry, src_fd: int, st: os.stat_result, dst_dir_fd: int, name: str,
-               rel: tuple[str, ...], found: list[tuple[tuple[str, ...], tuple[int, int]]]
-               ) -> None:
+               rel: tuple[str, ...], cloning: _Cloning) -> None:
     """Clone the object *src_fd* as *name* in *dst_dir_fd* (directories: recursively);
-    each regular file's path and key go to *found*. Blocking: run on a worker thread."""
+    names of one object stay names of one object. Blocking: run on a worker thread."""
     mode = st.st_mode
+    key = (st.st_dev, st.st_ino)
+    if not stat.S_ISDIR(mode) and st.st_nlink > 1:
+        first = cloning.linked.get(key)
+        if first is not None:
+            parent_fd = backing.open_parts(cloning.into_fd, (TREE, *first[:-1]))
+            try:
+                backing.link_at(parent_fd, first[-1], dst_dir_fd, name)
+            finally:
+                backing.close(parent_fd)
+            if stat.S_ISREG(mode):
+                cloning.found.append((rel, key))
+            return
+        cloning.linked[key] = rel
     if stat.S_ISDIR(mode):
         backing.mkdir_at(dst_dir_fd, name, 0o700)
         child_dir = backing.open_path(dst_dir_fd, name)
         try:
             for child_name, fd, child_st in children(src_fd):
                 _copy_tree(entry, fd, child_st, child_dir, child_name, (*rel, child_name),
-                           found)
+                           cloning)
         finally:
             backing.close(child_dir)
     elif stat.S_ISREG(mode):
@@ -131,7 +155,7 @@ def _copy_tree(entry: Entry, src_fd: int, st: os.stat_result, dst_dir_fd: int, n
                 os.close(dst)
         finally:
             os.close(src)
-        found.append((rel, (st.st_dev, st.st_ino)))
+        cloning.found.append((rel, key))
     elif stat.S_ISLNK(mode):
         backing.symlink_at(dst_dir_fd, name, backing.readlink(src_fd))
     else:
@@ -147,9 +171,12 @@ def _copy_tree(entry: Entry, src_fd: int, st: os.stat_result, dst_dir_fd: int, n
 class Snapshots:
     """The daemon's snapshot service: create, list, delete."""
 
-    def __init__(self, datastore: Datastore, files: OpenFiles) -> None:
+    def __init__(self, datastore: Datastore, files: OpenFiles,
+                 deleted: Callable[[str], None] | None = None) -> None:
         self.datastore = datastore
         self.files = files
+        #: told the ``ENTRY@NAME`` of each snapshot deleted (the mount's view forgets it)
+        self._deleted = deleted
 
     async def create(self, entry: Entry, name: str) -> Snapshot:
         check_name(name)
@@ -188,7 +215,7 @@ class Snapshots:
             backing.close(snaps_fd)
         log.info("snapshot %s@%s made on store %r in a %.1f ms pause (%d files)",
                  entry.name, name, store.name, pause_ms, len(files))
-        snapshot = self._read(store, final)
+        snapshot = _read(store, final)
         assert snapshot is not None
         return dataclasses.replace(snapshot, pause_ms=pause_ms)
 
@@ -205,7 +232,8 @@ class Snapshots:
         try:
             st = backing.fstat(src_fd)
             # off the trio thread: a clone writes back the file's dirty pages first
-            await backing.run_blocking(_copy_tree, entry, src_fd, st, into_fd, TREE, (), found)
+            await backing.run_blocking(_copy_tree, entry, src_fd, st, into_fd, TREE, (),
+                                       _Cloning(into_fd, found, {}))
             for rel, key in found:
                 change_id = None
                 size = 0
@@ -228,37 +256,7 @@ class Snapshots:
         return files, round(pause_ms, 2)
 
     def list(self, entry: str | None = None) -> list[Snapshot]:
-        out = []
-        for store in self.datastore.stores.values():
-            snaps_fd = _snapshots_fd(store, create=False)
-            if snaps_fd is None:
-                continue
-            try:
-                for name in sorted(backing.list_dir(snaps_fd)):
-                    snapshot = self._read(store, name)
-                    if snapshot is not None and entry in (None, snapshot.entry):
-                        out.append(snapshot)
-            finally:
-                backing.close(snaps_fd)
-        return out
-
-    def _read(self, store: Store, dir_name: str) -> Snapshot | None:
-        path = store.path / SNAPSHOT_DIR / dir_name
-        incomplete = dir_name.startswith(".tmp-")
-        shown = dir_name[len(".tmp-"):].rsplit("-", 1)[0] if incomplete else dir_name
-        entry, sep, name = shown.rpartition("@")
-        if not sep:
-            return None
-        try:
-            with open(path / MANIFEST, "rb") as f:
-                manifest = json.loads(f.read())
-            files = dict(manifest["files"])
-            created = float(manifest["created"])
-        except (OSError, ValueError, KeyError, TypeError):
-            return Snapshot(entry, name, store.name, str(path), None, {}, "incomplete")
-        if incomplete:
-            return Snapshot(entry, name, store.name, str(path), None, {}, "incomplete")
-        return Snapshot(entry, name, store.name, str(path), created, files, "ok")
+        return list_snapshots(self.datastore, entry)
 
     def delete(self, entry: str, name: str) -> Snapshot:
         for snapshot in self.list(entry):
@@ -272,8 +270,47 @@ class Snapshots:
                     backing.fsync_dir(snaps_fd)
                 finally:
                     backing.close(snaps_fd)
+                if self._deleted is not None:
+                    self._deleted(_dir_name(snapshot.entry, snapshot.name))
                 return snapshot
         raise SnapshotError(f"{entry!r} has no snapshot named {name!r}")
+
+
+def list_snapshots(datastore: Datastore, entry: str | None = None) -> list[Snapshot]:
+    """Every snapshot on the datastore's stores (of *entry* only, if given), with
+    those a crash left incomplete."""
+    out = []
+    for store in datastore.stores.values():
+        snaps_fd = _snapshots_fd(store, create=False)
+        if snaps_fd is None:
+            continue
+        try:
+            for name in sorted(backing.list_dir(snaps_fd)):
+                snapshot = _read(store, name)
+                if snapshot is not None and entry in (None, snapshot.entry):
+                    out.append(snapshot)
+        finally:
+            backing.close(snaps_fd)
+    return out
+
+
+def _read(store: Store, dir_name: str) -> Snapshot | None:
+    path = store.path / SNAPSHOT_DIR / dir_name
+    incomplete = dir_name.startswith(".tmp-")
+    shown = dir_name[len(".tmp-"):].rsplit("-", 1)[0] if incomplete else dir_name
+    entry, sep, name = shown.rpartition("@")
+    if not sep:
+        return None
+    try:
+        with open(path / MANIFEST, "rb") as f:
+            manifest = json.loads(f.read())
+        files = dict(manifest["files"])
+        created = float(manifest["created"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return Snapshot(entry, name, store.name, str(path), None, {}, "incomplete")
+    if incomplete:
+        return Snapshot(entry, name, store.name, str(path), None, {}, "incomplete")
+    return Snapshot(entry, name, store.name, str(path), created, files, "ok")
 
 
 def _fsync_tree(dir_fd: int) -> None:

@@ -20,6 +20,7 @@ LAYERS: list[set[str]] = [
     {"staging"},
     {"switchover"},
     {"relocation", "snapshots", "pagecache"},
+    {"snapview"},
     {"fs", "control", "fuseloop", "extraops"},
     {"commands", "nbd"},
     {"daemon"},
