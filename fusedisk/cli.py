@@ -31,6 +31,7 @@ from .config import (
     check_directories,
     parse_rate,
 )
+from .datastore import SNAPSHOT_VIEW_NAME
 from .errors import ControlError, FusediskError, MountError
 from .sizes import format_size, parse_size
 
@@ -448,7 +449,8 @@ def _file_in_mount(mountpoint: Path, file: str) -> str:
     full = os.path.abspath(file)
     if file.startswith("/") or full.startswith(str(mountpoint).rstrip("/") + "/"):
         return control.mount_relative(mountpoint, file)
-    return file  # relative to the mount root
+    # relative to the mount root, and below it
+    return control.mount_relative(mountpoint, os.path.join(mountpoint, file))
 
 
 def _size_option(option: str, text: str) -> int:
@@ -570,14 +572,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def _snapshot_file(mountpoint: Path, entry: str, name: str,
                    inside: str) -> dict[str, Any]:
-    """A file's record in snapshot *name* of *entry* (path inside the entry), plus its path."""
+    """A file's record in snapshot *name* of *entry* (path inside the entry), plus its
+    path in the mount's view of snapshots (read there like any file of the mount)."""
     for snapshot in control.call(mountpoint, api.SnapshotList(entry=entry)):
         if snapshot["name"] == name and snapshot["state"] == "ok":
             record = snapshot["files"].get(inside)
             if record is None:
                 raise FusediskError(f"snapshot {entry}@{name} holds no regular file "
                                     f"{inside or entry!r}")
-            where = Path(snapshot["path"]) / "tree"
+            where = mountpoint / SNAPSHOT_VIEW_NAME / f"{entry}@{name}"
             return {**record, "path": str(where / inside if inside else where)}
     raise FusediskError(f"{entry!r} has no snapshot named {name!r} "
                         f"(fusedisk snapshot list {mountpoint} {entry})")

@@ -5,9 +5,12 @@ the file through the mountpoint, and asks the daemon (control socket) for
 the file's allocated extents (``base:allocation``) and, with ``--since
 ID``, for the extents changed since that change id, served as the meta
 context ``qemu:dirty-bitmap:ID``. Both maps are taken once, when the export
-starts. Until point-in-time snapshots exist, the export reads the live
-file: a backup of a file that is written meanwhile is not a point in time
-(stop or freeze the guest first) — the README says so.
+starts. ``FILE@SNAPSHOT`` reads the file in the mount's view of that
+snapshot (``MNT/.snapshots/ENTRY@NAME/...``, snapview.py), a point in time
+that no write of the guest changes; its allocation comes from that file
+(``SEEK_DATA``/``SEEK_HOLE`` through the mount). A plain ``FILE`` reads the
+live file: a backup of a file that is written meanwhile is not a point in
+time (take a snapshot, or stop the guest first).
 """
 
 from __future__ import annotations
@@ -43,8 +46,8 @@ def run(mountpoint: Path, relative: str, since: str | None, unix_socket: Path | 
         tcp: tuple[str, int] | None, name: str,
         snapshot: dict[str, Any] | None = None) -> int:
     """Serve *relative* (a path inside the mount), or its copy in *snapshot* (its record:
-    ``path`` on the store, ``change_id``), until SIGINT/SIGTERM; the URI goes to stdout
-    once clients can connect."""
+    ``path`` in the mount's view of snapshots, ``change_id``), until SIGINT/SIGTERM;
+    the URI goes to stdout once clients can connect."""
     bitmaps: dict[str, nbd.Extents] = {}
     if since is not None:
         until = snapshot["change_id"] if snapshot is not None else None
@@ -56,7 +59,7 @@ def run(mountpoint: Path, relative: str, since: str | None, unix_socket: Path | 
     except OSError as e:
         raise FusediskError(f"cannot open {relative} on {mountpoint}: {e.strerror}") from None
     try:
-        if snapshot is not None:  # the snapshot's file is ours alone: ask it directly
+        if snapshot is not None:  # nothing writes a snapshot: its holes are its own
             allocated = backing.data_extents(fd)
         else:
             allocated = _extents(control.call(mountpoint,

@@ -320,6 +320,9 @@ def test_export_serves_an_incremental_backup_of_a_file_on_the_mount(
     (["vm1/disk.img", "--tcp", "nowhere"], "--tcp 'nowhere': expected HOST:PORT"),
     (["vm1/missing.img", "--socket", "S"], "vm1/missing.img"),
     (["vm1/disk.img", "--since", "no-such-id", "--socket", "S"], "no-such-id"),
+    (["vm1/disk.img@nightly", "--socket", "S"], "'vm1' has no snapshot named 'nightly'"),
+    (["../../etc/passwd", "--socket", "S"], "is not a path inside the datastore"),
+    (["/etc/passwd", "--socket", "S"], "is not a path inside the datastore"),
 ])
 def test_export_bad_input_is_one_line(datastore: MountedDatastore, tmp_path: Path,
                                       args: list[str], message: str) -> None:
@@ -331,3 +334,42 @@ def test_export_bad_input_is_one_line(datastore: MountedDatastore, tmp_path: Pat
     assert len(result.stderr.splitlines()) == 1 and message in result.stderr, result.stderr
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "S").exists()
+
+
+def test_a_second_export_on_a_used_address_is_refused_and_the_first_serves_on(
+    datastore: MountedDatastore, tmp_path: Path
+) -> None:
+    require_tools("nbdinfo")
+    (datastore.mnt / "vm1").mkdir()
+    (datastore.mnt / "vm1" / "disk.img").write_bytes(b"x" * 65536)
+    with socket.socket() as probe:  # a port nobody listens on, for the first export
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    sock = tmp_path / "export.sock"
+    first = [sys.executable, "-m", "fusedisk", "export", str(datastore.mnt), "vm1/disk.img"]
+    with subprocess.Popen([*first, "--tcp", f"127.0.0.1:{port}"], stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True) as tcp_proc, \
+         subprocess.Popen([*first, "--socket", str(sock)], stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True) as unix_proc:
+        try:
+            assert tcp_proc.stdout is not None and unix_proc.stdout is not None
+            uris = [tcp_proc.stdout.readline().strip(), unix_proc.stdout.readline().strip()]
+            assert uris[0] == f"nbd://127.0.0.1:{port}/vm1/disk.img", uris
+            for args, message in (
+                (["--tcp", f"127.0.0.1:{port}"], f"cannot listen on 127.0.0.1:{port}"),
+                (["--socket", str(sock)], "something is there already"),
+            ):
+                second = fusedisk("export", str(datastore.mnt), "vm1/disk.img", *args)
+                assert second.returncode == 1, second
+                assert len(second.stderr.splitlines()) == 1, second.stderr
+                assert message in second.stderr and "Traceback" not in second.stderr
+            for uri in uris:  # the first exports are untouched
+                size = subprocess.run(["nbdinfo", "--size", uri], capture_output=True,
+                                      text=True, check=True, timeout=CLIENT_TIMEOUT_S)
+                assert size.stdout.strip() == "65536"
+        finally:
+            for proc in (tcp_proc, unix_proc):
+                proc.send_signal(signal.SIGTERM)
+                proc.communicate(timeout=CLIENT_TIMEOUT_S)
+    assert tcp_proc.returncode == 0 and unix_proc.returncode == 0
+    assert not sock.exists()
