@@ -197,16 +197,21 @@ def _parser() -> argparse.ArgumentParser:
         "root) over NBD, read-only, until Ctrl-C or SIGTERM: nbdcopy, nbdinfo, qemu-img and "
         "libnbd clients read it as they are. The meta context base:allocation tells data "
         "from holes; with --since ID, qemu:dirty-bitmap:ID marks what changed since that "
-        "change id (an incremental backup). Both maps are taken when the export starts, and "
-        "the data is read live: stop or freeze the guest for a point-in-time backup. The "
-        "URI is printed on stdout once clients can connect.",
+        "change id (an incremental backup). Both maps are taken when the export starts. "
+        "FILE@SNAPSHOT serves the file as that snapshot holds it (a point in time); a "
+        "plain FILE is read live. With --tls-psk, clients must use TLS with a key of that "
+        "file (nbds:// URIs with tls-psk-file= and tls-username=). The URI is printed on "
+        "stdout once clients can connect.",
     )
     ex.add_argument("mountpoint", metavar="MOUNTPOINT")
     ex.add_argument("file", metavar="FILE")
     ex.add_argument("--since", metavar="ID", help="also serve qemu:dirty-bitmap:ID")
     where = ex.add_mutually_exclusive_group(required=True)
     where.add_argument("--socket", type=Path, metavar="PATH", help="listen on a Unix socket")
-    where.add_argument("--tcp", metavar="HOST:PORT", help="listen on TCP (no TLS yet)")
+    where.add_argument("--tcp", metavar="HOST:PORT", help="listen on TCP")
+    ex.add_argument("--tls-psk", type=Path, metavar="FILE",
+                    help="require TLS with a pre-shared key of FILE (psktool format: "
+                    "IDENTITY:HEXKEY lines, as nbdkit and libnbd read it)")
     ex.add_argument("--name", default="", metavar="NAME",
                     help="export name (default: FILE as given relative to the mount)")
 
@@ -591,6 +596,11 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     mountpoint = Path(os.path.abspath(args.mountpoint))
     tcp = export.parse_tcp(args.tcp) if args.tcp else None
+    tls = None
+    if args.tls_psk is not None:
+        from . import tlspsk
+
+        tls = tlspsk.server_context(tlspsk.load_keys(args.tls_psk))
     if args.socket is not None and (args.socket.exists() or args.socket.is_symlink()):
         raise FusediskError(f"--socket {args.socket}: something is there already")
     file, at, snapshot_name = args.file.rpartition("@") if "@" in args.file \
@@ -601,7 +611,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         entry, _, inside = relative.partition("/")
         snapshot = _snapshot_file(mountpoint, entry, snapshot_name, inside)
     return export.run(mountpoint, relative, args.since, args.socket, tcp,
-                      args.name or args.file, snapshot)
+                      args.name or args.file, snapshot, tls)
 
 
 def cmd_snapshot(args: argparse.Namespace) -> int:

@@ -19,6 +19,7 @@ import logging
 import os
 import signal
 import socket
+import ssl
 import sys
 from pathlib import Path
 from typing import Any
@@ -44,7 +45,7 @@ def _extents(changes: api.Changes) -> list[tuple[int, int]]:
 
 def run(mountpoint: Path, relative: str, since: str | None, unix_socket: Path | None,
         tcp: tuple[str, int] | None, name: str,
-        snapshot: dict[str, Any] | None = None) -> int:
+        snapshot: dict[str, Any] | None = None, tls: ssl.SSLContext | None = None) -> int:
     """Serve *relative* (a path inside the mount), or its copy in *snapshot* (its record:
     ``path`` in the mount's view of snapshots, ``change_id``), until SIGINT/SIGTERM;
     the URI goes to stdout once clients can connect."""
@@ -65,15 +66,16 @@ def run(mountpoint: Path, relative: str, since: str | None, unix_socket: Path | 
             allocated = _extents(control.call(mountpoint,
                                               api.CbtChanges(path=relative, since="*")))
         export = nbd.file_export(name or relative, fd, allocated, bitmaps)
-        trio.run(_serve, export, unix_socket, tcp)
+        trio.run(_serve, export, unix_socket, tcp, tls)
     finally:
         os.close(fd)
     return 0
 
 
 async def _serve(export: nbd.Export, unix_socket: Path | None,
-                 tcp: tuple[str, int] | None) -> None:
-    server = nbd.Server([export])
+                 tcp: tuple[str, int] | None, tls: ssl.SSLContext | None) -> None:
+    server = nbd.Server([export], tls)
+    scheme = "nbds" if tls is not None else "nbd"
     listeners: list[trio.SocketListener] = []
     if unix_socket is not None:
         sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -84,21 +86,23 @@ async def _serve(export: nbd.Export, unix_socket: Path | None,
             raise FusediskError(f"cannot listen on {unix_socket}: {e.strerror}") from None
         sock.listen(nbd.MAX_CLIENTS)
         listeners.append(trio.SocketListener(sock))
-        uri = f"nbd+unix:///{export.name}?socket={unix_socket}"
+        uri = f"{scheme}+unix:///{export.name}?socket={unix_socket}"
     else:
         assert tcp is not None
         try:
             listeners = await trio.open_tcp_listeners(tcp[1], host=tcp[0])
         except OSError as e:
             raise FusediskError(f"cannot listen on {tcp[0]}:{tcp[1]}: {e.strerror}") from None
-        uri = f"nbd://{tcp[0]}:{tcp[1]}/{export.name}"
+        uri = f"{scheme}://{tcp[0]}:{tcp[1]}/{export.name}"
     try:
         async with trio.open_nursery() as nursery:
             await nursery.start(server.serve, listeners)
             contexts = ", ".join(export.contexts())
             print(uri, flush=True)
+            tls_note = "; TLS with a pre-shared key required" if tls is not None else ""
             print(f"fusedisk: exporting {export.name} ({export.size} bytes, read-only; "
-                  f"meta contexts: {contexts}); Ctrl-C ends it", file=sys.stderr, flush=True)
+                  f"meta contexts: {contexts}{tls_note}); Ctrl-C ends it", file=sys.stderr,
+                  flush=True)
             with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
                 async for _ in signals:
                     nursery.cancel_scope.cancel()
