@@ -31,6 +31,7 @@ from .config import (
     check_directories,
     parse_rate,
 )
+from .datastore import SNAPSHOT_VIEW_NAME
 from .errors import ControlError, FusediskError, MountError
 from .sizes import format_size, parse_size
 
@@ -199,16 +200,21 @@ def _parser() -> argparse.ArgumentParser:
         "root) over NBD, read-only, until Ctrl-C or SIGTERM: nbdcopy, nbdinfo, qemu-img and "
         "libnbd clients read it as they are. The meta context base:allocation tells data "
         "from holes; with --since ID, qemu:dirty-bitmap:ID marks what changed since that "
-        "change id (an incremental backup). Both maps are taken when the export starts, and "
-        "the data is read live: stop or freeze the guest for a point-in-time backup. The "
-        "URI is printed on stdout once clients can connect.",
+        "change id (an incremental backup). Both maps are taken when the export starts. "
+        "FILE@SNAPSHOT serves the file as that snapshot holds it (a point in time); a "
+        "plain FILE is read live. With --tls-psk, clients must use TLS with a key of that "
+        "file (nbds:// URIs with tls-psk-file= and tls-username=). The URI is printed on "
+        "stdout once clients can connect.",
     )
     ex.add_argument("mountpoint", metavar="MOUNTPOINT")
     ex.add_argument("file", metavar="FILE")
     ex.add_argument("--since", metavar="ID", help="also serve qemu:dirty-bitmap:ID")
     where = ex.add_mutually_exclusive_group(required=True)
     where.add_argument("--socket", type=Path, metavar="PATH", help="listen on a Unix socket")
-    where.add_argument("--tcp", metavar="HOST:PORT", help="listen on TCP (no TLS yet)")
+    where.add_argument("--tcp", metavar="HOST:PORT", help="listen on TCP")
+    ex.add_argument("--tls-psk", type=Path, metavar="FILE",
+                    help="require TLS with a pre-shared key of FILE (psktool format: "
+                    "IDENTITY:HEXKEY lines, as nbdkit and libnbd read it)")
     ex.add_argument("--name", default="", metavar="NAME",
                     help="export name (default: FILE as given relative to the mount)")
 
@@ -457,7 +463,8 @@ def _file_in_mount(mountpoint: Path, file: str) -> str:
     full = os.path.abspath(file)
     if file.startswith("/") or full.startswith(str(mountpoint).rstrip("/") + "/"):
         return control.mount_relative(mountpoint, file)
-    return file  # relative to the mount root
+    # relative to the mount root, and below it
+    return control.mount_relative(mountpoint, os.path.join(mountpoint, file))
 
 
 def _size_option(option: str, text: str) -> int:
@@ -579,7 +586,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def _snapshot_file(mountpoint: Path, entry: str, name: str,
                    inside: str) -> dict[str, Any]:
-    """A file's record in snapshot *name* of *entry* (path inside the entry), plus its path."""
+    """A file's record in snapshot *name* of *entry* (path inside the entry), plus its
+    path in the mount's view of snapshots (read there like any file of the mount)."""
     for snapshot in control.call(mountpoint, api.SnapshotList(entry=entry)):
         if snapshot["name"] == name and snapshot["state"] == "lost":
             raise FusediskError(f"snapshot {entry}@{name} is lost: {snapshot['lost']}")
@@ -588,7 +596,7 @@ def _snapshot_file(mountpoint: Path, entry: str, name: str,
             if record is None:
                 raise FusediskError(f"snapshot {entry}@{name} holds no regular file "
                                     f"{inside or entry!r}")
-            where = Path(snapshot["path"]) / "tree"
+            where = mountpoint / SNAPSHOT_VIEW_NAME / f"{entry}@{name}"
             return {**record, "path": str(where / inside if inside else where)}
     raise FusediskError(f"{entry!r} has no snapshot named {name!r} "
                         f"(fusedisk snapshot list {mountpoint} {entry})")
@@ -599,6 +607,11 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     mountpoint = Path(os.path.abspath(args.mountpoint))
     tcp = export.parse_tcp(args.tcp) if args.tcp else None
+    tls = None
+    if args.tls_psk is not None:
+        from . import tlspsk
+
+        tls = tlspsk.server_context(tlspsk.load_keys(args.tls_psk))
     if args.socket is not None and (args.socket.exists() or args.socket.is_symlink()):
         raise FusediskError(f"--socket {args.socket}: something is there already")
     file, at, snapshot_name = args.file.rpartition("@") if "@" in args.file \
@@ -608,12 +621,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     if at:
         entry, _, inside = relative.partition("/")
         snapshot = _snapshot_file(mountpoint, entry, snapshot_name, inside)
-        if snapshot.get("method") == "cbw":
-            # its store file holds only the saved blocks: only the daemon can read it
-            raise FusediskError(f"snapshot {entry}@{snapshot_name} is copy-before-write "
-                                "(its store cannot clone): this export cannot read it yet")
     return export.run(mountpoint, relative, args.since, args.socket, tcp,
-                      args.name or args.file, snapshot)
+                      args.name or args.file, snapshot, tls)
 
 
 def cmd_snapshot(args: argparse.Namespace) -> int:

@@ -172,7 +172,8 @@ async def serve(config: Config, on_ready: Callable[[], None]) -> None:
         os.chdir("/")  # every configured path is absolute; hold no directory busy
         _raise_fd_limit()
         stack.callback(_save_placement, datastore)
-        ops = Operations(datastore, files)
+        ops = Operations(datastore, files, snapshots=snapshots)
+        snapshots.on_deleted = ops.view.deleted
         stack.callback(ops.close)
         relocator = Relocator(datastore, files, config.block_size, ops.repoint)
         fuse_loop, extra_ops = _mount(config, ops)

@@ -59,6 +59,10 @@ RESERVED_PREFIX = ".fusedisk"
 #: a store on its own ext4 disk has e2fsck's ``lost+found`` at its root, and
 #: with two such stores it would otherwise be a conflict at every mount.
 STORE_OWN_NAMES = frozenset({"lost+found"})
+#: The mount's own top-level name: the read-only view of every snapshot
+#: (snapview.py). No entry may take it; a store directory of that name is
+#: not served (it would be hidden by the view), with a warning at mount.
+SNAPSHOT_VIEW_NAME = ".snapshots"
 _RECORD = "datastore"
 #: Store ids are packed into the top bits of inode numbers (see fs.py).
 MAX_STORE_ID = (1 << 14) - 1
@@ -567,7 +571,11 @@ class Datastore:
         found: dict[str, list[str]] = {}
         for store in self.stores.values():
             for name in backing.list_dir(store.root_fd):
-                if not name.startswith(RESERVED_PREFIX) and name not in STORE_OWN_NAMES:
+                if name == SNAPSHOT_VIEW_NAME:
+                    log.warning("store %r holds %r at its root: not served (the mount shows "
+                                "its snapshots under that name); rename it on the store",
+                                store.name, name)
+                elif not name.startswith(RESERVED_PREFIX) and name not in STORE_OWN_NAMES:
                     found.setdefault(name, []).append(store.name)
         for name, store_name in sorted(placement.items()):
             holders = found.get(name, [])
@@ -642,7 +650,7 @@ class Datastore:
 
     def is_reserved(self, name: str) -> bool:
         return (name.startswith(RESERVED_PREFIX) or name in STORE_OWN_NAMES
-                or name in self.conflicts)
+                or name == SNAPSHOT_VIEW_NAME or name in self.conflicts)
 
     async def added(self, name: str, store: Store) -> Entry:
         """Record a new entry whose backing object was just created on *store*."""

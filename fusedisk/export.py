@@ -5,9 +5,12 @@ the file through the mountpoint, and asks the daemon (control socket) for
 the file's allocated extents (``base:allocation``) and, with ``--since
 ID``, for the extents changed since that change id, served as the meta
 context ``qemu:dirty-bitmap:ID``. Both maps are taken once, when the export
-starts. Until point-in-time snapshots exist, the export reads the live
-file: a backup of a file that is written meanwhile is not a point in time
-(stop or freeze the guest first) — the README says so.
+starts. ``FILE@SNAPSHOT`` reads the file in the mount's view of that
+snapshot (``MNT/.snapshots/ENTRY@NAME/...``, snapview.py), a point in time
+that no write of the guest changes; its allocation comes from that file
+(``SEEK_DATA``/``SEEK_HOLE`` through the mount). A plain ``FILE`` reads the
+live file: a backup of a file that is written meanwhile is not a point in
+time (take a snapshot, or stop the guest first).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import logging
 import os
 import signal
 import socket
+import ssl
 import sys
 from pathlib import Path
 from typing import Any
@@ -41,10 +45,10 @@ def _extents(changes: api.Changes) -> list[tuple[int, int]]:
 
 def run(mountpoint: Path, relative: str, since: str | None, unix_socket: Path | None,
         tcp: tuple[str, int] | None, name: str,
-        snapshot: dict[str, Any] | None = None) -> int:
+        snapshot: dict[str, Any] | None = None, tls: ssl.SSLContext | None = None) -> int:
     """Serve *relative* (a path inside the mount), or its copy in *snapshot* (its record:
-    ``path`` on the store, ``change_id``), until SIGINT/SIGTERM; the URI goes to stdout
-    once clients can connect."""
+    ``path`` in the mount's view of snapshots, ``change_id``), until SIGINT/SIGTERM;
+    the URI goes to stdout once clients can connect."""
     bitmaps: dict[str, nbd.Extents] = {}
     if since is not None:
         until = snapshot["change_id"] if snapshot is not None else None
@@ -56,21 +60,22 @@ def run(mountpoint: Path, relative: str, since: str | None, unix_socket: Path | 
     except OSError as e:
         raise FusediskError(f"cannot open {relative} on {mountpoint}: {e.strerror}") from None
     try:
-        if snapshot is not None:  # the snapshot's file is ours alone: ask it directly
+        if snapshot is not None:  # nothing writes a snapshot: its holes are its own
             allocated = backing.data_extents(fd)
         else:
             allocated = _extents(control.call(mountpoint,
                                               api.CbtChanges(path=relative, since="*")))
         export = nbd.file_export(name or relative, fd, allocated, bitmaps)
-        trio.run(_serve, export, unix_socket, tcp)
+        trio.run(_serve, export, unix_socket, tcp, tls)
     finally:
         os.close(fd)
     return 0
 
 
 async def _serve(export: nbd.Export, unix_socket: Path | None,
-                 tcp: tuple[str, int] | None) -> None:
-    server = nbd.Server([export])
+                 tcp: tuple[str, int] | None, tls: ssl.SSLContext | None) -> None:
+    server = nbd.Server([export], tls)
+    scheme = "nbds" if tls is not None else "nbd"
     listeners: list[trio.SocketListener] = []
     if unix_socket is not None:
         sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -81,21 +86,23 @@ async def _serve(export: nbd.Export, unix_socket: Path | None,
             raise FusediskError(f"cannot listen on {unix_socket}: {e.strerror}") from None
         sock.listen(nbd.MAX_CLIENTS)
         listeners.append(trio.SocketListener(sock))
-        uri = f"nbd+unix:///{export.name}?socket={unix_socket}"
+        uri = f"{scheme}+unix:///{export.name}?socket={unix_socket}"
     else:
         assert tcp is not None
         try:
             listeners = await trio.open_tcp_listeners(tcp[1], host=tcp[0])
         except OSError as e:
             raise FusediskError(f"cannot listen on {tcp[0]}:{tcp[1]}: {e.strerror}") from None
-        uri = f"nbd://{tcp[0]}:{tcp[1]}/{export.name}"
+        uri = f"{scheme}://{tcp[0]}:{tcp[1]}/{export.name}"
     try:
         async with trio.open_nursery() as nursery:
             await nursery.start(server.serve, listeners)
             contexts = ", ".join(export.contexts())
             print(uri, flush=True)
+            tls_note = "; TLS with a pre-shared key required" if tls is not None else ""
             print(f"fusedisk: exporting {export.name} ({export.size} bytes, read-only; "
-                  f"meta contexts: {contexts}); Ctrl-C ends it", file=sys.stderr, flush=True)
+                  f"meta contexts: {contexts}{tls_note}); Ctrl-C ends it", file=sys.stderr,
+                  flush=True)
             with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
                 async for _ in signals:
                     nursery.cancel_scope.cancel()

@@ -47,9 +47,10 @@ from typing import Any, ParamSpec, TypeVar
 import pyfuse3
 from pyfuse3 import FUSEError
 
-from . import backing, fuseshim, pagecache
+from . import backing, fuseshim, pagecache, snapview
 from .backing import PathRef, PathTable, keep_identity, kept_identity
 from .datastore import Datastore, Entry, Journal, native_ino
+from .snapshots import Snapshots
 from .vdisk import OpenFiles, Resolver, VFile
 
 log = logging.getLogger(__name__)
@@ -241,7 +242,8 @@ class Operations(pyfuse3.Operations):
     enable_writeback_cache = False  # would acknowledge writes the daemon never saw
 
     def __init__(
-        self, datastore: Datastore, files: OpenFiles, paths: PathTable | None = None
+        self, datastore: Datastore, files: OpenFiles, paths: PathTable | None = None,
+        snapshots: Snapshots | None = None,
     ) -> None:
         super().__init__()
         self.datastore = datastore
@@ -265,6 +267,9 @@ class Operations(pyfuse3.Operations):
         self._dirs: dict[int, _DirHandle] = {}
         self._next_dir_fh = 1
         self._root_time_ns = time.time_ns()
+        #: ``MNT/.snapshots``: its own numbers and handles, read-only (snapview.py)
+        self.view = snapview.SnapshotView(
+            datastore, snapshots.list if snapshots is not None else list, _PRIVATE_XATTR_PREFIX)
 
     # -- inode table --------------------------------------------------------------
 
@@ -272,7 +277,9 @@ class Operations(pyfuse3.Operations):
         try:
             return self._inodes[ino]
         except KeyError:
-            raise FUSEError(errno.ESTALE) from None
+            # every request that reaches here on a number of the snapshot view
+            # would change it (the others were passed to the view)
+            raise FUSEError(errno.EROFS if snapview.owns(ino) else errno.ESTALE) from None
 
     def _remember(
         self, path_fd: int, st: os.stat_result, entry: Entry, is_entry_root: bool,
@@ -293,9 +300,9 @@ class Operations(pyfuse3.Operations):
             return known
         kept, kept_ctime_ns = (None, None) if fresh else kept_identity(path_fd)
         ino = kept
-        if ino is None or ino in self._inodes:
+        if ino is None or ino in self._inodes or snapview.owns(ino):
             ino = native_ino(entry.store.store_id, st.st_ino)
-            if ino is None or ino in self._inodes:
+            if ino is None or ino in self._inodes or snapview.owns(ino):
                 # Its store's number is taken (by a number another object kept
                 # through a relocation) or too large: a random private one.
                 ino = _PRIVATE_INO_BASE | secrets.randbits(61)
@@ -469,6 +476,14 @@ class Operations(pyfuse3.Operations):
     async def lookup(
         self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
+        if snapview.owns(parent_inode):
+            attr, up_to_root = self.view.lookup(parent_inode, name)
+            if not up_to_root:
+                return attr
+            self._root.lookups += 1
+            return self._root_attr()
+        if parent_inode == ROOT_INODE and name == snapview.VIEW_NAME_B:
+            return self.view.lookup_root()
         parent = self._inode(parent_inode)
         if name == b".":
             inode = parent
@@ -490,6 +505,9 @@ class Operations(pyfuse3.Operations):
 
     async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
         for ino, nlookup in inode_list:
+            if snapview.owns(ino):
+                self.view.forget(ino, nlookup)
+                continue
             inode = self._inodes.get(ino)
             if inode is not None:
                 inode.lookups -= nlookup
@@ -497,6 +515,8 @@ class Operations(pyfuse3.Operations):
 
     @_errno_edge
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        if snapview.owns(inode):
+            return self.view.getattr(inode)
         return self._getattr(self._inode(inode))
 
     @_errno_edge
@@ -541,6 +561,8 @@ class Operations(pyfuse3.Operations):
 
     @_errno_edge
     async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
+        if snapview.owns(inode):
+            return self.view.readlink(inode)
         return backing.readlink(self._inode(inode).path_fd)
 
     @_errno_edge
@@ -854,6 +876,8 @@ class Operations(pyfuse3.Operations):
     @_errno_edge
     @_quiesced
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+        if snapview.owns(inode):
+            return pyfuse3.FileInfo(fh=self.view.open(inode, flags), keep_cache=True)
         node = self._inode(inode)
         if node.file_type != stat.S_IFREG:
             raise OSError(errno.EISDIR if node.file_type == stat.S_IFDIR else errno.EINVAL,
@@ -868,6 +892,16 @@ class Operations(pyfuse3.Operations):
     async def read(self, fh: int, off: int, size: int) -> bytes:
         try:
             return self._vfiles[fh].read(off, size)
+        except OSError as e:
+            raise FUSEError(e.errno or errno.EIO) from None
+        except KeyError:
+            return self._view_read(fh, off, size)
+
+    def _view_read(self, fh: int, off: int, size: int) -> bytes:
+        if not snapview.owns_handle(fh):
+            raise RuntimeError(f"read on handle {fh}, which was never given out")
+        try:
+            return self.view.read(fh, off, size)
         except OSError as e:
             raise FUSEError(e.errno or errno.EIO) from None
 
@@ -922,6 +956,8 @@ class Operations(pyfuse3.Operations):
 
     async def lseek(self, fh: int, offset: int, whence: int) -> int:
         try:
+            if snapview.owns_handle(fh):
+                return self.view.seek(fh, offset, whence)
             return self._vfiles[fh].seek_data(offset, whence)
         except OSError as e:
             raise FUSEError(e.errno or errno.EIO) from None
@@ -930,6 +966,8 @@ class Operations(pyfuse3.Operations):
                               length: int, flags: int) -> int:
         if flags:
             raise FUSEError(errno.EINVAL)
+        if snapview.owns_handle(fh_in):
+            raise FUSEError(errno.EXDEV)  # the kernel copies through the page cache instead
         source = self._vfiles[fh_in]
         handle = self._handles[fh_out]
         vfile = handle.vfile
@@ -953,6 +991,8 @@ class Operations(pyfuse3.Operations):
 
     @_errno_edge
     async def fsync(self, fh: int, datasync: bool) -> None:
+        if snapview.owns_handle(fh):
+            return  # nothing in a snapshot is ever unwritten
         vfile = self._vfiles[fh]
         gate = vfile.gate  # as in _quiesced: a switchover waits for it
         await gate.enter()
@@ -962,12 +1002,17 @@ class Operations(pyfuse3.Operations):
             gate.leave()
 
     async def release(self, fh: int) -> None:
+        if snapview.owns_handle(fh):
+            self.view.release(fh)
+            return
         self._release_handle(fh)
 
     # -- directories -------------------------------------------------------------------
 
     @_errno_edge
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
+        if snapview.owns(inode):
+            return self.view.opendir(inode)
         node = self._inode(inode)
         if node.file_type != stat.S_IFDIR:
             raise OSError(errno.ENOTDIR, "not a directory")
@@ -979,6 +1024,9 @@ class Operations(pyfuse3.Operations):
 
     @_errno_edge
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        if snapview.owns_handle(fh):
+            self.view.readdir(fh, start_id, token)
+            return
         handle = self._dirs[fh]
         parent = handle.inode
         if handle.names is None or start_id == 0:
@@ -998,12 +1046,17 @@ class Operations(pyfuse3.Operations):
             inode.lookups += 1
 
     async def releasedir(self, fh: int) -> None:
+        if snapview.owns_handle(fh):
+            self.view.release(fh)
+            return
         handle = self._dirs.pop(fh)
         handle.inode.lookups -= 1
         self._maybe_drop(handle.inode)
 
     @_errno_edge
     async def fsyncdir(self, fh: int, datasync: bool) -> None:
+        if snapview.owns_handle(fh):
+            return
         inode = self._dirs[fh].inode
         if inode is not self._root:
             await backing.run_blocking(backing.fsync_dir, inode.path_fd)
@@ -1032,6 +1085,11 @@ class Operations(pyfuse3.Operations):
         backing.setxattr(node.path_fd, os.fsdecode(name), value, 0)
 
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+        if snapview.owns(inode):
+            try:
+                return self.view.getxattr(inode, name)
+            except OSError as e:
+                raise FUSEError(e.errno or errno.EIO) from None
         if pagecache.known_without(self._inodes.get(inode), name):
             raise FUSEError(pyfuse3.ENOATTR)  # the hot case: one per buffered write
         try:
@@ -1047,6 +1105,8 @@ class Operations(pyfuse3.Operations):
 
     @_errno_edge
     async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
+        if snapview.owns(inode):
+            return self.view.listxattr(inode)
         node = self._inode(inode)
         if node is self._root or node.file_type == stat.S_IFLNK:
             return []
@@ -1092,10 +1152,11 @@ class Operations(pyfuse3.Operations):
         paths = self.paths.statistics()
         return {"inodes": len(self._inodes), "path_fds": paths.open_fds,
                 "path_fd_cap": paths.cap, "path_reopens": paths.reopens,
-                **self.files.statistics()}
+                **self.files.statistics(), **self.view.statistics()}
 
     def close(self) -> None:
         """Close every backing handle (after the session ended)."""
+        self.view.close()
         self._vfiles.clear()
         self._handles.clear()
         self.files.close_all()

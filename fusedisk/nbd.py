@@ -18,7 +18,12 @@ further one is closed at once); a client that sends nothing for
 :data:`IDLE_TIMEOUT_S` during the handshake is dropped. Malformed input (a
 wrong magic, an impossible length) ends that connection, never the server:
 the protocol has no way to resynchronise a stream that lost its framing.
-TLS (``STARTTLS``) is refused with ``NBD_REP_ERR_POLICY``.
+TLS: a server made with a TLS context (tlspsk.py: pre-shared keys)
+requires it, as ``nbdkit --tls=require`` does: before ``STARTTLS`` every
+option but ``ABORT`` gets ``NBD_REP_ERR_TLS_REQD`` (``EXPORT_NAME``, which
+cannot be refused, ends the connection), and after it the negotiation starts
+afresh inside TLS. Without one, ``STARTTLS`` is refused with
+``NBD_REP_ERR_POLICY``.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ import bisect
 import errno
 import logging
 import os
+import ssl
 import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -64,6 +70,7 @@ REP_META_CONTEXT = 4
 REP_ERR_UNSUP = 0x80000001
 REP_ERR_POLICY = 0x80000002
 REP_ERR_INVALID = 0x80000003
+REP_ERR_TLS_REQD = 0x80000005
 REP_ERR_UNKNOWN = 0x80000006
 REP_ERR_TOO_BIG = 0x80000009
 
@@ -201,6 +208,19 @@ class _Conn:
     async def send(self, data: bytes) -> None:
         await self.stream.send_all(data)
 
+    async def start_tls(self, context: ssl.SSLContext) -> None:
+        """Go on inside TLS (after the ACK of ``STARTTLS``); a failed handshake
+        ends the connection."""
+        if self._buffer:
+            raise ProtocolError("bytes sent after STARTTLS before the TLS handshake")
+        tls = trio.SSLStream(self.stream, context, server_side=True)
+        try:
+            await tls.do_handshake()
+        except trio.BrokenResourceError as e:
+            raise ProtocolError(f"TLS handshake failed, a wrong identity or key? "
+                                f"({e.__cause__ or e})") from None
+        self.stream = tls
+
 
 @dataclass
 class Statistics:
@@ -213,8 +233,10 @@ class Statistics:
 class Server:
     """Serves *exports* (by name; a client asking for "" gets the first one)."""
 
-    def __init__(self, exports: Sequence[Export]) -> None:
+    def __init__(self, exports: Sequence[Export], tls: ssl.SSLContext | None = None) -> None:
         self.exports = {e.name: e for e in exports}
+        #: when set, TLS is required (see the module's docstring)
+        self.tls = tls
         self.default = exports[0]
         self.statistics = Statistics()
         self._open = 0
@@ -261,6 +283,7 @@ class Server:
         no_zeroes = bool(client_flags & FLAG_NO_ZEROES)
         structured = False
         contexts: list[str] = []
+        secured = self.tls is None  # nothing to wait for
         while True:
             magic, option, length = struct.unpack(">QII", await conn.read(16))
             if magic != IHAVEOPT:
@@ -272,6 +295,11 @@ class Server:
                 await self._reply(conn, option, REP_ERR_TOO_BIG, b"option too long")
                 continue
             data = await conn.read(length)
+            if not secured and option not in (OPT_STARTTLS, OPT_ABORT):
+                if option == OPT_EXPORT_NAME:
+                    raise ProtocolError("EXPORT_NAME before STARTTLS on a TLS-only server")
+                await self._reply(conn, option, REP_ERR_TLS_REQD, b"TLS is required")
+                continue
             if option == OPT_EXPORT_NAME:
                 export = self.exports.get(data.decode(errors="replace")) or (
                     self.default if not data else None)
@@ -307,7 +335,16 @@ class Server:
                 if export is not None and option == OPT_GO:
                     return export, structured, contexts
             elif option == OPT_STARTTLS:
-                await self._reply(conn, option, REP_ERR_POLICY, b"TLS is not offered")
+                if self.tls is None:
+                    await self._reply(conn, option, REP_ERR_POLICY, b"TLS is not offered")
+                elif secured or data:
+                    await self._reply(conn, option, REP_ERR_INVALID,
+                                      b"TLS is on already" if secured else b"takes no data")
+                else:
+                    await self._reply(conn, option, REP_ACK)
+                    await conn.start_tls(self.tls)
+                    secured = True
+                    structured, contexts = False, []  # negotiated afresh inside TLS
             else:
                 await self._reply(conn, option, REP_ERR_UNSUP, b"option not supported")
 

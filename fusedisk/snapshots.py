@@ -50,6 +50,7 @@ import os
 import stat
 import time
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -156,21 +157,46 @@ def _snapshots_fd(store: Store, create: bool) -> int | None:
     return backing.open_path(store.root_fd, SNAPSHOT_DIR)
 
 
+@dataclass(slots=True)
+class _Cloning:
+    """One clone of a tree: where it goes and what it found on the way."""
+
+    into_fd: int  #: the snapshot's directory; the tree is its TREE
+    #: each regular file's path, key and method
+    found: list[tuple[tuple[str, ...], tuple[int, int], str]]
+    #: the first path cloned of each object with several names (and its method),
+    #: so that its other names become links to that clone
+    linked: dict[tuple[int, int], tuple[tuple[str, ...], str]]
+
+
 def _copy_tree(entry: Entry, src_fd: int, st: os.stat_result, dst_dir_fd: int, name: str,
-               rel: tuple[str, ...], found: list[tuple[tuple[str, ...], tuple[int, int], str]]
-               ) -> None:
+               rel: tuple[str, ...], cloning: _Cloning) -> None:
     """Clone the object *src_fd* as *name* in *dst_dir_fd* (directories: recursively);
-    each regular file's path, key and method (:data:`REFLINK`, or :data:`CBW` where
-    the store cannot clone: then the copy is an empty file of the same size, which
-    its guard fills) go to *found*. Blocking: run on a worker thread."""
+    names of one object stay names of one object. Each regular file's path, key and
+    method (:data:`REFLINK`, or :data:`CBW` where the store cannot clone: then the
+    copy is an empty file of the same size, which its guard fills) go to
+    ``cloning.found``. Blocking: run on a worker thread."""
     mode = st.st_mode
+    key = (st.st_dev, st.st_ino)
+    if not stat.S_ISDIR(mode) and st.st_nlink > 1:
+        first = cloning.linked.get(key)
+        if first is not None:
+            first_rel, first_method = first
+            parent_fd = backing.open_parts(cloning.into_fd, (TREE, *first_rel[:-1]))
+            try:
+                backing.link_at(parent_fd, first_rel[-1], dst_dir_fd, name)
+            finally:
+                backing.close(parent_fd)
+            if stat.S_ISREG(mode):
+                cloning.found.append((rel, key, first_method))
+            return
     if stat.S_ISDIR(mode):
         backing.mkdir_at(dst_dir_fd, name, 0o700)
         child_dir = backing.open_path(dst_dir_fd, name)
         try:
             for child_name, fd, child_st in children(src_fd):
                 _copy_tree(entry, fd, child_st, child_dir, child_name, (*rel, child_name),
-                           found)
+                           cloning)
         finally:
             backing.close(child_dir)
     elif stat.S_ISREG(mode):
@@ -190,11 +216,15 @@ def _copy_tree(entry: Entry, src_fd: int, st: os.stat_result, dst_dir_fd: int, n
                 os.close(dst)
         finally:
             os.close(src)
-        found.append((rel, (st.st_dev, st.st_ino), method))
+        cloning.found.append((rel, key, method))
+        if st.st_nlink > 1:
+            cloning.linked[key] = (rel, method)
     elif stat.S_ISLNK(mode):
         backing.symlink_at(dst_dir_fd, name, backing.readlink(src_fd))
     else:
         backing.mknod_at(dst_dir_fd, name, mode, st.st_rdev)
+    if not stat.S_ISREG(mode) and not stat.S_ISDIR(mode) and st.st_nlink > 1:
+        cloning.linked[key] = (rel, "")
     if not stat.S_ISLNK(mode):
         child = backing.open_path(dst_dir_fd, name)
         try:
@@ -530,6 +560,8 @@ class Snapshots:
         self.files = files
         #: (store, snapshot directory name) → its copy-before-write state
         self.live: dict[tuple[str, str], _Live] = {}
+        #: told the ``ENTRY@NAME`` of each snapshot deleted (the mount's view forgets it)
+        self.on_deleted: Callable[[str], None] | None = None
         _SERVICES[datastore] = self
         self._pass_done = trio.Event()
 
@@ -721,12 +753,14 @@ class Snapshots:
         try:
             st = backing.fstat(src_fd)
             # off the trio thread: a clone writes back the file's dirty pages first
-            await backing.run_blocking(_copy_tree, entry, src_fd, st, into_fd, TREE, (), found)
+            await backing.run_blocking(_copy_tree, entry, src_fd, st, into_fd, TREE, (),
+                                       _Cloning(into_fd, found, {}))
             for rel, key, method in found:
                 change_id = None
                 size = 0
                 path_fd = backing.open_parts(src_fd, rel)
                 try:
+                    mtime_ns = backing.fstat(path_fd).st_mtime_ns
                     vfile = self.files.open(path_fd, key, gate)
                     try:
                         if vfile.tracker is not None:
@@ -740,6 +774,9 @@ class Snapshots:
                 record: dict[str, object] = {"change_id": change_id, "size": size,
                                              "method": method}
                 if method == CBW:
+                    # the copy's own mtime moves with every block its guard saves:
+                    # the view shows this one (snapview.py)
+                    record["mtime_ns"] = mtime_ns
                     if live is None:
                         live = _Live(self, entry, dir_name, os.dup(into_fd))
                     index = len(live.guards)
@@ -847,6 +884,8 @@ class Snapshots:
                     backing.fsync_dir(snaps_fd)
                 finally:
                     backing.close(snaps_fd)
+                if self.on_deleted is not None:
+                    self.on_deleted(dir_name)
                 return snapshot
         raise SnapshotError(f"{entry!r} has no snapshot named {name!r}")
 

@@ -11,7 +11,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "fusedisk"
 # fs (the FUSE edge) and control (the control edge) never import each other.
 LAYERS: list[set[str]] = [
     {"errors", "sizes", "failpoint", "fuseshim", "mountinfo"},
-    {"bitmap", "metadata", "config", "gate"},
+    {"bitmap", "metadata", "config", "gate", "tlspsk"},
     {"backing", "api"},
     {"cbt", "progress", "lifecycle"},
     {"vdisk"},
@@ -20,6 +20,7 @@ LAYERS: list[set[str]] = [
     {"staging"},
     {"switchover"},
     {"relocation", "snapshots", "pagecache"},
+    {"snapview"},
     {"fs", "control", "fuseloop", "extraops"},
     {"commands", "nbd"},
     {"daemon"},

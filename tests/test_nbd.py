@@ -320,6 +320,9 @@ def test_export_serves_an_incremental_backup_of_a_file_on_the_mount(
     (["vm1/disk.img", "--tcp", "nowhere"], "--tcp 'nowhere': expected HOST:PORT"),
     (["vm1/missing.img", "--socket", "S"], "vm1/missing.img"),
     (["vm1/disk.img", "--since", "no-such-id", "--socket", "S"], "no-such-id"),
+    (["vm1/disk.img@nightly", "--socket", "S"], "'vm1' has no snapshot named 'nightly'"),
+    (["../../etc/passwd", "--socket", "S"], "is not a path inside the datastore"),
+    (["/etc/passwd", "--socket", "S"], "is not a path inside the datastore"),
 ])
 def test_export_bad_input_is_one_line(datastore: MountedDatastore, tmp_path: Path,
                                       args: list[str], message: str) -> None:
@@ -330,4 +333,113 @@ def test_export_bad_input_is_one_line(datastore: MountedDatastore, tmp_path: Pat
     assert result.returncode == 1, result
     assert len(result.stderr.splitlines()) == 1 and message in result.stderr, result.stderr
     assert "Traceback" not in result.stderr
+    assert not (tmp_path / "S").exists()
+
+
+def test_a_second_export_on_a_used_address_is_refused_and_the_first_serves_on(
+    datastore: MountedDatastore, tmp_path: Path
+) -> None:
+    require_tools("nbdinfo")
+    (datastore.mnt / "vm1").mkdir()
+    (datastore.mnt / "vm1" / "disk.img").write_bytes(b"x" * 65536)
+    with socket.socket() as probe:  # a port nobody listens on, for the first export
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    sock = tmp_path / "export.sock"
+    first = [sys.executable, "-m", "fusedisk", "export", str(datastore.mnt), "vm1/disk.img"]
+    with subprocess.Popen([*first, "--tcp", f"127.0.0.1:{port}"], stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True) as tcp_proc, \
+         subprocess.Popen([*first, "--socket", str(sock)], stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True) as unix_proc:
+        try:
+            assert tcp_proc.stdout is not None and unix_proc.stdout is not None
+            uris = [tcp_proc.stdout.readline().strip(), unix_proc.stdout.readline().strip()]
+            assert uris[0] == f"nbd://127.0.0.1:{port}/vm1/disk.img", uris
+            for args, message in (
+                (["--tcp", f"127.0.0.1:{port}"], f"cannot listen on 127.0.0.1:{port}"),
+                (["--socket", str(sock)], "something is there already"),
+            ):
+                second = fusedisk("export", str(datastore.mnt), "vm1/disk.img", *args)
+                assert second.returncode == 1, second
+                assert len(second.stderr.splitlines()) == 1, second.stderr
+                assert message in second.stderr and "Traceback" not in second.stderr
+            for uri in uris:  # the first exports are untouched
+                size = subprocess.run(["nbdinfo", "--size", uri], capture_output=True,
+                                      text=True, check=True, timeout=CLIENT_TIMEOUT_S)
+                assert size.stdout.strip() == "65536"
+        finally:
+            for proc in (tcp_proc, unix_proc):
+                proc.send_signal(signal.SIGTERM)
+                proc.communicate(timeout=CLIENT_TIMEOUT_S)
+    assert tcp_proc.returncode == 0 and unix_proc.returncode == 0
+    assert not sock.exists()
+
+
+def test_tls_psk_export_serves_only_clients_with_the_key(
+    datastore: MountedDatastore, tmp_path: Path
+) -> None:
+    require_tools("nbdinfo", "nbdcopy")
+    (datastore.mnt / "vm1").mkdir()
+    disk = datastore.mnt / "vm1" / "disk.img"
+    disk.write_bytes(os.urandom(1 << 20))
+    keys = tmp_path / "keys.psk"
+    keys.write_text("# made by hand, as psktool would\nalice:" + os.urandom(32).hex() + "\n")
+    wrong = tmp_path / "wrong.psk"
+    wrong.write_text("alice:" + os.urandom(32).hex() + "\n")
+    sock = tmp_path / "export.sock"
+    argv = [sys.executable, "-m", "fusedisk", "export", str(datastore.mnt), "vm1/disk.img",
+            "--socket", str(sock), "--tls-psk", str(keys)]
+    with subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True) as proc:
+        try:
+            assert proc.stdout is not None
+            uri = proc.stdout.readline().strip()
+            assert uri == f"nbds+unix:///vm1/disk.img?socket={sock}", uri
+
+            def client(*args: str, key: Path = keys, user: str = "alice",
+                       tls: bool = True) -> subprocess.CompletedProcess[str]:
+                # libnbd 1.14 takes the PSK identity from the URI's user part
+                target = (f"nbds+unix://{user}@/vm1/disk.img?socket={sock}&tls-psk-file={key}"
+                          if tls else f"nbd+unix:///vm1/disk.img?socket={sock}")
+                return subprocess.run([*args, target] if args[0] == "nbdinfo"
+                                      else [args[0], target, *args[1:]],
+                                      capture_output=True, text=True,
+                                      timeout=CLIENT_TIMEOUT_S)
+
+            for refused in (client("nbdinfo", "--size", key=wrong),
+                            client("nbdinfo", "--size", user="mallory"),
+                            client("nbdinfo", "--size", tls=False)):
+                assert refused.returncode != 0 and refused.stdout == "", refused
+            allowed = client("nbdinfo", "--size")
+            assert allowed.returncode == 0 and allowed.stdout.strip() == str(1 << 20), allowed
+            copy = tmp_path / "copy.img"
+            copied = client("nbdcopy", str(copy))
+            assert copied.returncode == 0, copied.stderr
+            assert copy.read_bytes() == disk.read_bytes()
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            _, err = proc.communicate(timeout=CLIENT_TIMEOUT_S)
+    assert proc.returncode == 0, err
+    assert "TLS with a pre-shared key required" in err and "Traceback" not in err
+    # the wrong key and the unknown identity; the client without TLS was told and left
+    assert "2 protocol error(s)" in err, err
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "cannot read it"),
+    ("alice\n", "line 1 is not IDENTITY:HEXKEY"),
+    ("alice:abc\n", "line 1 is not IDENTITY:HEXKEY"),
+    ("# nothing\n", "holds no key"),
+])
+def test_tls_psk_bad_key_file_is_one_line(datastore: MountedDatastore, tmp_path: Path,
+                                          content: str | None, message: str) -> None:
+    (datastore.mnt / "vm1").mkdir()
+    (datastore.mnt / "vm1" / "disk.img").write_bytes(b"x" * 4096)
+    keys = tmp_path / "keys.psk"
+    if content is not None:
+        keys.write_text(content)
+    result = fusedisk("export", str(datastore.mnt), "vm1/disk.img", "--socket",
+                      str(tmp_path / "S"), "--tls-psk", str(keys))
+    assert result.returncode == 1, result
+    assert len(result.stderr.splitlines()) == 1 and message in result.stderr, result.stderr
     assert not (tmp_path / "S").exists()
