@@ -27,13 +27,15 @@ acknowledged write:
 3. a block marked again while its step is in flight is copied again by a
    later pass (``next_dirty`` finds it; the pause's pass takes what is left),
    so a torn or stale run the worker wrote is overwritten from the source;
-4. while a step of a file is in flight that file is **not mirrored**
-   (``mirror_fd`` is None for the flight): a guest write then marks the
-   consumer instead of landing on the pool file, so the worker's later write
-   of the run, read before the guest's, cannot overwrite it there. The
-   mirror is attached again on the loop when the step is back. Nothing else
-   writes a pool file during a flight but the worker (:meth:`Copier.fit`
-   only cuts it, after a source change that is marked too);
+4. while mirroring, a guest write lands on the pool file too and is not
+   marked, except while a step is in flight: the file's ``VFile.copying``
+   holds the step's byte range, and a write, truncate or fallocate mirrored
+   into that range is marked as well (vdisk.py ``_mirrored``), for the
+   worker's later write of the run, read before the guest's, may land over
+   it on the pool file. Writes elsewhere in the file are only mirrored, so
+   the dirty set still converges. Nothing else writes a pool file during a
+   flight but the worker (:meth:`Copier.fit` only cuts it, after a source
+   change that is marked too);
 5. a copy dropped or detached while its step is in flight is released when
    the step is back (its descriptors are the worker's until then).
 
@@ -522,8 +524,7 @@ class Copier:
         """From now on every guest write lands on both stores before it is acknowledged."""
         self.mirroring = True
         for copy in self.copies.values():
-            # a parked one mirrors once it is opened, the one in flight once it is back
-            if copy.vfile is not None and copy is not self._inflight:
+            if copy.vfile is not None:  # a parked one mirrors once it is opened
                 copy.vfile.mirror_fd = copy.dst_fd
 
     def mirror_error(self) -> OSError | None:
@@ -637,19 +638,18 @@ class Copier:
         copy.dirty.clear(blockno, nblocks)
         held = copy.copied.next_dirty(blockno)
         dest_has_data = held is not None and held < blockno + nblocks
-        # (4) nothing mirrored into the pool file while the worker writes it
+        # (4) a change mirrored into the run meanwhile is marked too
         self._inflight = copy
-        vfile.mirror_fd = None
+        vfile.copying = (offset, offset + length)
         try:
             nread, written, punched = await trio.to_thread.run_sync(
                 _copy_io, vfile.fd, copy.dst_fd, offset, length, dest_has_data, throttle,
                 limiter=self._worker)
         finally:
             self._inflight = None
+            vfile.copying = None
             if copy.detached:  # (5)
                 self._release(copy)
-            elif self.mirroring and vfile.mirror_error is None:
-                vfile.mirror_fd = copy.dst_fd
         if copy.detached:
             return nread
         if nread < length:
