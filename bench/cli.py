@@ -122,7 +122,7 @@ def parse_args(argv: list[str] | None) -> Options:
     parser.add_argument("--reps", type=_positive, metavar="N",
                         help="repetitions of the repeated scenarios (idle, cbt, relocate-idle, "
                              "switchover-pause); medians are reported (default 3 for idle, "
-                             "4 for relocate-idle, 5 for cbt and switchover-pause; 1 with --quick)")
+                             "3 for relocate-idle, 5 for cbt and switchover-pause; 1 with --quick)")
     parser.add_argument("--size", type=_size, metavar="SIZE",
                         help="test file size of the idle and cbt scenarios, e.g. 256M, 1G "
                              "(default 1G); relocation scenarios use fixed disk sizes "

@@ -12,6 +12,8 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import threading
+import time
 
 import trio
 
@@ -61,6 +63,7 @@ def _stall_spec() -> tuple[str, float, int]:
 #: the stall point NAME it waits MS milliseconds (a slow disk, on demand), so a
 #: test can make a switchover overrun its pause budget without racing a load.
 _STALL_NAME, _STALL_S, _stalls_left = _stall_spec()
+_stall_lock = threading.Lock()
 
 
 async def stall(name: str) -> None:
@@ -70,3 +73,17 @@ async def stall(name: str) -> None:
         _stalls_left -= 1
         log.warning("stall point %s reached: waiting %.0f ms", name, _STALL_S * 1000)
         await trio.sleep(_STALL_S)
+
+
+def stall_blocking(name: str) -> None:
+    """:func:`stall` for a worker thread: block it there (the stall points of
+    the copy's worker, e.g. ``copy-io`` between a step's read and its write)."""
+    global _stalls_left
+    if name != _STALL_NAME:
+        return
+    with _stall_lock:  # two relocations' workers may reach it at once
+        if _stalls_left <= 0:
+            return
+        _stalls_left -= 1
+    log.warning("stall point %s reached: waiting %.0f ms", name, _STALL_S * 1000)
+    time.sleep(_STALL_S)

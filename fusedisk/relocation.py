@@ -362,9 +362,11 @@ class Relocation:
             # ends in a clear failure rather than passes forever
             stuck = copier.mirroring and dirty == 0 and not fits
             if fits or stuck:
-                if self.options.mode != Mode.PRECOPY and not copier.mirroring:
+                if self.options.mode != Mode.PRECOPY and not copier.mirroring and dirty:
                     # Close to done: mirror from here on, so what the pause has to
-                    # copy no longer depends on how fast the guest writes.
+                    # copy no longer depends on how fast the guest writes. Nothing
+                    # dirty after a pass (an idle disk): no guest is racing the
+                    # copy, switch over now (``mirrored`` stays false).
                     self._start_mirroring()
                     continue
                 await self._sync()

@@ -132,7 +132,8 @@ class VFile:
     """
 
     __slots__ = (
-        "activity", "block_shift", "closing", "consumers", "fd", "gate", "gone", "guards", "key",
+        "activity", "block_shift", "closing", "consumers", "copying", "fd", "gate", "gone",
+        "guards", "key",
         "mirror_error", "mirror_fd", "opens", "stale", "touched", "tracker", "writable",
     )
 
@@ -158,6 +159,9 @@ class VFile:
         self.consumers: list[Bitmap] = []
         self.mirror_fd: int | None = None
         self.mirror_error: OSError | None = None
+        #: the byte range ``[start, end)`` of a copy step on the copier's worker
+        #: thread: a change mirrored into it is marked too (mirror.py, step 4)
+        self.copying: tuple[int, int] | None = None
         #: users holding this VFile open, and releases still saving (OpenFiles counts them)
         self.opens = 0
         self.closing = 0
@@ -224,6 +228,16 @@ class VFile:
             self.mirror_error = e
             self.mirror_fd = None
             self._mark_consumers(offset, len(data))
+            return
+        self._mirrored(offset, len(data))
+
+    def _mirrored(self, offset: int, length: int) -> None:
+        """A change landed on the mirror too: if it overlaps the run a copy step
+        has in flight, mark it as well, for the step's write of what it read
+        before may land over it (mirror.py, step 4)."""
+        run = self.copying
+        if run is not None and offset < run[1] and offset + length > run[0]:
+            self._mark_consumers(offset, length)
 
     async def truncate(self, length: int) -> None:
         """Set the file's size. The changed span is marked durably before the
@@ -268,6 +282,8 @@ class VFile:
             except OSError as e:
                 self.mirror_error, self.mirror_fd = e, None
                 self._mark_consumers(start, span)
+            else:
+                self._mirrored(start, span)
         else:
             self._mark_consumers(start, span)
 
@@ -345,6 +361,9 @@ class VFile:
             # stop mirroring, and let the copier settle the range.
             self.mirror_error, self.mirror_fd = e, None
             self._mark_consumers(low, high - low)
+        else:
+            if high > low:
+                self._mirrored(low, high - low)
 
     def seek_data(self, offset: int, whence: int) -> int:
         """``SEEK_DATA``/``SEEK_HOLE`` answered by the backing file."""

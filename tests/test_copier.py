@@ -17,7 +17,7 @@ import trio
 import trio.testing
 
 from fusedisk.gate import Gate
-from fusedisk.mirror import Copier, FileCopy
+from fusedisk.mirror import CHUNK_SIZE, Copier, FileCopy
 from fusedisk.vdisk import OpenFiles
 
 BLOCK = 64 << 10
@@ -69,8 +69,9 @@ async def test_a_rate_limit_is_held_on_the_clock(
 async def test_a_new_rate_takes_effect_at_once(
     tmp_path: Path, autojump_clock: trio.testing.MockClock
 ) -> None:
-    """Even from a rate of one byte a second, whose debt would last for days."""
-    async with copying(tmp_path, 4 * MIB) as (copier, copy, data):
+    """Even from a rate of one byte a second, whose debt would last for days.
+    Two copy steps' worth of data: the first step's debt holds the second."""
+    async with copying(tmp_path, 2 * CHUNK_SIZE) as (copier, copy, data):
         copier.rate_limit = 1
         start = trio.current_time()
         async with trio.open_nursery() as nursery:
