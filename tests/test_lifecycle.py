@@ -22,7 +22,7 @@ import pytest
 import trio
 import trio.testing
 
-from fusedisk import api, control, lifecycle, switchover
+from fusedisk import api, control, lifecycle, mirror, switchover
 from fusedisk import datastore as datastore_room
 from fusedisk.api import State
 from fusedisk.datastore import staging_name
@@ -32,9 +32,10 @@ from fusedisk.relocation import Relocation
 from .directstore import Rig, services, store_config
 
 MIB = 1 << 20
-#: Slow enough that a job of DATA bytes copies for 16 s (its first bytes after 4 s).
+#: Slow enough that a job of DATA bytes copies for a minute: its first step
+#: (up to a copy chunk) goes at once, the rest waits for the rate.
 SLOW = 256 << 10
-DATA = 4 * MIB
+DATA = 4 * mirror.CHUNK_SIZE
 
 
 # -- the tables ---------------------------------------------------------------------------
