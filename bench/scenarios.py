@@ -7,6 +7,8 @@ runs all of them by default, in registry order; ``--scenarios`` picks some.
 - ``idle``: every fio job against the raw store and the mount, alternating.
 - ``cbt``: the cost of changed block tracking (mount vs ``--no-cbt`` mount)
   and the daemon's memory for a 100 GiB sparse file (``bench/cbtcost.py``).
+- ``peer``: fio mixed jobs and metadata work (sqlite, small files, tar) on
+  raw, fusedisk and libfuse's C ``passthrough_ll`` (``bench/peer.py``).
 - ``relocate-idle``, ``relocate-busy``, ``switchover-pause``,
   ``relocate-sparse``, ``relocate-outrun``: live relocation with
   ``fusedisk migrate`` (``bench/relocation.py``).
@@ -17,7 +19,7 @@ from __future__ import annotations
 from contextlib import ExitStack
 from dataclasses import dataclass
 
-from bench import cbtcost, manyfiles, relocation, scale
+from bench import cbtcost, manyfiles, peer, relocation, scale
 from bench.context import (
     MOUNT,
     RAW,
@@ -108,6 +110,7 @@ def idle(context: ScenarioContext) -> Outcome:
 
 register("idle", idle, needs_mount=False)
 register("cbt", cbtcost.cbt)
+register("peer", peer.peer)
 register("relocate-idle", relocation.relocate_idle, needs_migrate=True)
 register("relocate-busy", relocation.relocate_busy, needs_migrate=True)
 register("switchover-pause", relocation.switchover_pause, needs_migrate=True)
