@@ -201,10 +201,15 @@ def _run(argv: list[str]) -> None:
         raise BenchError(f"{shlex.join(argv)} failed: {done.stderr.strip()[-300:]}")
 
 
+def _scaled(context: ScenarioContext, sizes: tuple[int, int]) -> int:
+    """The quick or full size, times ``--peer-scale``."""
+    size = sizes[1] if context.quick else sizes[0]
+    return max(1, round(size * (context.peer_scale or 1.0)))
+
+
 def _metadata_workloads(context: ScenarioContext, tarball: Path) -> list[Workload]:
-    size = 1 if context.quick else 0
-    transactions, files = SQLITE_TRANSACTIONS[size], SMALL_FILES[size]
-    tar_files = TAR_FILES[size]
+    transactions, files, tar_files = (
+        _scaled(context, sizes) for sizes in (SQLITE_TRANSACTIONS, SMALL_FILES, TAR_FILES))
     extracted: dict[str, Path] = {}
 
     def tar_x(directory: Path, tag: str) -> float:
@@ -244,7 +249,7 @@ def peer(context: ScenarioContext) -> Outcome:
         say("peer: compiling libfuse's passthrough_ll.c")
         binary = compile_peer(build_dir)
         tarball = context.work("peer-tarball") / "tree.tar"
-        tar_files = TAR_FILES[1 if context.quick else 0]
+        tar_files = _scaled(context, TAR_FILES)
         say(f"peer: building a tarball of {tar_files} files")
         build_tarball(tarball, tar_files)
         raw_dir = context.work("peer-raw")
