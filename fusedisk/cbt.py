@@ -246,7 +246,7 @@ class Tracker:
         """
         async with self._lock:
             self.mark_bytes(offset, length)
-            if self.withdrawn is None:
+            if self.withdrawn is None and self.needs_durability:  # else: as in logged()
                 await self._save_bitmaps(self._bitmap_record())
 
     @property
