@@ -71,6 +71,7 @@ from __future__ import annotations
 
 import logging
 import secrets
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
@@ -569,6 +570,8 @@ class CbtStore:
         self.home.mkdir(mode=0o700, exist_ok=True)
         #: shared by every tracker: whether the state directory takes saves
         self.health = SaveHealth()
+        #: the trackers alive now, by file id (two must never share one)
+        self._live: weakref.WeakValueDictionary[str, Tracker] = weakref.WeakValueDictionary()
 
     def file_id(self, path_fd: int) -> str | None:
         try:
@@ -636,9 +639,18 @@ class CbtStore:
                 log.warning("CBT history of file %s is not usable (%s); starting anew", file_id, e)
                 tracker = None
             if tracker is not None:
+                self._live[file_id] = tracker
                 return tracker
-        return Tracker(self.home, self._new_id(path_fd, fresh), self.block_size, key,
-                       health=self.health)
+            if file_id not in self._live and not self.has_history(file_id):
+                # a history that never needed saving (see Tracker.needs_durability): go on
+                # under its id; a new one would move the file's ctime for nothing
+                tracker = Tracker(self.home, file_id, self.block_size, key, health=self.health)
+                self._live[file_id] = tracker
+                return tracker
+        tracker = Tracker(self.home, self._new_id(path_fd, fresh), self.block_size, key,
+                          health=self.health)
+        self._live[tracker.file_id] = tracker
+        return tracker
 
     def _load_tracker(self, file_id: str, key: tuple[int, int]) -> Tracker | None:
         bitmap = _load(self.home / f"{file_id}.bitmap", "cbt-bitmap")
