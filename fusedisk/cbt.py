@@ -34,13 +34,6 @@ dirty: the answer is a superset of the truth, larger by at most the hot
 window (:data:`AL_CAPACITY` x :data:`REGION_SIZE`), never smaller. A clean
 close saves the bitmaps and an empty log: the answer is then exact.
 
-**Nothing durable until it is worth it.** A history with no live change id
-and no relocation mark answers for nothing (segment 0 is never a change
-id), so none of this runs for it (:attr:`Tracker.needs_durability`): no log
-save before its writes, no save at its close, no record to drop at its
-unlink. A created, written and removed file (a journal, a ``tar x`` tree)
-costs the state directory nothing; its first checkpoint saves it.
-
 Log protocol (see :meth:`Tracker.log`): a region added to the log carries
 the sequence number of the first log save that will contain it; a write
 into it proceeds only once that save completed. Evicting regions snapshots
@@ -71,7 +64,6 @@ from __future__ import annotations
 
 import logging
 import secrets
-import weakref
 from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
@@ -183,7 +175,7 @@ class Tracker:
 
     def logged(self, offset: int, length: int) -> bool:
         """True if a write of ``[offset, offset+length)`` may proceed now."""
-        if self.withdrawn is not None or not self.needs_durability:
+        if self.withdrawn is not None:
             return True  # no change id to protect: the marks in memory are enough
         al = self._al
         saved = self._al_saved
@@ -247,7 +239,7 @@ class Tracker:
         """
         async with self._lock:
             self.mark_bytes(offset, length)
-            if self.withdrawn is None and self.needs_durability:  # else: as in logged()
+            if self.withdrawn is None:
                 await self._save_bitmaps(self._bitmap_record())
 
     @property
@@ -300,21 +292,6 @@ class Tracker:
         Sync; see :meth:`save` to make it durable.
         """
         self._aliases[key] = alive
-
-    @property
-    def needs_durability(self) -> bool:
-        """True while a crash could lose something this history answers for: a live
-        change id or a relocation's mark. Until then (a new or short-lived file, a
-        ``tar x`` tree) nothing in it can ever be asked for, so its writes need no
-        activity-log save and a clean close saves nothing: a crash then merely
-        starts a new history, which refuses no id anyone holds.
-
-        Changing this needs no await: :meth:`checkpoint` and
-        :meth:`start_relocation_mark` turn it on before any later write's
-        :meth:`logged`, and a write that passed ``logged`` before marks with no
-        await in between, so its mark is in the record the turn-on saves.
-        """
-        return len(self.segments) > 1 or bool(self.relocation_marks)
 
     @property
     def has_change_ids(self) -> bool:
@@ -473,8 +450,6 @@ class Tracker:
         re-arms them all with one save instead of one save per region.
         """
         async with self._lock:
-            if self._clean and not self.needs_durability and self.withdrawn is None:
-                return  # nothing to answer for, and the state directory says nothing else
             record, seq, regions = self._snapshot_for_clean_close()
             await self._save_bitmaps(record)
             await backing.run_blocking(
@@ -488,8 +463,6 @@ class Tracker:
 
     def close_blocking(self) -> None:
         """Clean close at unmount (or after recovery), when no other task runs. Blocking."""
-        if self._clean and not self.needs_durability and self.withdrawn is None:
-            return  # as in close()
         record, seq, regions = self._snapshot_for_clean_close()
         try:
             _save(self.home, f"{self.file_id}.bitmap", "cbt-bitmap", record)
@@ -570,8 +543,6 @@ class CbtStore:
         self.home.mkdir(mode=0o700, exist_ok=True)
         #: shared by every tracker: whether the state directory takes saves
         self.health = SaveHealth()
-        #: the trackers alive now, by file id (two must never share one)
-        self._live: weakref.WeakValueDictionary[str, Tracker] = weakref.WeakValueDictionary()
 
     def file_id(self, path_fd: int) -> str | None:
         try:
@@ -596,12 +567,6 @@ class CbtStore:
             # cannot be recognised after it is closed (they ask for a full backup).
             log.warning("cannot keep a CBT file id on the store (%s); ids last one open", e)
         return file_id
-
-    def has_history(self, file_id: str) -> bool:
-        """Whether anything of *file_id* is saved here (a stat or two, on the trio thread:
-        a file that never needed a durable history is removed without a worker hop)."""
-        return _is_file_id(file_id) and any(
-            (self.home / f"{file_id}{suffix}").exists() for suffix in (".bitmap", ".al"))
 
     def forget(self, file_id: str, key: tuple[int, int]) -> bool:
         """Remove the history of a file that is gone (its last link removed, no
@@ -639,18 +604,9 @@ class CbtStore:
                 log.warning("CBT history of file %s is not usable (%s); starting anew", file_id, e)
                 tracker = None
             if tracker is not None:
-                self._live[file_id] = tracker
                 return tracker
-            if file_id not in self._live and not self.has_history(file_id):
-                # a history that never needed saving (see Tracker.needs_durability): go on
-                # under its id; a new one would move the file's ctime for nothing
-                tracker = Tracker(self.home, file_id, self.block_size, key, health=self.health)
-                self._live[file_id] = tracker
-                return tracker
-        tracker = Tracker(self.home, self._new_id(path_fd, fresh), self.block_size, key,
-                          health=self.health)
-        self._live[tracker.file_id] = tracker
-        return tracker
+        return Tracker(self.home, self._new_id(path_fd, fresh), self.block_size, key,
+                       health=self.health)
 
     def _load_tracker(self, file_id: str, key: tuple[int, int]) -> Tracker | None:
         bitmap = _load(self.home / f"{file_id}.bitmap", "cbt-bitmap")
@@ -681,7 +637,6 @@ class CbtStore:
         tracker.relocation_marks = marks
         al_seq, regions, clean = al or (0, [], True)
         tracker._al_saved, tracker._al_next_save = al_seq, al_seq + 1
-        tracker._clean = clean  # an unclean log on disk is rewritten at the next close
         for region in regions[-AL_CAPACITY:]:  # disarmed: the first write re-arms them
             tracker._al[int(region)] = tracker._al_next_save
         if not clean:

@@ -224,14 +224,6 @@ def write_slotted(path: Path, kind: str, seq: int, body: dict[str, Any], slot_si
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
         created = os.fstat(fd).st_size == 0
-        if created:
-            # both slots' space now: a later rewrite in place then needs none, so it
-            # still succeeds in a state directory that has filled up meanwhile
-            try:
-                os.posix_fallocate(fd, 0, 2 * slot_size)
-            except OSError as e:
-                if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
-                    raise
         write_slot_fd(fd, kind, seq, body, slot_size, str(path))
     finally:
         os.close(fd)

@@ -449,8 +449,7 @@ class OpenFiles:
                 if vfile.fd >= 0:
                     backing.close(vfile.fd)
                     vfile.fd = -1
-                if (tracker is not None and vfile.gone and self.cbt is not None
-                        and self.cbt.has_history(tracker.file_id)):
+                if tracker is not None and vfile.gone:
                     await self.forget_history((tracker.file_id, vfile.key))
 
     def last_link_history(self, dir_fd: int, name: str) -> tuple[str, tuple[int, int]] | None:
@@ -474,9 +473,7 @@ class OpenFiles:
             file_id = self.cbt.file_id(path_fd)
         finally:
             backing.close(path_fd)
-        if file_id is None or not self.cbt.has_history(file_id):
-            return None
-        return file_id, key
+        return None if file_id is None else (file_id, key)
 
     async def forget_history(self, history: tuple[str, tuple[int, int]]) -> None:
         """Drop the CBT history of a file that is gone (see :meth:`last_link_history`).

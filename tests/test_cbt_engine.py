@@ -403,7 +403,6 @@ async def test_a_truncate_is_durable_for_the_size_it_really_changes(tmp_path: Pa
     tracker = vfile.tracker
     assert tracker is not None
     try:
-        await tracker.checkpoint()  # a change id: the history now has to be durable
         await vfile.write(0, b"x")  # its region is logged: the next write needs no save
         async with trio.open_nursery() as nursery:
             async with tracker._lock:  # the truncate's first save has to wait...
@@ -599,27 +598,3 @@ async def test_a_relocation_mark_survives_a_crash_as_a_superset_and_is_no_change
     await again.close()
     last = store._load_tracker("00000000000000aa", (1, 2))
     assert last is not None and last.relocation_marks == {}
-
-
-async def test_a_history_without_change_ids_saves_nothing_until_its_first(
-        tmp_path: Path) -> None:
-    """Writes, a truncate and a clean close of a file with no change id leave the
-    state directory empty; its first checkpoint then logs and saves as always."""
-    store = CbtStore(tmp_path, BLOCK)
-    files = OpenFiles(store, BLOCK)
-    path_fd, vfile = open_vfile(tmp_path, files, Gate(), 4 * BLOCK)
-    tracker = vfile.tracker
-    assert tracker is not None
-    try:
-        await vfile.write(0, b"x" * BLOCK)
-        await vfile.truncate(8 * BLOCK)
-        await tracker.close()
-        assert tracker.al_saves == 0 and not list(store.home.iterdir())
-        change_id = await tracker.checkpoint()
-        await vfile.write(REGION_SIZE, b"y")
-        assert tracker.al_saves == 1
-        assert (store.home / f"{tracker.file_id}.al").exists()
-        assert tracker.changes(change_id, 1 << 40) == [(REGION_SIZE, BLOCK)]
-    finally:
-        files.close_all()
-        os.close(path_fd)

@@ -236,47 +236,6 @@ def written(path: Path) -> None:
         f.write(os.urandom(BLOCK))
 
 
-def tracked(ds: MountedDatastore, path: Path) -> None:
-    """Write *path* with a live change id, so its history is worth saving at close."""
-    written(path)
-    checkpoint(ds, str(path.relative_to(ds.mnt)))
-    written(path)
-    wait_for(lambda: ds.status()["fs"]["open_files"] == 0, 30, "the history saved at close")
-
-
-def state_files(ds: MountedDatastore) -> list[str]:
-    return sorted(p.name for p in (ds.state_dir / "cbt").iterdir())
-
-
-def test_a_short_lived_file_costs_the_state_directory_nothing(
-        datastore: MountedDatastore) -> None:
-    """Created, written, fsynced, closed, renamed and removed: none of it needs a
-    durable history (no change id or relocation mark to protect), so no record
-    is ever written for it, and the file's data is still on its store meanwhile."""
-    vm = datastore.mnt / "vm1"
-    vm.mkdir()
-    before = state_files(datastore)
-    for i in range(20):
-        path = vm / f"journal{i}"
-        data = os.urandom(4096 + i)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        try:
-            assert os.write(fd, data) == len(data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        assert (datastore.stores["a"] / "vm1" / f"journal{i}").read_bytes() == data
-        if i % 2:
-            path.rename(vm / f"kept{i}")
-        else:
-            path.unlink()
-    assert state_files(datastore) == before
-    # a change id makes the same kind of file worth a durable history at once
-    tracked(datastore, vm / "kept1")
-    wait_for(lambda: all(p.exists() for p in history_files(
-        datastore, datastore.stores["a"] / "vm1" / "kept1")), 10, "the history saved at close")
-
-
 def test_the_history_of_a_removed_file_goes_with_it(datastore: MountedDatastore) -> None:
     """unlink, rename over, the last of two hard links, a file removed while open:
     the history goes once the file is gone, and not a moment before."""
@@ -284,7 +243,7 @@ def test_the_history_of_a_removed_file_goes_with_it(datastore: MountedDatastore)
     vm.mkdir()
     store = datastore.stores["a"] / "vm1"
     for name in ("plain", "victim", "linked", "open", "renamed"):
-        tracked(datastore, vm / name)
+        written(vm / name)
     histories = {name: history_files(datastore, store / name)
                  for name in ("plain", "victim", "linked", "open", "renamed")}
     wait_for(lambda: all(p.exists() for h in histories.values() for p in h), 10,
@@ -320,7 +279,7 @@ def test_a_copy_carrying_another_files_id_does_not_erase_its_history(
         datastore: MountedDatastore) -> None:
     vm = datastore.mnt / "vm1"
     vm.mkdir()
-    tracked(datastore, vm / "disk")
+    written(vm / "disk")
     store = datastore.stores["a"] / "vm1"
     history = history_files(datastore, store / "disk")
     wait_for(lambda: all(p.exists() for p in history), 10, "the history saved at close")
@@ -334,7 +293,7 @@ def test_a_history_that_cannot_be_dropped_does_not_fail_the_unlink(
         datastore: MountedDatastore) -> None:
     vm = datastore.mnt / "vm1"
     vm.mkdir()
-    tracked(datastore, vm / "disk")
+    written(vm / "disk")
     history = history_files(datastore, datastore.stores["a"] / "vm1" / "disk")
     wait_for(lambda: all(p.exists() for p in history), 10, "the history saved at close")
     cbt_dir = datastore.state_dir / "cbt"
