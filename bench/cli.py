@@ -62,6 +62,7 @@ class Options:
     store_parent: Path
     keep_scratch: bool
     files: int | None = None
+    peer_scale: float | None = None
 
     @property
     def complete(self) -> bool:
@@ -69,6 +70,16 @@ class Options:
         ``latest.*``."""
         return (not self.quick and not self.raw_only and len(self.jobs) == len(all_jobs())
                 and sorted(self.scenarios) == sorted(SCENARIOS) and self.reps is None)
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"not a fraction in (0, 1]: {text!r}")
+    return value
 
 
 def _size(text: str) -> int:
@@ -142,6 +153,9 @@ def parse_args(argv: list[str] | None) -> Options:
     parser.add_argument("--files", type=_positive, metavar="N",
                         help="entry size of the manyfiles scenario (default 10000; 300 "
                              "with --quick)")
+    parser.add_argument("--peer-scale", type=_fraction, metavar="F",
+                        help="scale the peer scenario's metadata workloads by F (default 1: "
+                             "3000 sqlite commits, 5000 small files, 20000 files to untar)")
     parser.add_argument("--keep-scratch", action="store_true",
                         help="keep the scratch directory (test files, daemon log) afterwards")
     args = parser.parse_args(argv)
@@ -165,7 +179,7 @@ def parse_args(argv: list[str] | None) -> Options:
         reps=args.reps, size=args.size or defaults["size"],
         runtime_s=args.runtime or defaults["runtime_s"], jobs=jobs, scenarios=args.scenarios,
         store_parent=args.store_dir.resolve(), keep_scratch=args.keep_scratch,
-        files=args.files,
+        files=args.files, peer_scale=args.peer_scale,
     )
 
 
@@ -182,7 +196,7 @@ def _measure(options: Options, fio: str, scratch: Path
     context = ScenarioContext(runner=runner, jobs=options.jobs, reps=options.reps,
                               quick=options.quick, raw_only=options.raw_only, size=options.size,
                               runtime_s=options.runtime_s, scratch=scratch, out=options.out,
-                              files=options.files)
+                              files=options.files, peer_scale=options.peer_scale)
     outcomes: dict[str, Outcome] = {}
     try:
         for name in options.scenarios:

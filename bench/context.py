@@ -114,6 +114,8 @@ class ScenarioContext:
     out: Path
     #: entry size of the manyfiles scenario (``--files``); None: its defaults
     files: int | None = None
+    #: scale of the peer scenario's metadata workloads (``--peer-scale``); None: 1
+    peer_scale: float | None = None
     _mounts: list[str] = field(default_factory=list)
 
     def repetitions(self, full_default: int) -> int:

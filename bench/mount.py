@@ -179,8 +179,6 @@ def mounted(mountpoint: Path, stores: dict[str, Path], default_store: str, state
     """
     if shutil.which("fusermount3") is None:
         raise BenchError("fusermount3 not found on PATH (install fuse3)")
-    if is_mounted(mountpoint):
-        raise BenchError(f"{mountpoint} is already a mountpoint")
     argv = [sys.executable, "-m", "fusedisk", "mount", "--foreground"]
     if nofile is not None:
         if shutil.which("prlimit") is None:
@@ -190,6 +188,22 @@ def mounted(mountpoint: Path, stores: dict[str, Path], default_store: str, state
         argv += ["--store", f"{name}={path}"]
     argv += ["--default-store", default_store, "--state-dir", str(state_dir), *extra_args,
              str(mountpoint)]
+    with serving(argv, mountpoint, log_path, timeout_s) as daemon:
+        yield daemon
+
+
+@contextmanager
+def serving(argv: list[str], mountpoint: Path, log_path: Path,
+            timeout_s: float = MOUNT_TIMEOUT_S) -> Iterator[Daemon]:
+    """Run the FUSE daemon ``argv`` (foreground, serving ``mountpoint``) as our child.
+
+    Yields once the mount answers; on every exit path it unmounts, then stops
+    the child (SIGTERM, then SIGKILL). Used for fusedisk and for the C peer.
+    """
+    if shutil.which("fusermount3") is None:
+        raise BenchError("fusermount3 not found on PATH (install fuse3)")
+    if is_mounted(mountpoint):
+        raise BenchError(f"{mountpoint} is already a mountpoint")
     daemon = None
     try:
         with open(log_path, "wb") as log:

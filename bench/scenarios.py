@@ -10,6 +10,8 @@ runs all of them by default, in registry order; ``--scenarios`` picks some.
 - ``snapshot``: guest random writes with one live snapshot vs none (reflink
   on XFS, copy-before-write on ext4), NBD read of a snapshot vs ``dd``
   (``bench/snapshot.py``).
+- ``peer``: fio mixed jobs and metadata work (sqlite, small files, tar) on
+  raw, fusedisk and libfuse's C ``passthrough_ll`` (``bench/peer.py``).
 - ``relocate-idle``, ``relocate-busy``, ``switchover-pause``,
   ``relocate-sparse``, ``relocate-outrun``: live relocation with
   ``fusedisk migrate`` (``bench/relocation.py``).
@@ -20,7 +22,7 @@ from __future__ import annotations
 from contextlib import ExitStack
 from dataclasses import dataclass
 
-from bench import cbtcost, manyfiles, relocation, scale, snapshot
+from bench import cbtcost, manyfiles, peer, relocation, scale, snapshot
 from bench.context import (
     MOUNT,
     RAW,
@@ -111,6 +113,7 @@ def idle(context: ScenarioContext) -> Outcome:
 
 register("idle", idle, needs_mount=False)
 register("cbt", cbtcost.cbt)
+register("peer", peer.peer)
 register("relocate-idle", relocation.relocate_idle, needs_migrate=True)
 register("relocate-busy", relocation.relocate_busy, needs_migrate=True)
 register("switchover-pause", relocation.switchover_pause, needs_migrate=True)

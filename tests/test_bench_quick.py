@@ -358,3 +358,28 @@ def test_manyfiles_results_are_complete(quick_run: QuickRun) -> None:
         _finite(run["seconds"], f"{run['phase']}: seconds")
         # the daemon was sampled (fds at both ends at least) and stayed under its limit
         assert 0 < run["max_fds"] < data["summary"]["fd_limit"], run
+
+
+@pytest.mark.mount
+@pytest.mark.timeout(TEST_TIMEOUT_S)
+def test_peer_results_are_complete(quick_run: QuickRun) -> None:
+    """Every workload measured on raw, fusedisk and the compiled C peer, with ratios."""
+    data = quick_run.scenario("peer")
+    workloads = data["summary"]["workloads"]
+    assert [name.split("-")[0] for name in workloads] == [
+        "mixed", "mixed", "sqlite", "create", "tar", "rm"]
+    for name, entry in workloads.items():
+        for side in ("raw", "fusedisk", "C peer"):
+            _finite(entry[side], f"{name} {side}")
+        for ratio in ("fusedisk_raw", "fusedisk_peer", "peer_raw"):
+            _finite(entry[ratio], f"{name} {ratio}")
+        _finite(entry["cpu_fusedisk_s"], f"{name} fusedisk CPU", positive=False)
+        _finite(entry["cpu_peer_s"], f"{name} C peer CPU", positive=False)
+    assert len(data["table"]) == 1 + len(workloads)
+    assert len(data["runs"]) == 3 * len(workloads) * data["summary"]["reps"]
+    assert any("passthrough_ll" in command for command in data["commands"])
+    assert any("mixed-fsync.fio" in command for command in data["commands"])
+    assert len(data["targets"]) == 5
+    # the compiled peer lives only in a temporary directory: nothing of it is kept
+    assert not list(REPO_ROOT.glob("**/passthrough_ll*"))
+    assert not list(quick_run.out.glob("**/passthrough_ll*"))
