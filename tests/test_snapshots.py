@@ -3,9 +3,10 @@
 The store ``x`` is XFS (reflinks); ``a`` is a plain directory on the test
 machine's ext4, where snapshots are copy-before-write (test_snapshot_cbw.py
 tests that path against a reference). A writer stamps a generation
-into a block of disk0 and then into the same block of disk1, so a snapshot
-taken at one instant for both disks can only show disk0 at most one
-generation ahead of disk1, never behind: per-disk snapshots at different
+into a block of disk0, then into the same block of disk1, then of disk2, so
+a snapshot taken at one instant for all three disks can only show an
+earlier disk at most one generation ahead of a later one, never behind:
+per-disk snapshots at different
 moments would break that. Backups are taken the way a backup tool does it:
 a full copy of a snapshot with nbdcopy, then an incremental from the dirty
 bitmap between two snapshots, and the result compared byte for byte.
@@ -28,6 +29,7 @@ from .conftest import require_tools
 from .mounting import MountedDatastore, fusedisk, is_mounted
 
 BLOCK = 64 << 10
+DISKS = 3
 NBLOCKS = 64
 CLIENT_TIMEOUT_S = 60
 
@@ -85,10 +87,10 @@ def snapshot(ds: MountedDatastore, name: str) -> dict[str, object]:
 
 
 class Writer:
-    """Stamps generation g into block k of disk0, then of disk1, for ever-growing g."""
+    """Stamps generation g into block k of disk0, disk1, disk2 in turn, for ever-growing g."""
 
     def __init__(self, home: Path) -> None:
-        self.fds = [os.open(home / f"disk{i}.img", os.O_RDWR) for i in (0, 1)]
+        self.fds = [os.open(home / f"disk{i}.img", os.O_RDWR) for i in range(DISKS)]
         self.stop = threading.Event()
         self.generations = 0
         self.thread = threading.Thread(target=self._run, daemon=True)
@@ -124,7 +126,7 @@ def make_vm(ds: MountedDatastore) -> Path:
     home.mkdir()
     (home / "vm1.vmx").write_text('displayName = "vm1"\n')
     os.symlink("disk0.img", home / "current.img")
-    for i in (0, 1):
+    for i in range(DISKS):
         with open(home / f"disk{i}.img", "wb") as f:
             f.truncate(NBLOCKS * BLOCK)
     return home
@@ -140,13 +142,16 @@ def test_one_snapshot_holds_every_disk_at_one_instant(ds: MountedDatastore) -> N
             assert writer.generations > before or i == 0  # the guest went on
     for snap in snaps:
         tree = Path(str(snap["path"])) / "tree"
-        g0, g1 = generations(tree / "disk0.img"), generations(tree / "disk1.img")
+        g = [generations(tree / f"disk{i}.img") for i in range(DISKS)]
         for k in range(NBLOCKS):
-            assert g0[k] - g1[k] in (0, NBLOCKS), (snap["name"], k, g0[k], g1[k])
+            for earlier, later in ((0, 1), (1, 2), (0, 2)):
+                assert g[earlier][k] - g[later][k] in (0, NBLOCKS), (snap["name"], k,
+                                                                      [d[k] for d in g])
         assert (tree / "vm1.vmx").read_text() == 'displayName = "vm1"\n'
         assert os.readlink(tree / "current.img") == "disk0.img"
         files = snap["files"]
-        assert isinstance(files, dict) and set(files) == {"disk0.img", "disk1.img", "vm1.vmx"}
+        assert isinstance(files, dict) and set(files) == {
+            "disk0.img", "disk1.img", "disk2.img", "vm1.vmx"}
         assert float(str(snap["pause_ms"])) < 5000
     listed = json.loads(ok("snapshot", "list", str(ds.mnt), "vm1", "--json").stdout)
     assert [s["name"] for s in listed] == [f"s{i}" for i in range(5)]
@@ -264,7 +269,7 @@ def test_snapshots_survive_a_relocation_and_a_remount(ds: MountedDatastore,
     assert listed["before-move"]["files"]["disk0.img"]["method"] == "reflink"
     status = ds.status()["snapshots"]
     assert status["count"] == 2 and status["saved_bytes"] == BLOCK and not status["lost"]
-    assert status["space_bytes"] >= BLOCK and status["guarded_files"] == 3  # disk0, disk1, vm1.vmx
+    assert status["space_bytes"] >= BLOCK and status["guarded_files"] == 4  # 3 disks, vm1.vmx
     # the export reads through the mount's view: the copy-before-write snapshot too
     require_tools("nbdcopy")
     with exporting(ds, tmp_path, "vm1/disk0.img@n") as uri:
