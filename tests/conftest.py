@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import shutil
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from .mounting import MountedDatastore
+from .mounting import MountedDatastore, is_mounted
 
 # Problems a daemon may log that are never expected in a test that passed.
 _LOG_BUGS = ("Traceback", " ERROR ", " CRITICAL ")
@@ -45,3 +46,47 @@ def datastore(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Mounte
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "datastore_args(*args): extra `fusedisk mount` flags")
     config.addinivalue_line("markers", "daemon_errors: the daemon is expected to log errors")
+
+
+class XfsStore:
+    """A loop-mounted XFS filesystem (with reflinks) as a store directory."""
+
+    def __init__(self, image: Path, path: Path) -> None:
+        self.image, self.path = image, path
+        self.loop = ""
+
+    def set_up(self) -> None:
+        require_tools("mkfs.xfs", "losetup")
+        with open(self.image, "wb") as f:
+            f.truncate(512 << 20)
+        subprocess.run(["mkfs.xfs", "-q", "-f", "-m", "reflink=1", str(self.image)], check=True)
+        self.loop = subprocess.run(["losetup", "-f", "--show", str(self.image)], check=True,
+                                   capture_output=True, text=True).stdout.strip()
+        self.path.mkdir(parents=True, exist_ok=True)
+        subprocess.run(["mount", self.loop, str(self.path)], check=True)
+
+    def tear_down(self) -> None:
+        if is_mounted(self.path):
+            subprocess.run(["umount", str(self.path)], check=False)
+        if is_mounted(self.path):
+            subprocess.run(["umount", "-l", str(self.path)], check=False)
+        if self.loop:
+            subprocess.run(["losetup", "-d", self.loop], check=False)
+
+
+@pytest.fixture
+def xds(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[MountedDatastore]:
+    """Stores x (loop-mounted XFS: reflink snapshots) and a (ext4: copy-before-write);
+    new entries go to the one the test's indirect parameter names (default x)."""
+    default = getattr(request, "param", "x")
+    datastore = MountedDatastore(tmp_path, stores=("x", "a"), default_store=default)
+    xfs = XfsStore(tmp_path / "x.img", datastore.stores["x"])
+    try:
+        xfs.set_up()
+        datastore.start()
+        yield datastore
+    finally:
+        datastore.teardown()
+        xfs.tear_down()
+    log = datastore.log()
+    assert not any(bug in log for bug in _LOG_BUGS), log

@@ -23,7 +23,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -31,7 +30,7 @@ import pytest
 from . import journal_writer
 from .conftest import require_tools
 from .mounting import MountedDatastore, fusedisk
-from .test_snapshots import CLIENT_TIMEOUT_S, XfsStore, exporting
+from .test_snapshots import CLIENT_TIMEOUT_S, exporting
 
 BLOCK = journal_writer.BLOCK
 NBLOCKS = 16384  # a 64 MiB disk: most of it stays clean between two snapshots
@@ -56,24 +55,6 @@ os.fsync(fd)
 os.close(fd)
 h.shutdown()
 """
-
-
-@pytest.fixture
-def xds(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[MountedDatastore]:
-    """Stores x (loop-mounted XFS: reflink snapshots) and a (ext4: copy-before-write);
-    new entries go to the one named by the test's parameter (default x)."""
-    default = getattr(request, "param", "x")
-    datastore = MountedDatastore(tmp_path, stores=("x", "a"), default_store=default)
-    xfs = XfsStore(tmp_path / "x.img", datastore.stores["x"])
-    try:
-        xfs.set_up()
-        datastore.start()
-        yield datastore
-    finally:
-        datastore.teardown()
-        xfs.tear_down()
-    log = datastore.log()
-    assert "Traceback" not in log and " ERROR " not in log, log
 
 
 def ok(*args: str) -> subprocess.CompletedProcess[str]:

@@ -35,7 +35,7 @@ from fusedisk.relocation import Options, Relocator
 from fusedisk.snapshots import CBW, REFLINK, SnapshotError, Snapshots, open_file
 from fusedisk.vdisk import OpenFiles, VFile
 
-from .test_snapshots import XfsStore
+from .conftest import XfsStore
 
 BLOCK = 16 << 10  #: the datastore's block size here: small, so that writes straddle blocks
 SIZE = 40 * BLOCK + 1000  #: not a whole number of blocks

@@ -19,7 +19,7 @@ import os
 import shutil
 import stat
 import subprocess
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -27,29 +27,10 @@ import pytest
 from . import differential as diff
 from .conftest import require_tools
 from .mounting import MountedDatastore, fusedisk
-from .test_snapshots import XfsStore
 
 VIEW = ".snapshots"
 STEPS_PER_SNAPSHOT = 25
 SNAPSHOTS = 4
-
-
-@pytest.fixture
-def xds(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[MountedDatastore]:
-    """Stores x (loop-mounted XFS: reflink snapshots) and a (ext4: copy-before-write);
-    new entries go to the one named by the test's parameter (default x)."""
-    default = getattr(request, "param", "x")
-    datastore = MountedDatastore(tmp_path, stores=("x", "a"), default_store=default)
-    xfs = XfsStore(tmp_path / "x.img", datastore.stores["x"])
-    try:
-        xfs.set_up()
-        datastore.start()
-        yield datastore
-    finally:
-        datastore.teardown()
-        xfs.tear_down()
-    log = datastore.log()
-    assert "Traceback" not in log and " ERROR " not in log, log
 
 
 def ok(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
