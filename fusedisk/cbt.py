@@ -41,6 +41,20 @@ the bitmaps, drops the regions from the log *in the same step*, saves the
 bitmaps, then the log, all under one lock: a record that omits a region is
 durable only after the bitmaps that cover its writes are.
 
+**Nothing durable until it is worth it.** A history with no live change id
+and no relocation mark answers nobody: no one holds an id to ask about, and
+a crash may lose it whole (the next open starts a new one under a new id,
+which refuses nothing that was ever handed out). Until a checkpoint or a
+relocation's mark makes it :attr:`Tracker.durable`, a file's writes log
+nothing, and a clean close saves nothing (unless the log on disk still says
+"unclean" from a durable past, which the close then settles): a file that is
+created, written and removed costs the state directory nothing. Turning
+durable needs no catching up: a checkpoint saves the bitmaps it starts from
+(the changes before it belong to no id), a relocation saves its marks before
+it trusts them (progress.py), and every write from that instant on is logged
+first. The data path checks and marks without an await in between (vdisk.py),
+so no write can straddle the change.
+
 **Relocation marks.** A relocation gives each file it copies an internal
 mark (:meth:`Tracker.start_relocation_mark`): a bitmap, by generation, that
 every mark also sets, saved with the bitmaps and recovered from the activity
@@ -170,12 +184,27 @@ class Tracker:
         self.withdrawn: str | None = None
         #: a relocation's internal marks: generation → what changed since it started
         self.relocation_marks: dict[int, Bitmap] = {}
+        #: opening gave the file a new id on its store, which moved its backing
+        #: ctime; the ctime the mount showed is kept beside its identity (see
+        #: :meth:`CbtStore._new_id`), and the mount must show that one from now on
+        self.moved_ctime = False
+        #: once durable, durable until closed: a relocation that drops its marks
+        #: (cancelled) may still be resumed from them after a crash before its
+        #: clean-up, so the log must keep covering what is written meanwhile
+        self._keep_log = False
 
     # -- the data path ------------------------------------------------------------
 
+    @property
+    def durable(self) -> bool:
+        """True while something a crash must not lose depends on this history:
+        a live change id, or a relocation's mark (see "Nothing durable until
+        it is worth it" in the module doc)."""
+        return self._keep_log or len(self.segments) > 1 or bool(self.relocation_marks)
+
     def logged(self, offset: int, length: int) -> bool:
         """True if a write of ``[offset, offset+length)`` may proceed now."""
-        if self.withdrawn is not None:
+        if self.withdrawn is not None or not self.durable:
             return True  # no change id to protect: the marks in memory are enough
         al = self._al
         saved = self._al_saved
@@ -219,6 +248,7 @@ class Tracker:
     def start_relocation_mark(self, gen: int) -> None:
         """Start generation *gen* of the relocation mark (sync; :meth:`save` makes it durable)."""
         self.relocation_marks.setdefault(gen, Bitmap())
+        self._keep_log = True
 
     def drop_relocation_marks(self, below: int | None = None) -> None:
         """Forget the generations before *below* (all of them: None). Sync."""
@@ -239,7 +269,7 @@ class Tracker:
         """
         async with self._lock:
             self.mark_bytes(offset, length)
-            if self.withdrawn is None:
+            if self.withdrawn is None and self.durable:
                 await self._save_bitmaps(self._bitmap_record())
 
     @property
@@ -315,6 +345,7 @@ class Tracker:
             label = self.next_seq
             self.next_seq += 1
             self.segments.append((label, Bitmap()))
+            self._keep_log = True
             while len(self.segments) > MAX_CHECKPOINTS + 1:
                 (l0, b0), (_l1, b1) = self.segments[0], self.segments[1]
                 b0.update(b1)
@@ -450,6 +481,8 @@ class Tracker:
         re-arms them all with one save instead of one save per region.
         """
         async with self._lock:
+            if self._clean and not self.durable:
+                return  # nothing on disk depends on what changed: see the module doc
             record, seq, regions = self._snapshot_for_clean_close()
             await self._save_bitmaps(record)
             await backing.run_blocking(
@@ -463,6 +496,8 @@ class Tracker:
 
     def close_blocking(self) -> None:
         """Clean close at unmount (or after recovery), when no other task runs. Blocking."""
+        if self._clean and not self.durable and self.withdrawn is None:
+            return
         record, seq, regions = self._snapshot_for_clean_close()
         try:
             _save(self.home, f"{self.file_id}.bitmap", "cbt-bitmap", record)
@@ -550,8 +585,9 @@ class CbtStore:
         except OSError:
             return None
 
-    def _new_id(self, path_fd: int, fresh: bool) -> str:
-        """Give the file a new id on its store. Writing the xattr moves the
+    def _new_id(self, path_fd: int, fresh: bool) -> tuple[str, bool]:
+        """Give the file a new id on its store; return it, and whether the
+        ctime the mount shows is now a kept one. Writing the xattr moves the
         file's ctime, which nothing the guest did moved: unless the file was
         just created, the ctime the mount showed is kept beside its identity
         (:data:`backing.INO_XATTR`), as a relocation keeps it."""
@@ -566,7 +602,7 @@ class CbtStore:
             # Tracking still works while the file is open; its change ids just
             # cannot be recognised after it is closed (they ask for a full backup).
             log.warning("cannot keep a CBT file id on the store (%s); ids last one open", e)
-        return file_id
+        return file_id, not fresh
 
     def forget(self, file_id: str, key: tuple[int, int]) -> bool:
         """Remove the history of a file that is gone (its last link removed, no
@@ -605,8 +641,10 @@ class CbtStore:
                 tracker = None
             if tracker is not None:
                 return tracker
-        return Tracker(self.home, self._new_id(path_fd, fresh), self.block_size, key,
-                       health=self.health)
+        file_id, moved_ctime = self._new_id(path_fd, fresh)
+        tracker = Tracker(self.home, file_id, self.block_size, key, health=self.health)
+        tracker.moved_ctime = moved_ctime
+        return tracker
 
     def _load_tracker(self, file_id: str, key: tuple[int, int]) -> Tracker | None:
         bitmap = _load(self.home / f"{file_id}.bitmap", "cbt-bitmap")
@@ -635,7 +673,9 @@ class CbtStore:
         tracker = Tracker(self.home, file_id, self.block_size, key, segments, next_seq,
                           health=self.health)
         tracker.relocation_marks = marks
+        tracker._keep_log = bool(marks)
         al_seq, regions, clean = al or (0, [], True)
+        tracker._clean = clean
         tracker._al_saved, tracker._al_next_save = al_seq, al_seq + 1
         for region in regions[-AL_CAPACITY:]:  # disarmed: the first write re-arms them
             tracker._al[int(region)] = tracker._al_next_save

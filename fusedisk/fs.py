@@ -248,6 +248,7 @@ class Operations(pyfuse3.Operations):
         super().__init__()
         self.datastore = datastore
         self.files = files
+        files.on_kept_ctime = self._show_kept_ctime
         if paths is None:
             nofile = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
             paths = PathTable(backing.path_fd_cap(nofile))
@@ -272,6 +273,13 @@ class Operations(pyfuse3.Operations):
             datastore, snapshots.list if snapshots is not None else list, _PRIVATE_XATTR_PREFIX)
 
     # -- inode table --------------------------------------------------------------
+
+    def _show_kept_ctime(self, key: tuple[int, int]) -> None:
+        """An open gave the file *key* a new CBT id (which moved its backing
+        ctime) and kept the ctime shown: show the kept one (OpenFiles.on_kept_ctime)."""
+        inode = self._by_key.get(key)
+        if inode is not None and inode.path_fd >= 0:
+            inode.kept_ctime_ns = kept_identity(inode.path_fd)[1]
 
     def _inode(self, ino: int) -> Inode:
         try:
@@ -832,9 +840,6 @@ class Operations(pyfuse3.Operations):
             assert inode.entry is not None and inode.ref is not None
             inode.vfile = self.files.open(inode.path_fd, inode.key, inode.entry.gate, fresh)
             self.paths.pin(inode.ref)  # an open file keeps its O_PATH fd (unlinked, too)
-            if inode.vfile.tracker is not None and inode.kept_ctime_ns is None and not fresh:
-                # a new CBT id moved the backing ctime and kept the old one (cbt.py)
-                inode.kept_ctime_ns = kept_identity(inode.path_fd)[1]
         inode.handles += 1
         pagecache.opened(inode, direct)
         fh = self._next_fh

@@ -220,10 +220,14 @@ def write_slotted(path: Path, kind: str, seq: int, body: dict[str, Any], slot_si
     For records rewritten often (the CBT activity log): one ``pwrite`` and one
     ``fdatasync``, no rename. A torn write spoils one slot only; the newest
     valid slot is the record, so a crash never loses one that was durable.
+    A new file gets the space of both slots at once: a rewrite in place never
+    needs more, also when the state directory has filled up since.
     """
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
         created = os.fstat(fd).st_size == 0
+        if created:
+            os.posix_fallocate(fd, 0, 2 * slot_size)
         write_slot_fd(fd, kind, seq, body, slot_size, str(path))
     finally:
         os.close(fd)

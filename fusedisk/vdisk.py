@@ -457,6 +457,9 @@ class OpenFiles:
         #: backing key → the copy-before-write guards of its snapshots (snapshots.py);
         #: an open VFile shares the list. A relocation's repoint moves them along.
         self.guards: dict[tuple[int, int], list[Guard]] = {}
+        #: told the key of a file whose open gave it a new CBT id, which moved
+        #: its backing ctime and kept the one shown (the mount shows the kept one)
+        self.on_kept_ctime: Callable[[tuple[int, int]], None] | None = None
 
     def add_guard(self, key: tuple[int, int], guard: Guard) -> None:
         """Guard the file *key*, open or not, from now on (sync: no write can slip in)."""
@@ -551,6 +554,8 @@ class OpenFiles:
                 fd, key, writable, tracker, gate, self.block_size, self.activity
             )
             vfile.guards = self.guards.get(key, _NO_GUARDS)
+            if tracker is not None and tracker.moved_ctime and self.on_kept_ctime is not None:
+                self.on_kept_ctime(key)
         vfile.opens += 1
         if vfile.opens == 1:
             watcher = self._watchers.get(key)

@@ -403,6 +403,7 @@ async def test_a_truncate_is_durable_for_the_size_it_really_changes(tmp_path: Pa
     tracker = vfile.tracker
     assert tracker is not None
     try:
+        await tracker.checkpoint()  # a change id: from here on every mark is durable
         await vfile.write(0, b"x")  # its region is logged: the next write needs no save
         async with trio.open_nursery() as nursery:
             async with tracker._lock:  # the truncate's first save has to wait...
@@ -598,3 +599,64 @@ async def test_a_relocation_mark_survives_a_crash_as_a_superset_and_is_no_change
     await again.close()
     last = store._load_tracker("00000000000000aa", (1, 2))
     assert last is not None and last.relocation_marks == {}
+
+
+# -- nothing durable until it is worth it ------------------------------------------------
+
+
+async def test_a_history_without_change_ids_or_marks_saves_nothing(tmp_path: Path) -> None:
+    """No change id, no relocation mark: writes log nothing and a close saves
+    nothing (issue 16); the first checkpoint saves, and every write after it is
+    in its changes after a crash."""
+    store = CbtStore(tmp_path, BLOCK)
+    tracker = Tracker(store.home, "00000000000000ab", BLOCK, (1, 2))
+    assert not tracker.durable
+    for i in range(3 * AL_CAPACITY):  # more regions than the log holds, too
+        await write(tracker, i * REGION_SIZE, BLOCK)
+    await tracker.close()
+    assert os.listdir(store.home) == [] and tracker.al_saves == 0
+    change_id = await tracker.checkpoint()
+    assert tracker.durable
+    await write(tracker, 5 * REGION_SIZE + 3 * BLOCK, 1)  # the process "dies" after it
+    recovered = store._load_tracker("00000000000000ab", (1, 2))
+    assert recovered is not None
+    assert any(o <= 5 * REGION_SIZE + 3 * BLOCK < o + n
+               for o, n in recovered.changes(change_id, 1 << 40))
+
+
+async def test_a_dropped_relocation_mark_keeps_the_log_until_the_close(tmp_path: Path) -> None:
+    """A cancelled relocation drops its marks before its clean-up removes the
+    progress a resume would trust; a crash in between must still find every
+    write since the saved mark in it: the log goes on until the close."""
+    store = CbtStore(tmp_path, BLOCK)
+    tracker = Tracker(store.home, "00000000000000ac", BLOCK, (1, 2))
+    tracker.start_relocation_mark(1)
+    await tracker.save()
+    tracker.drop_relocation_marks()
+    assert tracker.durable
+    await write(tracker, 7 * REGION_SIZE, BLOCK)  # the process "dies" here
+    recovered = store._load_tracker("00000000000000ac", (1, 2))
+    assert recovered is not None and recovered.durable
+    assert recovered.relocation_marks[1].test(7 * REGION_SIZE // BLOCK)
+    # closed cleanly with no mark and no id: the next life logs nothing
+    recovered.drop_relocation_marks()
+    await recovered.close()
+    again = store._load_tracker("00000000000000ac", (1, 2))
+    assert again is not None and not again.durable
+
+
+async def test_a_reload_of_an_unclean_log_settles_it_even_without_change_ids(
+    tmp_path: Path,
+) -> None:
+    """A log left "unclean" by a durable past is settled (saved clean) when the
+    history is loaded, so its regions are not reported again and again."""
+    store = CbtStore(tmp_path, BLOCK)
+    tracker = Tracker(store.home, "00000000000000ad", BLOCK, (1, 2))
+    tracker.start_relocation_mark(1)
+    await write(tracker, 0, BLOCK)  # the log says unclean
+    tracker.drop_relocation_marks()
+    await tracker.save()  # bitmaps with no mark and no id; the process "dies"
+    first = store._load_tracker("00000000000000ad", (1, 2))
+    assert first is not None and not first.durable
+    al = cbt._read_al(store.home / "00000000000000ad.al")
+    assert al is not None and al[2], "the log still says unclean after the reload"

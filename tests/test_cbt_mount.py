@@ -222,6 +222,48 @@ def test_kill_9_never_loses_a_change(datastore: MountedDatastore, tmp_path: Path
     assert "was not closed cleanly" in datastore.log()
 
 
+# -- what a history costs -----------------------------------------------------------------
+
+
+def test_a_file_without_a_change_id_costs_the_state_directory_nothing(
+        datastore: MountedDatastore) -> None:
+    """Short-lived files (a journal, a log rotated away, a tar unpacked and removed)
+    and files nobody took a change id of leave no record, no log save, no fsync in
+    the state directory (issue 16); the first change id makes the history durable,
+    and a kill -9 after it still reports every acknowledged write."""
+    vm = datastore.mnt / "vm1"
+    vm.mkdir()
+    cbt_dir = datastore.state_dir / "cbt"
+    before = set(os.listdir(cbt_dir))
+    for i in range(50):
+        path = vm / f"journal-{i}"
+        with open(path, "wb") as f:
+            f.write(os.urandom(BLOCK))
+            f.flush()
+            os.fsync(f.fileno())
+        path.unlink()
+    kept = vm / "kept.img"
+    kept.write_bytes(os.urandom(4 * BLOCK))
+    with open(kept, "r+b") as f:  # reopened and written: still no record
+        f.write(b"again")
+    assert set(os.listdir(cbt_dir)) == before
+    stats = datastore.status()["cbt_state"]
+    assert stats["save_error"] is None, stats
+
+    change_id = checkpoint(datastore, "vm1/kept.img")
+    assert set(os.listdir(cbt_dir)) > before  # the first change id is durable
+    fd = os.open(kept, os.O_RDWR)
+    try:
+        os.pwrite(fd, b"after the id", 2 * BLOCK + 7)
+        os.fsync(fd)
+        datastore.kill()
+    finally:
+        with contextlib.suppress(OSError):  # the mount died under it
+            os.close(fd)
+    datastore.start()
+    assert covered(changes(datastore, "vm1/kept.img", change_id), 2 * BLOCK + 7, 12)
+
+
 # -- histories of removed files ---------------------------------------------------------
 
 
@@ -244,6 +286,7 @@ def test_the_history_of_a_removed_file_goes_with_it(datastore: MountedDatastore)
     store = datastore.stores["a"] / "vm1"
     for name in ("plain", "victim", "linked", "open", "renamed"):
         written(vm / name)
+        checkpoint(datastore, f"vm1/{name}")  # a change id: a history worth keeping
     histories = {name: history_files(datastore, store / name)
                  for name in ("plain", "victim", "linked", "open", "renamed")}
     wait_for(lambda: all(p.exists() for h in histories.values() for p in h), 10,
@@ -280,6 +323,7 @@ def test_a_copy_carrying_another_files_id_does_not_erase_its_history(
     vm = datastore.mnt / "vm1"
     vm.mkdir()
     written(vm / "disk")
+    checkpoint(datastore, "vm1/disk")
     store = datastore.stores["a"] / "vm1"
     history = history_files(datastore, store / "disk")
     wait_for(lambda: all(p.exists() for p in history), 10, "the history saved at close")
@@ -294,6 +338,7 @@ def test_a_history_that_cannot_be_dropped_does_not_fail_the_unlink(
     vm = datastore.mnt / "vm1"
     vm.mkdir()
     written(vm / "disk")
+    checkpoint(datastore, "vm1/disk")
     history = history_files(datastore, datastore.stores["a"] / "vm1" / "disk")
     wait_for(lambda: all(p.exists() for p in history), 10, "the history saved at close")
     cbt_dir = datastore.state_dir / "cbt"

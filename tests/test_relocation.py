@@ -555,7 +555,8 @@ def test_data_deleted_during_the_copy_does_not_come_back(tmp_path: Path, how: st
         expected = b"A" * keep + bytes(size - 4096 - keep) + b"B" * 4096
         assert disk.read_bytes() == expected
         _resume_through_holds(ds, "vm1")
-        assert job(ds, "vm1")["state"] == "done", job(ds, "vm1")
+        ended = job(ds, "vm1")
+        assert ended["state"] == "done", (ended.get("error"), ds.log()[-3000:])
         assert (ds.stores["b"] / "vm1" / "disk.img").read_bytes() == expected
         assert disk.read_bytes() == expected
     finally:
