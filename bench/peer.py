@@ -18,6 +18,9 @@ without fsync (IOPS, higher is better); sqlite in journal mode (one insert
 per transaction), create + 4 KiB write + fsync + close + unlink of many
 files, ``tar x`` of many small files and ``rm -rf`` of them (seconds,
 lower is better). The daemons' CPU seconds are read from /proc over each run.
+
+:func:`c_peer` (compile, mount, always unmount and remove the binary) is
+shared with the ``idle`` scenario, which runs every fio job on the peer too.
 """
 
 from __future__ import annotations
