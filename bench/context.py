@@ -160,6 +160,12 @@ class ScenarioContext:
                   file=sys.stderr, flush=True)
             yield Mounted(daemon=daemon, mountpoint=root / "mnt", stores=stores, root=root)
 
+    def daemon_log(self, label: str) -> Path:
+        """Where a daemon the scenario starts itself in ``work(label)`` (the C peer) logs;
+        it is copied to the output directory with the mounts' logs."""
+        self._mounts.append(label)
+        return self.scratch / label / "daemon.log"
+
     def daemon_logs(self) -> list[Path]:
         """The daemon logs of every mount made so far."""
         return [self.scratch / label / "daemon.log" for label in self._mounts]

@@ -138,7 +138,7 @@ def c_peer(context: ScenarioContext, label: str) -> Iterator[CPeer]:
         source, mountpoint = root / "src", root / "mnt"
         source.mkdir()
         mountpoint.mkdir()
-        with peer_mounted(binary, source, mountpoint, root / "peer.log") as daemon:
+        with peer_mounted(binary, source, mountpoint, context.daemon_log(label)) as daemon:
             say(f"{label}: C peer mounted at {mountpoint} (pid {daemon.pid})")
             yield CPeer(daemon=daemon, mountpoint=mountpoint, source=source)
 

@@ -176,6 +176,7 @@ def test_idle_results_are_complete(quick_run: QuickRun) -> None:
     missing = [job for job in job_names if job not in report]
     assert not missing, f"report.md lacks {missing}"
     assert "| C peer | mount/raw | mount/peer |" in report
+    assert (quick_run.out / "daemon-idle-peer.log").is_file(), "the C peer's log was not kept"
     assert "CPU/IO peer µs" in quick_run.done.stdout
 
 
