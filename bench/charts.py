@@ -1,8 +1,8 @@
-"""PNG charts of the cbt and relocation scenarios, drawn from ``results.json`` data.
+"""PNG charts of the idle, cbt and relocation scenarios, drawn from ``results.json`` data.
 
-Each function takes the scenario's entry of ``results["scenarios"]`` and
-writes one PNG into ``out_dir``; it returns {title: file name} (empty when
-the data has nothing to draw).
+Each function takes the scenario's entry of ``results["scenarios"]`` (idle:
+its summary and jobs) and writes PNGs into ``out_dir``; it returns
+{title: file name} (empty when the data has nothing to draw).
 """
 
 from __future__ import annotations
@@ -10,9 +10,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from bench.jobs import METRIC_LABELS, Job
 from fusedisk import api
 
 _MIB = 2**20
+#: the idle scenario's bars: summary key, legend label, colour
+_IDLE_SIDES = (("raw", "raw", "tab:gray"), ("mount", "mount (fusedisk)", "tab:blue"),
+               ("peer", "C peer (passthrough_ll)", "tab:orange"))
 
 
 def _pyplot() -> Any:
@@ -22,6 +26,58 @@ def _pyplot() -> Any:
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def idle_charts(name: str, summary: dict[str, dict[str, Any]], jobs: list[Job],
+                out_dir: Path) -> dict[str, str]:
+    """Grouped bars per metric (MB/s jobs, IOPS jobs): raw, mount and C peer side by side;
+    and, when the mount was measured, each job's mount/raw and mount/peer ratio."""
+    plt = _pyplot()
+    charts: dict[str, str] = {}
+    width = 0.8 / len(_IDLE_SIDES)
+    for metric in ("mbps", "iops"):
+        chosen = [job for job in jobs if job.metric == metric]
+        if not chosen:
+            continue
+        figure, axes = plt.subplots(figsize=(11, 5))
+        positions = range(len(chosen))
+        for index, (key, label, colour) in enumerate(_IDLE_SIDES):
+            values = [(summary[job.name].get(key) or {}).get(metric) for job in chosen]
+            if all(value is None for value in values):
+                continue
+            offset = (index - (len(_IDLE_SIDES) - 1) / 2) * width
+            bars = axes.bar([p + offset for p in positions], [v or 0 for v in values],
+                            width=width, label=label, color=colour)
+            axes.bar_label(bars, fmt="{:,.0f}", fontsize=7)
+        axes.set_xticks(list(positions), [job.name for job in chosen], rotation=20, ha="right")
+        axes.set_ylabel(METRIC_LABELS[metric])
+        title = f"{name}: {METRIC_LABELS[metric]}, raw vs mount vs C peer"
+        axes.set_title(title)
+        axes.legend()
+        charts.update(_save(figure, title, f"{name}-{metric}", out_dir, suptitle=False))
+    ratios = [(job, (summary[job.name].get("ratio") or {}).get(job.metric),
+               (summary[job.name].get("ratio_peer") or {}).get(job.metric)) for job in jobs]
+    if any(to_raw is not None for _, to_raw, _ in ratios):
+        figure, axes = plt.subplots(figsize=(10, 6))
+        rows = range(len(ratios))
+        for offset, column, label, colour in ((-0.2, 1, "mount / raw", "tab:blue"),
+                                              (0.2, 2, "mount / C peer", "tab:orange")):
+            values = [entry[column] for entry in ratios]
+            if all(value is None for value in values):
+                continue
+            bars = axes.barh([r + offset for r in rows], [v or 0 for v in values], height=0.4,
+                             label=label, color=colour)
+            axes.bar_label(bars, fmt="{:.2f}×", fontsize=7, padding=2)
+        axes.set_yticks(list(rows),
+                        [f"{job.name} ({METRIC_LABELS[job.metric]})" for job, _, _ in ratios])
+        axes.axvline(1.0, color="black", linewidth=1)
+        axes.invert_yaxis()
+        axes.set_xlabel("mount / raw and mount / C peer (1 = as fast; targets are on mount/raw)")
+        title = f"{name}: mount/raw and mount/peer ratios"
+        axes.set_title(title)
+        axes.legend(fontsize=8)
+        charts.update(_save(figure, title, f"{name}-ratio", out_dir, suptitle=False))
+    return charts
 
 
 def cbt_chart(name: str, data: dict[str, Any], out_dir: Path) -> dict[str, str]:

@@ -25,11 +25,14 @@ from bench.mount import Daemon, mounted
 
 RAW = "raw"
 MOUNT = "mount"
+#: the idle scenario's third target: libfuse's C passthrough_ll over the same store
+C_PEER = "peer"
 
 
 @dataclass(frozen=True, slots=True)
 class Target:
-    """A file fio runs against: in the raw store (``daemon`` None) or on a mount."""
+    """A file fio runs against: in the raw store (``daemon`` None) or on a FUSE mount
+    (fusedisk's or the C peer's), whose daemon's CPU time is read over each run."""
 
     name: str
     file: Path
@@ -38,7 +41,9 @@ class Target:
 
 @dataclass(frozen=True, slots=True)
 class RunRecord:
-    """One fio run of one job against one target; ``daemon_cpu_s`` is None for raw runs."""
+    """One fio run of one job against one target; ``daemon_cpu_s`` (the daemon's CPU
+    seconds over the fio process, ramp included) and ``daemon_cpu_us_per_io`` (that over
+    ``figures.ios_with_ramp``) are None for raw runs."""
 
     scenario: str
     job: str
@@ -48,6 +53,7 @@ class RunRecord:
     daemon_cpu_s: float | None
     wall_s: float
     command: str
+    daemon_cpu_us_per_io: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,6 +160,12 @@ class ScenarioContext:
                   file=sys.stderr, flush=True)
             yield Mounted(daemon=daemon, mountpoint=root / "mnt", stores=stores, root=root)
 
+    def daemon_log(self, label: str) -> Path:
+        """Where a daemon the scenario starts itself in ``work(label)`` (the C peer) logs;
+        it is copied to the output directory with the mounts' logs."""
+        self._mounts.append(label)
+        return self.scratch / label / "daemon.log"
+
     def daemon_logs(self) -> list[Path]:
         """The daemon logs of every mount made so far."""
         return [self.scratch / label / "daemon.log" for label in self._mounts]
@@ -174,13 +186,21 @@ def measure(scenario_name: str, job: Job, target: Target, rep: int,
         if daemon is not None:
             daemon.check_alive()  # a dead daemon explains the failure better than fio does
         raise
-    cpu_s = None
+    cpu_s: float | None = None
+    cpu_per_io_us: float | None = None
     if daemon is not None:
         cpu_s = daemon.cpu_time_s() - cpu_before_s
+        daemon.check_alive()
+        if run.figures.ios_with_ramp > 0:
+            cpu_per_io_us = cpu_s * 1e6 / run.figures.ios_with_ramp
     record = RunRecord(scenario=scenario_name, job=job.name, target=target.name, rep=rep,
                        figures=run.figures, daemon_cpu_s=cpu_s, wall_s=run.wall_s,
-                       command=run.command)
-    cpu_note = f"  daemon CPU {cpu_s:.2f} s" if cpu_s is not None else ""
+                       command=run.command, daemon_cpu_us_per_io=cpu_per_io_us)
+    cpu_note = ""
+    if cpu_s is not None:
+        cpu_note = f"  daemon CPU {cpu_s:.2f} s"
+        if cpu_per_io_us is not None:
+            cpu_note += f" ({cpu_per_io_us:.1f} µs/IO)"
     print(f"  {scenario_name} rep {rep + 1} {job.name:<26} {target.name:<7} "
           f"{run.figures.mbps:10.1f} MB/s {run.figures.iops:10.0f} IOPS "
           f"p99 {run.figures.p99_us:9.0f} µs{cpu_note}", file=sys.stderr, flush=True)

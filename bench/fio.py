@@ -24,11 +24,17 @@ _FILL_MIN_RATE = 5_000_000
 
 @dataclass(frozen=True, slots=True)
 class Figures:
-    """What one fio run measured: MB/s (1e6 bytes/s), IOPS and p99 completion latency in µs."""
+    """What one fio run measured: MB/s (1e6 bytes/s), IOPS and p99 completion latency in µs.
+
+    ``ios_with_ramp`` is the number of I/Os fio issued over its ramp and its measured
+    runtime together, the ramp counted at the measured rate (fio's own counts leave the
+    ramp out, but a daemon's CPU time read around the fio process includes it).
+    """
 
     mbps: float
     iops: float
     p99_us: float
+    ios_with_ramp: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +69,22 @@ def load_json_output(path: Path) -> dict[str, Any]:
     return data
 
 
+def fio_seconds(text: str) -> float:
+    """A fio time option (``1``, ``2s``, ``500ms``, ``1m``; bare numbers are seconds) in
+    seconds; BenchError on anything else."""
+    value = text.strip().lower()
+    for suffix, scale in (("ms", 1e-3), ("us", 1e-6), ("s", 1.0), ("m", 60.0), ("h", 3600.0)):
+        if value.endswith(suffix):
+            value, multiplier = value[:-len(suffix)], scale
+            break
+    else:
+        multiplier = 1.0
+    try:
+        return float(value) * multiplier
+    except ValueError:
+        raise BenchError(f"fio reported a time option {text!r} the bench cannot read") from None
+
+
 def parse_figures(data: dict[str, Any]) -> Figures:
     """Figures from fio's ``--output-format=json`` document of a single group-reported job.
 
@@ -76,13 +98,18 @@ def parse_figures(data: dict[str, Any]) -> Figures:
         active = [job[d] for d in ("read", "write") if job[d]["io_bytes"] > 0]
         if not active:
             raise BenchError(f"fio job {job['jobname']} did no I/O")
+        iops = sum(d["iops"] for d in active)
+        ramp_s = fio_seconds(str(data.get("global options", {}).get("ramp_time", "0")))
+        measured_s = job["job_runtime"] / 1e3
         return Figures(
             mbps=sum(d["bw_bytes"] for d in active) / 1e6,
-            iops=sum(d["iops"] for d in active),
+            iops=iops,
             p99_us=max(d["clat_ns"]["percentile"]["99.000000"] for d in active) / 1e3,
+            ios_with_ramp=iops * (measured_s + ramp_s),
         )
     except (KeyError, IndexError, TypeError) as exc:
         raise BenchError(f"unexpected fio JSON output (missing {exc})") from None
+
 
 
 class FioRunner:

@@ -16,6 +16,8 @@ FILL_JOB = Path(__file__).resolve().parent / "fill.fio"
 _THROUGHPUT_MIN_BS = 64 * 1024
 
 Metric = Literal["mbps", "iops"]
+#: how tables and charts name each figure
+METRIC_LABELS = {"mbps": "MB/s", "iops": "IOPS", "p99_us": "p99 µs"}
 
 
 @dataclass(frozen=True, slots=True)

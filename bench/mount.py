@@ -62,11 +62,12 @@ def unmount(mountpoint: Path) -> None:
 
 @dataclass(frozen=True, slots=True)
 class Daemon:
-    """The running daemon: its process, mountpoint and log file."""
+    """The running daemon: its process, mountpoint, log file and what to call it in errors."""
 
     process: subprocess.Popen[bytes]
     mountpoint: Path
     log_path: Path
+    name: str = "fusedisk daemon"
 
     @property
     def pid(self) -> int:
@@ -85,7 +86,7 @@ class Daemon:
         """Raise BenchError (with the log tail) if the daemon has exited."""
         status = self.process.poll()
         if status is not None:
-            raise BenchError(f"fusedisk daemon exited with status {status}",
+            raise BenchError(f"{self.name} exited with status {status}",
                              detail=self.log_tail())
 
     def cpu_time_s(self) -> float:
@@ -94,7 +95,7 @@ class Daemon:
             stat = Path(f"/proc/{self.pid}/stat").read_text()
         except OSError as exc:
             self.check_alive()
-            raise BenchError(f"cannot read the daemon's CPU time: {exc}") from None
+            raise BenchError(f"cannot read the {self.name}'s CPU time: {exc}") from None
         fields = stat.rsplit(")", 1)[1].split()
         return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
 
@@ -115,7 +116,7 @@ def _wait_for_mount(daemon: Daemon, timeout_s: float) -> None:
     while True:
         status = daemon.process.poll()
         if status is not None:
-            raise BenchError(f"fusedisk daemon exited with status {status} before the mount "
+            raise BenchError(f"{daemon.name} exited with status {status} before the mount "
                              "came up", detail=daemon.log_tail())
         remaining = deadline - time.monotonic()
         if remaining <= 0:
@@ -194,11 +195,13 @@ def mounted(mountpoint: Path, stores: dict[str, Path], default_store: str, state
 
 @contextmanager
 def serving(argv: list[str], mountpoint: Path, log_path: Path,
-            timeout_s: float = MOUNT_TIMEOUT_S) -> Iterator[Daemon]:
+            timeout_s: float = MOUNT_TIMEOUT_S, name: str = "fusedisk daemon"
+            ) -> Iterator[Daemon]:
     """Run the FUSE daemon ``argv`` (foreground, serving ``mountpoint``) as our child.
 
     Yields once the mount answers; on every exit path it unmounts, then stops
-    the child (SIGTERM, then SIGKILL). Used for fusedisk and for the C peer.
+    the child (SIGTERM, then SIGKILL). Used for fusedisk and for the C peer;
+    ``name`` is what error messages call the daemon.
     """
     if shutil.which("fusermount3") is None:
         raise BenchError("fusermount3 not found on PATH (install fuse3)")
@@ -212,7 +215,7 @@ def serving(argv: list[str], mountpoint: Path, log_path: Path,
                     argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log, cwd=REPO_ROOT,
                     env={**os.environ, "PYTHONUNBUFFERED": "1"}, process_group=0,
                 ),
-                mountpoint=mountpoint, log_path=log_path,
+                mountpoint=mountpoint, log_path=log_path, name=name,
             )
         _wait_for_mount(daemon, timeout_s)
         yield daemon

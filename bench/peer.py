@@ -18,6 +18,9 @@ without fsync (IOPS, higher is better); sqlite in journal mode (one insert
 per transaction), create + 4 KiB write + fsync + close + unlink of many
 files, ``tar x`` of many small files and ``rm -rf`` of them (seconds,
 lower is better). The daemons' CPU seconds are read from /proc over each run.
+
+:func:`c_peer` (compile, mount, always unmount and remove the binary) is
+shared with the ``idle`` scenario, which runs every fio job on the peer too.
 """
 
 from __future__ import annotations
@@ -105,8 +108,39 @@ def compile_peer(build_dir: Path) -> Path:
 def peer_mounted(binary: Path, source: Path, mountpoint: Path, log: Path) -> Iterator[Daemon]:
     """The C peer serving ``source`` at ``mountpoint`` until the block ends."""
     argv = [str(binary), "-f", "-o", f"source={source}", str(mountpoint)]
-    with serving(argv, mountpoint, log) as daemon:
+    with serving(argv, mountpoint, log, name="C peer (passthrough_ll)") as daemon:
         yield daemon
+
+
+@dataclass(frozen=True, slots=True)
+class CPeer:
+    """A mounted C peer: its daemon (CPU time, liveness), its mountpoint and the directory
+    of the store's filesystem it serves."""
+
+    daemon: Daemon
+    mountpoint: Path
+    source: Path
+
+
+@contextmanager
+def c_peer(context: ScenarioContext, label: str) -> Iterator[CPeer]:
+    """libfuse's ``passthrough_ll`` compiled into a temporary directory and mounted over
+    ``label/src`` of the scratch directory (the stores' filesystem) at ``label/mnt`` until
+    the block ends; on every exit path it is unmounted, stopped and its binary removed.
+
+    BenchError (one line) when the example, gcc or fuse3's pkg-config is missing, or the
+    mount does not come up.
+    """
+    with tempfile.TemporaryDirectory(prefix="bench-peer-") as build_dir:
+        say(f"{label}: compiling libfuse's passthrough_ll.c")
+        binary = compile_peer(Path(build_dir))
+        root = context.work(label)
+        source, mountpoint = root / "src", root / "mnt"
+        source.mkdir()
+        mountpoint.mkdir()
+        with peer_mounted(binary, source, mountpoint, context.daemon_log(label)) as daemon:
+            say(f"{label}: C peer mounted at {mountpoint} (pid {daemon.pid})")
+            yield CPeer(daemon=daemon, mountpoint=mountpoint, source=source)
 
 
 def _fio_workload(context: ScenarioContext, job_name: str) -> Workload:
@@ -245,24 +279,16 @@ def peer(context: ScenarioContext) -> Outcome:
     reps = context.repetitions(3)
     runs: list[dict[str, Any]] = []
     with ExitStack() as stack:
-        build_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-peer-")))
-        say("peer: compiling libfuse's passthrough_ll.c")
-        binary = compile_peer(build_dir)
         tarball = context.work("peer-tarball") / "tree.tar"
         tar_files = _scaled(context, TAR_FILES)
         say(f"peer: building a tarball of {tar_files} files")
         build_tarball(tarball, tar_files)
         raw_dir = context.work("peer-raw")
         mount = stack.enter_context(context.mount("peer-fusedisk"))
-        peer_root = context.work("peer-c")
-        for sub in ("src", "mnt"):
-            (peer_root / sub).mkdir()
-        peer_daemon = stack.enter_context(
-            peer_mounted(binary, peer_root / "src", peer_root / "mnt", peer_root / "peer.log"))
-        say(f"peer: C peer mounted at {peer_root / 'mnt'} (pid {peer_daemon.pid})")
+        c = stack.enter_context(c_peer(context, "peer-c"))
         places: dict[str, tuple[Path, Daemon | None]] = {
             RAW: (raw_dir, None), FUSEDISK: (mount.mountpoint, mount.daemon),
-            PEER: (peer_root / "mnt", peer_daemon)}
+            PEER: (c.mountpoint, c.daemon)}
         workloads = [_fio_workload(context, "mixed-fsync"), _fio_workload(context, "mixed"),
                      *_metadata_workloads(context, tarball)]
         for rep in range(reps):

@@ -7,28 +7,46 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from bench.charts import CHARTS
-from bench.context import MOUNT, RAW, Outcome, RunRecord
-from bench.jobs import Job
+from bench.charts import CHARTS, idle_charts
+from bench.context import C_PEER, MOUNT, RAW, Outcome, RunRecord
+from bench.jobs import METRIC_LABELS, Job
+
+__all__ = ["BACKING_MODE", "METRIC_LABELS", "build_results", "draw_charts", "markdown",
+           "summarise", "text_table"]
 
 BACKING_MODE = "mount measured with fusedisk default backing I/O"
-METRIC_LABELS = {"mbps": "MB/s", "iops": "IOPS", "p99_us": "p99 µs"}
+PEER_MODE = ("C peer = libfuse's passthrough_ll.c compiled at run time, over a directory of "
+             "the same filesystem, O_DIRECT taken off its backing opens (buffered backing, "
+             "like fusedisk's)")
 _FIGURES = ("mbps", "iops", "p99_us")
-_HEADER = ["job", "metric", "raw", "mount", "mount/raw",
-           "p99 raw µs", "p99 mount µs", "p99 mount/raw", "daemon CPU s"]
+#: the idle scenario's targets in table order, and how tables name them
+_SIDES = ((RAW, "raw"), (MOUNT, "mount"), (C_PEER, "C peer"))
+_HEADER = ["job", "metric", "raw", "mount", "C peer", "mount/raw", "mount/peer",
+           "p99 raw µs", "p99 mount µs", "p99 peer µs", "CPU/IO mount µs", "CPU/IO peer µs"]
+
+
+def _ratios(top: dict[str, float] | None,
+            bottom: dict[str, float] | None) -> dict[str, float | None] | None:
+    if top is None or bottom is None:
+        return None
+    return {name: top[name] / bottom[name] if bottom[name] > 0 else None for name in _FIGURES}
 
 
 def summarise(records: list[RunRecord], jobs: list[Job]) -> dict[str, dict[str, Any]]:
-    """Per job: medians over repetitions for each target, and mount/raw ratios of the medians.
+    """Per job: medians over repetitions for each target, and ratios of the medians.
 
-    ``{job: {"raw": {...}, "mount": {...} | None, "ratio": {...} | None}}``; a
-    side holds ``mbps``, ``iops``, ``p99_us``, ``runs`` and, for the mount, the
-    median ``daemon_cpu_s`` per run. A ratio above 1 means the mount is higher.
+    ``{job: {"raw": {...}, "mount": {...} | None, "peer": {...} | None,
+    "ratio": {...} | None, "ratio_peer": {...} | None}}``; a side holds
+    ``mbps``, ``iops``, ``p99_us``, ``runs`` and, for the mount and the C peer,
+    the medians per run of ``daemon_cpu_s`` and ``daemon_cpu_us_per_io`` (the
+    daemon's CPU over one fio run, ramp included, per I/O fio issued in it).
+    ``ratio`` is mount/raw, ``ratio_peer`` mount/peer; above 1 means the mount
+    is higher.
     """
     summary: dict[str, dict[str, Any]] = {}
     for job in jobs:
         sides: dict[str, dict[str, float] | None] = {}
-        for target in (RAW, MOUNT):
+        for target, _ in _SIDES:
             runs = [r for r in records if r.job == job.name and r.target == target]
             if not runs:
                 sides[target] = None
@@ -36,16 +54,13 @@ def summarise(records: list[RunRecord], jobs: list[Job]) -> dict[str, dict[str, 
             side = {name: statistics.median(getattr(r.figures, name) for r in runs)
                     for name in _FIGURES}
             side["runs"] = len(runs)
-            cpu = [r.daemon_cpu_s for r in runs if r.daemon_cpu_s is not None]
-            if cpu:
-                side["daemon_cpu_s"] = statistics.median(cpu)
+            for key in ("daemon_cpu_s", "daemon_cpu_us_per_io"):
+                values = [getattr(r, key) for r in runs if getattr(r, key) is not None]
+                if values:
+                    side[key] = statistics.median(values)
             sides[target] = side
-        raw, mount = sides[RAW], sides[MOUNT]
-        ratio = None
-        if raw is not None and mount is not None:
-            ratio = {name: mount[name] / raw[name] if raw[name] > 0 else None
-                     for name in _FIGURES}
-        summary[job.name] = {RAW: raw, MOUNT: mount, "ratio": ratio}
+        summary[job.name] = {**sides, "ratio": _ratios(sides[MOUNT], sides[RAW]),
+                             "ratio_peer": _ratios(sides[MOUNT], sides[C_PEER])}
     return summary
 
 
@@ -106,14 +121,15 @@ def _rows(summary: dict[str, dict[str, Any]], jobs: list[Job]) -> list[list[str]
     rows = []
     for job in jobs:
         entry = summary[job.name]
-        raw, mount, ratio = entry[RAW] or {}, entry[MOUNT] or {}, entry["ratio"] or {}
+        raw, mount, c_peer = (entry.get(target) or {} for target in (RAW, MOUNT, C_PEER))
+        ratio, ratio_peer = entry["ratio"] or {}, entry.get("ratio_peer") or {}
         digits = 1 if job.metric == "mbps" else 0
         rows.append([
             job.name, METRIC_LABELS[job.metric],
-            _number(raw.get(job.metric), digits), _number(mount.get(job.metric), digits),
-            _number(ratio.get(job.metric), 2),
-            _number(raw.get("p99_us")), _number(mount.get("p99_us")),
-            _number(ratio.get("p99_us"), 2), _number(mount.get("daemon_cpu_s"), 2),
+            *(_number(side.get(job.metric), digits) for side in (raw, mount, c_peer)),
+            _number(ratio.get(job.metric), 2), _number(ratio_peer.get(job.metric), 2),
+            *(_number(side.get("p99_us")) for side in (raw, mount, c_peer)),
+            *(_number(side.get("daemon_cpu_us_per_io"), 1) for side in (mount, c_peer)),
         ])
     return rows
 
@@ -121,7 +137,8 @@ def _rows(summary: dict[str, dict[str, Any]], jobs: list[Job]) -> list[list[str]
 def _caption(results: dict[str, Any], scenario: str) -> str:
     params = results["parameters"]
     size_mib = params["size_bytes"] / 2**20
-    backing = "raw store only" if results["raw_only"] else results["backing_mode"]
+    backing = ("raw store only" if results["raw_only"]
+               else f"{results['backing_mode']}; {PEER_MODE}")
     reps = params.get("idle_reps") or params["reps"]
     return (f"{scenario}: medians of {reps} rep(s); {size_mib:g} MiB file, "
             f"{params['runtime_s']} s per job; {backing}")
@@ -180,9 +197,11 @@ def markdown(results: dict[str, Any], jobs: list[Job],
         f"- backing: {results['backing_mode'] or 'raw store only (no mount)'}",
         f"- processes: {machine['process_placement']}",
         "- MB/s are 10^6 bytes/s; p99 is fio's 99th percentile completion latency; "
-        "daemon CPU is the fusedisk daemon's user+system time over one fio run "
-        "(ramp included). A mount/raw ratio above 1 means the mount is higher: "
-        "better for MB/s and IOPS, worse for p99.",
+        "daemon CPU is the FUSE daemon's (fusedisk's or the C peer's) user+system time "
+        "over one fio run (ramp included); CPU/IO is that divided by the I/Os fio "
+        "issued in the run (the 1 s ramp counted at the measured rate). A mount/raw or "
+        "mount/peer ratio above 1 means the mount is higher: better for MB/s and IOPS, "
+        "worse for p99. Targets compare the mount with raw; mount/peer is information.",
         "", "## Machine", "",
         *_md_table(["item", "value"], [
             ["CPU", f"{machine['cpu_model']} × {machine['cpu_count']}"],
@@ -229,15 +248,17 @@ def markdown(results: dict[str, Any], jobs: list[Job],
         detail = []
         for job in jobs:
             entry = summary[job.name]
-            for target in (RAW, MOUNT):
-                side = entry[target]
+            for target, label in _SIDES:
+                side = entry.get(target)
                 if side is not None:
-                    detail.append([job.name, target, _number(side["mbps"], 1),
+                    detail.append([job.name, label, _number(side["mbps"], 1),
                                    _number(side["iops"]), _number(side["p99_us"]),
-                                   _number(side.get("daemon_cpu_s"), 2), str(side["runs"])])
+                                   _number(side.get("daemon_cpu_s"), 2),
+                                   _number(side.get("daemon_cpu_us_per_io"), 1),
+                                   str(side["runs"])])
         lines += ["", "All figures (medians):", "",
-                  *_md_table(["job", "target", "MB/s", "IOPS", "p99 µs", "daemon CPU s", "runs"],
-                             detail)]
+                  *_md_table(["job", "target", "MB/s", "IOPS", "p99 µs", "daemon CPU s",
+                              "daemon CPU µs/IO", "runs"], detail)]
     lines += ["", "## Jobs", "",
               *_md_table(["job", "file", "rw", "bs", "engine", "depth", "O_DIRECT"], [
                   [name, f"`{job['file']}`", job["rw"], job["bs"], job["ioengine"],
@@ -254,10 +275,8 @@ def markdown(results: dict[str, Any], jobs: list[Job],
 
 def draw_charts(results: dict[str, Any], scenario: str, jobs: list[Job],
                 out_dir: Path) -> dict[str, str]:
-    """Write this scenario's PNG charts into ``out_dir``; returns {title: file name}.
-
-    One grouped bar chart per metric (MB/s jobs, IOPS jobs) and, when the
-    mount was measured, one chart of mount/raw ratios of each job's metric.
+    """Write this scenario's PNG charts into ``out_dir``; returns {title: file name}
+    (for idle see ``charts.idle_charts``).
     """
     data = results["scenarios"][scenario]
     if "error" in data:
@@ -265,49 +284,4 @@ def draw_charts(results: dict[str, Any], scenario: str, jobs: list[Job],
     if scenario != "idle":
         draw = CHARTS.get(scenario)
         return draw(scenario, data, out_dir) if draw is not None else {}
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    summary = data["summary"]
-    charts: dict[str, str] = {}
-    for metric in ("mbps", "iops"):
-        chosen = [job for job in jobs if job.metric == metric]
-        if not chosen:
-            continue
-        figure, axes = plt.subplots(figsize=(10, 5))
-        positions = range(len(chosen))
-        for offset, target in ((-0.2, RAW), (0.2, MOUNT)):
-            values = [(summary[job.name][target] or {}).get(metric) for job in chosen]
-            if any(value is not None for value in values):
-                bars = axes.bar([p + offset for p in positions], [v or 0 for v in values],
-                                width=0.4, label=target)
-                axes.bar_label(bars, fmt="{:,.0f}", fontsize=8)
-        axes.set_xticks(list(positions), [job.name for job in chosen], rotation=20, ha="right")
-        axes.set_ylabel(METRIC_LABELS[metric])
-        title = f"{scenario}: {METRIC_LABELS[metric]}, mount vs raw"
-        axes.set_title(title)
-        axes.legend()
-        figure.tight_layout()
-        name = f"{scenario}-{metric}.png"
-        figure.savefig(out_dir / name, dpi=100)
-        plt.close(figure)
-        charts[title] = name
-    ratios = [(job, (summary[job.name]["ratio"] or {}).get(job.metric)) for job in jobs]
-    if any(ratio is not None for _, ratio in ratios):
-        figure, axes = plt.subplots(figsize=(10, 5))
-        labels = [f"{job.name} ({METRIC_LABELS[job.metric]})" for job, _ in ratios]
-        bars = axes.barh(labels, [ratio or 0 for _, ratio in ratios])
-        axes.bar_label(bars, fmt="{:.2f}×", fontsize=8, padding=2)
-        axes.axvline(1.0, color="black", linewidth=1)
-        axes.invert_yaxis()
-        axes.set_xlabel("mount / raw (1 = as fast as the raw store)")
-        title = f"{scenario}: mount/raw ratio"
-        axes.set_title(title)
-        figure.tight_layout()
-        name = f"{scenario}-ratio.png"
-        figure.savefig(out_dir / name, dpi=100)
-        plt.close(figure)
-        charts[title] = name
-    return charts
+    return idle_charts(scenario, data["summary"], jobs, out_dir)

@@ -1,10 +1,13 @@
-"""Benchmark scenarios: the registry, and ``idle`` (raw store vs mount, nothing else running).
+"""Benchmark scenarios: the registry, and ``idle`` (raw store, mount and C peer, nothing else
+running).
 
 A scenario is a function ``(ScenarioContext) -> Outcome`` (see
 ``bench/context.py``) registered here under a name. ``python -m bench``
 runs all of them by default, in registry order; ``--scenarios`` picks some.
 
-- ``idle``: every fio job against the raw store and the mount, alternating.
+- ``idle``: every fio job against the raw store, the mount and the C peer
+  (libfuse's ``passthrough_ll`` over the same filesystem, ``bench/peer.py``),
+  in rotating order.
 - ``cbt``: the cost of changed block tracking (mount vs ``--no-cbt`` mount)
   and the daemon's memory for a 100 GiB sparse file (``bench/cbtcost.py``).
 - ``snapshot``: guest random writes with one live snapshot vs none (reflink
@@ -24,6 +27,7 @@ from dataclasses import dataclass
 
 from bench import cbtcost, manyfiles, peer, relocation, scale, snapshot
 from bench.context import (
+    C_PEER,
     MOUNT,
     RAW,
     Outcome,
@@ -37,12 +41,13 @@ from bench.context import (
 )
 from bench.report import METRIC_LABELS, summarise
 
-__all__ = ["MOUNT", "RAW", "SCENARIOS", "Outcome", "RunRecord", "ScenarioContext",
+__all__ = ["C_PEER", "MOUNT", "RAW", "SCENARIOS", "Outcome", "RunRecord", "ScenarioContext",
            "ScenarioSpec", "Target", "needing_migrate"]
 
 TEST_FILE_NAME = "bench.dat"
 
-#: What issue 2 asks of the mount in the idle scenario: mount/raw of the medians.
+#: What issue 2 asks of the mount in the idle scenario: mount/raw of the medians
+#: (mount/peer is reported beside it as information, with no target).
 IDLE_TARGETS = {
     "seqread-1m-qd1": 0.70, "seqwrite-1m-qd1": 0.50,
     "randread-4k-qd1": 0.45, "randwrite-4k-qd1": 0.45,
@@ -75,10 +80,12 @@ def needing_migrate(names: list[str]) -> list[str]:
 
 
 def idle(context: ScenarioContext) -> Outcome:
-    """Every job against the raw store and the mount, nothing else running.
+    """Every job against the raw store, the mount and the C peer, nothing else running.
 
-    The target order flips each repetition (raw first, then mount first, ...)
-    so slow drifts of the machine hit both sides alike.
+    The C peer serves a directory of the same filesystem as the mount's store;
+    all three get the same file size and job files. The target order rotates
+    each repetition (raw, mount, peer; mount, peer, raw; ...) so slow drifts of
+    the machine hit all three alike. ``--raw-only`` measures the raw store alone.
     """
     reps = context.repetitions(3)
     with ExitStack() as stack:
@@ -87,13 +94,16 @@ def idle(context: ScenarioContext) -> Outcome:
         if not context.raw_only:
             mount = stack.enter_context(context.mount("idle"))
             targets.append(Target(MOUNT, mount.mountpoint / TEST_FILE_NAME, mount.daemon))
+            c = stack.enter_context(peer.c_peer(context, "idle-peer"))
+            targets.append(Target(C_PEER, c.mountpoint / TEST_FILE_NAME, c.daemon))
         layout = []
         for target in targets:
             say(f"laying out {context.size >> 20} MiB at {target.file}")
             layout.append(context.runner.lay_out(target.file, target.name))
         records: list[RunRecord] = []
         for rep in range(reps):
-            order = targets if rep % 2 == 0 else targets[::-1]
+            shift = rep % len(targets)
+            order = targets[shift:] + targets[:shift]
             for job in context.jobs:
                 for target in order:
                     records.append(measure("idle", job, target, rep, context.runner))

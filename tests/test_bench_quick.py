@@ -31,7 +31,7 @@ from fusedisk import mountinfo
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-RUN_TIMEOUT_S = 240
+RUN_TIMEOUT_S = 360  # every scenario in quick mode; idle runs each job on three targets
 CLEANUP_TIMEOUT_S = 60
 TEST_TIMEOUT_S = RUN_TIMEOUT_S + CLEANUP_TIMEOUT_S + 60
 IDLE_CHARTS = ("idle-mbps.png", "idle-iops.png", "idle-ratio.png")
@@ -153,18 +153,31 @@ def test_idle_results_are_complete(quick_run: QuickRun) -> None:
     for job in job_names:
         entry = summary[job]
         _assert_positive_figures(entry["raw"], f"{job} raw")
-        _assert_positive_figures(entry["mount"], f"{job} mount")
-        _finite(entry["mount"]["daemon_cpu_s"], f"{job}: daemon CPU", positive=False)
-        for name, ratio in entry["ratio"].items():
-            _finite(ratio, f"{job} ratio {name}")
-        for target in ("raw", "mount"):
+        for side in ("mount", "peer"):
+            _assert_positive_figures(entry[side], f"{job} {side}")
+            _finite(entry[side]["daemon_cpu_s"], f"{job}: {side} daemon CPU", positive=False)
+            _finite(entry[side]["daemon_cpu_us_per_io"], f"{job}: {side} CPU per I/O",
+                    positive=False)
+        if results["jobs"][job]["direct"]:
+            # every O_DIRECT request reaches the FUSE daemon: CPU > 0 shows it served them
+            for side in ("mount", "peer"):
+                _finite(entry[side]["daemon_cpu_us_per_io"], f"{job}: {side} CPU per I/O")
+        for ratios in ("ratio", "ratio_peer"):
+            for name, ratio in entry[ratios].items():
+                _finite(ratio, f"{job} {ratios} {name}")
+        for target in ("raw", "mount", "peer"):
             command = results["fio_commands"][job][target]
             assert f"{job}.fio" in command and "--output-format=json" in command
+            assert f"{job}-{target}-r0.json" in command, command
+    assert "/idle-peer/mnt/" in results["fio_commands"][job_names[0]]["peer"]
     for chart in IDLE_CHARTS:
         assert (quick_run.out / chart).read_bytes().startswith(PNG_MAGIC), chart
     report = (quick_run.out / "report.md").read_text()
     missing = [job for job in job_names if job not in report]
     assert not missing, f"report.md lacks {missing}"
+    assert "| C peer | mount/raw | mount/peer |" in report
+    assert (quick_run.out / "daemon-idle-peer.log").is_file(), "the C peer's log was not kept"
+    assert "CPU/IO peer µs" in quick_run.done.stdout
 
 
 @pytest.mark.mount
