@@ -35,11 +35,14 @@ import shutil
 import signal
 import socket
 import stat
+import statistics
 import struct
 import subprocess
 import sys
+import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -206,7 +209,8 @@ class QmpEvent:
 class Qmp:
     """A minimal blocking QMP client on a unix socket (commands answered in order)."""
 
-    def __init__(self, path: Path, timeout_s: float = 30.0) -> None:
+    def __init__(self, path: Path, timeout_s: float = 30.0,
+                 alive: Callable[[], bool] = lambda: True) -> None:
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self._sock.settimeout(timeout_s)
         deadline = time.monotonic() + timeout_s
@@ -214,7 +218,13 @@ class Qmp:
             try:
                 self._sock.connect(str(path))
                 break
-            except (FileNotFoundError, ConnectionRefusedError):
+            except OSError as e:
+                if not isinstance(e, (FileNotFoundError, ConnectionRefusedError)):
+                    self._sock.close()
+                    raise BenchError(f"cannot connect to QMP at {path}: {e}") from None
+                if not alive():
+                    self._sock.close()
+                    raise BenchError("QEMU exited before its QMP socket opened") from None
                 if time.monotonic() > deadline:
                     self._sock.close()
                     raise BenchError(f"QMP socket {path} did not open within "
@@ -318,11 +328,13 @@ class Guest:
     _probe_started: threading.Event = field(default_factory=threading.Event)
     _reader: threading.Thread | None = None
     _console: IO[str] | None = None
+    #: a short directory for the QMP socket (a unix socket path has at most 107 bytes)
+    _socket_dir: Path | None = None
 
     @property
     def qmp_path(self) -> Path:
-        """The QMP socket."""
-        return self.work / "qmp.sock"
+        """The QMP socket (in a temporary directory while the guest runs)."""
+        return (self._socket_dir or Path(tempfile.gettempdir(), "fusedisk-qmp-XXXX")) / "qmp.sock"
 
     @property
     def console_path(self) -> Path:
@@ -348,16 +360,20 @@ class Guest:
         return " ".join(f"'{a}'" if " " in a else a for a in self.argv())
 
     def __enter__(self) -> Guest:
-        self.work.mkdir(parents=True, exist_ok=True)
-        self.qmp_path.unlink(missing_ok=True)
-        self._console = open(self.console_path, "w")
-        self.started = time.monotonic()
-        self.process = subprocess.Popen(self.argv(), stdin=subprocess.PIPE,
-                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        self._reader = threading.Thread(target=self._read_console, daemon=True)
-        self._reader.start()
         try:
-            self.qmp = Qmp(self.qmp_path)
+            self.work.mkdir(parents=True, exist_ok=True)
+            self._socket_dir = Path(tempfile.mkdtemp(prefix="fusedisk-qmp-"))
+            self._console = open(self.console_path, "w")
+            self.started = time.monotonic()
+            self.process = subprocess.Popen(self.argv(), stdin=subprocess.PIPE,
+                                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+            self._reader = threading.Thread(target=self._read_console, daemon=True)
+            self._reader.start()
+            process = self.process
+            self.qmp = Qmp(self.qmp_path, alive=lambda: process.poll() is None)
+        except BenchError as e:
+            self._kill()
+            raise BenchError(str(e), self._tail()) from None
         except BaseException:
             self._kill()
             raise
@@ -406,6 +422,9 @@ class Guest:
         if self._console is not None:
             self._console.close()
             self._console = None
+        if self._socket_dir is not None:
+            shutil.rmtree(self._socket_dir, ignore_errors=True)
+            self._socket_dir = None
 
     def _tail(self) -> str:
         return "\n".join(text for _, text in self.lines[-15:])
@@ -522,6 +541,22 @@ class GapResult:
                   == inside and i.iterations]
         worst = max(chosen, key=lambda i: i.max_us, default=None)
         return (None, None) if worst is None else (worst.max_us / 1000, worst.max_at)
+
+
+    def floor_ms(self, start: float, end: float) -> float | None:
+        """The noise floor next to [start, end]: the median, over consecutive stretches of
+        the same length outside it, of each stretch's longest iteration (ms)."""
+        length = max(end - start, 1e-3)
+        outside = sorted((i for i in self.intervals
+                          if (i.end < start or i.start > end) and i.iterations),
+                         key=lambda i: i.start)
+        if not outside:
+            return None
+        stretches: dict[int, int] = {}
+        for i in outside:
+            key = int((i.start - outside[0].start) // length)
+            stretches[key] = max(stretches.get(key, 0), i.max_us)
+        return statistics.median(stretches.values()) / 1000
 
 
 def parse_gap(lines: list[tuple[float, str]]) -> GapResult:
