@@ -29,6 +29,7 @@ then SIGKILL) and reaps it, so no process outlives the ``with`` block.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import os
 import shutil
@@ -308,6 +309,16 @@ def prepare(work: Path, kernel_dir: Path = KERNEL_DIR) -> GuestFiles:
     return GuestFiles(kernel=kernel, initramfs=build_initramfs(work, kernel_dir))
 
 
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: SIGKILL when the bench dies, even by SIGKILL (a QEMU must
+    not outlive the run that started it)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+
+
 @dataclass(slots=True)
 class Guest:
     """QEMU running the probe on ``disk``; use as a context manager.
@@ -366,7 +377,8 @@ class Guest:
             self._console = open(self.console_path, "w")
             self.started = time.monotonic()
             self.process = subprocess.Popen(self.argv(), stdin=subprocess.PIPE,
-                                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                            preexec_fn=_die_with_parent)
             self._reader = threading.Thread(target=self._read_console, daemon=True)
             self._reader.start()
             process = self.process
@@ -482,7 +494,10 @@ def clock_offset_s(lines: list[tuple[float, str]]) -> float:
     for t, text in lines:
         parts = text.split()
         if len(parts) >= 3 and parts[0] == PREFIX.strip() and parts[1] in ("I", "R"):
-            offsets.append(t - int(parts[2]) / 1e9)
+            try:
+                offsets.append(t - int(parts[2]) / 1e9)
+            except ValueError:
+                raise BenchError(f"the guest printed a garbled line: {text!r}") from None
     if not offsets:
         raise BenchError("the guest printed no timed lines to align its clock with")
     return min(offsets)
@@ -566,12 +581,15 @@ def parse_gap(lines: list[tuple[float, str]]) -> GapResult:
     intervals, top = [], []
     for _, text in lines:
         parts = text.split()
-        if len(parts) == 8 and parts[:2] == ["FDPROBE", "I"]:
-            printed, start, n, max_us, max_at, errors = (int(p) for p in parts[2:])
-            intervals.append(Interval(start / 1e9 + offset, printed / 1e9 + offset, n, max_us,
-                                      max_at / 1e9 + offset, errors))
-        elif len(parts) == 5 and parts[:2] == ["FDPROBE", "TOP"]:
-            top.append((int(parts[3]), int(parts[4]) / 1e9 + offset))
+        try:
+            if len(parts) == 8 and parts[:2] == ["FDPROBE", "I"]:
+                printed, start, n, max_us, max_at, errors = (int(p) for p in parts[2:])
+                intervals.append(Interval(start / 1e9 + offset, printed / 1e9 + offset, n,
+                                          max_us, max_at / 1e9 + offset, errors))
+            elif len(parts) == 5 and parts[:2] == ["FDPROBE", "TOP"]:
+                top.append((int(parts[3]), int(parts[4]) / 1e9 + offset))
+        except ValueError:
+            raise BenchError(f"the guest printed a garbled line: {text!r}") from None
     try:
         return GapResult(iterations=int(fields["iterations"]), errors=int(fields["errors"]),
                          bad=int(fields["bad"]), max_us=int(fields["max_us"]),

@@ -48,6 +48,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/ioctl.h>
+#include <termios.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -290,10 +291,24 @@ static int rounds_mode(int fd, char *buf, uint64_t size)
 	return write_marker(fd, buf, "rounds", rounds) || errors;
 }
 
+/* The console must not echo the host's 'q' into the middle of a result line, and must
+ * hand it over without waiting for a newline. */
+static void quiet_console(void)
+{
+	struct termios t;
+	if (tcgetattr(0, &t) != 0)
+		return;
+	t.c_lflag &= ~(tcflag_t)(ECHO | ECHONL | ICANON);
+	t.c_cc[VMIN] = 0;
+	t.c_cc[VTIME] = 0;
+	tcsetattr(0, TCSANOW, &t);
+}
+
 int main(void)
 {
 	int rc = 1;
 	setvbuf(stdout, NULL, _IOLBF, 0);
+	quiet_console();
 	int cfd = open("/proc/cmdline", O_RDONLY);
 	if (cfd >= 0) {
 		ssize_t n = read(cfd, cmdline, sizeof cmdline - 1);

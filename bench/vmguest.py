@@ -39,6 +39,7 @@ from bench.context import (
     Mounted,
     Outcome,
     ScenarioContext,
+    evict,
     median,
     number,
     say,
@@ -117,6 +118,7 @@ def _fusedisk_run(context: ScenarioContext, mount: Mounted, files: guest.GuestFi
     tag = f"guest-switchover-fusedisk-r{rep}"
     say(f"{tag}: building {ENTRY} with a {size >> 20} MiB disk on the mount")
     disk, layout = relocation.make_entry(context, mount, size, tag)
+    evict(mount.stores["a"] / ENTRY / relocation.DISK)  # no write-back left to compete with
     with guest.Guest(files, disk, context.work(f"{tag}-guest"), _gap_params()) as vm:
         boot_s = vm.wait_probe_started()
         time.sleep(WARMUP_S)
@@ -157,6 +159,7 @@ def _qemu_run(context: ScenarioContext, plain: Path, files: guest.GuestFiles, si
     disk, target = source_dir / "disk.img", dest_dir / "disk.img"
     say(f"{tag}: a {size >> 20} MiB disk in a plain directory")
     layout = context.runner.lay_out(disk, f"{tag}-disk", size)
+    evict(disk)  # as on the fusedisk side: no write-back of the lay-out left
     with open(target, "wb") as f:
         f.truncate(size)
     with guest.Guest(files, disk, context.work(f"{tag}-guest"), _gap_params()) as vm:
@@ -309,6 +312,8 @@ def guest_rounds(context: ScenarioContext) -> Outcome:
         say(f"{name}: {size >> 20} MiB disks on the mount and in a plain directory")
         commands += [context.runner.lay_out(mount_disk, f"{name}-mount", size),
                      context.runner.lay_out(plain_disk, f"{name}-plain", size)]
+        evict(mount.stores["a"] / ENTRY / "disk.img")
+        evict(plain_disk)
         for rep in range(reps):
             for side in ((MOUNT, PLAIN) if rep % 2 == 0 else (PLAIN, MOUNT)):
                 disk = mount_disk if side == MOUNT else plain_disk

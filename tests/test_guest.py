@@ -9,6 +9,8 @@ read the guest's writes back from the store file itself.
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -136,3 +138,48 @@ def test_command_line_rejects_a_missing_disk(tmp_path: Path) -> None:
     assert done.returncode == 1
     assert done.stderr.strip() == f"bench.guest: {tmp_path / 'nope.img'} is not a file"
     assert "Traceback" not in done.stderr
+
+
+_ORPHAN_SCRIPT = """
+import sys, time
+from pathlib import Path
+from bench import guest
+files = guest.GuestFiles(Path(sys.argv[1]), Path(sys.argv[2]))
+with guest.Guest(files, Path(sys.argv[3]), Path(sys.argv[4]), {"mode": "gap"}) as vm:
+    vm.wait_probe_started()
+    print(vm.process.pid, flush=True)
+    time.sleep(600)
+"""
+
+
+def _gone(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return True
+    return state == "Z"
+
+
+@pytest.mark.timeout(GUEST_TIMEOUT_S + 60)
+def test_qemu_dies_with_a_killed_bench(guest_files: guest.GuestFiles, tmp_path: Path) -> None:
+    disk = tmp_path / "disk.img"
+    with open(disk, "wb") as f:
+        f.truncate(DISK_BYTES)
+    bench = subprocess.Popen(
+        [sys.executable, "-c", _ORPHAN_SCRIPT, str(guest_files.kernel),
+         str(guest_files.initramfs), str(disk), str(tmp_path / "vm")],
+        stdout=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parent.parent)
+    qemu_pid = None
+    try:
+        assert bench.stdout is not None
+        qemu_pid = int(bench.stdout.readline())
+        assert not _gone(qemu_pid)
+        bench.kill()  # SIGKILL: no finally runs in the bench
+        bench.wait(timeout=30)
+        wait_for(lambda: _gone(qemu_pid), 30, "QEMU to die with its parent")
+    finally:
+        if bench.poll() is None:
+            bench.kill()
+            bench.wait()
+        if qemu_pid is not None and not _gone(qemu_pid):
+            os.kill(qemu_pid, signal.SIGKILL)
