@@ -10,6 +10,7 @@ read the guest's writes back from the store file itself.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -170,10 +171,15 @@ def test_qemu_dies_with_a_killed_bench(guest_files: guest.GuestFiles, tmp_path: 
          str(guest_files.initramfs), str(disk), str(tmp_path / "vm")],
         stdout=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parent.parent)
     qemu_pid = None
+    socket_dir = None
     try:
         assert bench.stdout is not None
         qemu_pid = int(bench.stdout.readline())
         assert not _gone(qemu_pid)
+        # the killed bench cannot remove its QMP socket's directory: the test does
+        argv = Path(f"/proc/{qemu_pid}/cmdline").read_bytes().decode().split("\0")
+        qmp = argv[argv.index("-qmp") + 1]
+        socket_dir = Path(qmp.removeprefix("unix:").split(",")[0]).parent
         bench.kill()  # SIGKILL: no finally runs in the bench
         bench.wait(timeout=30)
         wait_for(lambda: _gone(qemu_pid), 30, "QEMU to die with its parent")
@@ -183,3 +189,5 @@ def test_qemu_dies_with_a_killed_bench(guest_files: guest.GuestFiles, tmp_path: 
             bench.wait()
         if qemu_pid is not None and not _gone(qemu_pid):
             os.kill(qemu_pid, signal.SIGKILL)
+        if socket_dir is not None and socket_dir.name.startswith("fusedisk-qmp-"):
+            shutil.rmtree(socket_dir, ignore_errors=True)
