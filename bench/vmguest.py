@@ -104,7 +104,8 @@ def _gap_figures(gap: guest.GapResult, start: float, end: float, t0: float) -> d
     outside_ms, outside_at = gap.longest(start - BEFORE_S, end + AFTER_S, inside=False)
     if gap.errors or gap.bad:
         raise BenchError(f"the guest saw {gap.errors} I/O errors and {gap.bad} bad reads")
-    return {"around_ms": around_ms, "around_at_s": _rel(around_at, t0),
+    series = [[round(i.start - t0, 3), i.max_us / 1000] for i in gap.intervals if i.iterations]
+    return {"latency": series, "around_ms": around_ms, "around_at_s": _rel(around_at, t0),
             "floor_ms": gap.floor_ms(start - BEFORE_S, end + AFTER_S),
             "outside_ms": outside_ms, "outside_at_s": _rel(outside_at, t0),
             "window_s": [_rel(start, t0), _rel(end, t0)],
@@ -275,12 +276,24 @@ def guest_switchover(context: ScenarioContext) -> Outcome:
         commands += r.pop("commands")
     for r in runs:
         r.pop("commands", None)
+    # chart the repetition whose gap is each side's median (the upper one for an even count)
+    charts: dict[str, Any] = {"before_s": BEFORE_S, "after_s": AFTER_S}
+    for side in (FUSEDISK, QEMU_MIRROR):
+        mine = sorted((r for r in runs if r["side"] == side), key=lambda r: r["around_ms"] or 0)
+        if mine:
+            shown = mine[len(mine) // 2]
+            charts[side] = {key: shown[key] for key in ("rep", "latency", "window_s",
+                                                        "around_ms", "around_at_s",
+                                                        "relocation_s", "switch_ms")}
+    for r in runs:
+        r.pop("latency", None)
     return Outcome(
         caption=(f"{name}: a QEMU guest (TCG, cache=none, aio=io_uring) writes + reads back "
                  f"4 KiB O_DIRECT every ~1 ms while its {size >> 20} MiB disk relocates: "
                  f"fusedisk migrate on the mount vs QEMU's blockdev-mirror on plain "
                  f"directories; {reps} rep(s), sides alternating"),
         summary=summary, table=table, runs=runs, targets=targets, commands=commands,
+        series=charts,
         notes=[f"gap = the longest probe iteration (4 KiB pwrite + pread, O_DIRECT, "
                f"CLOCK_MONOTONIC in the guest) in the probe's {REPORT_MS} ms intervals; "
                f"around = intervals overlapping the switchover widened by {BEFORE_S:g} s "

@@ -38,7 +38,8 @@ TEST_TIMEOUT_S = RUN_TIMEOUT_S + CLEANUP_TIMEOUT_S + 60
 IDLE_CHARTS = ("idle-mbps.png", "idle-iops.png", "idle-ratio.png")
 SCENARIO_CHARTS = {"cbt": "cbt.png", "relocate-busy": "relocate-busy.png",
                    "relocate-outrun": "relocate-outrun.png",
-                   "switchover-pause": "switchover-pause.png"}
+                   "switchover-pause": "switchover-pause.png",
+                   "guest-switchover": "guest-switchover.png"}
 DAEMON_LOG_BUGS = ("Traceback", " ERROR ", " CRITICAL ")
 
 
@@ -427,6 +428,10 @@ def test_guest_switchover_results_are_complete(quick_run: QuickRun) -> None:
     assert [t["met"] in (True, False) for t in data["targets"]] == [True, True]
     assert any("cache=none,aio=io_uring" in command for command in data["commands"])
     assert any("blockdev-mirror" in command for command in data["commands"])
+    for side in ("fusedisk", "qemu-mirror"):
+        assert data["series"][side]["latency"], f"no chart data for {side}"
+    chart = quick_run.out / SCENARIO_CHARTS["guest-switchover"]
+    assert chart.read_bytes().startswith(PNG_MAGIC)
     assert not _qemu_processes_under(quick_run.out.parent), "a guest outlived the bench"
 
 
