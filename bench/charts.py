@@ -1,4 +1,4 @@
-"""PNG charts of the idle, cbt and relocation scenarios, drawn from ``results.json`` data.
+"""PNG charts of the idle, cbt, relocation and guest scenarios, drawn from ``results.json`` data.
 
 Each function takes the scenario's entry of ``results["scenarios"]`` (idle:
 its summary and jobs) and writes PNGs into ``out_dir``; it returns
@@ -192,8 +192,46 @@ def pause_chart(name: str, data: dict[str, Any], out_dir: Path) -> dict[str, str
     return _save(figure, title, name, out_dir, suptitle=False)
 
 
+def guest_chart(name: str, data: dict[str, Any], out_dir: Path) -> dict[str, str]:
+    """The guest's longest iteration per interval over time, one panel per side (the
+    median repetition of each), the switchover and the window around it marked."""
+    series = data.get("series") or {}
+    sides = [side for side in ("fusedisk", "qemu-mirror") if (series.get(side) or {}).get(
+        "latency")]
+    if not sides:
+        return {}
+    plt = _pyplot()
+    figure, panels = plt.subplots(len(sides), 1, figsize=(10, 3.2 * len(sides)),
+                                  squeeze=False)
+    for axes, side in zip((row[0] for row in panels), sides, strict=True):
+        shown = series[side]
+        latency = shown["latency"]
+        axes.plot([p[0] for p in latency], [max(p[1], 1e-3) for p in latency],
+                  linewidth=0.7, label="longest guest I/O per interval")
+        axes.axvspan(0, shown.get("relocation_s") or 0, color="tab:orange", alpha=0.12,
+                     label="relocation")
+        start, end = shown.get("window_s") or (0, 0)
+        axes.axvspan(start - series.get("before_s", 0), end + series.get("after_s", 0),
+                     color="tab:red", alpha=0.15, label="around the switchover")
+        axes.axvline(start, color="tab:red", linewidth=0.8)
+        if shown.get("around_ms") is not None and shown.get("around_at_s") is not None:
+            axes.annotate(f"{shown['around_ms']:.1f} ms",
+                          (shown["around_at_s"], shown["around_ms"]),
+                          xytext=(5, 5), textcoords="offset points", fontsize=8)
+        axes.axhline(5, color="black", linestyle=":", linewidth=1, label="5 ms target")
+        axes.set_yscale("log")
+        axes.set_ylabel("ms (log)")
+        axes.set_title(f"{side}, rep {int(shown.get('rep', 0)) + 1}: switch "
+                       f"{shown.get('switch_ms', 0):.1f} ms", fontsize=10)
+        axes.legend(fontsize=7, loc="upper left")
+    panels[-1][0].set_xlabel("seconds after the relocation started")
+    title = f"{name}: the guest's I/O gaps, fusedisk vs QEMU's mirror"
+    return _save(figure, title, name, out_dir)
+
+
 CHARTS = {"cbt": cbt_chart, "relocate-busy": relocation_chart,
-          "relocate-outrun": relocation_chart, "switchover-pause": pause_chart}
+          "relocate-outrun": relocation_chart, "switchover-pause": pause_chart,
+          "guest-switchover": guest_chart}
 
 
 def _save(

@@ -132,8 +132,9 @@ def parse_args(argv: list[str] | None) -> Options:
                         help="where results go (default: bench/results/)")
     parser.add_argument("--reps", type=_positive, metavar="N",
                         help="repetitions of the repeated scenarios (idle, cbt, relocate-idle, "
-                             "switchover-pause); medians are reported (default 3 for idle, "
-                             "3 for relocate-idle, 5 for cbt and switchover-pause; 1 with --quick)")
+                             "switchover-pause, guest-switchover, guest-rounds); medians are "
+                             "reported (default 3 for idle, relocate-idle and guest-rounds, 5 "
+                             "for cbt, switchover-pause and guest-switchover; 1 with --quick)")
     parser.add_argument("--size", type=_size, metavar="SIZE",
                         help="test file size of the idle and cbt scenarios, e.g. 256M, 1G "
                              "(default 1G); relocation scenarios use fixed disk sizes "

@@ -18,6 +18,9 @@ runs all of them by default, in registry order; ``--scenarios`` picks some.
 - ``relocate-idle``, ``relocate-busy``, ``switchover-pause``,
   ``relocate-sparse``, ``relocate-outrun``: live relocation with
   ``fusedisk migrate`` (``bench/relocation.py``).
+- ``guest-switchover``, ``guest-rounds``: a real QEMU guest (TCG, cache=none,
+  aio=io_uring) whose disk relocates, vs QEMU's own ``blockdev-mirror``; and its
+  mixed random rounds on the mount vs a plain directory (``bench/vmguest.py``).
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from __future__ import annotations
 from contextlib import ExitStack
 from dataclasses import dataclass
 
-from bench import cbtcost, manyfiles, peer, relocation, scale, snapshot
+from bench import cbtcost, manyfiles, peer, relocation, scale, snapshot, vmguest
 from bench.context import (
     C_PEER,
     MOUNT,
@@ -132,3 +135,5 @@ register("relocate-outrun", relocation.relocate_outrun, needs_migrate=True)
 register("switchover-scale", scale.switchover_scale, needs_migrate=True)
 register("manyfiles", manyfiles.manyfiles, needs_migrate=True)
 register("snapshot", snapshot.snapshot)
+register("guest-switchover", vmguest.guest_switchover, needs_migrate=True)
+register("guest-rounds", vmguest.guest_rounds)

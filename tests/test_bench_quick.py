@@ -3,8 +3,9 @@
 One quick run of every scenario (the relocation ones only when this fusedisk
 has ``migrate``) is shared by the tests below. They check completeness and
 sanity only, never speed: every figure is there and finite, charts are PNGs,
-the report names every job and scenario, and no mount is left behind. The
-switchover probe is also tested on its own (CLI, signals, error samples).
+the report names every job and scenario, and no mount is left behind (nor a
+QEMU of the guest scenarios). The switchover probe is also tested on its own
+(CLI, signals, error samples).
 """
 
 from __future__ import annotations
@@ -31,13 +32,14 @@ from fusedisk import mountinfo
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-RUN_TIMEOUT_S = 360  # every scenario in quick mode; idle runs each job on three targets
+RUN_TIMEOUT_S = 540  # every scenario in quick mode (idle on three targets, two QEMU guests)
 CLEANUP_TIMEOUT_S = 60
 TEST_TIMEOUT_S = RUN_TIMEOUT_S + CLEANUP_TIMEOUT_S + 60
 IDLE_CHARTS = ("idle-mbps.png", "idle-iops.png", "idle-ratio.png")
 SCENARIO_CHARTS = {"cbt": "cbt.png", "relocate-busy": "relocate-busy.png",
                    "relocate-outrun": "relocate-outrun.png",
-                   "switchover-pause": "switchover-pause.png"}
+                   "switchover-pause": "switchover-pause.png",
+                   "guest-switchover": "guest-switchover.png"}
 DAEMON_LOG_BUGS = ("Traceback", " ERROR ", " CRITICAL ")
 
 
@@ -396,3 +398,66 @@ def test_peer_results_are_complete(quick_run: QuickRun) -> None:
     # the compiled peer lives only in a temporary directory: nothing of it is kept
     assert not list(REPO_ROOT.glob("**/passthrough_ll*"))
     assert not list(quick_run.out.glob("**/passthrough_ll*"))
+
+
+def _qemu_processes_under(root: Path) -> list[str]:
+    """Command lines of running QEMUs whose disk lies under ``root``."""
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            argv = cmdline.read_bytes().split(b"\0")
+        except OSError:
+            continue
+        line = b" ".join(argv)
+        if argv[0].endswith(b"qemu-system-x86_64") and str(root).encode() in line:
+            found.append(line.decode(errors="replace"))
+    return found
+
+
+@pytest.mark.mount
+@pytest.mark.timeout(TEST_TIMEOUT_S)
+def test_guest_switchover_results_are_complete(quick_run: QuickRun) -> None:
+    """fusedisk's relocation and QEMU's mirror of the same guest, the gaps of both."""
+    data = quick_run.scenario("guest-switchover")
+    runs = data["runs"]
+    assert sorted(run["side"] for run in runs) == sorted(
+        ["fusedisk", "qemu-mirror"] * data["summary"]["reps"])
+    for run in runs:
+        where = f"{run['side']} rep {run['rep']}"
+        for key in ("around_ms", "outside_ms", "switch_ms", "relocation_s", "p50_ms",
+                    "p99_ms", "boot_s"):
+            _finite(run[key], f"{where} {key}")
+        assert run["p50_ms"] <= run["p99_ms"] <= run["max_ms"], where
+        assert max(run["around_ms"], run["outside_ms"]) <= run["max_ms"], where
+        assert run["iterations"] > 100, f"{where}: the guest hardly did I/O"
+        start, end = run["window_s"]
+        assert 0 <= start <= end <= run["relocation_s"] + 1, where
+    ours = next(run for run in runs if run["side"] == "fusedisk")
+    assert ours["window_from"] == "daemon log", "the daemon's switchover line was not found"
+    _finite(ours["pause_ms"], "fusedisk pause_ms")
+    assert set(ours["steps_ms"]) >= {"flush", "commit"}, ours["steps_ms"]
+    for side in ("fusedisk", "qemu-mirror"):
+        _finite(data["summary"][side]["around_median_ms"], f"{side} median gap")
+    assert [t["met"] in (True, False) for t in data["targets"]] == [True, True]
+    assert any("cache=none,aio=io_uring" in command for command in data["commands"])
+    assert any("blockdev-mirror" in command for command in data["commands"])
+    for side in ("fusedisk", "qemu-mirror"):
+        assert data["series"][side]["latency"], f"no chart data for {side}"
+    chart = quick_run.out / SCENARIO_CHARTS["guest-switchover"]
+    assert chart.read_bytes().startswith(PNG_MAGIC)
+    assert not _qemu_processes_under(quick_run.out.parent), "a guest outlived the bench"
+
+
+@pytest.mark.mount
+@pytest.mark.timeout(TEST_TIMEOUT_S)
+def test_guest_rounds_results_are_complete(quick_run: QuickRun) -> None:
+    data = quick_run.scenario("guest-rounds")
+    summary = data["summary"]
+    for key in ("mount_rounds_per_s", "plain_rounds_per_s", "ratio"):
+        _finite(summary[key], key)
+    assert len(data["runs"]) == 2 * summary["reps"]
+    for run in data["runs"]:
+        assert run["rounds"] > 0 and run["flushes"] > 0, run
+        if run["side"] == "mount":
+            _finite(run["daemon_cpu_s"], "daemon CPU")
+    assert data["targets"][0]["met"] in (True, False)
