@@ -10,7 +10,8 @@ PACKAGE = Path(__file__).resolve().parent.parent / "fusedisk"
 # Lower layers first. A module may import only from layers before its own;
 # fs (the FUSE edge) and control (the control edge) never import each other.
 LAYERS: list[set[str]] = [
-    {"errors", "sizes", "failpoint", "fuseshim", "mountinfo", "tlspsk", "agent"},
+    {"errors", "sizes", "failpoint", "fuseshim", "mountinfo"},
+    {"tlspsk", "agent"},
     {"remote"},
     {"bitmap", "metadata", "config", "gate"},
     {"backing", "api"},
