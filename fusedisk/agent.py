@@ -271,9 +271,12 @@ class Agent:
         if len(text) > (MAX_DATA + 2) // 3 * 4:
             raise Refused("EFBIG", f"write: at most {MAX_DATA} bytes a request")
         try:
-            return base64.b64decode(text, validate=True)
+            data = base64.b64decode(text, validate=True)
         except (binascii.Error, ValueError):
             raise Refused("EINVAL", "write: 'data' is not base64") from None
+        if len(data) > MAX_DATA:
+            raise Refused("EFBIG", f"write: at most {MAX_DATA} bytes a request")
+        return data
 
     def op_read(self, req: dict[str, Any]) -> dict[str, Any]:
         offset = _arg(req, "offset", int, 0)
@@ -328,24 +331,34 @@ class Agent:
         mtime_ns = _arg(req, "mtime_ns", int, None)
         with self._open(req.get("path"), "setattr", os.O_PATH) as fd:
             st = os.fstat(fd)
-            # the O_PATH handle pins the object: /proc/self/fd/N is that inode, not a name
-            # that could be swapped for a symlink between a check and the change
-            proc = f"/proc/self/fd/{fd}"
-            if mode is not None:
-                if stat.S_ISLNK(st.st_mode):
+            if stat.S_ISLNK(st.st_mode):
+                # a symlink's own owner and times, by name through its parent: the calls
+                # below act on the link itself and cannot follow it
+                if mode is not None:
                     raise Refused("EOPNOTSUPP", "setattr: a symlink has no mode of its own")
+                with self._parent(req["path"], "setattr") as (parent, name):
+                    if uid != -1 or gid != -1:
+                        os.chown(name, uid, gid, dir_fd=parent, follow_symlinks=False)
+                    if atime_ns is not None or mtime_ns is not None:
+                        os.utime(name, ns=self._times(st, atime_ns, mtime_ns), dir_fd=parent,
+                                 follow_symlinks=False)
+                return {}
+            # the O_PATH handle pins the object: /proc/self/fd/N leads to that inode, not
+            # to a name that could be swapped for a symlink between a check and the change
+            proc = f"/proc/self/fd/{fd}"
+            if uid != -1 or gid != -1:  # first: a chown clears set-id bits
+                os.chown(proc, uid, gid)
+            if mode is not None:
                 os.chmod(proc, mode & 0o7777)
-            if uid != -1 or gid != -1:
-                os.chown(proc, uid, gid, follow_symlinks=False)
             if atime_ns is not None or mtime_ns is not None:
-                times = (st.st_atime_ns if atime_ns is None else atime_ns,
-                         st.st_mtime_ns if mtime_ns is None else mtime_ns)
-                if stat.S_ISLNK(st.st_mode):
-                    with self._parent(req["path"], "setattr") as (parent, name):
-                        os.utime(name, ns=times, dir_fd=parent, follow_symlinks=False)
-                else:
-                    os.utime(proc, ns=times)
+                os.utime(proc, ns=self._times(st, atime_ns, mtime_ns))
         return {}
+
+    @staticmethod
+    def _times(st: os.stat_result, atime_ns: int | None, mtime_ns: int | None
+               ) -> tuple[int, int]:
+        return (st.st_atime_ns if atime_ns is None else atime_ns,
+                st.st_mtime_ns if mtime_ns is None else mtime_ns)
 
     def op_fsync(self, req: dict[str, Any]) -> dict[str, Any]:
         """fsync of a regular file or a directory (its entries: a rename made durable)."""

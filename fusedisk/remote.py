@@ -573,9 +573,31 @@ def _pieces(fd: int, size: int, zero_holes: bool, request_size: int
             yield start, min(step, offset + length - start), is_data
 
 
+#: How many steps of libnbd's state machine one wake-up drives at most (a TLS
+#: record of 16 KiB a step: 4 MiB) before it lets other tasks run.
+_STEPS_PER_WAKEUP = 256
+
+
 async def _wait(h: Any, stall_timeout_s: float, what: Callable[[], str]) -> None:
-    """Wait until libnbd's socket is ready for what the handle wants, then tell libnbd."""
+    """Move the handle's commands on: as far as its socket allows without blocking,
+    else wait until the socket is ready for what the handle wants, then tell libnbd.
+
+    libnbd sends one TLS record a step; a trip through trio's loop for each
+    record cost more than the record (measured: 10 MB/s), so the non-blocking
+    steps (``poll(0)``) come first, and trio waits only when none is possible.
+    """
     nbd = libnbd()
+    if h.aio_is_dead() or h.aio_is_closed():
+        raise RemoteError(f"{what()}: the NBD connection is gone")
+    try:
+        steps = 0
+        while steps < _STEPS_PER_WAKEUP and h.poll(0) == 1:
+            steps += 1
+    except nbd.Error as e:
+        raise RemoteError(f"{what()}: {_nbd_reason(e)}") from None
+    if steps:
+        await trio.lowlevel.checkpoint()
+        return
     if h.aio_is_dead() or h.aio_is_closed():
         raise RemoteError(f"{what()}: the NBD connection is gone")
     direction = h.aio_get_direction()
@@ -631,6 +653,7 @@ async def copy_file_to(source: Path, endpoint: Endpoint, export: str, *, connect
     started = time.monotonic()
     fd = os.open(source, os.O_RDONLY | os.O_CLOEXEC)
     handles: list[Any] = []
+    opened = 0
     done = {"written": 0, "zeroed": 0}
     try:
         size = os.fstat(fd).st_size
@@ -703,6 +726,7 @@ async def copy_file_to(source: Path, endpoint: Endpoint, export: str, *, connect
         async with trio.open_nursery() as nursery:
             for h in handles:
                 nursery.start_soon(pump, h)
+        opened = len(handles)
         for h in handles:
             with contextlib.suppress(nbd.Error):
                 h.aio_disconnect()
@@ -713,7 +737,7 @@ async def copy_file_to(source: Path, endpoint: Endpoint, export: str, *, connect
         os.close(fd)
         handles.clear()  # the last references: libnbd closes the handles now
     return CopyStats(bytes_written=done["written"], bytes_zeroed=done["zeroed"],
-                     elapsed_s=time.monotonic() - started, connections=len(handles))
+                     elapsed_s=time.monotonic() - started, connections=opened)
 
 
 def check_and_refuse(specs: dict[str, RemoteSpec]) -> None:
