@@ -269,9 +269,11 @@ def test_symlinks_are_never_followed(agent: Agent, outside: Path) -> None:
             assert reply["ok"] is False and reply["errno"] in ("ENOTDIR", "ELOOP"), (op, reply)
         reply = agent("rename", path="real", to=via)
         assert reply["ok"] is False and reply["errno"] in ("ENOTDIR", "ELOOP")
-    for op, args in (("read", {}), ("fsync", {}), ("write", {"data": b64(b"owned")}),
-                     ("create", {"size": 0, "exclusive": False}), ("list", {})):
-        reply = agent(op, path="filelink" if op != "list" else "dirlink", **args)
+    final: list[tuple[str, dict[str, Any]]] = [
+        ("read", {}), ("fsync", {}), ("write", {"data": b64(b"owned")}),
+        ("create", {"size": 0, "exclusive": False}), ("list", {})]
+    for op, extra in final:
+        reply = agent(op, path="filelink" if op != "list" else "dirlink", **extra)
         assert reply["ok"] is False and reply["errno"] in ("ELOOP", "ENOTDIR"), (op, reply)
     agent.ok("unlink", path="filelink")  # the link goes, its target stays
     untouched(outside)
