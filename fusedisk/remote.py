@@ -237,6 +237,16 @@ def libnbd() -> Any:
     return nbd
 
 
+def close_handle(h: Any) -> None:
+    """Close a libnbd handle now (its socket too), not when the last reference goes:
+    a reference kept anywhere (a traceback, trio's last outcome of a worker thread)
+    would keep the connection, and nbdkit with it, alive. The binding has no
+    ``close``; its finaliser is what closes, so it is called once, by hand."""
+    if hasattr(h, "_o"):
+        h.__del__()
+        del h._o
+
+
 def _nbd_reason(e: Exception) -> str:
     text = getattr(e, "string", None) or str(e)
     return " ".join(str(text).split())
@@ -294,6 +304,7 @@ class AgentClient:
             while b"\n" not in self._buffer:
                 left = deadline - time.monotonic()
                 if left <= 0 or not sel.select(left):
+                    self.proc.kill()  # a channel out of step is of no further use
                     raise self._broken(f"did not answer within "
                                        f"{self.spec.connect_timeout_s:g} s")
                 chunk = os.read(self._out, 1 << 20)
@@ -377,7 +388,7 @@ class Endpoint:
             reason = _nbd_reason(e)
             if "tls" in reason.lower() or "psk" in reason.lower():
                 reason += " (do both hosts hold the same key for this identity?)"
-            del h  # the last reference: libnbd closes the handle now
+            close_handle(h)
             raise RemoteError(f"store {self.store!r}: NBD with TLS-PSK (identity "
                               f"{self.tls_username}) to {self} failed: {reason}") from None
         return h
@@ -398,7 +409,7 @@ class Endpoint:
             raise RemoteError(f"store {self.store!r}: listing the exports of {self} failed: "
                               f"{_nbd_reason(e)}") from None
         finally:
-            del h  # libnbd's handles close when the last reference goes
+            close_handle(h)
         return names
 
 
@@ -603,6 +614,8 @@ async def _wait(h: Any, stall_timeout_s: float, what: Callable[[], str]) -> None
     direction = h.aio_get_direction()
     fd = h.aio_get_fd()
     ready = {"read": False, "write": False}
+    if not direction:
+        raise RemoteError(f"{what()}: the NBD connection has nothing to wait for")
     with trio.move_on_after(stall_timeout_s) as scope:
         async with trio.open_nursery() as nursery:
             async def readable() -> None:
@@ -620,10 +633,8 @@ async def _wait(h: Any, stall_timeout_s: float, what: Callable[[], str]) -> None
                 nursery.start_soon(readable)
             if direction & nbd.AIO_DIRECTION_WRITE:
                 nursery.start_soon(writable)
-            if not direction:
-                raise RemoteError(f"{what()}: the NBD connection has nothing to wait for")
     if scope.cancelled_caught:
-        raise RemoteError(f"{what()}: no answer from {stall_timeout_s:g} s")
+        raise RemoteError(f"{what()}: no answer for {stall_timeout_s:g} s")
     try:
         if ready["read"]:
             h.aio_notify_read()
@@ -631,6 +642,17 @@ async def _wait(h: Any, stall_timeout_s: float, what: Callable[[], str]) -> None
             h.aio_notify_write()
     except nbd.Error as e:
         raise RemoteError(f"{what()}: {_nbd_reason(e)}") from None
+
+
+def _first(group: BaseExceptionGroup[Any]) -> BaseException:
+    """The first RemoteError in a nursery's exception group, else the group itself."""
+    matched = group.subgroup(RemoteError)
+    while matched is not None:
+        inner = matched.exceptions[0]
+        if not isinstance(inner, BaseExceptionGroup):
+            return inner
+        matched = inner
+    return group
 
 
 async def copy_file_to(source: Path, endpoint: Endpoint, export: str, *, connections: int = 4,
@@ -723,9 +745,13 @@ async def copy_file_to(source: Path, endpoint: Endpoint, export: str, *, connect
                     raise RemoteError(f"{where}: flush failed: {_nbd_reason(e)}") from None
                 await _wait(h, stall_timeout_s, lambda: f"{where} (flush)")
 
-        async with trio.open_nursery() as nursery:
-            for h in handles:
-                nursery.start_soon(pump, h)
+        try:
+            async with trio.open_nursery() as nursery:
+                for h in handles:
+                    nursery.start_soon(pump, h)
+        except BaseExceptionGroup as group:
+            # the first connection to fail tells why; the others were cancelled by it
+            raise _first(group) from None
         opened = len(handles)
         for h in handles:
             with contextlib.suppress(nbd.Error):
@@ -735,7 +761,8 @@ async def copy_file_to(source: Path, endpoint: Endpoint, export: str, *, connect
                     await _wait(h, 5.0, lambda: where)
     finally:
         os.close(fd)
-        handles.clear()  # the last references: libnbd closes the handles now
+        for h in handles:
+            close_handle(h)
     return CopyStats(bytes_written=done["written"], bytes_zeroed=done["zeroed"],
                      elapsed_s=time.monotonic() - started, connections=opened)
 
