@@ -15,6 +15,9 @@ runs all of them by default, in registry order; ``--scenarios`` picks some.
 - ``relocate-idle``, ``relocate-busy``, ``switchover-pause``,
   ``relocate-sparse``, ``relocate-outrun``: live relocation with
   ``fusedisk migrate`` (``bench/relocation.py``).
+- ``copy-remote``: a file copied to a loopback remote store (nbdkit with
+  TLS-PSK, libnbd) vs locally and vs nbdcopy, with and without a WAN delay
+  (``bench/remotecopy.py``; relocation onto a remote store is not built yet).
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from __future__ import annotations
 from contextlib import ExitStack
 from dataclasses import dataclass
 
-from bench import cbtcost, manyfiles, peer, relocation, scale, snapshot
+from bench import cbtcost, manyfiles, peer, relocation, remotecopy, scale, snapshot
 from bench.context import (
     MOUNT,
     RAW,
@@ -122,3 +125,4 @@ register("relocate-outrun", relocation.relocate_outrun, needs_migrate=True)
 register("switchover-scale", scale.switchover_scale, needs_migrate=True)
 register("manyfiles", manyfiles.manyfiles, needs_migrate=True)
 register("snapshot", snapshot.snapshot)
+register("copy-remote", remotecopy.copy_remote, needs_mount=False)
