@@ -13,6 +13,7 @@ exit, and by pid in each test's ``finally`` should anything survive.
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import signal
@@ -368,3 +369,48 @@ async def test_a_stalled_server_times_out(tmp_path: Path, site: Site) -> None:
                                      "nbdkit-param": "delay-write=3"})) as store:
         with pytest.raises(remote.RemoteError, match=r"no answer for 0\.5 s"):
             await store.copy_file_to(source, "disk0.img", stall_timeout_s=0.5)
+
+
+def agent_on_unix_socket(site: Site, sock: Path) -> tuple[subprocess.Popen[bytes], int]:
+    """An agent started with ``--nbd-listen unix:SOCK``, asked to make a 10 MiB export and
+    to serve; the process and nbdkit's pid."""
+    agent = subprocess.Popen(
+        [sys.executable, "-m", "fusedisk", "store-agent", str(site.dir), "--tls-psk",
+         str(site.keys), "--nbd-listen", f"unix:{sock}"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    assert agent.stdin is not None and agent.stdout is not None
+    agent.stdin.write(b'{"op": "create", "path": "empty.img", "size": 10485760}\n'
+                      b'{"op": "serve"}\n')
+    agent.stdin.flush()
+    assert agent.stdout.readline() == b'{"ok":true}\n'
+    served = json.loads(agent.stdout.readline())
+    assert served["unix"] == str(sock), served
+    return agent, int(served["pid"])
+
+
+def end_agent(agent: subprocess.Popen[bytes]) -> int:
+    assert agent.stdin is not None
+    agent.stdin.close()
+    return agent.wait(30)
+
+
+async def test_a_file_of_holes_and_a_unix_socket(tmp_path: Path, site: Site) -> None:
+    """An all-hole file copies as no data; the agent also serves on a Unix socket."""
+    source = tmp_path / "empty.img"
+    source.touch()
+    os.truncate(source, 10 * MiB)
+    agent, pid = agent_on_unix_socket(site, tmp_path / "nbd.sock")
+    try:
+        assert nbdkits_serving(site.dir) == [pid]
+        endpoint = remote.Endpoint("far", socket=str(tmp_path / "nbd.sock"),
+                                   tls_psk=site.keys, tls_username="fusedisk")
+        assert await trio.to_thread.run_sync(endpoint.list_exports) == ["empty.img"]
+        stats = await remote.copy_file_to(source, endpoint, "empty.img", connections=2)
+        assert (stats.bytes_written, stats.bytes_zeroed) == (0, 0)
+        assert hole_at(site.dir / "empty.img", 0, 10 * MiB)
+        assert end_agent(agent) == 0
+        assert nbdkits_serving(site.dir) == []
+    finally:
+        if agent.poll() is None:
+            agent.kill()
+            agent.wait()
