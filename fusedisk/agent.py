@@ -83,6 +83,42 @@ class NbdConfig:
     nbdkit: str = "nbdkit"
     filters: tuple[str, ...] = ()
     params: tuple[str, ...] = ()
+    #: steer GnuTLS to AES-GCM where the CPU has AES instructions (see :func:`gnutls_env`)
+    prefer_aes: bool = True
+
+
+#: GnuTLS's system-wide configuration file; an administrator's policy lives there.
+GNUTLS_SYSTEM_CONFIG = Path("/etc/gnutls/config")
+_PREFER_AES = "[overrides]\ntls-disabled-cipher = CHACHA20-POLY1305\n"
+
+
+def _cpu_has_aes() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return any(line.startswith("flags") and " aes " in f" {line.split(':', 1)[1]} "
+                       for line in f)
+    except OSError:
+        return False
+
+
+def gnutls_env(config_dir: Path) -> dict[str, str]:
+    """Environment for nbdkit that makes GnuTLS choose AES-GCM instead of ChaCha20.
+
+    nbdkit's GnuTLS priority (``NORMAL``) picked CHACHA20-POLY1305 for PSK
+    sessions on this project's machines although the CPU has AES
+    instructions, and the cipher was the copy's bottleneck: 256 MiB through
+    nbdcopy took 2.6-3.4 s with it and 1.0 s with AES-128-GCM (plain NBD: 0.9 s).
+    The override is a GnuTLS configuration file disabling ChaCha20, handed to
+    nbdkit alone, and only where nothing else decides: no
+    ``GNUTLS_SYSTEM_PRIORITY_FILE`` in the environment, no system-wide
+    configuration file, and a CPU with AES instructions. Empty otherwise.
+    """
+    if "GNUTLS_SYSTEM_PRIORITY_FILE" in os.environ or GNUTLS_SYSTEM_CONFIG.exists() \
+            or not _cpu_has_aes():
+        return {}
+    path = config_dir / "gnutls.config"
+    path.write_text(_PREFER_AES)
+    return {"GNUTLS_SYSTEM_PRIORITY_FILE": str(path)}
 
 
 def parse_listen(text: str) -> tuple[str, str, int]:
@@ -151,6 +187,7 @@ class Agent:
         self.nbd = nbd
         self._nbdkit: subprocess.Popen[bytes] | None = None
         self._nbdkit_log: IO[bytes] | None = None
+        self._scratch: tempfile.TemporaryDirectory[str] | None = None
         self._endpoint: dict[str, Any] | None = None
         self._ops: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
             "hello": self.op_hello, "stat": self.op_stat, "mkdir": self.op_mkdir,
@@ -441,8 +478,12 @@ class Agent:
             argv += [f"--filter={f}" for f in self.nbd.filters]
             argv += ["file", f"dir={self.root}", *self.nbd.params]
             self._nbdkit_log = tempfile.TemporaryFile()
+            self._scratch = tempfile.TemporaryDirectory(prefix="fusedisk-agent-")
+            env = {**os.environ, **(gnutls_env(Path(self._scratch.name))
+                                    if self.nbd.prefer_aes else {})}
             self._nbdkit = subprocess.Popen(argv, pass_fds=(fd,), stdin=subprocess.DEVNULL,
-                                            stdout=self._nbdkit_log, stderr=self._nbdkit_log)
+                                            stdout=self._nbdkit_log, stderr=self._nbdkit_log,
+                                            env=env)
         finally:
             sock.close()
         self._endpoint = {**endpoint, "pid": self._nbdkit.pid}
@@ -475,6 +516,9 @@ class Agent:
         if self._nbdkit_log is not None:
             self._nbdkit_log.close()
             self._nbdkit_log = None
+        if self._scratch is not None:
+            self._scratch.cleanup()
+            self._scratch = None
         self._endpoint = None
 
     # -- the request loop --------------------------------------------------------

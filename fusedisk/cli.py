@@ -235,6 +235,10 @@ def _parser() -> argparse.ArgumentParser:
                     help="where nbdkit listens: tcp:HOST:PORT (port 0: any free port, "
                     "named in the reply) or unix:PATH (default tcp:0.0.0.0:10809)")
     sa.add_argument("--nbdkit", default="nbdkit", metavar="PATH", help=argparse.SUPPRESS)
+    sa.add_argument("--prefer-aes", action=argparse.BooleanOptionalAction, default=True,
+                    help="make nbdkit's GnuTLS choose AES-GCM over ChaCha20 where the CPU "
+                    "has AES instructions and no GnuTLS system configuration decides "
+                    "(3x faster here; default on)")
     sa.add_argument("--nbdkit-filter", action="append", default=[], metavar="NAME",
                     help="an nbdkit filter to stack (e.g. delay, error); repeat for several")
     sa.add_argument("--nbdkit-param", action="append", default=[], metavar="KEY=VALUE",
@@ -618,7 +622,7 @@ def cmd_store_agent(args: argparse.Namespace) -> int:
                 raise FusediskError(f"store-agent: --nbdkit-param {param!r}: expected KEY=VALUE")
         nbd = agent.NbdConfig(listen=listen, tls_psk=Path(os.path.abspath(args.tls_psk)),
                               nbdkit=args.nbdkit, filters=tuple(args.nbdkit_filter),
-                              params=tuple(args.nbdkit_param))
+                              params=tuple(args.nbdkit_param), prefer_aes=args.prefer_aes)
     return agent.main(root, nbd)
 
 
