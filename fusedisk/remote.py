@@ -591,8 +591,9 @@ _STEPS_PER_WAKEUP = 256
 
 def _drive(h: Any) -> int:
     """As many non-blocking steps of the handle's state machine as it can make (bounded);
-    how many. (Run in a worker thread, so that two connections encrypt on two
-    cores, it was no faster on this 2-core machine: nbdkit's side needs them too.)"""
+    returns how many. On the trio thread: run in a worker thread instead (so that
+    two connections encrypt on two cores) it measured no faster on a 2-core
+    machine, where nbdkit's side of a loopback copy needs the other core."""
     steps = 0
     while steps < _STEPS_PER_WAKEUP and h.poll(0) == 1:
         steps += 1
@@ -705,7 +706,11 @@ async def copy_file_to(source: Path, endpoint: Endpoint, export: str, *, connect
             exhausted = False
             while True:
                 while not exhausted and len(in_flight) < depth:
-                    piece = next(pieces, None)  # no await: each piece goes to one task
+                    try:
+                        piece = next(pieces, None)  # no await: each piece goes to one task
+                    except OSError as e:
+                        raise RemoteError(f"{what()}: the extents of {source}: "
+                                          f"{e.strerror}") from None
                     if piece is None:
                         exhausted = True
                         break
@@ -724,6 +729,8 @@ async def copy_file_to(source: Path, endpoint: Endpoint, export: str, *, connect
                             cookie = h.aio_zero(length, offset)
                     except nbd.Error as e:
                         raise RemoteError(f"{what()}: {_nbd_reason(e)}") from None
+                    except OSError as e:
+                        raise RemoteError(f"{what()}: reading {source}: {e.strerror}") from None
                     in_flight[cookie] = (offset, length, is_data, aio)
                 if exhausted and not in_flight:
                     break
