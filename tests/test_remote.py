@@ -433,3 +433,18 @@ def test_nbdkit_is_steered_to_aes_gcm(tmp_path: Path, site: Site) -> None:
     assert done.returncode == 0, done.stderr
     line = next(ln for ln in done.stderr.splitlines() if "connection is using TLS" in ln)
     assert "cipher AES-" in line and "GCM" in line, line
+
+
+async def test_the_daemon_never_serves_a_remote_store(tmp_path: Path) -> None:
+    """Whatever builds a Config with a remote store, the daemon refuses it before it
+    touches anything (mount checks and refuses first; this is the second line)."""
+    from fusedisk import daemon
+
+    (tmp_path / "a").mkdir()
+    config = build_config(config_file=None, mountpoint=str(tmp_path / "m"),
+                          stores=[f"near={tmp_path}/a", "far=nbd+local:///srv/far"],
+                          default_store="near", state_dir=str(tmp_path / "s"),
+                          block_size=None, allow_other=None)
+    with pytest.raises(ConfigError, match=r"remote stores \(far\) cannot hold entries yet"):
+        await daemon.serve(config, lambda: None)
+    assert not (tmp_path / "s").exists() and not (tmp_path / "m").exists()
