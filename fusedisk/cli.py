@@ -244,6 +244,14 @@ def _parser() -> argparse.ArgumentParser:
     sa.add_argument("--nbdkit-param", action="append", default=[], metavar="KEY=VALUE",
                     help="a parameter for nbdkit's plugin or filters (e.g. delay-write=5ms)")
 
+    sc = sub.add_parser(
+        "store-check", help="check remote stores up front (reachable, same version, TLS-PSK)",
+        description="For each NAME=nbd+ssh://[user@]host/DIR (or nbd+local:///DIR): start "
+        "the agent, check its protocol version, start nbdkit, connect with TLS-PSK; print "
+        "one line per store. Exit 1, with one line, at the first store that fails.",
+    )
+    sc.add_argument("stores", nargs="+", metavar="NAME=SPEC")
+
     d = sub.add_parser(
         "demo", help="a live relocation on a default local layout",
         description="Mount a datastore with two local stores under ROOT, create a VM home "
@@ -603,6 +611,22 @@ def cmd_job(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_store_check(args: argparse.Namespace) -> int:
+    from . import remote
+
+    specs = []
+    for text in args.stores:
+        name, sep, spec = text.partition("=")
+        if not sep or not remote.is_remote_spec(spec):
+            raise FusediskError(f"store-check {text!r}: expected NAME=nbd+ssh://[user@]host/DIR "
+                                "or NAME=nbd+local:///DIR")
+        specs.append(remote.parse_spec(name, spec))
+    for spec in specs:
+        with remote.connect(spec) as store:
+            print(f"ok: {store.summary()}", flush=True)
+    return 0
+
+
 def cmd_store_agent(args: argparse.Namespace) -> int:
     from . import agent
 
@@ -756,6 +780,7 @@ def cmd_cbt(args: argparse.Namespace) -> int:
 _COMMANDS = {"mount": cmd_mount, "umount": cmd_umount, "status": cmd_status,
              "install-service": cmd_install_service, "cleanup": cmd_cleanup, "cbt": cmd_cbt,
              "demo": cmd_demo, "export": cmd_export, "store-agent": cmd_store_agent,
+             "store-check": cmd_store_check,
              "snapshot": cmd_snapshot,
              "migrate": cmd_migrate, "pause": cmd_job, "resume": cmd_job, "cancel": cmd_job,
              "rate": cmd_job}

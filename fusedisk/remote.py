@@ -490,8 +490,9 @@ def connect(spec: RemoteSpec) -> RemoteStore:
     """
     try:
         keys = tlspsk.load_keys(spec.tls_psk)
-    except FusediskError as e:
-        raise RemoteError(f"store {spec.name!r}: {e}") from None
+    except FusediskError as e:  # its messages name the export command's option
+        raise RemoteError(f"store {spec.name!r}: " + str(e).replace("--tls-psk ", "tls-psk=", 1)
+                          ) from None
     username = spec.tls_username or next(iter(keys))
     if username not in keys:
         raise RemoteError(f"store {spec.name!r}: identity {username!r} is not in "

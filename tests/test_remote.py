@@ -448,3 +448,19 @@ async def test_the_daemon_never_serves_a_remote_store(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"remote stores \(far\) cannot hold entries yet"):
         await daemon.serve(config, lambda: None)
     assert not (tmp_path / "s").exists() and not (tmp_path / "m").exists()
+
+
+def test_store_check_command(tmp_path: Path, site: Site) -> None:
+    """``fusedisk store-check`` is the up-front check on its own: exit 0 and one line per
+    store when all pass, one line and exit 1 at the first that fails."""
+    done = fusedisk("store-check", f"far={site.spec_text()}", f"far2={site.spec_text()}")
+    assert done.returncode == 0 and done.stderr == "", done.stderr
+    lines = done.stdout.splitlines()
+    assert len(lines) == 2 and lines[0].startswith("ok: store 'far' on local:")
+    assert "nbdkit TLS-PSK at 127.0.0.1:" in lines[0] and lines[1].startswith("ok: store 'far2'")
+    assert nbdkits_serving(site.dir) == []
+    one_line_error(fusedisk("store-check", f"far={site.dir}"), "expected NAME=nbd+ssh://")
+    one_line_error(fusedisk("store-check", f"far=nbd+ssh://127.0.0.1:1/srv?tls-psk={site.keys}"),
+                   "the agent on 127.0.0.1 ended", "Connection refused")
+    one_line_error(fusedisk("store-check", "far=nbd+ssh://127.0.0.1:1/srv?tls-psk=/none"),
+                   "store 'far': tls-psk=/none: cannot read it")
