@@ -464,3 +464,9 @@ def test_store_check_command(tmp_path: Path, site: Site) -> None:
                    "the agent on 127.0.0.1 ended", "Connection refused")
     one_line_error(fusedisk("store-check", "far=nbd+ssh://127.0.0.1:1/srv?tls-psk=/none"),
                    "store 'far': tls-psk=/none: cannot read it")
+
+
+def test_a_missing_remote_directory_is_one_line(tmp_path: Path, site: Site) -> None:
+    spec = f"nbd+local://{tmp_path}/no-such-dir?tls-psk={site.keys}"
+    one_line_error(mount_with(tmp_path, spec), "store 'far': the agent on local ended "
+                   "(exit code 1)", f"{tmp_path}/no-such-dir is not a directory")
