@@ -62,7 +62,7 @@ DEFAULT_NBD_PORT = 10809
 DEFAULT_CONNECT_TIMEOUT_S = 30.0
 #: Query options of a spec; the last two may repeat.
 OPTIONS = ("tls-psk", "tls-username", "remote-tls-psk", "nbd-port", "agent",
-           "connect-timeout", "nbdkit-filter", "nbdkit-param")
+           "connect-timeout", "ssh-config", "nbdkit-filter", "nbdkit-param")
 _REPEATABLE = {"nbdkit-filter", "nbdkit-param"}
 _SCHEMES = ("nbd+ssh", "nbd+local")
 
@@ -95,6 +95,8 @@ class RemoteSpec:
     nbd_port: int = DEFAULT_NBD_PORT
     agent: tuple[str, ...] = ()
     connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S
+    #: an ssh client configuration file (``ssh -F``) instead of the user's own
+    ssh_config: str = ""
     nbdkit_filters: tuple[str, ...] = ()
     nbdkit_params: tuple[str, ...] = ()
 
@@ -125,6 +127,8 @@ class RemoteSpec:
             return self.agent_words()
         argv = ["ssh", "-T", "-o", "BatchMode=yes",
                 "-o", f"ConnectTimeout={max(1, int(self.connect_timeout_s))}"]
+        if self.ssh_config:
+            argv += ["-F", self.ssh_config]
         if self.ssh_port:
             argv += ["-p", str(self.ssh_port)]
         if self.user:
@@ -190,6 +194,10 @@ def parse_spec(name: str, text: str) -> RemoteSpec:
             raise ConfigError(f"{where}: agent: {e}") from None
         if not fields["agent"]:
             raise ConfigError(f"{where}: agent names no command")
+    if "ssh-config" in one:
+        if url.scheme != "nbd+ssh":
+            raise ConfigError(f"{where}: ssh-config is for nbd+ssh stores")
+        fields["ssh_config"] = os.path.abspath(one["ssh-config"])
     if "connect-timeout" in one:
         try:
             timeout = float(one["connect-timeout"])

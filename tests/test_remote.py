@@ -16,9 +16,11 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
+import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -470,3 +472,60 @@ def test_a_missing_remote_directory_is_one_line(tmp_path: Path, site: Site) -> N
     spec = f"nbd+local://{tmp_path}/no-such-dir?tls-psk={site.keys}"
     one_line_error(mount_with(tmp_path, spec), "store 'far': the agent on local ended "
                    "(exit code 1)", f"{tmp_path}/no-such-dir is not a directory")
+
+
+# -- over a real ssh -----------------------------------------------------------------
+
+
+@pytest.fixture
+def ssh_config(tmp_path: Path) -> Path:
+    """An ssh client configuration that reaches a real sshd for host 127.0.0.1.
+
+    The sshd runs in inetd mode as the client's ProxyCommand (``sshd -i``): a
+    real ssh session with its own host key and an authorized key made here,
+    no port, no daemon to leave behind.
+    """
+    if not Path("/usr/sbin/sshd").exists() or shutil.which("ssh") is None:
+        pytest.fail("openssh-server and openssh-client are needed (scripts/setup installs them)")
+    Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)  # sshd's privilege separation dir
+    keys = tmp_path / "ssh"
+    keys.mkdir()
+    for name in ("hostkey", "id"):
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(keys / name)],
+                       check=True, timeout=60)
+    shutil.copy(keys / "id.pub", keys / "authorized_keys")
+    (keys / "sshd_config").write_text(
+        f"HostKey {keys}/hostkey\nAuthorizedKeysFile {keys}/authorized_keys\n"
+        "PermitRootLogin prohibit-password\nPasswordAuthentication no\n"
+        "KbdInteractiveAuthentication no\nStrictModes no\nUsePAM no\nPidFile none\n"
+        "LogLevel ERROR\n")
+    config = keys / "ssh_config"
+    config.write_text(
+        f"Host 127.0.0.1\n  ProxyCommand /usr/sbin/sshd -i -f {keys}/sshd_config\n"
+        f"  User root\n  IdentityFile {keys}/id\n  IdentitiesOnly yes\n"
+        "  UserKnownHostsFile /dev/null\n  StrictHostKeyChecking no\n  LogLevel ERROR\n")
+    return config
+
+
+async def test_over_ssh(tmp_path: Path, site: Site, ssh_config: Path) -> None:
+    """nbd+ssh for real: the agent started by ssh (its command quoted through the remote
+    shell, a directory with a space in its name), nbdkit on a free port, a copy."""
+    spaced = tmp_path / "remote store"
+    spaced.mkdir()
+    fusedisk_bin = Path(sys.executable).parent / "fusedisk"
+    spec = remote.parse_spec("far", f"nbd+ssh://127.0.0.1{urllib.parse.quote(str(spaced))}"
+                             f"?tls-psk={site.keys}&nbd-port=0&ssh-config={ssh_config}"
+                             f"&agent={fusedisk_bin}%20store-agent")
+    source = tmp_path / "disk0.img"
+    source.write_bytes(os.urandom(3 * MiB))
+    try:
+        with remote.connect(spec) as store:
+            assert store.spec.where == "127.0.0.1" and store.endpoint.host == "127.0.0.1"
+            assert store.hello.protocol == PROTOCOL_VERSION
+            await store.copy_file_to(source, "disk0.img")
+            assert (spaced / "disk0.img").read_bytes() == source.read_bytes()
+        assert nbdkits_serving(spaced) == []
+        done = fusedisk("store-check", f"far={spec.text}")
+        assert done.returncode == 0 and "ok: store 'far' on 127.0.0.1:" in done.stdout, done
+    finally:
+        stop_nbdkits(spaced)
