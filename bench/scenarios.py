@@ -21,6 +21,9 @@ runs all of them by default, in registry order; ``--scenarios`` picks some.
 - ``guest-switchover``, ``guest-rounds``: a real QEMU guest (TCG, cache=none,
   aio=io_uring) whose disk relocates, vs QEMU's own ``blockdev-mirror``; and its
   mixed random rounds on the mount vs a plain directory (``bench/vmguest.py``).
+- ``copy-remote``: a file copied to a loopback remote store (nbdkit with
+  TLS-PSK, libnbd) vs locally and vs nbdcopy, with and without a WAN delay
+  (``bench/remotecopy.py``; relocation onto a remote store is not built yet).
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from __future__ import annotations
 from contextlib import ExitStack
 from dataclasses import dataclass
 
-from bench import cbtcost, manyfiles, peer, relocation, scale, snapshot, vmguest
+from bench import cbtcost, manyfiles, peer, relocation, remotecopy, scale, snapshot, vmguest
 from bench.context import (
     C_PEER,
     MOUNT,
@@ -137,3 +140,4 @@ register("manyfiles", manyfiles.manyfiles, needs_migrate=True)
 register("snapshot", snapshot.snapshot)
 register("guest-switchover", vmguest.guest_switchover, needs_migrate=True)
 register("guest-rounds", vmguest.guest_rounds)
+register("copy-remote", remotecopy.copy_remote, needs_mount=False)

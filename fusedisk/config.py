@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
+from .remote import RemoteSpec, is_remote_spec, parse_spec
 from .sizes import parse_size
 
 DEFAULT_BLOCK_SIZE = 64 << 10
@@ -49,6 +50,9 @@ class Config:
     cbt: bool = True
     source: str = "command line"
     extra: dict[str, Any] = field(default_factory=dict)
+    #: stores on other hosts (``NAME=nbd+ssh://...``), apart from the local ``stores``;
+    #: checked at mount, which then refuses them (they cannot hold entries yet)
+    remote_stores: dict[str, RemoteSpec] = field(default_factory=dict)
 
 
 def _check_store_name(name: str, where: str) -> None:
@@ -215,7 +219,10 @@ def build_config(
 
     bs = block_size if block_size is not None else raw.get("block_size", DEFAULT_BLOCK_SIZE)
     bs_where = "--block-size" if block_size is not None else f"{where}: key 'block_size'"
-    resolved_stores = {name: Path(os.path.abspath(d)) for name, d in store_map.items()}
+    remote_stores = {name: parse_spec(name, d) for name, d in store_map.items()
+                     if is_remote_spec(d)}
+    resolved_stores = {name: Path(os.path.abspath(d)) for name, d in store_map.items()
+                       if name not in remote_stores}
     resolved_mp = Path(os.path.abspath(mp))
     resolved_sd = Path(os.path.abspath(sd))
     _check_apart(
@@ -232,6 +239,7 @@ def build_config(
         allow_other=bool(allow_other if allow_other is not None else raw.get("allow_other", False)),
         cbt=bool(cbt if cbt is not None else raw.get("cbt", True)),
         source=where,
+        remote_stores=remote_stores,
     )
 
 

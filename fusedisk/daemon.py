@@ -38,7 +38,7 @@ from .commands import Commands
 from .config import Config, check_directories
 from .control import ControlServer
 from .datastore import Datastore, StoreClaims
-from .errors import MountError
+from .errors import ConfigError, MountError
 from .extraops import ExtraOps
 from .fs import Operations
 from .fuseloop import RequestLoop, dev_fuse_fds, find_session_fd
@@ -141,6 +141,9 @@ async def serve(config: Config, on_ready: Callable[[], None]) -> None:
     exists, so a failure at any step undoes exactly what was built, in reverse
     order (state directory unlocked last), and a normal end does the same.
     """
+    if config.remote_stores:  # cli.cmd_mount checks them and refuses; nothing serves them
+        raise ConfigError(f"remote stores ({', '.join(sorted(config.remote_stores))}) cannot "
+                          "hold entries yet")
     async with contextlib.AsyncExitStack() as stack:
         check_directories(config)
         check_mountpoint(config.mountpoint)

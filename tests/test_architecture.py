@@ -11,7 +11,9 @@ PACKAGE = Path(__file__).resolve().parent.parent / "fusedisk"
 # fs (the FUSE edge) and control (the control edge) never import each other.
 LAYERS: list[set[str]] = [
     {"errors", "sizes", "failpoint", "fuseshim", "mountinfo"},
-    {"bitmap", "metadata", "config", "gate", "tlspsk"},
+    {"tlspsk", "agent"},
+    {"remote"},
+    {"bitmap", "metadata", "config", "gate"},
     {"backing", "api"},
     {"cbt", "progress", "lifecycle"},
     {"vdisk"},

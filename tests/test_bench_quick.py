@@ -461,3 +461,25 @@ def test_guest_rounds_results_are_complete(quick_run: QuickRun) -> None:
         if run["side"] == "mount":
             _finite(run["daemon_cpu_s"], "daemon CPU")
     assert data["targets"][0]["met"] in (True, False)
+@pytest.mark.mount
+@pytest.mark.timeout(TEST_TIMEOUT_S)
+def test_copy_remote_results_are_complete(quick_run: QuickRun) -> None:
+    """Every copy (local, remote, nbdcopy, remote through the WAN delay) measured and
+    verified, and no nbdkit left behind."""
+    data = quick_run.scenario("copy-remote")
+    summary = data["summary"]
+    for step in ("local", "remote", "nbdcopy", "remote-wan"):
+        _finite(summary[f"{step}_mbps"], f"copy-remote {step}")
+    _finite(summary["remote_vs_local"], "copy-remote ratio")
+    assert len(data["runs"]) == summary["reps"] >= 1
+    assert [row[0] for row in data["table"][1:]] == ["local", "remote", "nbdcopy", "remote-wan"]
+    assert data["targets"][0]["issue"] == 17
+    assert not [pid for pid in os.listdir("/proc") if pid.isdigit()
+                and b"copy-remote" in _cmdline(int(pid)) and b"nbdkit" in _cmdline(int(pid))]
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
