@@ -373,11 +373,20 @@ class StagedTree:
         for limbo_name in list(self._names[_LIMBO]):
             self._remove_limbo(limbo_name)
 
-    def sync_attributes(self, changed: dict[Key, int]) -> int:
+    async def sync_attributes(self, changed: dict[Key, int], *, final: bool = False) -> int:
         """Copy the attributes of every changed object, and the size and times
-        of every regular file written since the last time; return how many."""
+        of every regular file written since the last time; return how many.
+
+        Before the pause (not *final*) it checkpoints every :data:`_SLICE`
+        objects, as :meth:`sync_names` does: after a pass that copied a whole
+        entry every file wants its size and times again, and a mount that
+        waited for them all would stall its guests (30 s for 30k files). A
+        request meanwhile is noted again; the object it changed is done now
+        or by the next sync. Inside the pause (*final*) it never checkpoints.
+        """
         done = 0
         for key, src_fd in changed.items():
+            await self._step(final)  # between objects: none is half done
             if self.in_tree(key) is None:
                 continue
             try:
@@ -396,6 +405,9 @@ class StagedTree:
                 self._copy_attributes(key, src_fd, st)
             done += 1
         for copy in self._written():
+            await self._step(final)
+            if copy.key not in self.copier.copies or self.in_tree(copy.key) is None:
+                continue  # dropped, or gone from the tree, while this sync waited
             with self.copier.using(copy) as vfile:
                 vfile.touched = copy.restamp = False
                 st = backing.fstat(vfile.fd)
