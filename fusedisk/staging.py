@@ -77,17 +77,17 @@ class Statistics:
     last_sync_objects: int
 
 
-def keep_identity_of(src_fd: int, dst_fd: int, st: os.stat_result, src_store_id: int) -> None:
-    """Give the staged object the inode number and ctime the mount shows for
-    its source (fs.py reads them back). After the attributes, whose changes
-    move the backing ctime, which the kept one hides."""
+def identity_of(src_fd: int, st: os.stat_result, src_store_id: int) -> tuple[int, int] | None:
+    """The inode number and ctime the mount shows for a source object (fs.py
+    reads them back), or None when it shows none that a staged object can keep.
+    A staged object is given them after its attributes, whose changes move the
+    backing ctime, which the kept one hides."""
     ino, ctime_ns = kept_identity(src_fd)
     if ino is None:
         ino = native_ino(src_store_id, st.st_ino)
-    if ctime_ns is None:
-        ctime_ns = st.st_ctime_ns
-    if ino is not None:
-        keep_identity(dst_fd, ino, ctime_ns)
+    if ino is None:
+        return None
+    return ino, st.st_ctime_ns if ctime_ns is None else ctime_ns
 
 
 class StagedTree:
@@ -436,8 +436,12 @@ class StagedTree:
         else:
             dst_fd = copy.dst_fd if own else self.copier.open_pool(copy)
         try:
-            backing.sync_attributes(src_fd, dst_fd, st)
-            keep_identity_of(src_fd, dst_fd, st, self.src_store_id)
+            identity = identity_of(src_fd, st, self.src_store_id)
+            # the kept identity is written again below: not removed first
+            backing.sync_attributes(src_fd, dst_fd, st,
+                                    () if identity is None else (backing.INO_XATTR,))
+            if identity is not None:  # after the attributes (see identity_of)
+                keep_identity(dst_fd, *identity)
             if key not in self._dst_key:
                 dst = backing.fstat(dst_fd)
                 self._dst_key[key] = (dst.st_dev, dst.st_ino)

@@ -18,7 +18,7 @@ import pytest
 import trio
 
 from fusedisk import backing
-from fusedisk.datastore import Journal
+from fusedisk.datastore import Journal, native_ino
 from fusedisk.gate import Gate
 from fusedisk.mirror import Copier
 from fusedisk.staging import LIMBO, TREE, StagedTree
@@ -333,3 +333,32 @@ async def test_a_sync_before_the_pause_lets_requests_in_between_objects(tmp_path
             else:
                 assert len(between) >= 3, f"no turn for other tasks during the sync: {seen}"
         assert describe(tmp_path / "dst" / "staging" / TREE) == describe(src_root)
+
+
+async def test_a_sync_keeps_the_identity_and_drops_only_the_xattrs_the_source_dropped(
+        tmp_path: Path) -> None:
+    """The kept identity (backing.INO_XATTR) is written again, not removed and
+    rewritten, by every sync; an xattr the source dropped goes on the staged file
+    too, and the identity is the source's as it is now."""
+    src_root = tmp_path / "src" / "vm"
+    src_root.mkdir(parents=True)
+    source = src_root / "f"
+    source.write_bytes(b"x" * 100)
+    os.setxattr(source, "user.a", b"1")
+    os.setxattr(source, "user.b", b"2")
+    staged = tmp_path / "dst" / "staging" / TREE / "f"
+    async with staged_tree(src_root, tmp_path / "dst" / "staging") as (copier, tree):
+        await copier.copy_pass(throttle=False)
+        for dropped in ("user.b", "user.a"):
+            os.removexattr(source, dropped)
+            st = os.lstat(source)
+            changed = {(st.st_dev, st.st_ino): os.open(source, os.O_PATH)}
+            try:
+                assert await tree.sync_attributes(changed, final=True) == 1
+            finally:
+                os.close(changed[(st.st_dev, st.st_ino)])
+            user = sorted(a for a in os.listxattr(staged) if a.startswith("user."))
+            assert user == sorted(a for a in os.listxattr(source) if a.startswith("user."))
+            kept = os.getxattr(staged, backing.INO_XATTR).decode()
+            assert kept == f"{native_ino(1, st.st_ino)} {os.lstat(source).st_ctime_ns}"
+        assert describe(staged.parent) == describe(src_root)
