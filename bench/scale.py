@@ -389,7 +389,7 @@ def switchover_scale(context: ScenarioContext) -> Outcome:
                             "error": s.error, "relocations": len(s.runs)} for s in sizes],
                  "overran": overran,
                  "aborted_attempts": sum(r["aborted"] for r in runs)},
-        table=table, extra_tables={"switchover steps of each committed attempt (ms)":
+        table=table, extra_tables={"switchover steps of the last attempt of each relocation (ms)":
                                    steps_table},
         runs=runs,
         targets=[target_check("every relocation committed within the budget (aborted "
