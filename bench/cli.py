@@ -152,8 +152,9 @@ def parse_args(argv: list[str] | None) -> Options:
     parser.add_argument("--raw-only", action="store_true",
                         help="measure only the raw store; do not mount fusedisk")
     parser.add_argument("--files", type=_positive, metavar="N",
-                        help="entry size of the manyfiles scenario (default 10000; 300 "
-                             "with --quick)")
+                        help="entry size of the manyfiles and switchover-scale scenarios, "
+                             "one size only (defaults: manyfiles 10000, switchover-scale 1, "
+                             "3000, 30000 and 100000; with --quick 300, and 1 and 300)")
     parser.add_argument("--peer-scale", type=_fraction, metavar="F",
                         help="scale the peer scenario's metadata workloads by F (default 1: "
                              "3000 sqlite commits, 5000 small files, 20000 files to untar)")

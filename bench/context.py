@@ -118,7 +118,8 @@ class ScenarioContext:
     runtime_s: int
     scratch: Path
     out: Path
-    #: entry size of the manyfiles scenario (``--files``); None: its defaults
+    #: entry size of the manyfiles and switchover-scale scenarios (``--files``); None: their
+    #: defaults
     files: int | None = None
     #: scale of the peer scenario's metadata workloads (``--peer-scale``); None: 1
     peer_scale: float | None = None

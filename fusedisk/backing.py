@@ -34,7 +34,7 @@ import os
 import queue
 import stat
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from typing import TypeVar
 
 import outcome
@@ -472,11 +472,15 @@ def copy_attributes(src_fd: int, dst_fd: int, st: os.stat_result) -> None:
     futimens(dst_fd, st.st_atime_ns, st.st_mtime_ns)
 
 
-def sync_attributes(src_fd: int, dst_fd: int, st: os.stat_result) -> None:
+def sync_attributes(src_fd: int, dst_fd: int, st: os.stat_result,
+                    rewritten: Collection[str] = ()) -> None:
     """:func:`copy_attributes` onto an object that may hold attributes already:
-    xattrs the source no longer has are removed as well."""
+    xattrs the source no longer has are removed as well, but for those in
+    *rewritten*, which the caller sets again right after (removing one only to
+    write it again cost two journalled changes per object, the most of a
+    staging sync's time)."""
     if not stat.S_ISLNK(st.st_mode):
-        wanted = set(listxattr(src_fd))
+        wanted = set(listxattr(src_fd)).union(rewritten)
         for name in listxattr(dst_fd):
             if name not in wanted:
                 removexattr(dst_fd, name)

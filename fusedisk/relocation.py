@@ -457,7 +457,7 @@ class Relocation:
         started = time.monotonic()
         try:
             await self.tree.sync_names(changed)
-            done = self.tree.sync_attributes(changed)
+            done = await self.tree.sync_attributes(changed)
             self.costs.learn("object_ms", (time.monotonic() - started) * 1000,
                              max(len(changed), done))
         finally:

@@ -77,17 +77,17 @@ class Statistics:
     last_sync_objects: int
 
 
-def keep_identity_of(src_fd: int, dst_fd: int, st: os.stat_result, src_store_id: int) -> None:
-    """Give the staged object the inode number and ctime the mount shows for
-    its source (fs.py reads them back). After the attributes, whose changes
-    move the backing ctime, which the kept one hides."""
+def identity_of(src_fd: int, st: os.stat_result, src_store_id: int) -> tuple[int, int] | None:
+    """The inode number and ctime the mount shows for a source object (fs.py
+    reads them back), or None when it shows none that a staged object can keep.
+    A staged object is given them after its attributes, whose changes move the
+    backing ctime, which the kept one hides."""
     ino, ctime_ns = kept_identity(src_fd)
     if ino is None:
         ino = native_ino(src_store_id, st.st_ino)
-    if ctime_ns is None:
-        ctime_ns = st.st_ctime_ns
-    if ino is not None:
-        keep_identity(dst_fd, ino, ctime_ns)
+    if ino is None:
+        return None
+    return ino, st.st_ctime_ns if ctime_ns is None else ctime_ns
 
 
 class StagedTree:
@@ -373,11 +373,20 @@ class StagedTree:
         for limbo_name in list(self._names[_LIMBO]):
             self._remove_limbo(limbo_name)
 
-    def sync_attributes(self, changed: dict[Key, int]) -> int:
+    async def sync_attributes(self, changed: dict[Key, int], *, final: bool = False) -> int:
         """Copy the attributes of every changed object, and the size and times
-        of every regular file written since the last time; return how many."""
+        of every regular file written since the last time; return how many.
+
+        Before the pause (not *final*) it checkpoints every :data:`_SLICE`
+        objects, as :meth:`sync_names` does: after a pass that copied a whole
+        entry every file wants its size and times again, and a mount that
+        waited for them all would stall its guests (30 s for 30k files). A
+        request meanwhile is noted again; the object it changed is done now
+        or by the next sync. Inside the pause (*final*) it never checkpoints.
+        """
         done = 0
         for key, src_fd in changed.items():
+            await self._step(final)  # between objects: none is half done
             if self.in_tree(key) is None:
                 continue
             try:
@@ -396,6 +405,9 @@ class StagedTree:
                 self._copy_attributes(key, src_fd, st)
             done += 1
         for copy in self._written():
+            await self._step(final)
+            if copy.key not in self.copier.copies or self.in_tree(copy.key) is None:
+                continue  # dropped, or gone from the tree, while this sync waited
             with self.copier.using(copy) as vfile:
                 vfile.touched = copy.restamp = False
                 st = backing.fstat(vfile.fd)
@@ -424,8 +436,12 @@ class StagedTree:
         else:
             dst_fd = copy.dst_fd if own else self.copier.open_pool(copy)
         try:
-            backing.sync_attributes(src_fd, dst_fd, st)
-            keep_identity_of(src_fd, dst_fd, st, self.src_store_id)
+            identity = identity_of(src_fd, st, self.src_store_id)
+            # the kept identity is written again below: not removed first
+            backing.sync_attributes(src_fd, dst_fd, st,
+                                    () if identity is None else (backing.INO_XATTR,))
+            if identity is not None:  # after the attributes (see identity_of)
+                keep_identity(dst_fd, *identity)
             if key not in self._dst_key:
                 dst = backing.fstat(dst_fd)
                 self._dst_key[key] = (dst.st_dev, dst.st_ino)

@@ -196,7 +196,7 @@ async def switch_over(
             error = copier.mirror_error()
             if error is not None:
                 raise SwitchoverError(f"writing to the destination failed: {error.strerror}")
-            tree.sync_attributes(changed)
+            await tree.sync_attributes(changed, final=True)
             step("attributes")
         except StagingError as e:
             raise SwitchoverError(str(e)) from None

@@ -352,12 +352,34 @@ def test_probe_records_errors_and_goes_on(tmp_path: Path,
 def test_switchover_scale_results_are_complete(quick_run: QuickRun) -> None:
     data = quick_run.scenario("switchover-scale")
     counts = data["summary"]["counts"]
+    assert counts == [1, 300]
     assert len(data["table"]) == 1 + len(counts)
-    assert len(data["runs"]) == 2 * data["summary"]["reps"] * len(counts)
+    # quick: one round trip a→b→a per size, each committed
+    assert [(run["files"], run["to"]) for run in data["runs"]] == [
+        (n, to) for n in counts for to in ("b", "a")]
+    for size in data["summary"]["sizes"]:
+        assert size["error"] is None, size
+        _finite(size["create_s"], f"{size['files']} files: create_s")
+        assert size["fd_limit"] and size["fd_limit"] > 0, size
     for run in data["runs"]:
-        _finite(run["pause_ms"], f"{run['files']} files: pause")
-        assert run["attempts"] >= 1, run
+        where = f"{run['files']} files → {run['to']}"
+        assert run["state"] == "done" and run["error"] is None, run
+        _finite(run["pause_ms"], f"{where}: pause")
+        _finite(run["wall_s"], f"{where}: wall")
+        assert run["attempts"] >= 1 and run["aborted"] == run["attempts"] - 1, run
         assert {"drain", "names", "flush", "commit", "repoint"} <= set(run["steps"]), run
+        assert len(run["attempt_steps"]) == run["attempts"], run
+        # the verdict says what the pause did to the budget
+        budget = data["summary"]["budget_ms"]
+        assert run["verdict"] == ("OVERRAN" if run["pause_ms"] > budget else
+                                  "held" if run["attempts"] == 1 else
+                                  f"held after {run['aborted']} aborted"), run
+        # the daemon was sampled before, during and after; the peak bounds both ends
+        assert 0 < run["fds_before"] <= run["fds_peak"] and run["fds_after"] <= run["fds_peak"]
+        assert 0 < run["rss_before_kib"] <= run["hwm_after_kib"], run
+        assert run["rss_after_kib"] <= run["hwm_after_kib"], run
+        # the busy disk was written all through the relocation
+        assert run["probe_writes"] > 0 and run["probe_max_ms"] is not None, run
     assert data["targets"][0]["met"] in (True, False)
 
 

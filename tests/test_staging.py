@@ -18,7 +18,7 @@ import pytest
 import trio
 
 from fusedisk import backing
-from fusedisk.datastore import Journal
+from fusedisk.datastore import Journal, native_ino
 from fusedisk.gate import Gate
 from fusedisk.mirror import Copier
 from fusedisk.staging import LIMBO, TREE, StagedTree
@@ -207,7 +207,7 @@ async def run_case(tmp_path: Path, seed: int, steps: int) -> None:
                 changed = journal.take()
                 try:
                     await tree.sync_names(changed)
-                    tree.sync_attributes(changed)
+                    await tree.sync_attributes(changed)
                 finally:
                     for fd in changed.values():
                         os.close(fd)
@@ -223,7 +223,7 @@ async def run_case(tmp_path: Path, seed: int, steps: int) -> None:
         try:
             await tree.sync_names(changed, final=True)
             await copier.copy_pass(throttle=False)
-            tree.sync_attributes(changed)
+            await tree.sync_attributes(changed, final=True)
         finally:
             for fd in changed.values():
                 os.close(fd)
@@ -240,7 +240,7 @@ async def run_case(tmp_path: Path, seed: int, steps: int) -> None:
             assert dst_key is not None and os.lstat(staged).st_ino == dst_key[1]
         # a last sync with nothing noted does nothing, and a flush has nothing to do
         await tree.sync_names({}, final=True)
-        assert tree.sync_attributes({}) == 0
+        assert await tree.sync_attributes({}, final=True) == 0
         assert await tree.flush() == 0
         assert noted <= steps and flushed >= 0
 
@@ -274,7 +274,7 @@ async def test_a_linked_file_outlives_the_directory_of_its_first_name(tmp_path: 
         changed = journal.take()
         try:
             await tree.sync_names(changed, final=True)
-            tree.sync_attributes(changed)
+            await tree.sync_attributes(changed, final=True)
         finally:
             for fd in changed.values():
                 os.close(fd)
@@ -282,3 +282,83 @@ async def test_a_linked_file_outlives_the_directory_of_its_first_name(tmp_path: 
         assert key in copier.copies  # still copied: a write to it reaches the destination
         await tree.flush()
         assert describe(tmp_path / "dst" / "staging" / TREE) == describe(src_root)
+
+
+async def _written_seen_during_sync(tree: StagedTree, final: bool, files: int) -> list[int]:
+    """Sync every written file's attributes while another task, as a request would,
+    notes how many are left each time it gets a turn; returns what it saw."""
+    seen: list[int] = []
+    syncing = True
+
+    async def sync() -> None:
+        nonlocal syncing
+        try:
+            assert await tree.sync_attributes({}, final=final) == files
+        finally:
+            syncing = False
+
+    async def other_request() -> None:
+        while syncing:
+            seen.append(tree.written())
+            await trio.lowlevel.checkpoint()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(sync)
+        nursery.start_soon(other_request)
+    return seen
+
+
+async def test_a_sync_before_the_pause_lets_requests_in_between_objects(tmp_path: Path) -> None:
+    """After the first pass every copied file wants its size and times again: a sync
+    of them all before the pause must let the mount's other tasks run in between
+    (at 30k files it held the loop for 30 s, and a guest's 1 ms write waited that
+    long), while the pause's own sync (``final``) runs in one go."""
+    src_root = tmp_path / "src" / "vm"
+    files = 4 * 64  # four slices of the sync
+    for i in range(files):
+        directory = src_root / f"d{i // 50}"
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / f"f{i}").write_bytes(b"x" * 100)
+    async with staged_tree(src_root, tmp_path / "dst" / "staging") as (copier, tree):
+        for final in (False, True):
+            await copier.copy_pass(throttle=False)  # restamps every file it wrote
+            for copy in copier.copies.values():
+                copy.restamp = True  # the second round: as if the copy wrote them again
+            assert tree.written() == files
+            seen = await _written_seen_during_sync(tree, final, files)
+            assert tree.written() == 0
+            between = [n for n in seen if 0 < n < files]
+            if final:
+                assert between == [], "the pause's sync let another task in"
+            else:
+                assert len(between) >= 3, f"no turn for other tasks during the sync: {seen}"
+        assert describe(tmp_path / "dst" / "staging" / TREE) == describe(src_root)
+
+
+async def test_a_sync_keeps_the_identity_and_drops_only_the_xattrs_the_source_dropped(
+        tmp_path: Path) -> None:
+    """The kept identity (backing.INO_XATTR) is written again, not removed and
+    rewritten, by every sync; an xattr the source dropped goes on the staged file
+    too, and the identity is the source's as it is now."""
+    src_root = tmp_path / "src" / "vm"
+    src_root.mkdir(parents=True)
+    source = src_root / "f"
+    source.write_bytes(b"x" * 100)
+    os.setxattr(source, "user.a", b"1")
+    os.setxattr(source, "user.b", b"2")
+    staged = tmp_path / "dst" / "staging" / TREE / "f"
+    async with staged_tree(src_root, tmp_path / "dst" / "staging") as (copier, tree):
+        await copier.copy_pass(throttle=False)
+        for dropped in ("user.b", "user.a"):
+            os.removexattr(source, dropped)
+            st = os.lstat(source)
+            changed = {(st.st_dev, st.st_ino): os.open(source, os.O_PATH)}
+            try:
+                assert await tree.sync_attributes(changed, final=True) == 1
+            finally:
+                os.close(changed[(st.st_dev, st.st_ino)])
+            user = sorted(a for a in os.listxattr(staged) if a.startswith("user."))
+            assert user == sorted(a for a in os.listxattr(source) if a.startswith("user."))
+            kept = os.getxattr(staged, backing.INO_XATTR).decode()
+            assert kept == f"{native_ino(1, st.st_ino)} {os.lstat(source).st_ctime_ns}"
+        assert describe(staged.parent) == describe(src_root)
