@@ -270,6 +270,10 @@ def _metadata_workloads(context: ScenarioContext, tarball: Path) -> list[Workloa
     ]
 
 
+class _Refused(Exception):
+    """A workload not run on a target (why: its message)."""
+
+
 def _ratio(a: float | None, b: float | None) -> float | None:
     return None if a is None or b is None or b == 0 else a / b
 
@@ -301,7 +305,14 @@ def peer(context: ScenarioContext) -> Outcome:
                     value: float | None = None
                     error = None
                     try:
+                        if workload.name.startswith("rm-rf") and target in refused:
+                            # it cannot even list a tree it could not finish: the
+                            # tree goes on the peer's backing directory
+                            shutil.rmtree(c.source / "untar", ignore_errors=True)
+                            raise _Refused("its tar x failed")
                         value = workload.run(directory, target.replace(" ", "-"))
+                    except _Refused as e:
+                        error = str(e)
                     except BenchError as e:
                         # passthrough_ll holds an O_PATH fd for every inode the
                         # kernel knows and has no cap: a big tar x ends in EMFILE
@@ -310,8 +321,6 @@ def peer(context: ScenarioContext) -> Outcome:
                             raise
                         error = "EMFILE: passthrough_ll holds an fd per known inode"
                         refused.add(target)
-                    if workload.name.startswith("rm-rf") and target in refused:
-                        value, error = None, "its tar x failed"
                     cpu_s = daemon.cpu_time_s() - cpu_before_s if daemon is not None else None
                     if daemon is not None:
                         daemon.check_alive()
