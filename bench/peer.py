@@ -289,7 +289,10 @@ def peer(context: ScenarioContext) -> Outcome:
         build_tarball(tarball, tar_files)
         raw_dir = context.work("peer-raw")
         mount = stack.enter_context(context.mount("peer-fusedisk"))
-        c = stack.enter_context(c_peer(context, "peer-c"))
+        peer_stack = ExitStack()
+        stack.callback(lambda: peer_stack.close())  # whichever peer runs at the end
+        c = peer_stack.enter_context(c_peer(context, "peer-c"))
+        restarts = 0
         places: dict[str, tuple[Path, Daemon | None]] = {
             RAW: (raw_dir, None), FUSEDISK: (mount.mountpoint, mount.daemon),
             PEER: (c.mountpoint, c.daemon)}
@@ -306,13 +309,19 @@ def peer(context: ScenarioContext) -> Outcome:
                     error = None
                     try:
                         if workload.name.startswith("rm-rf") and target in refused:
-                            # it cannot even list a tree it could not finish: the
-                            # tree goes on the peer's backing directory
-                            shutil.rmtree(c.source / "untar", ignore_errors=True)
-                            raise _Refused("its tar x failed")
+                            # it cannot even list the tree it could not finish, and
+                            # the kernel keeps those inodes (and its descriptors):
+                            # a fresh peer serves what follows
+                            peer_stack.close()
+                            shutil.rmtree(c.source, ignore_errors=True)
+                            restarts += 1
+                            peer_stack = ExitStack()
+                            c = peer_stack.enter_context(c_peer(context, f"peer-c{restarts}"))
+                            places[PEER] = (c.mountpoint, c.daemon)
+                            raise _Refused("its tar x failed; the peer was restarted")
                         value = workload.run(directory, target.replace(" ", "-"))
                     except _Refused as e:
-                        error = str(e)
+                        error, daemon = str(e), None
                     except BenchError as e:
                         # passthrough_ll holds an O_PATH fd for every inode the
                         # kernel knows and has no cap: a big tar x ends in EMFILE
