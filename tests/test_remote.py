@@ -32,6 +32,8 @@ from fusedisk.agent import PROTOCOL_VERSION
 from fusedisk.config import build_config
 from fusedisk.errors import ConfigError
 
+from .mounting import wait_for
+
 MiB = 1 << 20
 
 
@@ -403,7 +405,9 @@ async def test_a_file_of_holes_and_a_unix_socket(tmp_path: Path, site: Site) -> 
     os.truncate(source, 10 * MiB)
     agent, pid = agent_on_unix_socket(site, tmp_path / "nbd.sock")
     try:
-        assert nbdkits_serving(site.dir) == [pid]
+        # the agent answers once the listening socket is nbdkit's fd 3, which may be
+        # before its shell has exec'd nbdkit: the pid is the same, its argv not yet
+        wait_for(lambda: nbdkits_serving(site.dir) == [pid], 30, "the agent's nbdkit")
         endpoint = remote.Endpoint("far", socket=str(tmp_path / "nbd.sock"),
                                    tls_psk=site.keys, tls_username="fusedisk")
         assert await trio.to_thread.run_sync(endpoint.list_exports) == ["empty.img"]
