@@ -27,6 +27,7 @@ import trio
 from . import backing
 from .bitmap import Bitmap
 from .cbt import REGION_SHIFT, CbtStore, Tracker
+from .failpoint import stall
 from .gate import Gate
 from .sizes import block_span
 
@@ -536,6 +537,9 @@ class OpenFiles:
         """Open (or share) the file behind an O_PATH handle (*fresh*: just
         created); pair with :meth:`release`."""
         vfile = self._files.get(key)
+        if vfile is not None and vfile.opens == 0 and not self._same_file(vfile, path_fd,
+                                                                           gate, fresh):
+            vfile = None  # a removed file's, still saving: the new file on its number is another
         if vfile is not None and vfile.stale:
             fd, vfile.writable = backing.open_for_io(path_fd)
             old_fd, vfile.fd, vfile.stale, vfile.gone = vfile.fd, fd, False, False
@@ -566,6 +570,16 @@ class OpenFiles:
                     self.release(vfile)
                     raise
         return vfile
+
+    def _same_file(self, vfile: VFile, path_fd: int, gate: Gate, fresh: bool) -> bool:
+        """Whether the closed *vfile* (its history may still be saving) is the file
+        behind *path_fd*. ext4 and XFS give a new file the inode number of one just
+        removed, so the key alone does not say: a file just created, a file of
+        another entry, or one whose CBT id differs is another file."""
+        if fresh or vfile.gone or vfile.gate is not gate:
+            return False
+        tracker = vfile.tracker
+        return tracker is None or self.cbt is None or self.cbt.file_id(path_fd) == tracker.file_id
 
     def release(self, vfile: VFile) -> None:
         vfile.opens -= 1
@@ -599,6 +613,7 @@ class OpenFiles:
         task_status.started()
         async for vfile in self._closing:
             tracker = vfile.tracker
+            await stall("close-released")  # a test's slow history save (failpoint.py)
             try:
                 if tracker is not None and vfile.opens == 0:
                     await tracker.close()
@@ -615,15 +630,17 @@ class OpenFiles:
                             tracker.file_id, e.strerror or e)
             finally:
                 vfile.closing = 0
-            if vfile.opens == 0 and self._files.get(vfile.key) is vfile:
-                del self._files[vfile.key]
-                # unlinked while open: now it is gone, and its history with it
-                # (a stale fd is the old self of a file that lives on elsewhere)
+            if vfile.opens == 0:
+                if self._files.get(vfile.key) is vfile:  # (not if a new file took its key)
+                    del self._files[vfile.key]
+                # unlinked while open or while this save ran: now it is gone, and
+                # its history with it (a stale fd is the old self of a file that
+                # lives on elsewhere)
                 if vfile.fd >= 0:
                     backing.close(vfile.fd)
                     vfile.fd = -1
                 if tracker is not None and vfile.gone:
-                    await self.forget_history((tracker.file_id, vfile.key))
+                    await self._forget((tracker.file_id, vfile.key))
 
     def last_link_history(self, dir_fd: int, name: str) -> tuple[str, tuple[int, int]] | None:
         """Before *name* is unlinked or renamed over: the CBT history that goes
@@ -639,8 +656,11 @@ class OpenFiles:
         except OSError:
             return None  # the unlink or rename reports it
         key = (st.st_dev, st.st_ino)
-        if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1 or key in self._files:
+        if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
             return None
+        vfile = self._files.get(key)
+        if vfile is not None and vfile.opens:
+            return None  # forgotten when closed (closed but still saving: after that save)
         path_fd = backing.open_path(dir_fd, name)
         try:
             file_id = self.cbt.file_id(path_fd)
@@ -652,6 +672,15 @@ class OpenFiles:
         """Drop the CBT history of a file that is gone (see :meth:`last_link_history`).
         Never raises: the file is already gone, and a history left behind costs
         only space."""
+        file_id, key = history
+        vfile = self._files.get(key)
+        if (vfile is not None and vfile.opens == 0 and vfile.closing
+                and vfile.tracker is not None and vfile.tracker.file_id == file_id):
+            vfile.gone = True  # its save is still running: _close_released drops it after
+            return
+        await self._forget(history)
+
+    async def _forget(self, history: tuple[str, tuple[int, int]]) -> None:
         if self.cbt is None:
             return
         try:
