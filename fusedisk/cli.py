@@ -49,6 +49,22 @@ class _JournalFormatter(logging.Formatter):
         return f"<{_SYSLOG_PRIORITY.get(record.levelno, 6)}>{super().format(record)}"
 
 
+class _AbandonedReplies(logging.Filter):
+    """pyfuse3 logs an ERROR when the kernel refuses a reply with ENOENT: the
+    request is no longer waited for. For a RELEASE that is what an unmount does
+    to the ones still queued (the kernel has already dropped the file), not an
+    error of ours; it is logged at INFO, everything else passes unchanged."""
+
+    _ABANDONED = ("fuse_release(): fuse_reply_* failed with No such file or directory",
+                  "fuse_releasedir(): fuse_reply_* failed with No such file or directory")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno == logging.ERROR and record.getMessage() in self._ABANDONED:
+            record.levelno, record.levelname = logging.INFO, "INFO"
+            record.msg, record.args = f"{record.getMessage()} (an unmount abandoned it)", None
+        return True
+
+
 def setup_logging(debug: bool) -> None:
     handler = logging.StreamHandler(sys.stderr)
     if os.environ.get("JOURNAL_STREAM") or os.environ.get("INVOCATION_ID"):
@@ -60,7 +76,9 @@ def setup_logging(debug: bool) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(logging.DEBUG if debug else logging.INFO)
-    logging.getLogger("pyfuse3").setLevel(logging.INFO if debug else logging.WARNING)
+    pyfuse3_log = logging.getLogger("pyfuse3")
+    pyfuse3_log.setLevel(logging.INFO if debug else logging.WARNING)
+    pyfuse3_log.filters[:] = [_AbandonedReplies()]
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -9,6 +9,7 @@ systemd unit runs).
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -672,3 +673,31 @@ def test_cancel_is_refused_once_the_switchover_began(freezable: FreezableStore) 
         ds.teardown()
     log = ds.log()
     assert "Traceback" not in log and " ERROR " not in log, log
+
+
+def test_a_release_the_unmount_abandoned_is_not_logged_as_an_error(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """pyfuse3's ERROR for a RELEASE the kernel no longer waits for (an unmount
+    drops the queued ones) is INFO; its other errors stay errors."""
+    from fusedisk.cli import setup_logging
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    try:
+        setup_logging(debug=False)
+        pyfuse3_log = logging.getLogger("pyfuse3")
+        pyfuse3_log.error("fuse_release(): fuse_reply_* failed with %s",
+                          "No such file or directory")
+        pyfuse3_log.error("fuse_releasedir(): fuse_reply_* failed with %s",
+                          "No such file or directory")
+        pyfuse3_log.error("fuse_write(): fuse_reply_* failed with %s", "No such file or directory")
+        pyfuse3_log.error("fuse_release(): fuse_reply_* failed with %s", "Bad file descriptor")
+    finally:
+        root.handlers[:], _ = saved
+        root.setLevel(saved[1])
+        logging.getLogger("pyfuse3").filters.clear()
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 4, lines
+    assert " INFO pyfuse3: fuse_release(): " in lines[0] and "abandoned" in lines[0]
+    assert " INFO pyfuse3: fuse_releasedir(): " in lines[1]
+    assert " ERROR pyfuse3: fuse_write(): " in lines[2]
+    assert " ERROR pyfuse3: fuse_release(): " in lines[3] and "Bad file" in lines[3]
