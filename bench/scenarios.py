@@ -18,6 +18,9 @@ runs all of them by default, in registry order; ``--scenarios`` picks some.
 - ``relocate-idle``, ``relocate-busy``, ``switchover-pause``,
   ``relocate-sparse``, ``relocate-outrun``: live relocation with
   ``fusedisk migrate`` (``bench/relocation.py``).
+- ``relocate-resume``: kill -9 of the daemon at 25/50/90% of a relocation, remount,
+  resume: what the resumed copy kept and copied vs what was left, data verified
+  (``bench/resume.py``).
 - ``guest-switchover``, ``guest-rounds``: a real QEMU guest (TCG, cache=none,
   aio=io_uring) whose disk relocates, vs QEMU's own ``blockdev-mirror``; and its
   mixed random rounds on the mount vs a plain directory (``bench/vmguest.py``).
@@ -31,7 +34,17 @@ from __future__ import annotations
 from contextlib import ExitStack
 from dataclasses import dataclass
 
-from bench import cbtcost, manyfiles, peer, relocation, remotecopy, scale, snapshot, vmguest
+from bench import (
+    cbtcost,
+    manyfiles,
+    peer,
+    relocation,
+    remotecopy,
+    resume,
+    scale,
+    snapshot,
+    vmguest,
+)
 from bench.context import (
     C_PEER,
     MOUNT,
@@ -136,6 +149,7 @@ register("switchover-pause", relocation.switchover_pause, needs_migrate=True)
 register("relocate-sparse", relocation.relocate_sparse, needs_migrate=True)
 register("relocate-outrun", relocation.relocate_outrun, needs_migrate=True)
 register("switchover-scale", scale.switchover_scale, needs_migrate=True)
+register("relocate-resume", resume.relocate_resume, needs_migrate=True)
 register("manyfiles", manyfiles.manyfiles, needs_migrate=True)
 register("snapshot", snapshot.snapshot)
 register("guest-switchover", vmguest.guest_switchover, needs_migrate=True)

@@ -32,7 +32,7 @@ from fusedisk import mountinfo
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-RUN_TIMEOUT_S = 540  # every scenario in quick mode (idle on three targets, two QEMU guests)
+RUN_TIMEOUT_S = 600  # every scenario in quick mode (idle on three targets, two QEMU guests)
 CLEANUP_TIMEOUT_S = 60
 TEST_TIMEOUT_S = RUN_TIMEOUT_S + CLEANUP_TIMEOUT_S + 60
 IDLE_CHARTS = ("idle-mbps.png", "idle-iops.png", "idle-ratio.png")
@@ -381,6 +381,30 @@ def test_switchover_scale_results_are_complete(quick_run: QuickRun) -> None:
         # the busy disk was written all through the relocation
         assert run["probe_writes"] > 0 and run["probe_max_ms"] is not None, run
     assert data["targets"][0]["met"] in (True, False)
+
+
+@pytest.mark.mount
+@pytest.mark.timeout(TEST_TIMEOUT_S)
+def test_relocate_resume_results_are_complete(quick_run: QuickRun) -> None:
+    """Each kill -9 landed before the switchover near its share, the next mount
+    resumed the job from what the destination kept, and every byte is intact."""
+    data = quick_run.scenario("relocate-resume")
+    runs = data["runs"]
+    assert [run["percent"] for run in runs] == [25, 50, 90]
+    for run in runs:
+        assert "error" not in run, run
+        size = run["disk_bytes"]
+        assert run["copied_at_kill"] >= size * run["percent"] // 100, run
+        assert run["source_was_truth"] is True, run  # killed before the commit
+        assert run["resumed"] is True and run["data_intact"] is True, run
+        assert run["files"] == 3, run  # the conf, nvram and the disk, all compared
+        _finite(run["resume_wall_s"], "resume wall")
+        assert run["within_bound"] == (run["bytes_copied"] <= run["bound"]), run
+    # the later the kill, the more the destination kept
+    kept = [run["resumed_bytes"] for run in runs]
+    assert kept == sorted(kept) and kept[-1] > 0, kept
+    assert data["targets"][0]["met"] in (True, False)
+    assert data["targets"][1]["met"] is True
 
 
 @pytest.mark.mount
