@@ -709,6 +709,11 @@ class PathTable:
         ref.dev, ref.handle = dev, handle
         return True
 
+    def open_handle(self, dev: int, handle: bytes) -> int:
+        """An O_PATH fd of the object *handle* names on filesystem *dev* (which
+        must be registered); ``OSError(ESTALE)`` when it is gone."""
+        return open_by_handle(self._mount_fds[dev], handle)
+
     def drop(self, ref: PathRef) -> None:
         """The object is forgotten: close its fd."""
         self._lru.pop(ref, None)

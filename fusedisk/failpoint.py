@@ -87,3 +87,27 @@ def stall_blocking(name: str) -> None:
         _stalls_left -= 1
     log.warning("stall point %s reached: waiting %.0f ms", name, _STALL_S * 1000)
     time.sleep(_STALL_S)
+
+
+def _hold_spec() -> tuple[str, str]:
+    name, _, path = os.environ.get("FUSEDISK_HOLD", "").partition(":")
+    return name, path
+
+
+#: ``FUSEDISK_HOLD=NAME:PATH``: each time the daemon reaches the hold point NAME
+#: it waits for as long as the file PATH exists, so that a test can act inside
+#: an exact phase (say, after a switchover's pause, before its sweep) for as long
+#: as it needs, however loaded the machine, and end it by removing the file.
+_HOLD_NAME, _HOLD_PATH = _hold_spec()
+
+
+async def hold(name: str) -> None:
+    """Wait here while the hold point *name* is armed and its file exists."""
+    if name != _HOLD_NAME or not _HOLD_PATH:
+        return
+    path = trio.Path(_HOLD_PATH)
+    if await path.exists():
+        log.warning("hold point %s reached: waiting while %s exists", name, _HOLD_PATH)
+        while await path.exists():  # noqa: ASYNC110 (a test's file, not an event of ours)
+            await trio.sleep(0.01)
+        log.warning("hold point %s released", name)

@@ -45,6 +45,7 @@ from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, ParamSpec, TypeVar
 
 import pyfuse3
+import trio
 from pyfuse3 import FUSEError
 
 from . import backing, fuseshim, pagecache, snapview
@@ -66,6 +67,8 @@ _SYNC_NONE, _SYNC_DATA, _SYNC_FULL = 0, 1, 2
 #: How long the kernel may cache attributes and names. Every change passes
 #: through this mount, so the kernel's own invalidation keeps it right.
 _ATTR_TIMEOUT_S = 1.0
+#: inodes the sweep after a switchover re-points between two checkpoints
+_SWEEP_SLICE = 256
 #: fusedisk's own xattrs on backing files (the CBT file id); never shown to clients
 _PRIVATE_XATTR_PREFIX = b"trusted.fusedisk."
 
@@ -154,8 +157,8 @@ class Inode:
 
     __slots__ = (
         "cache_stale", "direct_handles", "entry", "file_type", "handles", "ino", "is_entry_root",
-        "kept_ctime_ns", "key", "killpriv", "lookups", "no_caps", "paths", "ref", "sticky",
-        "vfile",
+        "kept_ctime_ns", "key", "killpriv", "lookups", "no_caps", "paths", "pending", "ref",
+        "sticky", "vfile",
     )
 
     def __init__(
@@ -192,14 +195,44 @@ class Inode:
         #: the ctime the object had before a relocation moved it, shown until
         #: the mount changes it (:meth:`Operations._changing`); None: the backing one
         self.kept_ctime_ns: int | None = None
+        #: set by a switchover that moved the object and left this inode to be
+        #: re-pointed when it is next used (or by the sweep after the pause)
+        self.pending: _PendingRepoint | None = None
 
     @property
     def path_fd(self) -> int:
         """The O_PATH fd of the backing object (see :class:`backing.PathTable`:
         inside a request it stays open until the request ends)."""
+        if self.pending is not None:
+            self.pending.catch_up(self)
         if self.ref is None or self.paths is None:
             return -1
         return self.paths.fd(self.ref)
+
+
+class _PendingRepoint:
+    """The inodes of one entry that a switchover did not re-point inside its pause.
+
+    Inside the pause only the inodes that may be in use are re-pointed (open
+    handles, pinned fds); every other one is marked with this object and moved
+    to its staged self when a request next reaches it (:meth:`Operations._inode`,
+    a lookup that finds its new key, its ``path_fd``), or by the sweep that the
+    switchover awaits once the gate is open. Nothing is opened for it: the
+    staging recorded each object's file handle, key and kept ctime, which no
+    rename after the switchover changes (:meth:`StagedTree.dst_identity`).
+    """
+
+    __slots__ = ("_ops", "inodes", "memo", "resolve")
+
+    def __init__(self, ops: Operations, resolve: Resolver) -> None:
+        self._ops = ops
+        self.resolve = resolve
+        #: which staged directories are in the tree (StagedTree.dst_identity)
+        self.memo: dict[tuple[int, int], bool] = {}
+        self.inodes: list[Inode] = []
+
+    def catch_up(self, inode: Inode) -> None:
+        self._ops._catch_up(inode, self)
 
 
 def _sync_mode(flags: int) -> int:
@@ -260,6 +293,8 @@ class Operations(pyfuse3.Operations):
         self._root.lookups = 1
         self._inodes: dict[int, Inode] = {ROOT_INODE: self._root}
         self._by_key: dict[tuple[int, int], Inode] = {}
+        #: switchovers whose inodes are not all re-pointed yet (see _PendingRepoint)
+        self._pending: list[_PendingRepoint] = []
         #: open regular files by FUSE file handle; ``_vfiles`` has the same keys
         #: and spares the read path one attribute lookup
         self._handles: dict[int, _FileHandle] = {}
@@ -277,17 +312,36 @@ class Operations(pyfuse3.Operations):
     def _show_kept_ctime(self, key: tuple[int, int]) -> None:
         """An open gave the file *key* a new CBT id (which moved its backing
         ctime) and kept the ctime shown: show the kept one (OpenFiles.on_kept_ctime)."""
-        inode = self._by_key.get(key)
+        inode = self._known(key)
         if inode is not None and inode.path_fd >= 0:
             inode.kept_ctime_ns = kept_identity(inode.path_fd)[1]
 
     def _inode(self, ino: int) -> Inode:
         try:
-            return self._inodes[ino]
+            inode = self._inodes[ino]
         except KeyError:
             # every request that reaches here on a number of the snapshot view
             # would change it (the others were passed to the view)
             raise FUSEError(errno.EROFS if snapview.owns(ino) else errno.ESTALE) from None
+        if inode.pending is not None:
+            inode.pending.catch_up(inode)
+        return inode
+
+    def _known(self, key: tuple[int, int]) -> Inode | None:
+        """The inode of the backing object *key*, if the kernel knows it (also one
+        that a switchover moved there and has not re-pointed yet)."""
+        inode = self._by_key.get(key)
+        if inode is None and self._pending:
+            for pending in self._pending:
+                src = pending.resolve.old_key(key)
+                old = self._by_key.get(src) if src is not None else None
+                if old is not None and old.pending is pending:
+                    pending.catch_up(old)
+                    return old
+        elif inode is not None and inode.pending is not None:
+            inode.pending.catch_up(inode)
+            return self._by_key.get(key)
+        return inode
 
     def _remember(
         self, path_fd: int, st: os.stat_result, entry: Entry, is_entry_root: bool,
@@ -302,7 +356,7 @@ class Operations(pyfuse3.Operations):
         kernel is sure to have been told (see :meth:`readdir`).
         """
         key = (st.st_dev, st.st_ino)
-        known = self._by_key.get(key)
+        known = self._known(key)
         if known is not None:
             backing.close(path_fd)
             return known
@@ -395,7 +449,7 @@ class Operations(pyfuse3.Operations):
             st = backing.lstat_at(dir_fd, name)
         except OSError:
             return  # the operation itself reports it
-        known = self._by_key.get((st.st_dev, st.st_ino))
+        known = self._known((st.st_dev, st.st_ino))
         if known is not None:
             self._changing(known)
             return
@@ -419,7 +473,7 @@ class Operations(pyfuse3.Operations):
             st = backing.lstat_at(dir_fd, name)
         except OSError:
             return None  # the operation itself reports it
-        known = self._by_key.get((st.st_dev, st.st_ino))
+        known = self._known((st.st_dev, st.st_ino))
         if known is None or known.sticky or known.ref is None:
             return None
         if not stat.S_ISDIR(st.st_mode) and st.st_nlink > 1:
@@ -1134,29 +1188,86 @@ class Operations(pyfuse3.Operations):
         Called by a switchover after its commit, with the entry quiesced. Inode
         numbers do not change, so the kernel sees the same files. Objects that
         *resolve* does not know (unlinked but still open) stay where they are.
+
+        Only what may be in use is moved here: open files, inodes with open
+        handles or pinned fds. Every other inode is marked, a loop of a few
+        attribute stores however many the kernel knows; it moves when it is
+        next used, or by :meth:`_sweep`, which the switchover runs once the gate
+        is open (``resolve.after_pause``). Unless the destination gave no file
+        handles: then every inode is moved here, by path.
         """
+        lazy = resolve.lazy()
+        pending = _PendingRepoint(self, resolve)
+        now = 0
         for inode in list(self._inodes.values()):
             if inode.entry is not entry:
                 continue
             assert inode.ref is not None
-            # what the staging recorded: no syscall but the close of the old fd
-            known = resolve.identity(inode.key)
-            if known is not None and self.paths.retarget(inode.ref, known[0][0], known[1],
-                                                         resolve.close_later):
-                new_key, inode.kept_ctime_ns = known[0], known[2]
-            else:  # pinned, or no handle recorded: open it now
-                found = resolve(inode.key)
-                if found is None:
-                    continue
-                path_fd, st = found
-                inode.kept_ctime_ns = kept_identity(path_fd)[1]
-                self.paths.replace(inode.ref, path_fd, st.st_dev)
-                new_key = (st.st_dev, st.st_ino)
-            if self._by_key.get(inode.key) is inode:
-                del self._by_key[inode.key]
-            inode.key = new_key
-            self._by_key[new_key] = inode
+            if lazy and not inode.handles and not inode.ref.pins:
+                inode.pending = pending
+                pending.inodes.append(inode)
+                continue
+            self._move(inode, resolve, resolve.close_later, None, lazy=False)
+            now += 1
         self.files.repoint(resolve)
+        log.info("re-point of %r: %d inodes in the pause, %d after it", entry.name, now,
+                 len(pending.inodes))
+        if pending.inodes:
+            self._pending.append(pending)
+            resolve.after_pause(functools.partial(self._sweep, pending))
+
+    def _move(self, inode: Inode, resolve: Resolver, close_later: Callable[[int], None],
+              memo: dict[tuple[int, int], bool] | None, *, lazy: bool) -> None:
+        """Re-point *inode*; *lazy*: after the pause (by handle only, never by path,
+        which a rename since may have changed)."""
+        assert inode.ref is not None
+        # what the staging recorded: no syscall but the close of the old fd
+        known = resolve.identity(inode.key, memo)
+        if known is not None and self.paths.retarget(inode.ref, known[0][0], known[1],
+                                                     close_later):
+            new_key, inode.kept_ctime_ns = known[0], known[2]
+        elif known is not None and lazy:
+            # pinned after the pause (a request is using it): open it by its handle
+            fd = self.paths.open_handle(known[0][0], known[1])
+            self.paths.replace(inode.ref, fd, known[0][0])
+            new_key, inode.kept_ctime_ns = known[0], known[2]
+        elif lazy:
+            return  # not in the tree (unlinked, open only): it stays where its data is
+        else:  # inside the pause: pinned, or no handle recorded: open it by path
+            found = resolve(inode.key)
+            if found is None:
+                return  # unlinked, open only: it stays where its data is
+            path_fd, st = found
+            inode.kept_ctime_ns = kept_identity(path_fd)[1]
+            self.paths.replace(inode.ref, path_fd, st.st_dev)
+            new_key = (st.st_dev, st.st_ino)
+        if self._by_key.get(inode.key) is inode:
+            del self._by_key[inode.key]
+        inode.key = new_key
+        self._by_key[new_key] = inode
+
+    def _catch_up(self, inode: Inode, pending: _PendingRepoint) -> None:
+        """Re-point *inode*, left by a switchover's pause, now (see _PendingRepoint)."""
+        inode.pending = None
+        if self._inodes.get(inode.ino) is not inode:
+            return  # forgotten meanwhile: its fd is closed
+        self._move(inode, pending.resolve, backing.close, pending.memo, lazy=True)
+
+    async def _sweep(self, pending: _PendingRepoint) -> None:
+        """Re-point what a switchover left pending, a slice at a time between
+        requests; the switchover awaits it once the gate is open."""
+        try:
+            for done, inode in enumerate(pending.inodes, 1):
+                if inode.pending is pending:
+                    pending.catch_up(inode)
+                if done % _SWEEP_SLICE == 0:
+                    await trio.lowlevel.checkpoint()
+        finally:
+            for inode in pending.inodes:  # cancelled (unmount): the rest at once
+                if inode.pending is pending:
+                    pending.catch_up(inode)
+            pending.inodes.clear()
+            self._pending.remove(pending)
 
     # -- introspection ----------------------------------------------------------------------
 

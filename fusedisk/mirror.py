@@ -533,13 +533,21 @@ class Copier:
                 return copy.vfile.mirror_error
         return None
 
-    def detach(self) -> list[int]:
+    def detach(self, parked: list[FileCopy] | None = None) -> list[int]:
         """Stop mirroring and consuming, release the sources; return the pool
-        files' descriptors, for the caller to close (outside a pause)."""
+        files' descriptors, for the caller to close (outside a pause).
+
+        With *parked*, the parked copies (closed: nothing can write them, and the
+        copies are gone from the table) are only put there, for the caller to
+        finish with :meth:`forget_parked` outside the pause: the many small
+        files of an entry cost the pause nothing."""
         later: list[int] = []
         if self.copies:
             log.info("copy steps raced by guest writes: %d (copied again)", self.raced_steps)
         for copy in self.copies.values():
+            if parked is not None and copy.vfile is None and copy is not self._inflight:
+                parked.append(copy)
+                continue
             self.files.unwatch(copy.key)
             copy.detached = True
             if not copy.parked and copy is not self._inflight:  # else: once it is back
@@ -551,6 +559,12 @@ class Copier:
                 later.append(fd)
         self._dst_mount_fd = self._src_mount_fd = -1
         return later
+
+    def forget_parked(self, parked: list[FileCopy]) -> None:
+        """Finish what :meth:`detach` left of its parked copies."""
+        for copy in parked:
+            self.files.unwatch(copy.key)
+            copy.detached = True
 
     # -- copying --------------------------------------------------------------------
 

@@ -108,6 +108,10 @@ class StagedTree:
         #: switchover re-points an inode to without opening or reading anything
         self._dst_handle: dict[Key, bytes | None] = {}
         self._dst_kept_ctime: dict[Key, int | None] = {}
+        #: destination key → source key (the reverse of _dst_key)
+        self._src_of_dst: dict[Key, Key] = {}
+        #: staged objects whose filesystem gave no handle
+        self._no_handle = 0
         #: the other names (hard links) of staged objects, beside their place
         self._links: dict[Key, set[tuple[Key, str]]] = {}
         #: directories whose names a sync before the pause could not bring in
@@ -165,6 +169,15 @@ class StagedTree:
         if handle is None or dst is None:
             return None
         return dst, handle, self._dst_kept_ctime.get(key)
+
+    def src_key(self, dst: Key) -> Key | None:
+        """The source object whose staged self is the destination object *dst*."""
+        key = self._src_of_dst.get(dst)
+        return key if key is not None and self._dst_key.get(key) == dst else None
+
+    def handles_complete(self) -> bool:
+        """Whether every staged object has a recorded file handle."""
+        return self._no_handle == 0
 
     def _in_tree_memo(self, key: Key, memo: dict[Key, bool]) -> bool:
         walked: list[Key] = []
@@ -401,8 +414,11 @@ class StagedTree:
                 del self._links[key]
             return
         del self._place[key]
-        self._dst_key.pop(key, None)
-        self._dst_handle.pop(key, None)
+        dst = self._dst_key.pop(key, None)
+        if dst is not None and self._src_of_dst.get(dst) == key:
+            del self._src_of_dst[dst]
+        if key in self._dst_handle and self._dst_handle.pop(key) is None:
+            self._no_handle -= 1
         self._dst_kept_ctime.pop(key, None)
         self._links.pop(key, None)
         self._unsynced.discard(key)
@@ -489,7 +505,9 @@ class StagedTree:
             if key not in self._dst_key:
                 dst = backing.fstat(dst_fd)
                 self._dst_key[key] = (dst.st_dev, dst.st_ino)
-                self._dst_handle[key] = backing.handle_of(dst_fd)
+                self._src_of_dst[(dst.st_dev, dst.st_ino)] = key
+                handle = self._dst_handle[key] = backing.handle_of(dst_fd)
+                self._no_handle += handle is None
             # what fs.py would read back from the staged object's kept identity
             self._dst_kept_ctime[key] = (identity[1] if identity is not None
                                          else kept_identity(dst_fd)[1])

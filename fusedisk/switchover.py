@@ -36,8 +36,8 @@ import trio
 from . import backing
 from .datastore import Datastore, Entry, Store
 from .errors import FusediskError
-from .failpoint import failpoint, stall
-from .mirror import Copier, estimate_s
+from .failpoint import failpoint, hold, stall
+from .mirror import Copier, FileCopy, estimate_s
 from .staging import TREE, StagedTree, StagingError
 from .vdisk import Resolver
 
@@ -111,6 +111,8 @@ class _Resolver:
         self._in_tree: dict[tuple[int, int], bool] = {}
         #: the source objects' old fds: closed once the gate is open again
         self.closing: list[int] = []
+        #: what the switchover awaits once the gate is open again
+        self.jobs: list[Callable[[], Awaitable[None]]] = []
 
     def _dir(self, parts: tuple[str, ...]) -> int:
         fd = self._dirs.get(parts)
@@ -138,11 +140,21 @@ class _Resolver:
     def new_key(self, key: tuple[int, int]) -> tuple[int, int] | None:
         return self.tree.dst_key(key)
 
-    def identity(self, key: tuple[int, int]) -> tuple[tuple[int, int], bytes, int | None] | None:
-        return self.tree.dst_identity(key, self._in_tree)
+    def identity(self, key: tuple[int, int], memo: dict[tuple[int, int], bool] | None = None
+                 ) -> tuple[tuple[int, int], bytes, int | None] | None:
+        return self.tree.dst_identity(key, self._in_tree if memo is None else memo)
+
+    def old_key(self, key: tuple[int, int]) -> tuple[int, int] | None:
+        return self.tree.src_key(key)
+
+    def lazy(self) -> bool:
+        return self.tree.handles_complete()
 
     def close_later(self, fd: int) -> None:
         self.closing.append(fd)
+
+    def after_pause(self, job: Callable[[], Awaitable[None]]) -> None:
+        self.jobs.append(job)
 
     def close(self) -> None:
         for fd in self._dirs.values():
@@ -174,6 +186,7 @@ async def switch_over(
     assert journal is not None
     costs = costs or Costs()
     pool_fds: list[int] = []
+    parked: list[FileCopy] = []
     start = time.monotonic()
     steps: dict[str, float] = {}
 
@@ -235,7 +248,8 @@ async def switch_over(
             # before the gate opens: no write goes to the pool twice; and
             # before the re-point: a file that only the copy held open is
             # re-pointed when it is next opened, not now
-            pool_fds = copier.detach()
+            pool_fds = copier.detach(parked)
+            step("detach")
             resolve = _Resolver(dst, entry.name, tree)
             try:
                 on_commit(entry, resolve)
@@ -245,9 +259,17 @@ async def switch_over(
             step("repoint")
     finally:
         gate.open()
+        pause_ms = (time.monotonic() - start) * 1000
+        copier.forget_parked(parked)
         log.info("switchover of %r: %s ms", entry.name, steps)
     # the gate is open: the pool's handles and the source objects' old ones go
-    # outside the pause (nothing refers to them any more)
+    # outside the pause (nothing refers to them any more), and what the re-point
+    # left for after it runs (committed: it only goes forward)
     for fd in pool_fds:
         backing.close(fd)
-    return (time.monotonic() - start) * 1000
+    with trio.CancelScope(shield=True):
+        await hold("after-pause")  # a test's hold before the re-point's sweep
+        await stall("after-pause")
+        for job in resolve.jobs:
+            await job()
+    return pause_ms

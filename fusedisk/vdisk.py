@@ -15,11 +15,12 @@ mark" atomic with respect to every other task.
 from __future__ import annotations
 
 import errno
+import functools
 import logging
 import math
 import os
 import stat
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Protocol
 
 import trio
@@ -58,13 +59,25 @@ class Resolver(Protocol):
     def new_key(self, key: tuple[int, int]) -> tuple[int, int] | None:
         """The backing key of the new self of source object *key* (no I/O)."""
 
-    def identity(self, key: tuple[int, int]) -> tuple[tuple[int, int], bytes, int | None] | None:
+    def identity(self, key: tuple[int, int], memo: dict[tuple[int, int], bool] | None = None
+                 ) -> tuple[tuple[int, int], bytes, int | None] | None:
         """(backing key, file handle, kept ctime) of the new self of *key*, as the
-        relocation recorded them (no I/O); None when it has none recorded."""
+        relocation recorded them (no I/O); None when it has none recorded. *memo*:
+        the caller's cache of which directories are in the tree."""
+
+    def old_key(self, key: tuple[int, int]) -> tuple[int, int] | None:
+        """The source object whose new self is the backing object *key* (no I/O)."""
+
+    def lazy(self) -> bool:
+        """Whether objects not in use may be re-pointed after the pause (every
+        staged object has a recorded handle)."""
 
     def close_later(self, fd: int) -> None:
         """Take over *fd*, a source object's old descriptor that nothing uses any
         more, and close it once the switchover's pause is over."""
+
+    def after_pause(self, job: Callable[[], Awaitable[None]]) -> None:
+        """Have the switchover await *job* once its gate is open again."""
 
 
 class Guard(Protocol):
@@ -456,6 +469,10 @@ class OpenFiles:
         #: guest reads and writes on every file (the copy engine yields to them)
         self.activity = Activity()
         self._files: dict[tuple[int, int], VFile] = {}
+        #: closed files a switchover moved and left to be re-keyed after its pause
+        #: (by their next open, a lookup of their new key, their close's save, or
+        #: the sweep the switchover awaits): (its resolver, them)
+        self._rekey: list[tuple[Resolver, set[VFile]]] = []
         self._to_close, self._closing = trio.open_memory_channel[VFile](math.inf)
         #: files whose CBT history is to be saved with a relocation's alias
         self._to_keep, self._keeping = trio.open_memory_channel[VFile](math.inf)
@@ -474,7 +491,7 @@ class OpenFiles:
         """Guard the file *key*, open or not, from now on (sync: no write can slip in)."""
         guards = self.guards.setdefault(key, [])
         guards.append(guard)
-        vfile = self._files.get(key)
+        vfile = self._get(key)
         if vfile is not None:
             vfile.guards = guards
 
@@ -515,10 +532,55 @@ class OpenFiles:
 
     def fd_of(self, key: tuple[int, int]) -> int | None:
         """The descriptor the data path uses for the file *key*, if it is open."""
-        vfile = self._files.get(key)
+        vfile = self._get(key)
         if vfile is None or vfile.stale or vfile.fd < 0:
             return None
         return vfile.fd
+
+    def _get(self, key: tuple[int, int]) -> VFile | None:
+        """The VFile of backing key *key*: also a closed one that a switchover
+        moved there and has not re-keyed yet (it is re-keyed now)."""
+        vfile = self._files.get(key)
+        if vfile is None and self._rekey:
+            for resolve, left in self._rekey:
+                old = resolve.old_key(key)
+                moved = self._files.get(old) if old is not None else None
+                if moved is not None and moved in left:
+                    self._rekey_now(moved, resolve, left)
+                    return self._files.get(key)
+        return vfile
+
+    def _rekey_now(self, vfile: VFile, resolve: Resolver, left: set[VFile]) -> None:
+        left.discard(vfile)
+        if vfile.opens or self._files.get(vfile.key) is not vfile:
+            return  # closed for good meanwhile (or reopened: then it was re-keyed)
+        new = resolve.new_key(vfile.key)
+        if new is not None:
+            del self._files[vfile.key]
+            self._move_guards(vfile.key, new)
+            vfile.key, vfile.stale = new, True
+            self._files[new] = vfile
+            if vfile.tracker is not None:
+                vfile.tracker.key = new
+
+    def _settle(self, vfile: VFile) -> None:
+        """Re-key *vfile* now if a switchover left it to be re-keyed."""
+        for resolve, left in self._rekey:
+            if vfile in left:
+                self._rekey_now(vfile, resolve, left)
+                return
+
+    async def _rekey_sweep(self, resolve: Resolver, left: set[VFile]) -> None:
+        try:
+            for done, vfile in enumerate(list(left), 1):
+                if vfile in left:
+                    self._rekey_now(vfile, resolve, left)
+                if done % 256 == 0:
+                    await trio.lowlevel.checkpoint()
+        finally:
+            for vfile in list(left):
+                self._rekey_now(vfile, resolve, left)
+            self._rekey = [e for e in self._rekey if e[1] is not left]
 
     def _move_guards(self, old: tuple[int, int], new: tuple[int, int]) -> None:
         guards = self.guards.pop(old, None)
@@ -544,7 +606,7 @@ class OpenFiles:
     def open(self, path_fd: int, key: tuple[int, int], gate: Gate, fresh: bool = False) -> VFile:
         """Open (or share) the file behind an O_PATH handle (*fresh*: just
         created); pair with :meth:`release`."""
-        vfile = self._files.get(key)
+        vfile = self._get(key)
         if vfile is not None and vfile.opens == 0 and not self._same_file(vfile, path_fd,
                                                                            gate, fresh):
             vfile = None  # a removed file's, still saving: the new file on its number is another
@@ -622,6 +684,8 @@ class OpenFiles:
         async for vfile in self._closing:
             tracker = vfile.tracker
             await stall("close-released")  # a test's slow history save (failpoint.py)
+            if self._rekey:  # saved under the key its file has now
+                self._settle(vfile)
             try:
                 if tracker is not None and vfile.opens == 0:
                     await tracker.close()
@@ -666,7 +730,7 @@ class OpenFiles:
         key = (st.st_dev, st.st_ino)
         if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
             return None
-        vfile = self._files.get(key)
+        vfile = self._get(key)
         if vfile is not None and vfile.opens:
             return None  # forgotten when closed (closed but still saving: after that save)
         path_fd = backing.open_path(dir_fd, name)
@@ -681,7 +745,7 @@ class OpenFiles:
         Never raises: the file is already gone, and a history left behind costs
         only space."""
         file_id, key = history
-        vfile = self._files.get(key)
+        vfile = self._get(key)
         if (vfile is not None and vfile.opens == 0 and vfile.closing
                 and vfile.tracker is not None and vfile.tracker.file_id == file_id):
             vfile.gone = True  # its save is still running: _close_released drops it after
@@ -737,7 +801,12 @@ class OpenFiles:
         Called inside a switchover (entry quiesced), after the commit. No
         checkpoint: every user sees either the old or the new descriptor.
         """
+        lazy = resolve.lazy()
+        left: set[VFile] = set()
         for vfile in list(self._files.values()):
+            if vfile.opens == 0 and lazy:
+                left.add(vfile)  # closed: re-keyed when next found, or by the sweep
+                continue
             if vfile.opens == 0:
                 # nobody can read or write it before it is opened again (which
                 # reopens it) or closed: no need to open its new self now
@@ -767,11 +836,15 @@ class OpenFiles:
             self._files[vfile.key] = vfile
             if vfile.tracker is not None:
                 vfile.tracker.key = vfile.key
-        for key in [k for k in self.guards if k not in self._files]:
+        for key in [k for k in self.guards if k not in self._files or self._files[k] in left]:
             # guarded files nobody had open: their next open must find the guards
             new = resolve.new_key(key)
             if new is not None:
                 self._move_guards(key, new)
+        if left:
+            entry = (resolve, left)
+            self._rekey.append(entry)
+            resolve.after_pause(functools.partial(self._rekey_sweep, resolve, left))
 
     def close_all(self) -> None:
         """At unmount: save every tracker cleanly and close every descriptor. Blocking."""

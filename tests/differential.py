@@ -1458,9 +1458,11 @@ class Run:
     """One datastore (stores a and b) and one reference tree, driven op by op."""
 
     def __init__(self, workdir: Path, gaps: frozenset[str],
-                 say: Callable[[str], None] = lambda _: None) -> None:
+                 say: Callable[[str], None] = lambda _: None,
+                 env: dict[str, str] | None = None) -> None:
         self.workdir = workdir
         self.ds = MountedDatastore(workdir / "ds")
+        self.ds.env = dict(env or {})
         self.ref = Side("reference", workdir / "ref" / ENTRY)
         self.mnt = Side("mount", self.ds.mnt / ENTRY)
         self.cmp = Comparator(gaps)
@@ -1909,14 +1911,15 @@ def run_ops(
 
 def run_seed(
     workdir: Path, seed: int, steps: int, gaps: frozenset[str],
-    say: Callable[[str], None] = lambda _: None,
+    say: Callable[[str], None] = lambda _: None, env: dict[str, str] | None = None,
 ) -> tuple[list[Op], Failed | None, Report]:
-    """Generate and run *steps* operations of *seed* (the generator follows the run)."""
+    """Generate and run *steps* operations of *seed* (the generator follows the run);
+    *env* goes into the daemon's environment at every start."""
     shutil.rmtree(workdir, ignore_errors=True)
     workdir.mkdir(parents=True)
     gen = Generator(seed)
     ops: list[Op] = []
-    with Run(workdir, gaps, say) as run:
+    with Run(workdir, gaps, say, env) as run:
         for index in range(steps + len(EPILOGUE)):
             op = gen.next_op(index, run.ref) if index < steps else EPILOGUE[index - steps]
             if index < steps:

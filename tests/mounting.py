@@ -77,6 +77,8 @@ class MountedDatastore:
         self.default_store = default_store
         self.extra_args = list(extra_args)
         self.log_path = root / "daemon.log"
+        #: added to the daemon's environment at every start (e.g. a stall point)
+        self.env: dict[str, str] = {}
         self.proc: subprocess.Popen[bytes] | None = None
         self.mnt.mkdir(parents=True, exist_ok=True)
         for path in self.stores.values():
@@ -99,7 +101,7 @@ class MountedDatastore:
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
                 self.argv(write_end), stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                pass_fds=(write_end,), env={**os.environ, **(env or {})},
+                pass_fds=(write_end,), env={**os.environ, **self.env, **(env or {})},
                 preexec_fn=self._limit_fds if self.nofile is not None else None,
             )
         os.close(write_end)
