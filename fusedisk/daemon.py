@@ -32,7 +32,7 @@ from typing import Any
 import pyfuse3
 import trio
 
-from . import __version__, fuseshim, mountinfo
+from . import __version__, fuseshim, gcwatch, mountinfo
 from .cbt import CbtStore
 from .commands import Commands
 from .config import Config, check_directories
@@ -144,6 +144,7 @@ async def serve(config: Config, on_ready: Callable[[], None]) -> None:
     if config.remote_stores:  # cli.cmd_mount checks them and refuses; nothing serves them
         raise ConfigError(f"remote stores ({', '.join(sorted(config.remote_stores))}) cannot "
                           "hold entries yet")
+    gcwatch.install()
     async with contextlib.AsyncExitStack() as stack:
         check_directories(config)
         check_mountpoint(config.mountpoint)
