@@ -158,8 +158,8 @@ def relocate_resume(context: ScenarioContext) -> Outcome:
     all_within = len(good) == len(runs) and all(r["within_bound"] for r in good)
     all_intact = len(good) == len(runs) and all(r["data_intact"] for r in good)
     return Outcome(
-        caption=(f"kill -9 of the daemon at 25/50/90% of a {size / MIB:,.0f} MiB relocation, "
-                 "remount, resume"),
+        caption=(f"relocate-resume: kill -9 of the daemon at 25/50/90% of a {size / MIB:,.0f} "
+                 "MiB relocation, remount, resume"),
         summary={"disk_bytes": size, "all_within_bound": all_within,
                  "all_data_intact": all_intact},
         table=table,
