@@ -75,9 +75,12 @@ class _Workers:
         self._threads = 0
         self._idle = 0
         self._waiting = 0
+        #: jobs handed to a thread so far (``status``: a hop costs the loop ~45 µs)
+        self.jobs = 0
 
     def submit(self, job: Callable[[], None]) -> None:
         with self._lock:
+            self.jobs += 1
             self._waiting += 1
             spawn = self._waiting > self._idle and self._threads < self.limit
             if spawn:
@@ -98,6 +101,11 @@ class _Workers:
 
 
 _workers = _Workers(16)
+
+
+def blocking_jobs() -> int:
+    """How many calls :func:`run_blocking` has handed to a worker thread so far."""
+    return _workers.jobs
 
 
 async def run_blocking(fn: Callable[..., _T], *args: object) -> _T:

@@ -604,6 +604,26 @@ class CbtStore:
             log.warning("cannot keep a CBT file id on the store (%s); ids last one open", e)
         return file_id, not fresh
 
+    def has_history(self, file_id: str) -> bool:
+        """Whether a history of *file_id* may be saved in the state directory: False
+        when it has no bitmap record (what :meth:`forget` would look for first).
+
+        One ``stat`` of a local file, on the caller's thread: most files never save a
+        history (see "Nothing durable until it is worth it"), and asking here spares
+        their removal a worker thread's hop (measured: the most of an ``rm``'s daemon
+        CPU per file). A save running meanwhile is no worse off than with
+        :meth:`forget` on its thread: it runs after the look either way.
+        """
+        if not _is_file_id(file_id):
+            return False
+        try:
+            (self.home / f"{file_id}.bitmap").stat()
+        except FileNotFoundError:
+            return False
+        except OSError:
+            return True  # let forget judge (and report) it
+        return True
+
     def forget(self, file_id: str, key: tuple[int, int]) -> bool:
         """Remove the history of a file that is gone (its last link removed, no
         user left). Blocking, small I/O; whether anything was removed.
@@ -632,7 +652,8 @@ class CbtStore:
         another file's) is replaced by a new one under a new file id, so its
         old change ids are refused rather than answered wrongly.
         """
-        file_id = self.file_id(path_fd)
+        # a file the mount has just created carries no id (nor anything else) yet
+        file_id = None if fresh else self.file_id(path_fd)
         if file_id is not None and _is_file_id(file_id):
             try:
                 tracker = self._load_tracker(file_id, key)

@@ -268,6 +268,8 @@ class Operations(pyfuse3.Operations):
         self._dirs: dict[int, _DirHandle] = {}
         self._next_dir_fh = 1
         self._root_time_ns = time.time_ns()
+        #: FLUSH requests served (the first tells the kernel to send no more)
+        self.flush_requests = 0
         #: ``MNT/.snapshots``: its own numbers and handles, read-only (snapview.py)
         self.view = snapview.SnapshotView(
             datastore, snapshots.list if snapshots is not None else list, _PRIVATE_XATTR_PREFIX)
@@ -388,13 +390,22 @@ class Operations(pyfuse3.Operations):
         else:
             noted.append((journal, key, os.dup(path_fd)))
 
-    def _changing_at(self, dir_fd: int, name: str, entry: Entry | None) -> None:
-        """:meth:`_changing` for the object named *name* of *entry* (unlinked,
-        renamed or renamed over), whether or not the kernel knows it."""
+    @staticmethod
+    def _lstat_or_none(dir_fd: int, name: str) -> os.stat_result | None:
         try:
-            st = backing.lstat_at(dir_fd, name)
+            return backing.lstat_at(dir_fd, name)
         except OSError:
-            return  # the operation itself reports it
+            return None  # the operation itself reports it
+
+    def _changing_at(self, dir_fd: int, name: str, entry: Entry | None,
+                     st: os.stat_result | None = None) -> None:
+        """:meth:`_changing` for the object named *name* of *entry* (unlinked,
+        renamed or renamed over), whether or not the kernel knows it. *st*: its
+        ``lstat``, if the caller has it."""
+        if st is None:
+            st = self._lstat_or_none(dir_fd, name)
+            if st is None:
+                return  # the operation itself reports it
         known = self._by_key.get((st.st_dev, st.st_ino))
         if known is not None:
             self._changing(known)
@@ -409,16 +420,17 @@ class Operations(pyfuse3.Operations):
         finally:
             backing.close(path_fd)
 
-    def _pin_last_link(self, dir_fd: int, name: str) -> Inode | None:
+    def _pin_last_link(self, dir_fd: int, name: str,
+                       st: os.stat_result | None = None) -> Inode | None:
         """Before *name* is unlinked, rmdir'ed or renamed over: if it is the last
         name of an object the kernel knows, pin that object's O_PATH fd, so it
         stays reachable once its handle is stale (an unlinked file still
         answers ``fstat``). Returns the inode pinned, for :meth:`_unpin_last_link`
-        should the operation fail."""
-        try:
-            st = backing.lstat_at(dir_fd, name)
-        except OSError:
-            return None  # the operation itself reports it
+        should the operation fail. *st* as in :meth:`_changing_at`."""
+        if st is None:
+            st = self._lstat_or_none(dir_fd, name)
+            if st is None:
+                return None  # the operation itself reports it
         known = self._by_key.get((st.st_dev, st.st_ino))
         if known is None or known.sticky or known.ref is None:
             return None
@@ -679,6 +691,8 @@ class Operations(pyfuse3.Operations):
             made = False
         backing.close(fd)  # the data path opens its own (shared) descriptor
         inode, attr = await self._created(parent, sname, dir_fd, entry, mode, ctx, made)
+        if made:
+            pagecache.created(inode)
         direct = pagecache.serve_direct(inode, flags)
         try:
             fh = self._open_handle(inode, direct, flags, fresh=made)
@@ -749,15 +763,24 @@ class Operations(pyfuse3.Operations):
         if parent is self._root and self.datastore.relocating(entry.name):
             raise OSError(errno.EBUSY, "the entry is being relocated")
         doomed = None
+        # one lstat serves every step below: none of them changes the name, and
+        # only a snapshot's copy-before-write (with guards) checkpoints between them
+        st = self._lstat_or_none(dir_fd, sname)
         if parent is not self._root:
             self._changing(parent)
-            self._changing_at(dir_fd, sname, entry)  # its nlink changes (another name may stay)
-        if not is_dir:  # a snapshot's copy-before-write takes the rest of the file first
+            if st is not None:  # (else the unlink reports it) its nlink changes
+                self._changing_at(dir_fd, sname, entry, st)
+        if not is_dir and self.files.guards:
+            # a snapshot's copy-before-write takes the rest of the file first; it
+            # checkpoints, so the name may have changed meanwhile
             await self.files.before_last_link(dir_fd, sname)
-        pinned = self._pin_last_link(dir_fd, sname)
+            st = self._lstat_or_none(dir_fd, sname)
+        pinned = self._pin_last_link(dir_fd, sname, st) if st is not None else None
         try:
-            if not is_dir:
-                doomed = self.files.last_link_history(dir_fd, sname)
+            if not is_dir and st is not None:
+                known = self._by_key.get((st.st_dev, st.st_ino))
+                doomed = self.files.last_link_history(
+                    dir_fd, sname, st, known.path_fd if known is not None else -1)
             backing.unlink_at(dir_fd, sname, is_dir=is_dir)
         except BaseException:
             self._unpin_last_link(pinned)
@@ -992,7 +1015,11 @@ class Operations(pyfuse3.Operations):
             gate.leave()
 
     async def flush(self, fh: int) -> None:
-        return None  # writes are not buffered in the daemon
+        """Nothing to do: writes are not buffered in the daemon, and POSIX locks
+        are the kernel's (no lock handlers). ENOSYS tells the kernel so: it then
+        sends no FLUSH at any later close (one request less per file's life)."""
+        self.flush_requests += 1
+        raise FUSEError(errno.ENOSYS)
 
     @_errno_edge
     async def fsync(self, fh: int, datasync: bool) -> None:
@@ -1157,6 +1184,7 @@ class Operations(pyfuse3.Operations):
         paths = self.paths.statistics()
         return {"inodes": len(self._inodes), "path_fds": paths.open_fds,
                 "path_fd_cap": paths.cap, "path_reopens": paths.reopens,
+                "blocking_jobs": backing.blocking_jobs(), "flush_requests": self.flush_requests,
                 **self.files.statistics(), **self.view.statistics()}
 
     def close(self) -> None:
