@@ -24,7 +24,6 @@ cached once, in the backing store.
 
 from __future__ import annotations
 
-import contextlib
 import contextvars
 import ctypes
 import dataclasses
@@ -35,7 +34,7 @@ import queue
 import stat
 import threading
 import time
-from collections.abc import Callable, Collection, Iterator, Sequence
+from collections.abc import Callable, Collection, Sequence
 from typing import TypeVar
 
 import outcome
@@ -674,6 +673,23 @@ class PathTableStatistics:
     without_handle: int
 
 
+class _Scope:
+    """One request's :meth:`PathTable.scope`."""
+
+    __slots__ = ("_pinned", "_table", "_token")
+
+    def __init__(self, table: PathTable) -> None:
+        self._table = table
+
+    def __enter__(self) -> None:
+        self._pinned: list[PathRef] = []
+        self._token = self._table._scope.set(self._pinned)
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._table._scope.reset(self._token)
+        self._table._end_scope(self._pinned)
+
+
 class PathTable:
     """A bounded LRU of O_PATH fds, reopened by file handle on demand.
 
@@ -778,20 +794,17 @@ class PathTable:
             self._touch(ref)
             self._evict()
 
-    @contextlib.contextmanager
-    def scope(self) -> Iterator[None]:
-        """Pin every ref a request touches until it ends (see the class doc)."""
-        pinned: list[PathRef] = []
-        token = self._scope.set(pinned)
-        try:
-            yield
-        finally:
-            self._scope.reset(token)
-            for ref in pinned:
-                ref.pins -= 1
-                if ref.pins == 0 and ref.fd >= 0:
-                    self._touch(ref)
-            self._evict()
+    def scope(self) -> _Scope:
+        """Pin every ref a request touches until it ends (see the class doc). A
+        context manager; a plain class, not a generator's: every request enters one."""
+        return _Scope(self)
+
+    def _end_scope(self, pinned: list[PathRef]) -> None:
+        for ref in pinned:
+            ref.pins -= 1
+            if ref.pins == 0 and ref.fd >= 0:
+                self._touch(ref)
+        self._evict()
 
     def statistics(self) -> PathTableStatistics:
         return PathTableStatistics(

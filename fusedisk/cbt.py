@@ -77,6 +77,7 @@ new history trustworthy. :class:`SaveHealth` keeps what ``status`` shows.
 from __future__ import annotations
 
 import logging
+import os
 import secrets
 from collections import OrderedDict
 from collections.abc import Callable
@@ -574,6 +575,7 @@ class CbtStore:
 
     def __init__(self, state_dir: Path, block_size: int) -> None:
         self.home = state_dir / "cbt"
+        self._home_prefix = f"{self.home}/"
         self.block_size = block_size
         self.home.mkdir(mode=0o700, exist_ok=True)
         #: shared by every tracker: whether the state directory takes saves
@@ -617,7 +619,7 @@ class CbtStore:
         if not _is_file_id(file_id):
             return False
         try:
-            (self.home / f"{file_id}.bitmap").stat()
+            os.stat(f"{self._home_prefix}{file_id}.bitmap")  # (pathlib's would double it)
         except FileNotFoundError:
             return False
         except OSError:
