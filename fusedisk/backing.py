@@ -33,7 +33,6 @@ import os
 import queue
 import stat
 import threading
-import time
 from collections.abc import Callable, Collection, Sequence
 from typing import TypeVar
 
@@ -130,62 +129,6 @@ async def run_blocking(fn: Callable[..., _T], *args: object) -> _T:
 
     value: _T = await trio.lowlevel.wait_task_rescheduled(abort)
     return value
-
-
-#: A guest's fsync runs on the trio thread (see :class:`ShortCalls`) only while
-#: the last one took at most this long.
-INLINE_CALL_MAX_S = 0.002
-
-
-def _never() -> bool:
-    return False
-
-
-class ShortCalls:
-    """Where a guest's ``fsync`` of a backing file runs: on the trio thread when
-    the loop has nothing else to do, else on a worker thread (:func:`run_blocking`).
-
-    Measured here (2 vCPUs, ext4 on virtio): a 4 KiB file's fsync took ~1.1 ms
-    on the calling thread and ~1.6 ms through a worker, for the wake-ups of the
-    worker and then of the loop, which a VM's idle vCPUs make slow; sqlite asks
-    for three fsyncs and a directory fsync per transaction. While the loop is
-    *idle* (``idle()``: no other FUSE request in progress or queued, as
-    fuseloop.RequestLoop.is_idle says) nobody waits behind the call, and a
-    request that arrives meanwhile waits at most one fsync, which is kept short:
-    once one took longer than :data:`INLINE_CALL_MAX_S` (a slow or remote store),
-    the next goes to a worker thread, which measures it in turn.
-    """
-
-    def __init__(self) -> None:
-        #: set by the composition root to the FUSE loop's idle probe
-        self.idle: Callable[[], bool] = _never
-        self.last_s = 0.0
-        self.inline = 0
-        self.offloaded = 0
-
-    async def run(self, fn: Callable[..., _T], *args: object) -> _T:
-        """``fn(*args)``, which blocks for a short while in the common case."""
-        if self.last_s <= INLINE_CALL_MAX_S and self.idle():
-            self.inline += 1
-            started = time.monotonic()
-            try:
-                result = fn(*args)
-            finally:
-                self.last_s = time.monotonic() - started
-            await trio.lowlevel.cancel_shielded_checkpoint()
-            return result
-        self.offloaded += 1
-        return await run_blocking(self._timed, fn, *args)
-
-    def _timed(self, fn: Callable[..., _T], *args: object) -> _T:
-        started = time.monotonic()
-        try:
-            return fn(*args)
-        finally:
-            self.last_s = time.monotonic() - started  # one float, from the worker thread
-
-    def statistics(self) -> dict[str, int]:
-        return {"short_calls_inline": self.inline, "short_calls_offloaded": self.offloaded}
 
 
 def _check(ret: int) -> None:

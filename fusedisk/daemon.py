@@ -180,7 +180,6 @@ async def serve(config: Config, on_ready: Callable[[], None]) -> None:
         stack.callback(ops.close)
         relocator = Relocator(datastore, files, config.block_size, ops.repoint)
         fuse_loop, extra_ops = _mount(config, ops)
-        files.activity.short_calls.idle = fuse_loop.is_idle
         stack.callback(pyfuse3.close, unmount=True)
         daemon = Daemon(config, state, datastore, files, ops, relocator, fuse_loop, extra_ops,
                         snapshots=snapshots)

@@ -1091,7 +1091,7 @@ class Operations(pyfuse3.Operations):
             return
         inode = self._dirs[fh].inode
         if inode is not self._root:
-            await self.files.activity.short_calls.run(backing.fsync_dir, inode.path_fd)
+            await backing.run_blocking(backing.fsync_dir, inode.path_fd)
 
     # -- extended attributes -------------------------------------------------------------
 

@@ -143,10 +143,6 @@ class RequestLoop:
         self._turn = _LastInFirstOut()
         self._exiting = False
         self._burst_left = burst
-        #: worker tasks seen, and how many of them are in :meth:`_wait_readable`
-        #: (the others are serving a request each)
-        self._workers: set[trio.lowlevel.Task] = set()
-        self._waiting = 0
         #: Counters (``status``): requests handed to a worker after a wait
         #: for the fd and without one, and wake-ups that found the request
         #: already taken by a worker that did not wait.
@@ -164,37 +160,25 @@ class RequestLoop:
         # and pyfuse3's read then ends the worker.
         return bool(self._poll.poll(0))
 
-    def is_idle(self) -> bool:
-        """True when the request being served is the only one: no other worker
-        is serving one and none is queued in the kernel (backing.ShortCalls)."""
-        if self._fd is None:
-            return False  # pyfuse3's own loop: its workers are not counted
-        return len(self._workers) - self._waiting <= 1 and not self._queued()
-
     async def _wait_readable(self) -> bool:
-        self._workers.add(trio.lowlevel.current_task())
         if self._burst_left > 0 and self._queued():
             self._burst_left -= 1
             self.without_wait += 1
             return True  # no await from the poll to pyfuse3's read
         self._burst_left = self.burst
         assert self._fd is not None
-        self._waiting += 1
+        await self._turn.acquire()
         try:
-            await self._turn.acquire()
-            try:
-                while not self._exiting:
-                    await trio.lowlevel.wait_readable(self._fd)
-                    if self._queued():
-                        self.after_wait += 1
-                        return True  # no await from the poll to pyfuse3's read
-                    self.woken_empty += 1
-            except trio.ClosedResourceError:  # terminate() woke the waiter
-                self._exiting = True
-            finally:
-                self._turn.release()
+            while not self._exiting:
+                await trio.lowlevel.wait_readable(self._fd)
+                if self._queued():
+                    self.after_wait += 1
+                    return True  # no await from the poll to pyfuse3's read
+                self.woken_empty += 1
+        except trio.ClosedResourceError:  # terminate() woke the waiter
+            self._exiting = True
         finally:
-            self._waiting -= 1
+            self._turn.release()
         return False
 
     async def run(self) -> None:

@@ -113,14 +113,12 @@ def _preserve(vfile: VFile, offset: int, length: int) -> None:
 
 
 class Activity:
-    """Counts guest reads and writes, so background work can yield to them; runs
-    the guests' fsyncs (``short_calls``: on the loop while it is idle)."""
+    """Counts guest reads and writes, so background work can yield to them."""
 
-    __slots__ = ("requests", "short_calls")
+    __slots__ = ("requests",)
 
     def __init__(self) -> None:
         self.requests = 0
-        self.short_calls = backing.ShortCalls()
 
 
 class VFile:
@@ -428,7 +426,7 @@ class VFile:
     async def fsync(self, datasync: bool) -> None:
         for guard in list(self.guards):  # a snapshot's saved blocks are durable first
             await guard.sync()
-        await self.activity.short_calls.run(backing.fsync, self.fd, datasync)
+        await backing.run_blocking(backing.fsync, self.fd, datasync)
 
     def size(self) -> int:
         return backing.fstat(self.fd).st_size
@@ -792,4 +790,4 @@ class OpenFiles:
         self._files.clear()
 
     def statistics(self) -> dict[str, int]:
-        return {"open_files": len(self._files), **self.activity.short_calls.statistics()}
+        return {"open_files": len(self._files)}

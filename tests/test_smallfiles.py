@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import errno
 import os
-import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -101,68 +100,6 @@ def test_closing_files_sends_no_flush_after_the_first(datastore: MountedDatastor
         (home / f"f{i}").write_bytes(b"c" * 100)
         assert (home / f"f{i}").read_bytes() == b"c" * 100
     assert datastore.status()["fs"]["flush_requests"] == 1
-
-
-def test_an_idle_mounts_fsyncs_run_on_its_loop(datastore: MountedDatastore) -> None:
-    """One client's fsyncs on an otherwise idle mount skip the worker thread (its
-    two wake-ups cost more than the fsync of a small file here); the data and the
-    names are as durable as before (fsync and fsyncdir still reach the store)."""
-    home = datastore.mnt / "vm1"
-    home.mkdir()
-    before = datastore.status()["fs"]
-    for i in range(20):
-        fd = os.open(home / f"f{i}", os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        try:
-            os.write(fd, b"d" * 4096)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    dir_fd = os.open(home, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-    after = datastore.status()["fs"]
-    done = (after["short_calls_inline"] - before["short_calls_inline"]
-            + after["short_calls_offloaded"] - before["short_calls_offloaded"])
-    assert done == 21, (before, after)
-    # a slow store's fsync (over INLINE_CALL_MAX_S) sends the next one to a worker,
-    # so on a loaded machine some are offloaded; on an idle mount most are not
-    assert after["short_calls_inline"] - before["short_calls_inline"] >= 1, (before, after)
-    assert all((home / f"f{i}").read_bytes() == b"d" * 4096 for i in range(20))
-
-
-def test_short_calls_leave_the_loop_when_busy_or_slow() -> None:
-    """backing.ShortCalls: inline only while idle and while the last call was short."""
-    calls = backing.ShortCalls()
-    threads: list[str] = []
-
-    def call(_: float) -> str:
-        threads.append(threading.current_thread().name)
-        return "done"
-
-    async def main() -> None:
-        main_thread = threading.current_thread().name
-        assert await calls.run(call, 0.0) == "done"  # not idle (nobody said so): a worker
-        calls.idle = lambda: True
-        assert await calls.run(call, 0.0) == "done"  # idle, last one short: inline
-        calls.last_s = backing.INLINE_CALL_MAX_S * 2  # the last one was slow: a worker
-        assert await calls.run(call, 0.0) == "done"
-        assert await calls.run(call, 0.0) == "done"  # it was quick (measured): inline again
-        calls.idle = lambda: False
-        assert await calls.run(call, 0.0) == "done"  # busy: a worker
-        on_loop = [name == main_thread for name in threads]
-        assert on_loop == [False, True, False, True, False], threads
-        assert calls.statistics() == {"short_calls_inline": 2, "short_calls_offloaded": 3}
-        closed = os.open("/dev/null", os.O_RDONLY)
-        os.close(closed)
-        with pytest.raises(OSError):
-            await calls.run(os.fsync, closed)  # errors reach the caller either way
-        calls.idle = lambda: True
-        with pytest.raises(OSError):
-            await calls.run(os.fsync, closed)
-
-    trio.run(main)
 
 
 # -- fs.Operations called directly: backing calls per request ---------------------------
