@@ -108,6 +108,9 @@ AL_CAPACITY = 128
 #: Live change ids a file keeps; asking for an older one needs a full backup.
 MAX_CHECKPOINTS = 32
 ID_XATTR = "trusted.fusedisk.id"
+#: Ids this daemon gave files and saved nothing under, remembered for a reopen
+#: (see :meth:`CbtStore.open_tracker`); beyond this many the memory starts anew.
+SESSION_IDS_MAX = 1 << 16
 #: Size of each of the activity log's two slots (a record of 128 regions is ~1.5 KiB).
 AL_SLOT_SIZE = 8192
 
@@ -577,6 +580,8 @@ class CbtStore:
         self.home = state_dir / "cbt"
         self._home_prefix = f"{self.home}/"
         self.block_size = block_size
+        #: file id → backing key, for the ids :meth:`_new_id` gave since the mount
+        self._session_ids: dict[str, tuple[int, int]] = {}
         self.home.mkdir(mode=0o700, exist_ok=True)
         #: shared by every tracker: whether the state directory takes saves
         self.health = SaveHealth()
@@ -587,13 +592,28 @@ class CbtStore:
         except OSError:
             return None
 
-    def _new_id(self, path_fd: int, fresh: bool) -> tuple[str, bool]:
+    def _nothing_saved(self, file_id: str) -> bool:
+        """No record of *file_id* is in the state directory (two ``stat`` calls)."""
+        for suffix in (".bitmap", ".al"):
+            try:
+                os.stat(f"{self._home_prefix}{file_id}{suffix}")
+            except FileNotFoundError:
+                continue
+            except OSError:
+                return False
+            return False
+        return True
+
+    def _new_id(self, path_fd: int, key: tuple[int, int], fresh: bool) -> tuple[str, bool]:
         """Give the file a new id on its store; return it, and whether the
         ctime the mount shows is now a kept one. Writing the xattr moves the
         file's ctime, which nothing the guest did moved: unless the file was
         just created, the ctime the mount showed is kept beside its identity
         (:data:`backing.INO_XATTR`), as a relocation keeps it."""
         file_id = secrets.token_hex(8)
+        if len(self._session_ids) >= SESSION_IDS_MAX:
+            self._session_ids.clear()
+        self._session_ids[file_id] = key
         ino, kept_ctime = (None, None) if fresh else backing.kept_identity(path_fd)
         ctime_ns = None if fresh or kept_ctime is not None else backing.fstat(path_fd).st_ctime_ns
         try:
@@ -656,6 +676,13 @@ class CbtStore:
         """
         # a file the mount has just created carries no id (nor anything else) yet
         file_id = None if fresh else self.file_id(path_fd)
+        if (file_id is not None and self._session_ids.get(file_id) == key
+                and self._nothing_saved(file_id)):
+            # An id given since the mount, to this very file, with nothing saved
+            # under it: no change id of it was ever handed out (a checkpoint saves
+            # first), so the file takes it again, and its store is not touched
+            # (a new id cost two xattr writes and a kept ctime at every reopen).
+            return Tracker(self.home, file_id, self.block_size, key, health=self.health)
         if file_id is not None and _is_file_id(file_id):
             try:
                 tracker = self._load_tracker(file_id, key)
@@ -664,7 +691,7 @@ class CbtStore:
                 tracker = None
             if tracker is not None:
                 return tracker
-        file_id, moved_ctime = self._new_id(path_fd, fresh)
+        file_id, moved_ctime = self._new_id(path_fd, key, fresh)
         tracker = Tracker(self.home, file_id, self.block_size, key, health=self.health)
         tracker.moved_ctime = moved_ctime
         return tracker

@@ -689,13 +689,21 @@ class Operations(pyfuse3.Operations):
             # made by someone else since the kernel's lookup: open it as it is
             fd = backing.open_at(dir_fd, sname, os.O_RDWR)
             made = False
-        backing.close(fd)  # the data path opens its own (shared) descriptor
-        inode, attr = await self._created(parent, sname, dir_fd, entry, mode, ctx, made)
-        if made:
-            pagecache.created(inode)
-        direct = pagecache.serve_direct(inode, flags)
+        if not made:
+            backing.close(fd)  # the data path opens its own (shared) descriptor
+            fd = -1
         try:
-            fh = self._open_handle(inode, direct, flags, fresh=made)
+            inode, attr = await self._created(parent, sname, dir_fd, entry, mode, ctx, made)
+            if made:
+                pagecache.created(inode)
+            direct = pagecache.serve_direct(inode, flags)
+        except BaseException:
+            if fd >= 0:
+                backing.close(fd)
+            raise
+        try:
+            # a file just made is the data path's: its descriptor is handed over
+            fh = self._open_handle(inode, direct, flags, fresh=made, io_fd=fd)
         except OSError:  # the kernel learns nothing of it: take it back
             inode.lookups -= 1
             self._maybe_drop(inode)
@@ -857,12 +865,17 @@ class Operations(pyfuse3.Operations):
 
     # -- regular files ---------------------------------------------------------------
 
-    def _open_handle(self, inode: Inode, direct: bool, flags: int, fresh: bool = False) -> int:
-        """Register a new open of *inode* (*fresh*: just created); return its FUSE file handle."""
+    def _open_handle(self, inode: Inode, direct: bool, flags: int, fresh: bool = False,
+                     io_fd: int = -1) -> int:
+        """Register a new open of *inode* (*fresh*: just created; *io_fd*: its
+        read-write descriptor, taken over); return its FUSE file handle."""
         if inode.vfile is None:
             assert inode.entry is not None and inode.ref is not None
-            inode.vfile = self.files.open(inode.path_fd, inode.key, inode.entry.gate, fresh)
+            inode.vfile = self.files.open(inode.path_fd, inode.key, inode.entry.gate, fresh,
+                                          io_fd)
             self.paths.pin(inode.ref)  # an open file keeps its O_PATH fd (unlinked, too)
+        elif io_fd >= 0:
+            backing.close(io_fd)
         inode.handles += 1
         pagecache.opened(inode, direct)
         fh = self._next_fh

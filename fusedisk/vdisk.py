@@ -533,20 +533,26 @@ class OpenFiles:
         self._watchers.pop(key, None)
         self._idle_watchers.pop(key, None)
 
-    def open(self, path_fd: int, key: tuple[int, int], gate: Gate, fresh: bool = False) -> VFile:
+    def open(self, path_fd: int, key: tuple[int, int], gate: Gate, fresh: bool = False,
+             io_fd: int = -1) -> VFile:
         """Open (or share) the file behind an O_PATH handle (*fresh*: just
-        created); pair with :meth:`release`."""
+        created); pair with :meth:`release`. *io_fd*: a read-write descriptor of
+        the file that the caller has already (a create's), taken over in every
+        case: the data path's if it needs one (no reopen through /proc), else closed."""
         vfile = self._files.get(key)
         if vfile is not None and vfile.opens == 0 and not self._same_file(vfile, path_fd,
                                                                            gate, fresh):
             vfile = None  # a removed file's, still saving: the new file on its number is another
+        if vfile is not None and not vfile.stale and io_fd >= 0:
+            backing.close(io_fd)  # shared: the file has its descriptor
+            io_fd = -1
         if vfile is not None and vfile.stale:
-            fd, vfile.writable = backing.open_for_io(path_fd)
+            fd, vfile.writable = (io_fd, True) if io_fd >= 0 else backing.open_for_io(path_fd)
             old_fd, vfile.fd, vfile.stale, vfile.gone = vfile.fd, fd, False, False
             if old_fd >= 0:
                 backing.close(old_fd)
         if vfile is None:
-            fd, writable = backing.open_for_io(path_fd)
+            fd, writable = (io_fd, True) if io_fd >= 0 else backing.open_for_io(path_fd)
             try:
                 tracker = (
                     self.cbt.open_tracker(path_fd, key, fresh) if writable and self.cbt else None

@@ -19,6 +19,7 @@ from typing import Any
 import pyfuse3
 import pytest
 import trio
+import trio.testing
 
 from fusedisk import backing
 from fusedisk.cbt import CbtStore
@@ -108,7 +109,8 @@ def test_closing_files_sends_no_flush_after_the_first(datastore: MountedDatastor
 class _Spy:
     """Counts calls of some of the backing room's functions (which still run)."""
 
-    NAMES = ("getxattr", "setxattr", "lstat_at", "open_path", "fstat", "run_blocking")
+    NAMES = ("getxattr", "setxattr", "lstat_at", "open_path", "fstat", "run_blocking",
+             "reopen")
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         self.calls: Counter[str] = Counter()
@@ -171,6 +173,7 @@ def test_a_new_file_costs_no_xattr_reads(ops: Operations, monkeypatch: pytest.Mo
         calls = spy.take()
         assert calls["getxattr"] == 0, calls
         assert calls["setxattr"] == 1, calls  # the CBT id, so a later history is its own
+        assert calls["reopen"] == 0, calls  # the create's descriptor serves the data path
         await ops.release(info.fh)
         spy.take()
         await ops.unlink(home.st_ino, b"f", CTX)
@@ -181,6 +184,44 @@ def test_a_new_file_costs_no_xattr_reads(ops: Operations, monkeypatch: pytest.Mo
         with pytest.raises(pyfuse3.FUSEError) as caught:
             await ops.lookup(home.st_ino, b"f", CTX)
         assert caught.value.errno == errno.ENOENT
+
+    async def run() -> None:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(ops.files.run)
+            await main()
+            nursery.cancel_scope.cancel()
+
+    trio.run(run)
+
+
+def test_reopening_a_file_without_history_rewrites_no_xattrs(
+    ops: Operations, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A file whose id this mount gave and saved nothing under takes the same id
+    when it is opened again: no new id, no kept ctime (two xattr writes a reopen),
+    and the ctime the mount shows stays the backing one."""
+
+    async def main() -> None:
+        home = await ops.mkdir(pyfuse3.ROOT_INODE, b"vm1", 0o755, CTX)
+        info, attr = await ops.create(home.st_ino, b"f", 0o644,
+                                      os.O_CREAT | os.O_EXCL | os.O_RDWR, CTX)
+        await ops.write(info.fh, 0, b"w" * 4096)
+        await ops.release(info.fh)
+        await trio.testing.wait_all_tasks_blocked()  # the close's (empty) save is done
+        assert ops.files.statistics()["open_files"] == 0
+        store_file = Path(ops.datastore.default_store.path) / "vm1" / "f"
+        first_id = os.getxattr(store_file, "trusted.fusedisk.id")
+        spy = _Spy(monkeypatch)
+        for _ in range(3):
+            info = await ops.open(attr.st_ino, os.O_RDWR, CTX)
+            await ops.write(info.fh, 0, b"v" * 4096)
+            await ops.release(info.fh)
+            await trio.testing.wait_all_tasks_blocked()
+        calls = spy.take()
+        assert calls["setxattr"] == 0, calls
+        assert os.getxattr(store_file, "trusted.fusedisk.id") == first_id
+        shown = await ops.getattr(attr.st_ino, CTX)
+        assert shown.st_ctime_ns == os.stat(store_file).st_ctime_ns
 
     async def run() -> None:
         async with trio.open_nursery() as nursery:
