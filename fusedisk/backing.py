@@ -716,6 +716,23 @@ class PathTable:
         self._touch(ref)
         self._evict()
 
+    def retarget(self, ref: PathRef, dev: int, handle: bytes,
+                 close_later: Callable[[int], None]) -> bool:
+        """Point the unpinned *ref* at the object *handle* names on filesystem *dev*
+        without opening it (a relocation's re-point: it is reopened by handle when
+        next used); its old fd goes to *close_later*. False, changing nothing, when
+        that cannot be (pinned: a request may hold its fd; or *dev* has no fd to
+        open handles by)."""
+        if ref.pins or dev not in self._mount_fds:
+            return False
+        if ref.fd >= 0:
+            self._lru.pop(ref, None)
+            close_later(ref.fd)
+            ref.fd = -1
+            self.open_fds -= 1
+        ref.dev, ref.handle = dev, handle
+        return True
+
     def drop(self, ref: PathRef) -> None:
         """The object is forgotten: close its fd."""
         self._lru.pop(ref, None)

@@ -1178,17 +1178,24 @@ class Operations(pyfuse3.Operations):
         for inode in list(self._inodes.values()):
             if inode.entry is not entry:
                 continue
-            found = resolve(inode.key)
-            if found is None:
-                continue
-            path_fd, st = found
+            assert inode.ref is not None
+            # what the staging recorded: no syscall but the close of the old fd
+            known = resolve.identity(inode.key)
+            if known is not None and self.paths.retarget(inode.ref, known[0][0], known[1],
+                                                         resolve.close_later):
+                new_key, inode.kept_ctime_ns = known[0], known[2]
+            else:  # pinned, or no handle recorded: open it now
+                found = resolve(inode.key)
+                if found is None:
+                    continue
+                path_fd, st = found
+                inode.kept_ctime_ns = kept_identity(path_fd)[1]
+                self.paths.replace(inode.ref, path_fd, st.st_dev)
+                new_key = (st.st_dev, st.st_ino)
             if self._by_key.get(inode.key) is inode:
                 del self._by_key[inode.key]
-            assert inode.ref is not None
-            inode.kept_ctime_ns = kept_identity(path_fd)[1]
-            self.paths.replace(inode.ref, path_fd, st.st_dev)
-            inode.key = (st.st_dev, st.st_ino)
-            self._by_key[inode.key] = inode
+            inode.key = new_key
+            self._by_key[new_key] = inode
         self.files.repoint(resolve)
 
     # -- introspection ----------------------------------------------------------------------

@@ -103,6 +103,11 @@ class StagedTree:
         self._names: dict[Key, dict[str, Key]] = {_LIMBO: {}}
         #: the backing key of each staged object on the destination
         self._dst_key: dict[Key, Key] = {}
+        #: source key → the staged object's file handle (None: its filesystem has
+        #: none) and the ctime the mount is to show for it (its kept one): what a
+        #: switchover re-points an inode to without opening or reading anything
+        self._dst_handle: dict[Key, bytes | None] = {}
+        self._dst_kept_ctime: dict[Key, int | None] = {}
         #: the other names (hard links) of staged objects, beside their place
         self._links: dict[Key, set[tuple[Key, str]]] = {}
         #: directories whose names a sync before the pause could not bring in
@@ -144,6 +149,43 @@ class StagedTree:
     def dst_key(self, key: Key) -> Key | None:
         """The destination's backing key of a staged object in the tree."""
         return self._dst_key.get(key) if self.in_tree(key) is not None else None
+
+    def dst_identity(self, key: Key, memo: dict[Key, bool] | None = None
+                     ) -> tuple[Key, bytes, int | None] | None:
+        """(backing key, file handle, kept ctime) of the staged self of *key* in
+        the tree, as recorded when it was staged and last synced; None when it is
+        not in the tree or its filesystem gave no handle (the caller then opens it).
+        *memo* (kept by the caller while the tree does not change) remembers which
+        directories are in the tree, so that a re-point of every inode walks each
+        directory's ancestry once, not once per object below it."""
+        if not self._in_tree_memo(key, {} if memo is None else memo):
+            return None
+        handle = self._dst_handle.get(key)
+        dst = self._dst_key.get(key)
+        if handle is None or dst is None:
+            return None
+        return dst, handle, self._dst_kept_ctime.get(key)
+
+    def _in_tree_memo(self, key: Key, memo: dict[Key, bool]) -> bool:
+        walked: list[Key] = []
+        found: bool | None = memo.get(key)
+        while found is None:
+            place = self._place.get(key)
+            if place is None:
+                found = False
+                break
+            walked.append(key)
+            parent, name = place
+            if parent == _TOP:
+                found = name == TREE
+            elif parent == _LIMBO:
+                found = False
+            else:
+                key = parent
+                found = memo.get(key)
+        for k in walked:
+            memo[k] = found
+        return found
 
     def _open(self, key: Key) -> int:
         return backing.open_parts(self.staging_fd, self.path_of(key))
@@ -360,6 +402,8 @@ class StagedTree:
             return
         del self._place[key]
         self._dst_key.pop(key, None)
+        self._dst_handle.pop(key, None)
+        self._dst_kept_ctime.pop(key, None)
         self._links.pop(key, None)
         self._unsynced.discard(key)
         # a directory gone for good needs no fsync; and its inode number may come back
@@ -445,6 +489,10 @@ class StagedTree:
             if key not in self._dst_key:
                 dst = backing.fstat(dst_fd)
                 self._dst_key[key] = (dst.st_dev, dst.st_ino)
+                self._dst_handle[key] = backing.handle_of(dst_fd)
+            # what fs.py would read back from the staged object's kept identity
+            self._dst_kept_ctime[key] = (identity[1] if identity is not None
+                                         else kept_identity(dst_fd)[1])
         finally:
             if not own:
                 backing.close(dst_fd)

@@ -108,6 +108,9 @@ class _Resolver:
     def __init__(self, dst: Store, name: str, tree: StagedTree) -> None:
         self.tree = tree
         self._dirs: dict[tuple[str, ...], int] = {(): backing.open_path(dst.root_fd, name)}
+        self._in_tree: dict[tuple[int, int], bool] = {}
+        #: the source objects' old fds: closed once the gate is open again
+        self.closing: list[int] = []
 
     def _dir(self, parts: tuple[str, ...]) -> int:
         fd = self._dirs.get(parts)
@@ -134,6 +137,12 @@ class _Resolver:
 
     def new_key(self, key: tuple[int, int]) -> tuple[int, int] | None:
         return self.tree.dst_key(key)
+
+    def identity(self, key: tuple[int, int]) -> tuple[tuple[int, int], bytes, int | None] | None:
+        return self.tree.dst_identity(key, self._in_tree)
+
+    def close_later(self, fd: int) -> None:
+        self.closing.append(fd)
 
     def close(self) -> None:
         for fd in self._dirs.values():
@@ -232,10 +241,13 @@ async def switch_over(
                 on_commit(entry, resolve)
             finally:
                 resolve.close()
+            pool_fds += resolve.closing
             step("repoint")
     finally:
         gate.open()
         log.info("switchover of %r: %s ms", entry.name, steps)
-    for fd in pool_fds:  # the gate is open: the pool's handles go outside the pause
+    # the gate is open: the pool's handles and the source objects' old ones go
+    # outside the pause (nothing refers to them any more)
+    for fd in pool_fds:
         backing.close(fd)
     return (time.monotonic() - start) * 1000

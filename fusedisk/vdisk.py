@@ -58,6 +58,14 @@ class Resolver(Protocol):
     def new_key(self, key: tuple[int, int]) -> tuple[int, int] | None:
         """The backing key of the new self of source object *key* (no I/O)."""
 
+    def identity(self, key: tuple[int, int]) -> tuple[tuple[int, int], bytes, int | None] | None:
+        """(backing key, file handle, kept ctime) of the new self of *key*, as the
+        relocation recorded them (no I/O); None when it has none recorded."""
+
+    def close_later(self, fd: int) -> None:
+        """Take over *fd*, a source object's old descriptor that nothing uses any
+        more, and close it once the switchover's pause is over."""
+
 
 class Guard(Protocol):
     """Copy-before-write for a snapshot of a file whose store cannot clone

@@ -230,14 +230,28 @@ async def run_case(tmp_path: Path, seed: int, steps: int) -> None:
         flushed = await tree.flush()
         assert os.listdir(staging / LIMBO) == [], "limbo is emptied by the last sync"
         assert describe(staging / TREE) == describe(src_root), f"seed {seed}"
-        # every known object resolves to its staged self
-        for path in [src_root, *source.all()]:
-            st = os.lstat(path)
-            parts = tree.in_tree((st.st_dev, st.st_ino))
-            assert parts is not None, path
-            staged = staging / TREE / Path(*parts) if parts else staging / TREE
-            dst_key = tree.dst_key((st.st_dev, st.st_ino))
-            assert dst_key is not None and os.lstat(staged).st_ino == dst_key[1]
+        # every known object resolves to its staged self, also by what a re-point
+        # uses without opening anything: its handle and kept ctime as recorded
+        memo: dict[tuple[int, int], bool] = {}
+        mount_fd = os.open(staging, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            for path in [src_root, *source.all()]:
+                st = os.lstat(path)
+                parts = tree.in_tree((st.st_dev, st.st_ino))
+                assert parts is not None, path
+                staged = staging / TREE / Path(*parts) if parts else staging / TREE
+                dst_key = tree.dst_key((st.st_dev, st.st_ino))
+                assert dst_key is not None and os.lstat(staged).st_ino == dst_key[1]
+                known = tree.dst_identity((st.st_dev, st.st_ino), memo)
+                assert known is not None and known[0] == dst_key, path
+                fd = backing.open_by_handle(mount_fd, known[1])
+                try:
+                    assert backing.fstat(fd).st_ino == dst_key[1], path
+                    assert known[2] == backing.kept_identity(fd)[1], path
+                finally:
+                    os.close(fd)
+        finally:
+            os.close(mount_fd)
         # a last sync with nothing noted does nothing, and a flush has nothing to do
         await tree.sync_names({}, final=True)
         assert await tree.sync_attributes({}, final=True) == 0
