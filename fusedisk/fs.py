@@ -202,6 +202,11 @@ class Inode:
         return self.paths.fd(self.ref)
 
 
+def _fsync_dirs(path_fds: list[int]) -> None:
+    for path_fd in path_fds:
+        backing.fsync_dir(path_fd)
+
+
 def _sync_mode(flags: int) -> int:
     if flags & os.O_SYNC == os.O_SYNC:
         return _SYNC_FULL
@@ -1105,6 +1110,12 @@ class Operations(pyfuse3.Operations):
         inode = self._dirs[fh].inode
         if inode is not self._root:
             await backing.run_blocking(backing.fsync_dir, inode.path_fd)
+            return
+        # The root's names are the stores' top-level names (sqlite fsyncs the
+        # directory of its database after it creates or removes its journal):
+        # every store's root, as the top-level names are spread over them.
+        roots = [store.root_fd for store in self.datastore.stores.values()]
+        await backing.run_blocking(_fsync_dirs, roots)
 
     # -- extended attributes -------------------------------------------------------------
 

@@ -103,6 +103,20 @@ def test_closing_files_sends_no_flush_after_the_first(datastore: MountedDatastor
     assert datastore.status()["fs"]["flush_requests"] == 1
 
 
+def test_fsync_of_the_mount_root_reaches_the_stores(datastore: MountedDatastore) -> None:
+    """The mount root's names live in the stores' root directories: fsync of the
+    root (sqlite's, after it made or removed its journal there) syncs those (it
+    was answered without touching any store)."""
+    (datastore.mnt / "db.sqlite-journal").write_bytes(b"j")
+    before = datastore.status()["fs"]["blocking_jobs"]
+    fd = os.open(datastore.mnt, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    assert datastore.status()["fs"]["blocking_jobs"] == before + 1
+
+
 # -- fs.Operations called directly: backing calls per request ---------------------------
 
 
