@@ -77,6 +77,7 @@ new history trustworthy. :class:`SaveHealth` keeps what ``status`` shows.
 from __future__ import annotations
 
 import logging
+import os
 import secrets
 from collections import OrderedDict
 from collections.abc import Callable
@@ -107,6 +108,9 @@ AL_CAPACITY = 128
 #: Live change ids a file keeps; asking for an older one needs a full backup.
 MAX_CHECKPOINTS = 32
 ID_XATTR = "trusted.fusedisk.id"
+#: Ids this daemon gave files and saved nothing under, remembered for a reopen
+#: (see :meth:`CbtStore.open_tracker`); beyond this many the memory starts anew.
+SESSION_IDS_MAX = 1 << 16
 #: Size of each of the activity log's two slots (a record of 128 regions is ~1.5 KiB).
 AL_SLOT_SIZE = 8192
 
@@ -574,7 +578,10 @@ class CbtStore:
 
     def __init__(self, state_dir: Path, block_size: int) -> None:
         self.home = state_dir / "cbt"
+        self._home_prefix = f"{self.home}/"
         self.block_size = block_size
+        #: file id → backing key, for the ids :meth:`_new_id` gave since the mount
+        self._session_ids: dict[str, tuple[int, int]] = {}
         self.home.mkdir(mode=0o700, exist_ok=True)
         #: shared by every tracker: whether the state directory takes saves
         self.health = SaveHealth()
@@ -585,13 +592,28 @@ class CbtStore:
         except OSError:
             return None
 
-    def _new_id(self, path_fd: int, fresh: bool) -> tuple[str, bool]:
+    def _nothing_saved(self, file_id: str) -> bool:
+        """No record of *file_id* is in the state directory (two ``stat`` calls)."""
+        for suffix in (".bitmap", ".al"):
+            try:
+                os.stat(f"{self._home_prefix}{file_id}{suffix}")
+            except FileNotFoundError:
+                continue
+            except OSError:
+                return False
+            return False
+        return True
+
+    def _new_id(self, path_fd: int, key: tuple[int, int], fresh: bool) -> tuple[str, bool]:
         """Give the file a new id on its store; return it, and whether the
         ctime the mount shows is now a kept one. Writing the xattr moves the
         file's ctime, which nothing the guest did moved: unless the file was
         just created, the ctime the mount showed is kept beside its identity
         (:data:`backing.INO_XATTR`), as a relocation keeps it."""
         file_id = secrets.token_hex(8)
+        if len(self._session_ids) >= SESSION_IDS_MAX:
+            self._session_ids.clear()
+        self._session_ids[file_id] = key
         ino, kept_ctime = (None, None) if fresh else backing.kept_identity(path_fd)
         ctime_ns = None if fresh or kept_ctime is not None else backing.fstat(path_fd).st_ctime_ns
         try:
@@ -603,6 +625,26 @@ class CbtStore:
             # cannot be recognised after it is closed (they ask for a full backup).
             log.warning("cannot keep a CBT file id on the store (%s); ids last one open", e)
         return file_id, not fresh
+
+    def has_history(self, file_id: str) -> bool:
+        """Whether a history of *file_id* may be saved in the state directory: False
+        when it has no bitmap record (what :meth:`forget` would look for first).
+
+        One ``stat`` of a local file, on the caller's thread: most files never save a
+        history (see "Nothing durable until it is worth it"), and asking here spares
+        their removal a worker thread's hop (measured: the most of an ``rm``'s daemon
+        CPU per file). A save running meanwhile is no worse off than with
+        :meth:`forget` on its thread: it runs after the look either way.
+        """
+        if not _is_file_id(file_id):
+            return False
+        try:
+            os.stat(f"{self._home_prefix}{file_id}.bitmap")  # (pathlib's would double it)
+        except FileNotFoundError:
+            return False
+        except OSError:
+            return True  # let forget judge (and report) it
+        return True
 
     def forget(self, file_id: str, key: tuple[int, int]) -> bool:
         """Remove the history of a file that is gone (its last link removed, no
@@ -632,7 +674,15 @@ class CbtStore:
         another file's) is replaced by a new one under a new file id, so its
         old change ids are refused rather than answered wrongly.
         """
-        file_id = self.file_id(path_fd)
+        # a file the mount has just created carries no id (nor anything else) yet
+        file_id = None if fresh else self.file_id(path_fd)
+        if (file_id is not None and self._session_ids.get(file_id) == key
+                and self._nothing_saved(file_id)):
+            # An id given since the mount, to this very file, with nothing saved
+            # under it: no change id of it was ever handed out (a checkpoint saves
+            # first), so the file takes it again, and its store is not touched
+            # (a new id cost two xattr writes and a kept ctime at every reopen).
+            return Tracker(self.home, file_id, self.block_size, key, health=self.health)
         if file_id is not None and _is_file_id(file_id):
             try:
                 tracker = self._load_tracker(file_id, key)
@@ -641,7 +691,7 @@ class CbtStore:
                 tracker = None
             if tracker is not None:
                 return tracker
-        file_id, moved_ctime = self._new_id(path_fd, fresh)
+        file_id, moved_ctime = self._new_id(path_fd, key, fresh)
         tracker = Tracker(self.home, file_id, self.block_size, key, health=self.health)
         tracker.moved_ctime = moved_ctime
         return tracker

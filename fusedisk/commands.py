@@ -26,6 +26,10 @@ from .relocation import Options, Relocation, RelocationError, Relocator
 from .snapshots import SnapshotError, Snapshots
 from .vdisk import OpenFiles, VFile
 
+#: How long ``status`` waits for the placement record's write-behind save, so that
+#: ``record_stale`` tells how the record stands after every change made before it
+STATUS_SAVE_WAIT_S = 2.0
+
 
 class Commands:
     """The handlers of one mounted datastore's control commands."""
@@ -79,6 +83,8 @@ class Commands:
     # -- the datastore ----------------------------------------------------------------
 
     async def status(self, request: api.Status) -> dict[str, Any]:
+        with trio.move_on_after(STATUS_SAVE_WAIT_S):  # the record's health after every change
+            await self.datastore.wait_saved()
         return {
             "version": __version__,
             "pid": os.getpid(),

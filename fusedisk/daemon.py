@@ -247,6 +247,7 @@ class Daemon:
             if self.extra_ops is not None:
                 await nursery.start(self.extra_ops.run)
             await nursery.start(self.files.run)
+            await nursery.start(self.datastore.run)
             await nursery.start(self.relocator.run)
             await nursery.start(self.snapshots.run)
             self.relocator.resume_interrupted()

@@ -235,6 +235,11 @@ class _PendingRepoint:
         self._ops._catch_up(inode, self)
 
 
+def _fsync_dirs(path_fds: list[int]) -> None:
+    for path_fd in path_fds:
+        backing.fsync_dir(path_fd)
+
+
 def _sync_mode(flags: int) -> int:
     if flags & os.O_SYNC == os.O_SYNC:
         return _SYNC_FULL
@@ -303,6 +308,8 @@ class Operations(pyfuse3.Operations):
         self._dirs: dict[int, _DirHandle] = {}
         self._next_dir_fh = 1
         self._root_time_ns = time.time_ns()
+        #: FLUSH requests served (the first tells the kernel to send no more)
+        self.flush_requests = 0
         #: ``MNT/.snapshots``: its own numbers and handles, read-only (snapview.py)
         self.view = snapview.SnapshotView(
             datastore, snapshots.list if snapshots is not None else list, _PRIVATE_XATTR_PREFIX)
@@ -442,13 +449,22 @@ class Operations(pyfuse3.Operations):
         else:
             noted.append((journal, key, os.dup(path_fd)))
 
-    def _changing_at(self, dir_fd: int, name: str, entry: Entry | None) -> None:
-        """:meth:`_changing` for the object named *name* of *entry* (unlinked,
-        renamed or renamed over), whether or not the kernel knows it."""
+    @staticmethod
+    def _lstat_or_none(dir_fd: int, name: str) -> os.stat_result | None:
         try:
-            st = backing.lstat_at(dir_fd, name)
+            return backing.lstat_at(dir_fd, name)
         except OSError:
-            return  # the operation itself reports it
+            return None  # the operation itself reports it
+
+    def _changing_at(self, dir_fd: int, name: str, entry: Entry | None,
+                     st: os.stat_result | None = None) -> None:
+        """:meth:`_changing` for the object named *name* of *entry* (unlinked,
+        renamed or renamed over), whether or not the kernel knows it. *st*: its
+        ``lstat``, if the caller has it."""
+        if st is None:
+            st = self._lstat_or_none(dir_fd, name)
+            if st is None:
+                return  # the operation itself reports it
         known = self._known((st.st_dev, st.st_ino))
         if known is not None:
             self._changing(known)
@@ -463,16 +479,17 @@ class Operations(pyfuse3.Operations):
         finally:
             backing.close(path_fd)
 
-    def _pin_last_link(self, dir_fd: int, name: str) -> Inode | None:
+    def _pin_last_link(self, dir_fd: int, name: str,
+                       st: os.stat_result | None = None) -> Inode | None:
         """Before *name* is unlinked, rmdir'ed or renamed over: if it is the last
         name of an object the kernel knows, pin that object's O_PATH fd, so it
         stays reachable once its handle is stale (an unlinked file still
         answers ``fstat``). Returns the inode pinned, for :meth:`_unpin_last_link`
-        should the operation fail."""
-        try:
-            st = backing.lstat_at(dir_fd, name)
-        except OSError:
-            return None  # the operation itself reports it
+        should the operation fail. *st* as in :meth:`_changing_at`."""
+        if st is None:
+            st = self._lstat_or_none(dir_fd, name)
+            if st is None:
+                return None  # the operation itself reports it
         known = self._known((st.st_dev, st.st_ino))
         if known is None or known.sticky or known.ref is None:
             return None
@@ -731,11 +748,21 @@ class Operations(pyfuse3.Operations):
             # made by someone else since the kernel's lookup: open it as it is
             fd = backing.open_at(dir_fd, sname, os.O_RDWR)
             made = False
-        backing.close(fd)  # the data path opens its own (shared) descriptor
-        inode, attr = await self._created(parent, sname, dir_fd, entry, mode, ctx, made)
-        direct = pagecache.serve_direct(inode, flags)
+        if not made:
+            backing.close(fd)  # the data path opens its own (shared) descriptor
+            fd = -1
         try:
-            fh = self._open_handle(inode, direct, flags, fresh=made)
+            inode, attr = await self._created(parent, sname, dir_fd, entry, mode, ctx, made)
+            if made:
+                pagecache.created(inode)
+            direct = pagecache.serve_direct(inode, flags)
+        except BaseException:
+            if fd >= 0:
+                backing.close(fd)
+            raise
+        try:
+            # a file just made is the data path's: its descriptor is handed over
+            fh = self._open_handle(inode, direct, flags, fresh=made, io_fd=fd)
         except OSError:  # the kernel learns nothing of it: take it back
             inode.lookups -= 1
             self._maybe_drop(inode)
@@ -803,15 +830,24 @@ class Operations(pyfuse3.Operations):
         if parent is self._root and self.datastore.relocating(entry.name):
             raise OSError(errno.EBUSY, "the entry is being relocated")
         doomed = None
+        # one lstat serves every step below: none of them changes the name, and
+        # only a snapshot's copy-before-write (with guards) checkpoints between them
+        st = self._lstat_or_none(dir_fd, sname)
         if parent is not self._root:
             self._changing(parent)
-            self._changing_at(dir_fd, sname, entry)  # its nlink changes (another name may stay)
-        if not is_dir:  # a snapshot's copy-before-write takes the rest of the file first
+            if st is not None:  # (else the unlink reports it) its nlink changes
+                self._changing_at(dir_fd, sname, entry, st)
+        if not is_dir and self.files.guards:
+            # a snapshot's copy-before-write takes the rest of the file first; it
+            # checkpoints, so the name may have changed meanwhile
             await self.files.before_last_link(dir_fd, sname)
-        pinned = self._pin_last_link(dir_fd, sname)
+            st = self._lstat_or_none(dir_fd, sname)
+        pinned = self._pin_last_link(dir_fd, sname, st) if st is not None else None
         try:
-            if not is_dir:
-                doomed = self.files.last_link_history(dir_fd, sname)
+            if not is_dir and st is not None:
+                known = self._known((st.st_dev, st.st_ino))
+                doomed = self.files.last_link_history(
+                    dir_fd, sname, st, known.path_fd if known is not None else -1)
             backing.unlink_at(dir_fd, sname, is_dir=is_dir)
         except BaseException:
             self._unpin_last_link(pinned)
@@ -888,12 +924,17 @@ class Operations(pyfuse3.Operations):
 
     # -- regular files ---------------------------------------------------------------
 
-    def _open_handle(self, inode: Inode, direct: bool, flags: int, fresh: bool = False) -> int:
-        """Register a new open of *inode* (*fresh*: just created); return its FUSE file handle."""
+    def _open_handle(self, inode: Inode, direct: bool, flags: int, fresh: bool = False,
+                     io_fd: int = -1) -> int:
+        """Register a new open of *inode* (*fresh*: just created; *io_fd*: its
+        read-write descriptor, taken over); return its FUSE file handle."""
         if inode.vfile is None:
             assert inode.entry is not None and inode.ref is not None
-            inode.vfile = self.files.open(inode.path_fd, inode.key, inode.entry.gate, fresh)
+            inode.vfile = self.files.open(inode.path_fd, inode.key, inode.entry.gate, fresh,
+                                          io_fd)
             self.paths.pin(inode.ref)  # an open file keeps its O_PATH fd (unlinked, too)
+        elif io_fd >= 0:
+            backing.close(io_fd)
         inode.handles += 1
         pagecache.opened(inode, direct)
         fh = self._next_fh
@@ -1046,7 +1087,11 @@ class Operations(pyfuse3.Operations):
             gate.leave()
 
     async def flush(self, fh: int) -> None:
-        return None  # writes are not buffered in the daemon
+        """Nothing to do: writes are not buffered in the daemon, and POSIX locks
+        are the kernel's (no lock handlers). ENOSYS tells the kernel so: it then
+        sends no FLUSH at any later close (one request less per file's life)."""
+        self.flush_requests += 1
+        raise FUSEError(errno.ENOSYS)
 
     @_errno_edge
     async def fsync(self, fh: int, datasync: bool) -> None:
@@ -1119,6 +1164,12 @@ class Operations(pyfuse3.Operations):
         inode = self._dirs[fh].inode
         if inode is not self._root:
             await backing.run_blocking(backing.fsync_dir, inode.path_fd)
+            return
+        # The root's names are the stores' top-level names (sqlite fsyncs the
+        # directory of its database after it creates or removes its journal):
+        # every store's root, as the top-level names are spread over them.
+        roots = [store.root_fd for store in self.datastore.stores.values()]
+        await backing.run_blocking(_fsync_dirs, roots)
 
     # -- extended attributes -------------------------------------------------------------
 
@@ -1275,6 +1326,7 @@ class Operations(pyfuse3.Operations):
         paths = self.paths.statistics()
         return {"inodes": len(self._inodes), "path_fds": paths.open_fds,
                 "path_fd_cap": paths.cap, "path_reopens": paths.reopens,
+                "blocking_jobs": backing.blocking_jobs(), "flush_requests": self.flush_requests,
                 **self.files.statistics(), **self.view.statistics()}
 
     def close(self) -> None:

@@ -95,6 +95,13 @@ def serve_direct(node: CachedFile, flags: int) -> bool:
     return node.no_caps
 
 
+def created(node: CachedFile) -> None:
+    """The mount has just made this file (``O_EXCL``): it carries no capabilities
+    (``security.capability`` is never inherited), so the first write's probe is
+    answered from memory too."""
+    node.no_caps = True
+
+
 def opened(node: CachedFile, direct: bool) -> None:
     """A handle was opened (``handles`` already counts it)."""
     if direct:

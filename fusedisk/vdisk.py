@@ -603,20 +603,26 @@ class OpenFiles:
         self._watchers.pop(key, None)
         self._idle_watchers.pop(key, None)
 
-    def open(self, path_fd: int, key: tuple[int, int], gate: Gate, fresh: bool = False) -> VFile:
+    def open(self, path_fd: int, key: tuple[int, int], gate: Gate, fresh: bool = False,
+             io_fd: int = -1) -> VFile:
         """Open (or share) the file behind an O_PATH handle (*fresh*: just
-        created); pair with :meth:`release`."""
+        created); pair with :meth:`release`. *io_fd*: a read-write descriptor of
+        the file that the caller has already (a create's), taken over in every
+        case: the data path's if it needs one (no reopen through /proc), else closed."""
         vfile = self._get(key)
         if vfile is not None and vfile.opens == 0 and not self._same_file(vfile, path_fd,
                                                                            gate, fresh):
             vfile = None  # a removed file's, still saving: the new file on its number is another
+        if vfile is not None and not vfile.stale and io_fd >= 0:
+            backing.close(io_fd)  # shared: the file has its descriptor
+            io_fd = -1
         if vfile is not None and vfile.stale:
-            fd, vfile.writable = backing.open_for_io(path_fd)
+            fd, vfile.writable = (io_fd, True) if io_fd >= 0 else backing.open_for_io(path_fd)
             old_fd, vfile.fd, vfile.stale, vfile.gone = vfile.fd, fd, False, False
             if old_fd >= 0:
                 backing.close(old_fd)
         if vfile is None:
-            fd, writable = backing.open_for_io(path_fd)
+            fd, writable = (io_fd, True) if io_fd >= 0 else backing.open_for_io(path_fd)
             try:
                 tracker = (
                     self.cbt.open_tracker(path_fd, key, fresh) if writable and self.cbt else None
@@ -714,30 +720,39 @@ class OpenFiles:
                 if tracker is not None and vfile.gone:
                     await self._forget((tracker.file_id, vfile.key))
 
-    def last_link_history(self, dir_fd: int, name: str) -> tuple[str, tuple[int, int]] | None:
+    def last_link_history(
+        self, dir_fd: int, name: str, st: os.stat_result | None = None, path_fd: int = -1,
+    ) -> tuple[str, tuple[int, int]] | None:
         """Before *name* is unlinked or renamed over: the CBT history that goes
         with it, when it is the last link of a regular file that nobody has
         open (an open one is forgotten when it is closed). The kernel never
         sends a rename between two links of one file (vfs_rename returns 0
         first), so a target named here really goes. Blocking.
+
+        *st* is the name's ``lstat`` and *path_fd* an O_PATH handle of that
+        object, when the caller has them (spared a lookup each).
         """
         if self.cbt is None:
             return None
-        try:
-            st = backing.lstat_at(dir_fd, name)
-        except OSError:
-            return None  # the unlink or rename reports it
+        if st is None:
+            try:
+                st = backing.lstat_at(dir_fd, name)
+            except OSError:
+                return None  # the unlink or rename reports it
         key = (st.st_dev, st.st_ino)
         if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
             return None
         vfile = self._get(key)
         if vfile is not None and vfile.opens:
             return None  # forgotten when closed (closed but still saving: after that save)
-        path_fd = backing.open_path(dir_fd, name)
-        try:
+        if path_fd >= 0:
             file_id = self.cbt.file_id(path_fd)
-        finally:
-            backing.close(path_fd)
+        else:
+            path_fd = backing.open_path(dir_fd, name)
+            try:
+                file_id = self.cbt.file_id(path_fd)
+            finally:
+                backing.close(path_fd)
         return None if file_id is None else (file_id, key)
 
     async def forget_history(self, history: tuple[str, tuple[int, int]]) -> None:
@@ -753,8 +768,8 @@ class OpenFiles:
         await self._forget(history)
 
     async def _forget(self, history: tuple[str, tuple[int, int]]) -> None:
-        if self.cbt is None:
-            return
+        if self.cbt is None or not self.cbt.has_history(history[0]):
+            return  # the usual case: nothing was ever saved for it
         try:
             await backing.run_blocking(self.cbt.forget, *history)
         except OSError as e:

@@ -1,0 +1,246 @@
+"""What a small file costs the daemon around its life (issue 16): no durable save,
+worker-thread hop or backing syscall that the file's life does not need.
+
+Two levels: a real mount (the placement record's write-behind, worker hops per
+removal, seen through ``status``) and fs.Operations called directly, where the
+backing room's calls are counted (spied on, still run) per request.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pyfuse3
+import pytest
+import trio
+import trio.testing
+
+from fusedisk import backing
+from fusedisk.cbt import CbtStore
+from fusedisk.config import build_config
+from fusedisk.datastore import Datastore, StoreClaims
+from fusedisk.fs import Operations
+from fusedisk.metadata import StateDir
+from fusedisk.vdisk import OpenFiles
+
+from .mounting import MountedDatastore, store_names
+
+CTX = pyfuse3.RequestContext()
+#: what the stalled placement save of the first test would hold a request for
+STALL_MS = 60_000
+#: far below it, far above what the changes take on a loaded machine
+BOUND_S = 20.0
+
+
+def test_top_level_changes_do_not_wait_for_the_placement_save(tmp_path: Path) -> None:
+    """A create, mkdir, rename and removal at the top level return while the
+    placement record's save is stalled (sqlite's journal there cost two saves,
+    four state-directory fsyncs, per transaction); a crash before that save loses
+    nothing: the next mount serves exactly what the stores hold."""
+    ds = MountedDatastore(tmp_path)
+    try:
+        ds.start(env={"FUSEDISK_STALL": f"record-save:{STALL_MS}:1"})
+        started = time.monotonic()
+        (ds.mnt / "db.sqlite").write_bytes(b"db")
+        (ds.mnt / "db.sqlite-journal").write_bytes(b"journal")
+        (ds.mnt / "db.sqlite-journal").unlink()
+        (ds.mnt / "vm1").mkdir()
+        (ds.mnt / "vm1" / "disk.img").write_bytes(b"x" * 4096)
+        os.rename(ds.mnt / "vm1", ds.mnt / "vm2")
+        (ds.mnt / "gone").mkdir()
+        (ds.mnt / "gone").rmdir()
+        assert time.monotonic() - started < BOUND_S, "a top-level change waited for the save"
+        assert sorted(os.listdir(ds.mnt)) == ["db.sqlite", "vm2"]
+        ds.kill()  # the save is still stalled: the record on disk is the one of the start
+        assert store_names(ds.stores["a"]) == ["db.sqlite", "vm2"]
+        ds.start()
+        assert ds.status()["placement"] == {"db.sqlite": "a", "vm2": "a"}
+        assert (ds.mnt / "vm2" / "disk.img").read_bytes() == b"x" * 4096
+        (ds.mnt / "vm3").mkdir()
+        assert ds.status()["placement"] == {"db.sqlite": "a", "vm2": "a", "vm3": "a"}
+        assert ds.stop() == 0
+        ds.start()  # the unmount saved the record; nothing is adopted anew
+        assert "adopted entry" not in ds.log().split("serving")[-1]
+        assert ds.status()["placement"] == {"db.sqlite": "a", "vm2": "a", "vm3": "a"}
+    finally:
+        ds.teardown()
+
+
+def test_removing_files_without_history_costs_no_worker_hop(
+    datastore: MountedDatastore,
+) -> None:
+    """A file with no saved CBT history (no change id ever asked for) has nothing
+    to forget in the state directory: its unlink runs on the loop alone (it cost
+    a worker thread's hop to look for the history, the most of ``rm -rf``'s CPU)."""
+    home = datastore.mnt / "vm1"
+    home.mkdir()
+    names = [f"f{i}" for i in range(20)]
+    for name in names:
+        (home / name).write_bytes(b"s" * 2048)
+    before = datastore.status()["fs"]["blocking_jobs"]
+    assert datastore.status()["fs"]["blocking_jobs"] == before  # status itself hops not
+    for name in names:
+        (home / name).unlink()
+    assert datastore.status()["fs"]["blocking_jobs"] == before
+    assert os.listdir(home) == []
+
+
+def test_closing_files_sends_no_flush_after_the_first(datastore: MountedDatastore) -> None:
+    """FLUSH does nothing here (no buffered writes, locks are the kernel's): the
+    daemon answers the first with ENOSYS and the kernel sends no more, so a
+    close costs one request (RELEASE) instead of two."""
+    home = datastore.mnt / "vm1"
+    home.mkdir()
+    for i in range(10):
+        (home / f"f{i}").write_bytes(b"c" * 100)
+        assert (home / f"f{i}").read_bytes() == b"c" * 100
+    assert datastore.status()["fs"]["flush_requests"] == 1
+
+
+def test_fsync_of_the_mount_root_reaches_the_stores(datastore: MountedDatastore) -> None:
+    """The mount root's names live in the stores' root directories: fsync of the
+    root (sqlite's, after it made or removed its journal there) syncs those (it
+    was answered without touching any store)."""
+    (datastore.mnt / "db.sqlite-journal").write_bytes(b"j")
+    before = datastore.status()["fs"]["blocking_jobs"]
+    fd = os.open(datastore.mnt, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    assert datastore.status()["fs"]["blocking_jobs"] == before + 1
+
+
+# -- fs.Operations called directly: backing calls per request ---------------------------
+
+
+class _Spy:
+    """Counts calls of some of the backing room's functions (which still run)."""
+
+    NAMES = ("getxattr", "setxattr", "lstat_at", "open_path", "fstat", "run_blocking",
+             "reopen")
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.calls: Counter[str] = Counter()
+        for name in self.NAMES:
+            monkeypatch.setattr(backing, name, self._counting(name, getattr(backing, name)))
+
+    def _counting(self, name: str, real: Callable[..., Any]) -> Callable[..., Any]:
+        def counted(*args: Any) -> Any:
+            self.calls[name] += 1
+            return real(*args)
+        return counted
+
+    def take(self) -> Counter[str]:
+        taken, self.calls = self.calls, Counter()
+        return taken
+
+
+@pytest.fixture
+def ops(tmp_path: Path) -> Iterator[Operations]:
+    """A real datastore (store and state directory on disk, CBT on) and its
+    Operations, unmounted (as tests/test_ops_direct.py makes them)."""
+    store = tmp_path / "store"
+    store.mkdir()
+    config = build_config(config_file=None, mountpoint=str(tmp_path / "mnt"),
+                          stores=[f"a={store}"], default_store="a",
+                          state_dir=str(tmp_path / "state"), block_size=None,
+                          allow_other=None)
+    (tmp_path / "mnt").mkdir()
+    state = StateDir(config.state_dir)
+    state.open()
+    claims = StoreClaims(state, config.mountpoint)
+    datastore = Datastore.open(config, state, claims)
+    files = OpenFiles(CbtStore(config.state_dir, config.block_size), config.block_size)
+    operations = Operations(datastore, files)
+    umask = os.umask(0)
+    try:
+        yield operations
+    finally:
+        os.umask(umask)
+        operations.close()
+        datastore.close()
+        claims.release()
+        state.close()
+
+
+def test_a_new_file_costs_no_xattr_reads(ops: Operations, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A file the mount has just made carries no xattrs: its create reads no CBT id
+    and the kernel's ``security.capability`` probe before its first write is answered
+    from memory; its removal stats its name once and opens nothing more."""
+
+    async def main() -> None:
+        home = await ops.mkdir(pyfuse3.ROOT_INODE, b"vm1", 0o755, CTX)
+        spy = _Spy(monkeypatch)
+        info, attr = await ops.create(home.st_ino, b"f", 0o644,
+                                      os.O_CREAT | os.O_EXCL | os.O_RDWR, CTX)
+        with pytest.raises(pyfuse3.FUSEError) as caught:
+            await ops.getxattr(attr.st_ino, b"security.capability", CTX)
+        assert caught.value.errno == pyfuse3.ENOATTR
+        assert await ops.write(info.fh, 0, b"w" * 4096) == 4096
+        calls = spy.take()
+        assert calls["getxattr"] == 0, calls
+        assert calls["setxattr"] == 1, calls  # the CBT id, so a later history is its own
+        assert calls["reopen"] == 0, calls  # the create's descriptor serves the data path
+        await ops.release(info.fh)
+        spy.take()
+        await ops.unlink(home.st_ino, b"f", CTX)
+        calls = spy.take()
+        assert calls["lstat_at"] == 1 and calls["open_path"] == 0, calls
+        assert calls["run_blocking"] == 0, calls  # no history to look for on a thread
+        await ops.forget([(attr.st_ino, 1)])
+        with pytest.raises(pyfuse3.FUSEError) as caught:
+            await ops.lookup(home.st_ino, b"f", CTX)
+        assert caught.value.errno == errno.ENOENT
+
+    async def run() -> None:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(ops.files.run)
+            await main()
+            nursery.cancel_scope.cancel()
+
+    trio.run(run)
+
+
+def test_reopening_a_file_without_history_rewrites_no_xattrs(
+    ops: Operations, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A file whose id this mount gave and saved nothing under takes the same id
+    when it is opened again: no new id, no kept ctime (two xattr writes a reopen),
+    and the ctime the mount shows stays the backing one."""
+
+    async def main() -> None:
+        home = await ops.mkdir(pyfuse3.ROOT_INODE, b"vm1", 0o755, CTX)
+        info, attr = await ops.create(home.st_ino, b"f", 0o644,
+                                      os.O_CREAT | os.O_EXCL | os.O_RDWR, CTX)
+        await ops.write(info.fh, 0, b"w" * 4096)
+        await ops.release(info.fh)
+        await trio.testing.wait_all_tasks_blocked()  # the close's (empty) save is done
+        assert ops.files.statistics()["open_files"] == 0
+        store_file = Path(ops.datastore.default_store.path) / "vm1" / "f"
+        first_id = os.getxattr(store_file, "trusted.fusedisk.id")
+        spy = _Spy(monkeypatch)
+        for _ in range(3):
+            info = await ops.open(attr.st_ino, os.O_RDWR, CTX)
+            await ops.write(info.fh, 0, b"v" * 4096)
+            await ops.release(info.fh)
+            await trio.testing.wait_all_tasks_blocked()
+        calls = spy.take()
+        assert calls["setxattr"] == 0, calls
+        assert os.getxattr(store_file, "trusted.fusedisk.id") == first_id
+        shown = await ops.getattr(attr.st_ino, CTX)
+        assert shown.st_ctime_ns == os.stat(store_file).st_ctime_ns
+
+    async def run() -> None:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(ops.files.run)
+            await main()
+            nursery.cancel_scope.cancel()
+
+    trio.run(run)
