@@ -6,6 +6,7 @@
   is reported back to the daemon (which keeps the fd and the entry's gate).
 - ``direct_io`` opens carry FOPEN_PARALLEL_DIRECT_WRITES, so the kernel sends
   two writes to one file without waiting for the first one's reply.
+- A relocation's switchover waits for an FSYNC on a shim thread to be answered.
 - Write-behind: after enough written bytes the daemon starts writeback of the
   backing file (``sync_file_range``) on the shim's threads.
 
@@ -196,3 +197,54 @@ def test_written_data_is_written_behind(datastore: MountedDatastore) -> None:
         wait_for(lambda: _shim(datastore)["write_behinds"] >= 1, 30, "a write-behind")
     assert counts[("sync_file_range", backing)] >= 1, counts
     assert disk.read_bytes()[: 2 << 20] == b"w" * (2 << 20)
+
+
+def _job_state(ds: MountedDatastore, entry: str) -> str | None:
+    jobs = [j for j in ds.status()["jobs"] if j["entry"] == entry]
+    return str(jobs[0]["state"]) if jobs else None
+
+
+def test_a_switchover_waits_for_an_fsync_on_a_shim_thread(tmp_path: Path) -> None:
+    """The daemon keeps a detached FSYNC inside its entry's gate until the shim
+    reports it answered: a relocation's switchover (which re-points and closes the
+    backing fd) waits for it, and the guest's fsync succeeds on the file it named.
+    The shim's stall point holds the fsync on its thread."""
+    stall_ms = 4000
+    ds = MountedDatastore(tmp_path)
+    try:
+        ds.start(env={"FUSEDISK_STALL": f"shim-fsync:{stall_ms}:1"})
+        disk, _ = _disk(ds)
+        fd = os.open(disk, os.O_RDWR | os.O_DIRECT)
+        outcome: list[BaseException | None] = []
+
+        def sync() -> None:
+            try:
+                os.fsync(fd)
+                outcome.append(None)
+            except BaseException as e:  # reported by the test thread
+                outcome.append(e)
+
+        syncer = threading.Thread(target=sync)
+        try:
+            assert os.pwrite(fd, _aligned(b"f"), 0) == 4096
+            syncer.start()
+            wait_for(lambda: _shim(ds)["fsyncs_detached"] >= 1 or outcome, 30,
+                     "the fsync on a shim thread")
+            assert not outcome, "the fsync returned before the stall ended"
+            result = ds.cli("migrate", str(ds.mnt), "vm", "--to", "b", "--no-wait")
+            assert result.returncode == 0, result.stderr
+            states = []
+            while syncer.is_alive():
+                states.append(_job_state(ds, "vm"))
+                syncer.join(timeout=0.05)
+            assert outcome == [None], outcome
+            assert "done" not in states, states
+            wait_for(lambda: _job_state(ds, "vm") in ("done", "failed"), 60, "the relocation")
+            assert _job_state(ds, "vm") == "done", ds.status()["jobs"]
+        finally:
+            syncer.join(timeout=stall_ms / 1000 + 60)
+            os.close(fd)
+        assert disk.read_bytes()[:4096] == b"f" * 4096
+        assert (ds.stores["b"] / "vm" / "disk.img").exists()
+    finally:
+        ds.teardown()

@@ -277,7 +277,7 @@ static pthread_cond_t fsyncs_drained = PTHREAD_COND_INITIALIZER;
 static int write_behind_fds[MAX_WRITE_BEHIND];
 static int write_behind_queued;
 
-/* Counters (fuseshim.statistics): FSYNCs answered by the shim's threads, of
+/* Counters (fuseshim.statistics): FSYNCs handed to the shim's threads, of
  * those failed, write-behinds run and write-behinds skipped (one was queued). */
 unsigned long fusedisk_shim_fsyncs, fusedisk_shim_fsync_errors;
 unsigned long fusedisk_shim_write_behinds, fusedisk_shim_write_behinds_merged;
@@ -292,6 +292,26 @@ void fusedisk_shim_enable_fast_fsync(int enable)
 void fusedisk_shim_enable_parallel_writes(int enable)
 {
     parallel_writes_wanted = enable;
+}
+
+/* FUSEDISK_STALL=shim-fsync:MS:COUNT (failpoint.py's stall points): the first
+ * COUNT detached FSYNCs wait MS milliseconds on their thread before the fsync. */
+static long stall_fsync_ms;
+static long stall_fsync_left;
+
+static void read_stall(void)
+{
+    const char *spec = getenv("FUSEDISK_STALL");
+    const char *name = "shim-fsync:";
+    if (spec == NULL || strncmp(spec, name, strlen(name)) != 0)
+        return;
+    char *end;
+    long ms = strtol(spec + strlen(name), &end, 10);
+    long count = *end == ':' ? strtol(end + 1, NULL, 10) : 1;
+    if (ms > 0 && count > 0) {
+        stall_fsync_left = count;
+        stall_fsync_ms = ms;
+    }
 }
 
 static void forget_write_behind(int fd)
@@ -317,10 +337,11 @@ static void run_job(struct job *j)
         free(j);
         return;
     }
+    if (stall_fsync_ms > 0 && __atomic_sub_fetch(&stall_fsync_left, 1, __ATOMIC_RELAXED) >= 0)
+        usleep((useconds_t)stall_fsync_ms * 1000);
     int err = (j->datasync ? fdatasync(j->fd) : fsync(j->fd)) == 0 ? 0 : errno;
     if (err)
         __atomic_add_fetch(&fusedisk_shim_fsync_errors, 1, __ATOMIC_RELAXED);
-    __atomic_add_fetch(&fusedisk_shim_fsyncs, 1, __ATOMIC_RELAXED);
     real_reply_err(j->req, err);
     pthread_mutex_lock(&jobs_lock);
     if (--fsyncs_in_flight == 0)
@@ -453,6 +474,7 @@ int fuse_reply_err(fuse_req_t req, int err)
     if (j != NULL && j->req == req) {
         detached = NULL;
         if (err == 0) {
+            fusedisk_shim_fsyncs++;
             submit(j);
             return 0;
         }
@@ -549,6 +571,7 @@ struct fuse_session *fuse_session_new(struct fuse_args *args, const struct fuse_
         fusedisk_shim_error = "libfuse's reply functions were not found behind the shim";
         return NULL;
     }
+    read_stall();
     memset(&wrapped_ops, 0, sizeof(wrapped_ops));
     memcpy(&wrapped_ops, op, op_size);
     next_write = wrapped_ops.write;
