@@ -233,12 +233,18 @@ def test_a_switchover_waits_for_an_fsync_on_a_shim_thread(tmp_path: Path) -> Non
             assert not outcome, "the fsync returned before the stall ended"
             result = ds.cli("migrate", str(ds.mnt), "vm", "--to", "b", "--no-wait")
             assert result.returncode == 0, result.stderr
-            states = []
+            # (state, completions the daemon had seen) in one snapshot of the daemon's:
+            # the job may be done only after the fsync's completion came back
+            seen = []
             while syncer.is_alive():
-                states.append(_job_state(ds, "vm"))
+                status = ds.status()
+                jobs = [j for j in status["jobs"] if j["entry"] == "vm"]
+                seen.append((jobs[0]["state"] if jobs else None,
+                             status["fuse_shim"]["extra_served"]["fsyncs_done"]))
                 syncer.join(timeout=0.05)
             assert outcome == [None], outcome
-            assert "done" not in states, states
+            assert ("done", 0) not in seen, seen
+            assert ("switching", 0) in seen, seen  # it did wait for it
             wait_for(lambda: _job_state(ds, "vm") in ("done", "failed"), 60, "the relocation")
             assert _job_state(ds, "vm") == "done", ds.status()["jobs"]
         finally:

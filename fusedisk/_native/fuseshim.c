@@ -266,13 +266,17 @@ static struct job *detached;
 
 static pthread_mutex_t jobs_lock = PTHREAD_MUTEX_INITIALIZER;
 static pthread_cond_t jobs_ready = PTHREAD_COND_INITIALIZER;
-static struct job *jobs_head, *jobs_tail;
+struct job_queue {
+    struct job *head, *tail;
+};
+static struct job_queue fsync_jobs, write_behind_jobs;
 static int threads, idle_threads;
 /* detached FSYNCs not answered yet (fusedisk_shim_drain waits for none) */
 static int fsyncs_in_flight;
 static pthread_cond_t fsyncs_drained = PTHREAD_COND_INITIALIZER;
 #define MAX_THREADS 8
-/* fds with a write-behind queued and not yet started (a small set: one per busy file) */
+/* fds with a write-behind queued or running (a small set: one per busy file), so
+ * that a slow one does not pile up threads that FSYNCs need */
 #define MAX_WRITE_BEHIND 64
 static int write_behind_fds[MAX_WRITE_BEHIND];
 static int write_behind_queued;
@@ -329,10 +333,10 @@ static void forget_write_behind(int fd)
 static void run_job(struct job *j)
 {
     if (j->kind == JOB_WRITE_BEHIND) {
-        forget_write_behind(j->fd);
         /* only starts writeback: on an fd that was closed and reused meanwhile it
          * does no harm, so the daemon need not keep it open for us */
         (void)sync_file_range(j->fd, 0, 0, SYNC_FILE_RANGE_WRITE);
+        forget_write_behind(j->fd);
         __atomic_add_fetch(&fusedisk_shim_write_behinds, 1, __ATOMIC_RELAXED);
         free(j);
         return;
@@ -352,20 +356,39 @@ static void run_job(struct job *j)
     push(&j->done); /* the daemon frees the job (fusedisk_shim_take) */
 }
 
+static void queue_job(struct job_queue *q, struct job *j)
+{
+    j->next = NULL;
+    if (q->tail != NULL)
+        q->tail->next = j;
+    else
+        q->head = j;
+    q->tail = j;
+}
+
+static struct job *pop_job(struct job_queue *q)
+{
+    struct job *j = q->head;
+    if (j != NULL) {
+        q->head = j->next;
+        if (q->head == NULL)
+            q->tail = NULL;
+    }
+    return j;
+}
+
 static void *serve_jobs(void *unused)
 {
     (void)unused;
     pthread_mutex_lock(&jobs_lock);
     for (;;) {
-        while (jobs_head == NULL) {
+        struct job *j;
+        /* FSYNCs first: a guest waits for each one, and holds the file's writes */
+        while ((j = pop_job(&fsync_jobs)) == NULL && (j = pop_job(&write_behind_jobs)) == NULL) {
             idle_threads++;
             pthread_cond_wait(&jobs_ready, &jobs_lock);
             idle_threads--;
         }
-        struct job *j = jobs_head;
-        jobs_head = j->next;
-        if (jobs_head == NULL)
-            jobs_tail = NULL;
         pthread_mutex_unlock(&jobs_lock);
         run_job(j);
         pthread_mutex_lock(&jobs_lock);
@@ -377,17 +400,12 @@ static void *serve_jobs(void *unused)
  * with no thread at all, run it on the caller's. */
 static void submit(struct job *j)
 {
-    j->next = NULL;
+    struct job_queue *q = j->kind == JOB_FSYNC ? &fsync_jobs : &write_behind_jobs;
     pthread_mutex_lock(&jobs_lock);
-    if (jobs_tail != NULL)
-        jobs_tail->next = j;
-    else
-        jobs_head = j;
-    jobs_tail = j;
+    queue_job(q, j);
     if (j->kind == JOB_FSYNC)
         fsyncs_in_flight++;
-    int spawn = idle_threads == 0 && threads < MAX_THREADS;
-    if (spawn) {
+    if (idle_threads == 0 && threads < MAX_THREADS) {
         pthread_t thread;
         pthread_attr_t attr;
         pthread_attr_init(&attr);
@@ -399,10 +417,10 @@ static void submit(struct job *j)
     } else {
         pthread_cond_signal(&jobs_ready);
     }
+    /* no thread could be made, ever: every job ran here, so this one is alone */
     int alone = threads == 0;
-    if (alone) { /* take it back and run it here */
-        jobs_head = jobs_tail = NULL;
-    }
+    if (alone)
+        pop_job(q);
     pthread_mutex_unlock(&jobs_lock);
     if (alone)
         run_job(j);
