@@ -157,9 +157,10 @@ def detach_fsync(token: int, fd: int, datasync: bool, cookie: int) -> bool:
     """Hand the running FSYNC (*token*: from its handle) to the shim's threads.
 
     True: the caller must return from its handler with no checkpoint; a thread
-    then runs ``fsync``/``fdatasync`` of *fd*, answers the kernel, and only then
-    queues an :data:`OP_FSYNC_DONE` with *cookie*; until that is taken *fd* must
-    stay open and mean the same file. False: serve it the ordinary way."""
+    then runs ``fsync``/``fdatasync`` of *fd*, queues an :data:`OP_FSYNC_DONE`
+    with *cookie* once that returned, and answers the kernel; until the
+    completion is taken *fd* must stay open and mean the same file.
+    False: serve it the ordinary way."""
     if _lib is None or not token:
         return False
     return bool(_lib.fusedisk_shim_detach_fsync(token, fd, int(datasync), cookie))

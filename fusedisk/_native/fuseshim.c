@@ -35,10 +35,10 @@
  * defines (it is found before libfuse's, like fuse_session_new): for the
  * detached request that reply is not sent but is the signal to hand the fsync
  * to one of the shim's threads, which runs fsync/fdatasync and answers the
- * kernel itself, with the call's errno if it failed. Only then is the
- * completion queued (op FUSEDISK_FSYNC_DONE, the cookie in fh) for the daemon,
- * which keeps the file's fd open and its entry's gate entered until it has
- * seen it. No other request's reply is touched. The same threads run
+ * kernel itself, with the call's errno if it failed. Once the call returned,
+ * a completion is queued (op FUSEDISK_FSYNC_DONE, the cookie in fh) for the
+ * daemon, which keeps the file's fd open and its entry's gate entered until
+ * it has seen it. No other request's reply is touched. The same threads run
  * write-behind: sync_file_range(SYNC_FILE_RANGE_WRITE) of a file the daemon
  * names (fusedisk_shim_write_behind), so that an fsync finds little to write.
  *
@@ -346,14 +346,17 @@ static void run_job(struct job *j)
     int err = (j->datasync ? fdatasync(j->fd) : fsync(j->fd)) == 0 ? 0 : errno;
     if (err)
         __atomic_add_fetch(&fusedisk_shim_fsync_errors, 1, __ATOMIC_RELAXED);
-    real_reply_err(j->req, err);
+    fuse_req_t req = j->req;
+    /* The fd is done with: until the daemon sees this it keeps the fd and the gate.
+     * Queued before the reply, so the daemon's wake-up for it is not in the way of
+     * the guest's next request, which the reply lets go. */
+    j->done.r.mode = err;
+    push(&j->done); /* the daemon frees the job (fusedisk_shim_take): j is gone */
+    real_reply_err(req, err);
     pthread_mutex_lock(&jobs_lock);
     if (--fsyncs_in_flight == 0)
         pthread_cond_broadcast(&fsyncs_drained);
     pthread_mutex_unlock(&jobs_lock);
-    /* after the reply: until the daemon sees this, it keeps the fd and the gate */
-    j->done.r.mode = err;
-    push(&j->done); /* the daemon frees the job (fusedisk_shim_take) */
 }
 
 static void queue_job(struct job_queue *q, struct job *j)
