@@ -39,6 +39,8 @@ from typing import TypeVar
 import outcome
 import trio
 
+from . import fuseshim
+
 _T = TypeVar("_T")
 
 log = logging.getLogger(__name__)
@@ -379,6 +381,13 @@ def list_dir(path_fd: int) -> list[str]:
 
 def fsync(fd: int, datasync: bool) -> None:
     (os.fdatasync if datasync else os.fsync)(fd)
+
+
+def start_writeback(fd: int) -> None:
+    """Start writing *fd*'s dirty pages to disk, on a shim thread
+    (``sync_file_range(SYNC_FILE_RANGE_WRITE)``, fuseshim.py). Never blocks, never
+    fails, promises nothing: harmless if *fd* is closed or reused before it runs."""
+    fuseshim.write_behind(fd)
 
 
 def fsync_dir(path_fd: int) -> None:

@@ -45,7 +45,7 @@ from .fuseloop import RequestLoop, dev_fuse_fds, find_session_fd
 from .metadata import StateDir
 from .relocation import Relocator
 from .snapshots import Snapshots
-from .vdisk import OpenFiles
+from .vdisk import OpenFiles, VFile
 
 log = logging.getLogger(__name__)
 
@@ -182,10 +182,23 @@ async def serve(config: Config, on_ready: Callable[[], None]) -> None:
         relocator = Relocator(datastore, files, config.block_size, ops.repoint)
         fuse_loop, extra_ops = _mount(config, ops)
         stack.callback(pyfuse3.close, unmount=True)
+        # first: no shim thread may still be answering a FSYNC when the session
+        # goes, nor syncing an fd that ops.close closes
+        stack.callback(fuseshim.drain)
         daemon = Daemon(config, state, datastore, files, ops, relocator, fuse_loop, extra_ops,
                         snapshots=snapshots)
         stack.callback(daemon.notify_stopping)
         await daemon.serve(on_ready)
+
+
+#: ``FUSEDISK_SHIM_OFF=fsync,parallel,writebehind``: turn off the shim's FSYNC on
+#: its own threads, FOPEN_PARALLEL_DIRECT_WRITES and write-behind (fuseshim.py),
+#: to measure what each one buys (bench A/B runs); unset, all are on.
+SHIM_OFF_ENV = "FUSEDISK_SHIM_OFF"
+
+
+def _shim_features_off() -> set[str]:
+    return {name.strip() for name in os.environ.get(SHIM_OFF_ENV, "").split(",") if name.strip()}
 
 
 def _mount(config: Config, ops: Operations) -> tuple[RequestLoop, ExtraOps | None]:
@@ -197,6 +210,11 @@ def _mount(config: Config, ops: Operations) -> tuple[RequestLoop, ExtraOps | Non
         options.add("allow_other")
     fds_before_init = dev_fuse_fds()
     fuseshim.enable_extra_ops()
+    off = _shim_features_off()
+    fuseshim.enable_fast_fsync("fsync" not in off)
+    fuseshim.enable_parallel_writes("parallel" not in off)
+    if "writebehind" in off:
+        VFile.write_behind_bytes = 0
     try:
         pyfuse3.init(ops, str(config.mountpoint), options)
     except RuntimeError as e:

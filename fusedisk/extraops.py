@@ -9,6 +9,10 @@ the CBT activity log) holds up nobody else. Each request gets exactly one
 reply: the handler's result, the errno of its ``FUSEError``, or EIO when it
 failed otherwise (the exception then goes on and ends the mount, as in
 pyfuse3: a bug must not hide).
+
+The same queue brings the completions of the FSYNCs the shim's threads
+answered themselves (fuseshim.OP_FSYNC_DONE): no reply, only
+``fsync_done``, so the daemon lets go of the file's descriptor and gate.
 """
 
 from __future__ import annotations
@@ -33,6 +37,8 @@ class Handlers(Protocol):
     async def copy_file_range(self, fh_in: int, offset_in: int, fh_out: int, offset_out: int,
                               length: int, flags: int) -> int: ...
 
+    def fsync_done(self, cookie: int, err: int) -> None: ...
+
 
 class ExtraOps:
     """A service of the daemon's nursery: answers the shim's queued requests."""
@@ -43,6 +49,8 @@ class ExtraOps:
         #: replies sent, by operation name, and of those, errors
         self.served = dict.fromkeys(fuseshim.OP_NAMES.values(), 0)
         self.errors = 0
+        #: completions of FSYNCs the shim's threads answered (fs.Operations.fsync)
+        self.fsyncs_done = 0
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
@@ -55,7 +63,11 @@ class ExtraOps:
                     pass
                 # Take after the reset: a request queued after the take signals again.
                 for request in fuseshim.take_requests():
-                    nursery.start_soon(self._serve, request)
+                    if request.op == fuseshim.OP_FSYNC_DONE:  # already answered
+                        self.fsyncs_done += 1
+                        self._handlers.fsync_done(request.fh, request.mode)
+                    else:
+                        nursery.start_soon(self._serve, request)
 
     async def _serve(self, request: fuseshim.Request) -> None:
         op = request.op
@@ -86,4 +98,5 @@ class ExtraOps:
                 self.served[name] += 1
 
     def statistics(self) -> dict[str, Any]:
-        return {"served": dict(self.served), "errors": self.errors}
+        return {"served": dict(self.served), "errors": self.errors,
+                "fsyncs_done": self.fsyncs_done}

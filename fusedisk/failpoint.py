@@ -66,6 +66,11 @@ _STALL_NAME, _STALL_S, _stalls_left = _stall_spec()
 _stall_lock = threading.Lock()
 
 
+def stall_armed(name: str) -> bool:
+    """Whether the stall point *name* is armed (for a hot path to test once, at import)."""
+    return name == _STALL_NAME and _stalls_left > 0
+
+
 async def stall(name: str) -> None:
     """Wait here if the stall point *name* is armed and has stalls left."""
     global _stalls_left

@@ -48,9 +48,10 @@ import pyfuse3
 import trio
 from pyfuse3 import FUSEError
 
-from . import backing, fuseshim, pagecache, snapview
+from . import backing, failpoint, fuseshim, pagecache, snapview
 from .backing import PathRef, PathTable, keep_identity, kept_identity
 from .datastore import Datastore, Entry, Journal, native_ino
+from .gate import Gate
 from .snapshots import Snapshots
 from .vdisk import OpenFiles, Resolver, VFile
 
@@ -71,6 +72,9 @@ _ATTR_TIMEOUT_S = 1.0
 _SWEEP_SLICE = 256
 #: fusedisk's own xattrs on backing files (the CBT file id); never shown to clients
 _PRIVATE_XATTR_PREFIX = b"trusted.fusedisk."
+#: ``FUSEDISK_STALL=direct-write:MS:N`` holds the first N direct_io writes in the
+#: daemon (failpoint.py): a test sees which writes the kernel has in flight at once
+_DIRECT_WRITE_STALL = failpoint.stall_armed("direct-write")
 
 
 def _errno_edge(
@@ -307,6 +311,9 @@ class Operations(pyfuse3.Operations):
         self._next_fh = 1
         self._dirs: dict[int, _DirHandle] = {}
         self._next_dir_fh = 1
+        #: FSYNCs on the shim's threads, by cookie: the gate each one is inside
+        self._detached_fsyncs: dict[int, Gate] = {}
+        self._next_fsync_cookie = 1
         self._root_time_ns = time.time_ns()
         #: FLUSH requests served (the first tells the kernel to send no more)
         self.flush_requests = 0
@@ -1013,6 +1020,8 @@ class Operations(pyfuse3.Operations):
             await gate.wait_open()
         gate.inside += 1  # a write may wait for the CBT activity log
         try:
+            if _DIRECT_WRITE_STALL and handle.direct:
+                await failpoint.stall("direct-write")
             if handle.inode.kept_ctime_ns is not None:
                 self._changing(handle.inode)
             written = await vfile.write(off, buf)
@@ -1095,15 +1104,35 @@ class Operations(pyfuse3.Operations):
 
     @_errno_edge
     async def fsync(self, fh: int, datasync: bool) -> None:
+        token = fh >> fuseshim.FH_TOKEN_SHIFT & fuseshim.FH_TOKEN_MASK
+        fh &= ~(fuseshim.FH_TOKEN_MASK << fuseshim.FH_TOKEN_SHIFT)
         if snapview.owns_handle(fh):
             return  # nothing in a snapshot is ever unwritten
         vfile = self._vfiles[fh]
         gate = vfile.gate  # as in _quiesced: a switchover waits for it
+        if token and not gate.closed and vfile.fsync_detachable():
+            cookie = self._next_fsync_cookie
+            if fuseshim.detach_fsync(token, vfile.fd, datasync, cookie):
+                # A shim thread syncs vfile.fd and answers the kernel; until its
+                # completion reaches fsync_done the entry's gate counts it as
+                # inside, so no switchover re-points (and closes) the fd under it,
+                # and the guest's handle (open until the answer) keeps it open.
+                # No await from the detach to pyfuse3's reply, which starts it.
+                self._next_fsync_cookie += 1
+                gate.inside += 1
+                self._detached_fsyncs[cookie] = gate
+                vfile.unsynced = 0
+                return
         await gate.enter()
         try:
             await vfile.fsync(datasync)
         finally:
             gate.leave()
+
+    def fsync_done(self, cookie: int, err: int) -> None:
+        """A FSYNC that :meth:`fsync` detached was answered (extraops.py; *err*: the
+        errno the kernel got, 0: synced)."""
+        self._detached_fsyncs.pop(cookie).leave()
 
     async def release(self, fh: int) -> None:
         if snapview.owns_handle(fh):

@@ -21,6 +21,14 @@ session is made. They queue each request in C and signal an eventfd
 :func:`reply_lseek` or :func:`reply_write`. No Python runs on libfuse's
 side, so the GIL and the trio loop are never entered from C.
 
+Two more take the trio loop out of a guest's writes (fuseshim.c says how):
+:func:`enable_fast_fsync` lets the daemon hand a FSYNC that needs only the
+backing fsync to the shim's threads (:func:`detach_fsync`), which answer the
+kernel themselves and then queue an :data:`OP_FSYNC_DONE` for the daemon; the
+same threads start writeback of a file's dirty pages (:func:`write_behind`).
+:func:`enable_parallel_writes` answers ``direct_io`` opens with
+``FOPEN_PARALLEL_DIRECT_WRITES``, which libfuse 3.14 cannot set.
+
 If the library is missing or pyfuse3 was loaded first, fusedisk still serves
 (per-open ``O_DSYNC``/``O_SYNC`` is known from the open flags); only
 per-write ``RWF_DSYNC`` on ``O_DIRECT`` descriptors then goes unseen. The
@@ -45,8 +53,14 @@ FH_MASK = FH_SYNC_DATA - 1
 #: ``fh >> FH_SYNC_SHIFT`` is 0, 1 (data) or 2 (full).
 FH_SYNC_SHIFT = 61
 
-#: ``Request.op`` values (fuseshim.c's FUSEDISK_*).
-OP_FALLOCATE, OP_LSEEK, OP_COPY_FILE_RANGE = 1, 2, 3
+#: The number of the FSYNC a handler runs for (fuseshim.c's wrapper puts it in
+#: the handle, 0: none); the snapshot view's handles (1 << 60) stay above it.
+FH_TOKEN_SHIFT = 40
+FH_TOKEN_MASK = (1 << 20) - 1
+
+#: ``Request.op`` values (fuseshim.c's FUSEDISK_*). OP_FSYNC_DONE is no request:
+#: a detached FSYNC was answered (``fh``: the cookie, ``mode``: its errno).
+OP_FALLOCATE, OP_LSEEK, OP_COPY_FILE_RANGE, OP_FSYNC_DONE = 1, 2, 3, 4
 OP_NAMES = {OP_FALLOCATE: "fallocate", OP_LSEEK: "lseek", OP_COPY_FILE_RANGE: "copy_file_range"}
 
 
@@ -93,8 +107,17 @@ def load() -> None:
         return
     try:
         lib = ctypes.CDLL(str(path), mode=os.RTLD_NOW | os.RTLD_GLOBAL)
-        lib.fusedisk_shim_enable_extra.argtypes = (ctypes.c_int,)
-        lib.fusedisk_shim_enable_extra.restype = None
+        for name in ("extra", "fast_fsync", "parallel_writes"):
+            enable = getattr(lib, f"fusedisk_shim_enable_{name}")
+            enable.argtypes = (ctypes.c_int,)
+            enable.restype = None
+        lib.fusedisk_shim_detach_fsync.argtypes = (ctypes.c_uint64, ctypes.c_int, ctypes.c_int,
+                                                   ctypes.c_uint64)
+        lib.fusedisk_shim_detach_fsync.restype = ctypes.c_int
+        lib.fusedisk_shim_write_behind.argtypes = (ctypes.c_int,)
+        lib.fusedisk_shim_write_behind.restype = None
+        lib.fusedisk_shim_drain.argtypes = ()
+        lib.fusedisk_shim_drain.restype = None
         lib.fusedisk_shim_take.argtypes = (ctypes.POINTER(Request),)
         lib.fusedisk_shim_take.restype = ctypes.c_int
         lib.fusedisk_shim_reply_err.argtypes = (ctypes.c_uint64, ctypes.c_int)
@@ -115,6 +138,46 @@ def enable_extra_ops(enable: bool = True) -> None:
     lives: a request nobody takes is never answered."""
     if _lib is not None:
         _lib.fusedisk_shim_enable_extra(int(enable))
+
+
+def enable_fast_fsync(enable: bool = True) -> None:
+    """Wrap FSYNC in sessions made from now on, so that :func:`detach_fsync` can take
+    one over. Only with :func:`enable_extra_ops` (the completions come through its queue)."""
+    if _lib is not None:
+        _lib.fusedisk_shim_enable_fast_fsync(int(enable))
+
+
+def enable_parallel_writes(enable: bool = True) -> None:
+    """Answer ``direct_io`` opens with FOPEN_PARALLEL_DIRECT_WRITES from now on."""
+    if _lib is not None:
+        _lib.fusedisk_shim_enable_parallel_writes(int(enable))
+
+
+def detach_fsync(token: int, fd: int, datasync: bool, cookie: int) -> bool:
+    """Hand the running FSYNC (*token*: from its handle) to the shim's threads.
+
+    True: the caller must return from its handler with no checkpoint; a thread
+    then runs ``fsync``/``fdatasync`` of *fd*, queues an :data:`OP_FSYNC_DONE`
+    with *cookie* once that returned, and answers the kernel; until the
+    completion is taken *fd* must stay open and mean the same file.
+    False: serve it the ordinary way."""
+    if _lib is None or not token:
+        return False
+    return bool(_lib.fusedisk_shim_detach_fsync(token, fd, int(datasync), cookie))
+
+
+def write_behind(fd: int) -> None:
+    """Start writeback of *fd*'s dirty pages on a shim thread (one queued per fd). Never
+    blocks, never fails, harmless if *fd* is closed (or reused) before it runs."""
+    if _lib is not None:
+        _lib.fusedisk_shim_write_behind(fd)
+
+
+def drain() -> None:
+    """Wait until no shim thread is running a detached FSYNC (before the session
+    ends). Blocking, and short: each one is one fsync."""
+    if _lib is not None:
+        _lib.fusedisk_shim_drain()
 
 
 def extra_ops_fd() -> int | None:
@@ -156,7 +219,7 @@ def queued() -> dict[str, int]:
     """Requests the extra handlers queued in this process, by operation."""
     if _lib is None:
         return {name: 0 for name in OP_NAMES.values()}
-    counts = (ctypes.c_ulong * 4).in_dll(_lib, "fusedisk_shim_queued")
+    counts = (ctypes.c_ulong * 5).in_dll(_lib, "fusedisk_shim_queued")
     return {name: int(counts[op]) for op, name in OP_NAMES.items()}
 
 
@@ -175,6 +238,16 @@ def problem() -> str:
     return error.decode() if error else ""
 
 
+def _counter(name: str) -> int:
+    if _lib is None:
+        return 0
+    return int(ctypes.c_ulong.in_dll(_lib, f"fusedisk_shim_{name}").value)
+
+
 def statistics() -> dict[str, object]:
     return {"loaded": _lib is not None, "sessions": sessions(), "problem": problem(),
-            "extra_ops": extra_ops_fd() is not None, "extra_requests": queued()}
+            "extra_ops": extra_ops_fd() is not None, "extra_requests": queued(),
+            "fsyncs_detached": _counter("fsyncs"), "fsync_errors": _counter("fsync_errors"),
+            "write_behinds": _counter("write_behinds"),
+            "write_behinds_merged": _counter("write_behinds_merged"),
+            "parallel_opens": _counter("parallel_opens")}

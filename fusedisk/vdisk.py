@@ -48,6 +48,11 @@ FALLOCATE_MODES = frozenset({
 _LOGGED_REGIONS = 4
 #: The most one copy_file_range request copies (it runs on the trio thread).
 COPY_PIECE = 8 << 20
+#: Write-behind: once this many bytes were written to a file since its last
+#: write-behind or fsync, writeback of its dirty pages is started on a shim
+#: thread (backing.start_writeback), so a guest's fsync finds little left to
+#: write. 0: off.
+WRITE_BEHIND_BYTES = 256 << 10
 
 class Resolver(Protocol):
     """Where a relocation's switchover moved the objects of an entry."""
@@ -156,8 +161,11 @@ class VFile:
     __slots__ = (
         "activity", "block_shift", "closing", "consumers", "copying", "fd", "gate", "gone",
         "guards", "key",
-        "mirror_error", "mirror_fd", "opens", "stale", "touched", "tracker", "writable",
+        "mirror_error", "mirror_fd", "opens", "stale", "touched", "tracker", "unsynced",
+        "writable",
     )
+    #: see :data:`WRITE_BEHIND_BYTES` (the daemon may turn it off for a measurement)
+    write_behind_bytes = WRITE_BEHIND_BYTES
 
     def __init__(
         self,
@@ -198,6 +206,8 @@ class VFile:
         self.gone = False
         #: copy-before-write of the snapshots of the file (shared with OpenFiles.guards)
         self.guards: list[Guard] = _NO_GUARDS
+        #: bytes written since the last write-behind or fsync (trio thread only)
+        self.unsynced = 0
 
     def read(self, offset: int, length: int) -> bytes:
         self.activity.requests += 1
@@ -232,6 +242,10 @@ class VFile:
             self._mirror(offset, data[:written])
         elif self.consumers:
             self._mark_consumers(offset, written)
+        self.unsynced += written
+        if self.unsynced >= self.write_behind_bytes > 0:
+            self.unsynced = 0
+            backing.start_writeback(self.fd)
         return written
 
     def _mark_consumers(self, offset: int, length: int) -> None:
@@ -447,7 +461,14 @@ class VFile:
     async def fsync(self, datasync: bool) -> None:
         for guard in list(self.guards):  # a snapshot's saved blocks are durable first
             await guard.sync()
+        self.unsynced = 0
         await backing.run_blocking(backing.fsync, self.fd, datasync)
+
+    def fsync_detachable(self) -> bool:
+        """Whether an fsync of this file is the backing fsync of ``fd`` and nothing
+        else (no snapshot's saved blocks to sync first), so a caller may run it
+        elsewhere (fs.py: on the shim's threads) while it keeps ``fd`` open."""
+        return not self.guards and self.fd >= 0
 
     def size(self) -> int:
         return backing.fstat(self.fd).st_size

@@ -23,6 +23,31 @@
  * fusedisk_shim_take and answers each with one of the reply functions below,
  * exactly once. So these requests are served on the trio loop like every
  * other, whichever thread libfuse calls the handlers on.
+ *
+ * FSYNC off the trio loop (fusedisk_shim_enable_fast_fsync). A guest's FSYNC
+ * holds the kernel's inode lock until it is answered, so every other write to
+ * the file waits for it: its reply must not wait for the trio loop to come
+ * round. The shim's fsync wrapper numbers each FSYNC and passes the number in
+ * bits FH_TOKEN_SHIFT.. of the handle. fusedisk's handler, when the file needs
+ * nothing but the backing fsync, calls fusedisk_shim_detach_fsync with that
+ * number, the backing fd and a cookie, and returns at once. pyfuse3 then
+ * answers the request with fuse_reply_err(req, 0), which this library also
+ * defines (it is found before libfuse's, like fuse_session_new): for the
+ * detached request that reply is not sent but is the signal to hand the fsync
+ * to one of the shim's threads, which runs fsync/fdatasync and answers the
+ * kernel itself, with the call's errno if it failed. Once the call returned,
+ * a completion is queued (op FUSEDISK_FSYNC_DONE, the cookie in fh) for the
+ * daemon, which keeps the file's fd open and its entry's gate entered until
+ * it has seen it. No other request's reply is touched. The same threads run
+ * write-behind: sync_file_range(SYNC_FILE_RANGE_WRITE) of a file the daemon
+ * names (fusedisk_shim_write_behind), so that an fsync finds little to write.
+ *
+ * Parallel direct writes (fusedisk_shim_enable_parallel_writes). libfuse 3.14
+ * has no field for FOPEN_PARALLEL_DIRECT_WRITES; without it the kernel takes
+ * the inode lock exclusively for each direct write. This library also defines
+ * fuse_reply_open: for a direct_io handle it builds the fuse_open_out reply of
+ * the kernel protocol (linux/fuse.h) itself, with that flag added, and sends
+ * it with fuse_reply_buf. Other opens go to libfuse's.
  */
 #define _GNU_SOURCE
 #define FUSE_USE_VERSION 35
@@ -30,15 +55,21 @@
 #include <fcntl.h>
 #include <errno.h>
 #include <fuse_lowlevel.h>
+#include <linux/fuse.h>
 #include <pthread.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/eventfd.h>
 #include <unistd.h>
+#include <stdatomic.h>
 
 #define FH_SYNC_DATA (UINT64_C(1) << 61)
 #define FH_SYNC_FULL (UINT64_C(1) << 62)
+/* An FSYNC's number (fuseshim.py FH_TOKEN_*): below the snapshot view's handles
+ * (1 << 60), above fusedisk's own counters. */
+#define FH_TOKEN_SHIFT 40
+#define FH_TOKEN_MASK ((UINT64_C(1) << 20) - 1)
 
 typedef struct fuse_session *(*session_new_fn)(struct fuse_args *,
                                                const struct fuse_lowlevel_ops *, size_t, void *);
@@ -48,6 +79,7 @@ static void (*next_write)(fuse_req_t, fuse_ino_t, const char *, size_t, off_t,
                           struct fuse_file_info *);
 static void (*next_write_buf)(fuse_req_t, fuse_ino_t, struct fuse_bufvec *, off_t,
                               struct fuse_file_info *);
+static void (*next_fsync)(fuse_req_t, fuse_ino_t, int, struct fuse_file_info *);
 
 /* Sessions created through the wrapper; fusedisk reads it to prove it is in use. */
 int fusedisk_shim_sessions;
@@ -56,14 +88,15 @@ const char *fusedisk_shim_error = "";
 
 /* -- the handlers pyfuse3 lacks ------------------------------------------- */
 
-enum { FUSEDISK_FALLOCATE = 1, FUSEDISK_LSEEK = 2, FUSEDISK_COPY_FILE_RANGE = 3 };
+enum { FUSEDISK_FALLOCATE = 1, FUSEDISK_LSEEK = 2, FUSEDISK_COPY_FILE_RANGE = 3,
+       FUSEDISK_FSYNC_DONE = 4 };
 
 /* One queued request; fusedisk/fuseshim.py mirrors this layout. */
 struct fusedisk_request {
     uint64_t req;        /* the fuse_req_t, to reply with */
     int32_t op;          /* FUSEDISK_* */
-    int32_t mode;        /* fallocate mode, lseek whence */
-    uint64_t fh;         /* file handle (the input's for copy_file_range) */
+    int32_t mode;        /* fallocate mode, lseek whence; FSYNC_DONE: the errno (0: synced) */
+    uint64_t fh;         /* file handle (the input's for copy_file_range); FSYNC_DONE: cookie */
     int64_t offset;      /* fallocate/lseek offset, copy input offset */
     int64_t length;      /* fallocate length, copy length */
     uint64_t fh_out;     /* copy_file_range: output handle, offset, flags */
@@ -82,11 +115,28 @@ static int extra_wanted;
 /* The eventfd the daemon waits on; -1 while the extra handlers are not registered. */
 int fusedisk_shim_eventfd = -1;
 /* Requests queued by the extra handlers, by op (index FUSEDISK_*). */
-unsigned long fusedisk_shim_queued[4];
+unsigned long fusedisk_shim_queued[5];
 
 void fusedisk_shim_enable_extra(int enable)
 {
     extra_wanted = enable;
+}
+
+/* Queue *q (its r filled in) for the daemon and signal the eventfd. Any thread. */
+static void push(struct queued *q)
+{
+    q->next = NULL;
+    pthread_mutex_lock(&queue_lock);
+    if (queue_tail != NULL)
+        queue_tail->next = q;
+    else
+        queue_head = q;
+    queue_tail = q;
+    fusedisk_shim_queued[q->r.op]++;
+    pthread_mutex_unlock(&queue_lock);
+    uint64_t one = 1;
+    /* cannot fail short of a counter overflow; the daemon drains it on each wake-up */
+    (void)!write(fusedisk_shim_eventfd, &one, sizeof(one));
 }
 
 static void enqueue(const struct fusedisk_request *r)
@@ -97,18 +147,7 @@ static void enqueue(const struct fusedisk_request *r)
         return;
     }
     q->r = *r;
-    q->next = NULL;
-    pthread_mutex_lock(&queue_lock);
-    if (queue_tail != NULL)
-        queue_tail->next = q;
-    else
-        queue_head = q;
-    queue_tail = q;
-    fusedisk_shim_queued[r->op]++;
-    pthread_mutex_unlock(&queue_lock);
-    uint64_t one = 1;
-    /* cannot fail short of a counter overflow; the daemon drains it on each wake-up */
-    (void)!write(fusedisk_shim_eventfd, &one, sizeof(one));
+    push(q);
 }
 
 /* Move the oldest queued request into *out; 0 when none is left. */
@@ -175,6 +214,333 @@ static void shim_copy_file_range(fuse_req_t req, fuse_ino_t ino_in, off_t off_in
     enqueue(&r);
 }
 
+/* -- libfuse's reply functions, and the two this library puts before them ---- */
+
+static int (*real_reply_err)(fuse_req_t, int);
+static int (*real_reply_open)(fuse_req_t, const struct fuse_file_info *);
+
+static void *libfuse_symbol(const char *name)
+{
+    void *libfuse = dlopen("libfuse3.so.3", RTLD_NOW | RTLD_NOLOAD);
+    void *found = NULL;
+    if (libfuse != NULL) {
+        found = dlvsym(libfuse, name, "FUSE_3.0");
+        dlclose(libfuse); /* NOLOAD took a reference; pyfuse3 keeps its own */
+    }
+    return found;
+}
+
+/* libfuse's fuse_reply_err and fuse_reply_open; 0 if either is missing. */
+static int resolve_replies(void)
+{
+    if (real_reply_err == NULL)
+        real_reply_err = (int (*)(fuse_req_t, int))libfuse_symbol("fuse_reply_err");
+    if (real_reply_open == NULL)
+        real_reply_open = (int (*)(fuse_req_t, const struct fuse_file_info *))libfuse_symbol(
+            "fuse_reply_open");
+    return real_reply_err != NULL && real_reply_err != fuse_reply_err &&
+           real_reply_open != NULL && real_reply_open != fuse_reply_open;
+}
+
+/* -- FSYNC and write-behind on the shim's threads ---------------------------- */
+
+enum { JOB_FSYNC = 1, JOB_WRITE_BEHIND = 2 };
+
+struct job {
+    /* first: the completion queued for the daemon, which fusedisk_shim_take frees
+     * (so the job is freed with it); preallocated, so it cannot fail to be queued */
+    struct queued done;
+    struct job *next;
+    int kind;
+    int fd;
+    int datasync;
+    fuse_req_t req;
+};
+
+static int fast_fsync_wanted, parallel_writes_wanted;
+/* The FSYNC whose handler is running now (trio thread only), and its number. */
+static fuse_req_t current_fsync;
+static uint64_t current_token;
+/* The detached FSYNC, waiting for pyfuse3's reply to go to a thread (trio thread only). */
+static struct job *detached;
+
+static pthread_mutex_t jobs_lock = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t jobs_ready = PTHREAD_COND_INITIALIZER;
+struct job_queue {
+    struct job *head, *tail;
+};
+static struct job_queue fsync_jobs, write_behind_jobs;
+static int threads, idle_threads;
+/* detached FSYNCs not answered yet (fusedisk_shim_drain waits for none) */
+static int fsyncs_in_flight;
+static pthread_cond_t fsyncs_drained = PTHREAD_COND_INITIALIZER;
+#define MAX_THREADS 8
+/* fds with a write-behind queued or running (a small set: one per busy file), so
+ * that a slow one does not pile up threads that FSYNCs need */
+#define MAX_WRITE_BEHIND 64
+static int write_behind_fds[MAX_WRITE_BEHIND];
+static int write_behind_queued;
+
+/* Counters (fuseshim.statistics): FSYNCs handed to the shim's threads, of
+ * those failed, write-behinds run and write-behinds skipped (one was queued). */
+unsigned long fusedisk_shim_fsyncs, fusedisk_shim_fsync_errors;
+unsigned long fusedisk_shim_write_behinds, fusedisk_shim_write_behinds_merged;
+/* Opens answered with FOPEN_PARALLEL_DIRECT_WRITES. */
+unsigned long fusedisk_shim_parallel_opens;
+
+void fusedisk_shim_enable_fast_fsync(int enable)
+{
+    fast_fsync_wanted = enable;
+}
+
+void fusedisk_shim_enable_parallel_writes(int enable)
+{
+    parallel_writes_wanted = enable;
+}
+
+/* FUSEDISK_STALL=shim-fsync:MS:COUNT (failpoint.py's stall points): the first
+ * COUNT detached FSYNCs wait MS milliseconds on their thread before the fsync. */
+static long stall_fsync_ms;
+static long stall_fsync_left;
+
+static void read_stall(void)
+{
+    const char *spec = getenv("FUSEDISK_STALL");
+    const char *name = "shim-fsync:";
+    if (spec == NULL || strncmp(spec, name, strlen(name)) != 0)
+        return;
+    char *end;
+    long ms = strtol(spec + strlen(name), &end, 10);
+    long count = *end == ':' ? strtol(end + 1, NULL, 10) : 1;
+    if (ms > 0 && count > 0) {
+        stall_fsync_left = count;
+        stall_fsync_ms = ms;
+    }
+}
+
+static void forget_write_behind(int fd)
+{
+    pthread_mutex_lock(&jobs_lock);
+    for (int i = 0; i < write_behind_queued; i++) {
+        if (write_behind_fds[i] == fd) {
+            write_behind_fds[i] = write_behind_fds[--write_behind_queued];
+            break;
+        }
+    }
+    pthread_mutex_unlock(&jobs_lock);
+}
+
+static void run_job(struct job *j)
+{
+    if (j->kind == JOB_WRITE_BEHIND) {
+        /* only starts writeback: on an fd that was closed and reused meanwhile it
+         * does no harm, so the daemon need not keep it open for us */
+        (void)sync_file_range(j->fd, 0, 0, SYNC_FILE_RANGE_WRITE);
+        forget_write_behind(j->fd);
+        __atomic_add_fetch(&fusedisk_shim_write_behinds, 1, __ATOMIC_RELAXED);
+        free(j);
+        return;
+    }
+    if (stall_fsync_ms > 0 && __atomic_sub_fetch(&stall_fsync_left, 1, __ATOMIC_RELAXED) >= 0)
+        usleep((useconds_t)stall_fsync_ms * 1000);
+    int err = (j->datasync ? fdatasync(j->fd) : fsync(j->fd)) == 0 ? 0 : errno;
+    if (err)
+        __atomic_add_fetch(&fusedisk_shim_fsync_errors, 1, __ATOMIC_RELAXED);
+    fuse_req_t req = j->req;
+    /* The fd is done with: until the daemon sees this it keeps the fd and the gate.
+     * Queued before the reply, so the daemon's wake-up for it is not in the way of
+     * the guest's next request, which the reply lets go. */
+    j->done.r.mode = err;
+    push(&j->done); /* the daemon frees the job (fusedisk_shim_take): j is gone */
+    real_reply_err(req, err);
+    pthread_mutex_lock(&jobs_lock);
+    if (--fsyncs_in_flight == 0)
+        pthread_cond_broadcast(&fsyncs_drained);
+    pthread_mutex_unlock(&jobs_lock);
+}
+
+static void queue_job(struct job_queue *q, struct job *j)
+{
+    j->next = NULL;
+    if (q->tail != NULL)
+        q->tail->next = j;
+    else
+        q->head = j;
+    q->tail = j;
+}
+
+static struct job *pop_job(struct job_queue *q)
+{
+    struct job *j = q->head;
+    if (j != NULL) {
+        q->head = j->next;
+        if (q->head == NULL)
+            q->tail = NULL;
+    }
+    return j;
+}
+
+static void *serve_jobs(void *unused)
+{
+    (void)unused;
+    pthread_mutex_lock(&jobs_lock);
+    for (;;) {
+        struct job *j;
+        /* FSYNCs first: a guest waits for each one, and holds the file's writes */
+        while ((j = pop_job(&fsync_jobs)) == NULL && (j = pop_job(&write_behind_jobs)) == NULL) {
+            idle_threads++;
+            pthread_cond_wait(&jobs_ready, &jobs_lock);
+            idle_threads--;
+        }
+        pthread_mutex_unlock(&jobs_lock);
+        run_job(j);
+        pthread_mutex_lock(&jobs_lock);
+    }
+    return NULL;
+}
+
+/* Queue a job for the threads (a new thread while none is idle, up to MAX_THREADS);
+ * with no thread at all, run it on the caller's. */
+static void submit(struct job *j)
+{
+    struct job_queue *q = j->kind == JOB_FSYNC ? &fsync_jobs : &write_behind_jobs;
+    pthread_mutex_lock(&jobs_lock);
+    queue_job(q, j);
+    if (j->kind == JOB_FSYNC)
+        fsyncs_in_flight++;
+    if (idle_threads == 0 && threads < MAX_THREADS) {
+        pthread_t thread;
+        pthread_attr_t attr;
+        pthread_attr_init(&attr);
+        pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+        pthread_attr_setstacksize(&attr, 64 * 1024);
+        if (pthread_create(&thread, &attr, serve_jobs, NULL) == 0)
+            threads++;
+        pthread_attr_destroy(&attr);
+    } else {
+        pthread_cond_signal(&jobs_ready);
+    }
+    /* no thread could be made, ever: every job ran here, so this one is alone */
+    int alone = threads == 0;
+    if (alone)
+        pop_job(q);
+    pthread_mutex_unlock(&jobs_lock);
+    if (alone)
+        run_job(j);
+}
+
+/* Called by the daemon's fsync handler, on the trio thread, with the number the
+ * wrapper put in the handle: take the running FSYNC over (1) or not (0: the
+ * number is not the running FSYNC's, fast fsync is off, or out of memory). After
+ * a 1 the handler must return at once: pyfuse3's success reply starts the fsync. */
+int fusedisk_shim_detach_fsync(uint64_t token, int fd, int datasync, uint64_t cookie)
+{
+    if (token == 0 || token != current_token || current_fsync == NULL || detached != NULL)
+        return 0;
+    struct job *j = calloc(1, sizeof(*j));
+    if (j == NULL)
+        return 0;
+    j->kind = JOB_FSYNC;
+    j->fd = fd;
+    j->datasync = datasync;
+    j->req = current_fsync;
+    j->done.r.op = FUSEDISK_FSYNC_DONE;
+    j->done.r.fh = cookie;
+    current_fsync = NULL;
+    detached = j;
+    return 1;
+}
+
+/* Wait until no detached FSYNC is being run or answered. */
+void fusedisk_shim_drain(void)
+{
+    pthread_mutex_lock(&jobs_lock);
+    while (fsyncs_in_flight > 0)
+        pthread_cond_wait(&fsyncs_drained, &jobs_lock);
+    pthread_mutex_unlock(&jobs_lock);
+}
+
+/* Start writeback of the dirty pages of *fd* on a thread; at most one queued per fd. */
+void fusedisk_shim_write_behind(int fd)
+{
+    pthread_mutex_lock(&jobs_lock);
+    for (int i = 0; i < write_behind_queued; i++) {
+        if (write_behind_fds[i] == fd) {
+            pthread_mutex_unlock(&jobs_lock);
+            fusedisk_shim_write_behinds_merged++;
+            return;
+        }
+    }
+    int room = write_behind_queued < MAX_WRITE_BEHIND;
+    if (room)
+        write_behind_fds[write_behind_queued++] = fd;
+    pthread_mutex_unlock(&jobs_lock);
+    if (!room)
+        return; /* only an optimisation */
+    struct job *j = calloc(1, sizeof(*j));
+    if (j == NULL) {
+        forget_write_behind(fd);
+        return;
+    }
+    j->kind = JOB_WRITE_BEHIND;
+    j->fd = fd;
+    submit(j);
+}
+
+int fuse_reply_err(fuse_req_t req, int err)
+{
+    if (real_reply_err == NULL && !resolve_replies())
+        abort(); /* fuse_session_new made sure of them; nothing can answer without */
+    struct job *j = detached;
+    if (j != NULL && j->req == req) {
+        detached = NULL;
+        if (err == 0) {
+            fusedisk_shim_fsyncs++;
+            submit(j);
+            return 0;
+        }
+        /* the handler failed after all: its errno goes out, the daemon leaves the gate */
+        int ret = real_reply_err(req, err);
+        j->done.r.mode = err;
+        push(&j->done);
+        return ret;
+    }
+    if (req == current_fsync)
+        current_fsync = NULL; /* answered the ordinary way */
+    return real_reply_err(req, err);
+}
+
+int fuse_reply_open(fuse_req_t req, const struct fuse_file_info *fi)
+{
+    if (real_reply_open == NULL && !resolve_replies())
+        abort();
+    if (!parallel_writes_wanted || !fi->direct_io)
+        return real_reply_open(req, fi);
+    struct fuse_open_out out;
+    memset(&out, 0, sizeof(out));
+    out.fh = fi->fh;
+    out.open_flags = FOPEN_DIRECT_IO | FOPEN_PARALLEL_DIRECT_WRITES;
+    if (fi->keep_cache)
+        out.open_flags |= FOPEN_KEEP_CACHE;
+    if (fi->nonseekable)
+        out.open_flags |= FOPEN_NONSEEKABLE;
+    if (fi->cache_readdir)
+        out.open_flags |= FOPEN_CACHE_DIR;
+    if (fi->noflush)
+        out.open_flags |= FOPEN_NOFLUSH;
+    fusedisk_shim_parallel_opens++;
+    return fuse_reply_buf(req, (const char *)&out, sizeof(out));
+}
+
+static void shim_fsync(fuse_req_t req, fuse_ino_t ino, int datasync, struct fuse_file_info *fi)
+{
+    struct fuse_file_info copy = *fi;
+    current_token = current_token % FH_TOKEN_MASK + 1; /* 1..FH_TOKEN_MASK, never 0 */
+    current_fsync = req;
+    copy.fh |= current_token << FH_TOKEN_SHIFT;
+    next_fsync(req, ino, datasync, &copy);
+}
+
 /* -- the write wrappers ---------------------------------------------------- */
 
 static uint64_t sync_bits(int flags)
@@ -222,6 +588,11 @@ struct fuse_session *fuse_session_new(struct fuse_args *args, const struct fuse_
         fusedisk_shim_error = "pyfuse3 was built against a newer libfuse than the shim";
         return real(args, op, op_size, userdata);
     }
+    if (!resolve_replies()) {
+        fusedisk_shim_error = "libfuse's reply functions were not found behind the shim";
+        return NULL;
+    }
+    read_stall();
     memset(&wrapped_ops, 0, sizeof(wrapped_ops));
     memcpy(&wrapped_ops, op, op_size);
     next_write = wrapped_ops.write;
@@ -233,6 +604,10 @@ struct fuse_session *fuse_session_new(struct fuse_args *args, const struct fuse_
     if (extra_wanted && fusedisk_shim_eventfd < 0)
         fusedisk_shim_eventfd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
     if (extra_wanted && fusedisk_shim_eventfd >= 0) {
+        next_fsync = wrapped_ops.fsync;
+        /* detached FSYNCs report back through the queue the extra handlers use */
+        if (fast_fsync_wanted && next_fsync != NULL)
+            wrapped_ops.fsync = shim_fsync;
         wrapped_ops.fallocate = shim_fallocate;
         wrapped_ops.copy_file_range = shim_copy_file_range;
         wrapped_ops.lseek = shim_lseek;
