@@ -577,12 +577,17 @@ class OpenFiles:
             return  # closed for good meanwhile (or reopened: then it was re-keyed)
         new = resolve.new_key(vfile.key)
         if new is not None:
-            del self._files[vfile.key]
-            self._move_guards(vfile.key, new)
-            vfile.key, vfile.stale = new, True
-            self._files[new] = vfile
-            if vfile.tracker is not None:
-                vfile.tracker.key = new
+            self._rekey_closed(vfile, new)
+
+    def _rekey_closed(self, vfile: VFile, new: tuple[int, int]) -> None:
+        """File the closed *vfile* (and its guards and tracker) under its new key
+        *new*; marked stale, so that its next open opens its new self."""
+        del self._files[vfile.key]
+        self._move_guards(vfile.key, new)
+        vfile.key, vfile.stale = new, True
+        self._files[new] = vfile
+        if vfile.tracker is not None:
+            vfile.tracker.key = new
 
     def _settle(self, vfile: VFile) -> None:
         """Re-key *vfile* now if a switchover left it to be re-keyed."""
@@ -848,12 +853,7 @@ class OpenFiles:
                 # reopens it) or closed: no need to open its new self now
                 new = resolve.new_key(vfile.key)
                 if new is not None:
-                    del self._files[vfile.key]
-                    self._move_guards(vfile.key, new)
-                    vfile.key, vfile.stale = new, True
-                    self._files[new] = vfile
-                    if vfile.tracker is not None:
-                        vfile.tracker.key = new
+                    self._rekey_closed(vfile, new)
                 continue
             found = resolve(vfile.key)
             if found is None:
