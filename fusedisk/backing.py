@@ -603,15 +603,17 @@ class PathRef:
 
     ``pins`` counts users that need the fd to stay open (an open file, an
     unlinked object whose handle would be stale, a request in progress); a
-    pinned or handle-less ref is never evicted."""
+    pinned or handle-less ref is never evicted. ``tag`` is the owner's (fs.py:
+    the inode number), so that :meth:`PathTable.pinned` leads back to it."""
 
-    __slots__ = ("dev", "fd", "handle", "pins")
+    __slots__ = ("dev", "fd", "handle", "pins", "tag")
 
     def __init__(self, fd: int, dev: int, handle: bytes | None) -> None:
         self.fd = fd
         self.dev = dev
         self.handle = handle
         self.pins = 0
+        self.tag = 0
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -656,6 +658,10 @@ class PathTable:
     def __init__(self, cap: int) -> None:
         self.cap = cap
         self._lru: dict[PathRef, None] = {}  # insertion order = least recent first
+        #: the refs with pins (few: open files, requests in progress, unlinked
+        #: objects), kept on each 0 <-> 1 change, so that a switchover finds
+        #: what is in use without walking every ref
+        self._pinned: dict[PathRef, None] = {}
         self._mount_fds: dict[int, int] = {}
         self._no_handles: set[int] = set()
         self._scope: contextvars.ContextVar[list[PathRef] | None] = contextvars.ContextVar(
@@ -750,6 +756,7 @@ class PathTable:
     def drop(self, ref: PathRef) -> None:
         """The object is forgotten: close its fd."""
         self._lru.pop(ref, None)
+        self._pinned.pop(ref, None)
         self.refs -= 1
         if ref.fd >= 0:
             close(ref.fd)
@@ -760,13 +767,21 @@ class PathTable:
         """Keep *ref* open until :meth:`unpin` (reopening it first if needed)."""
         self.fd(ref)
         ref.pins += 1
+        if ref.pins == 1:
+            self._pinned[ref] = None
         self._lru.pop(ref, None)
 
     def unpin(self, ref: PathRef) -> None:
         ref.pins -= 1
-        if ref.pins == 0 and ref.fd >= 0:
-            self._touch(ref)
-            self._evict()
+        if ref.pins == 0:
+            self._pinned.pop(ref, None)
+            if ref.fd >= 0:
+                self._touch(ref)
+                self._evict()
+
+    def pinned(self) -> list[PathRef]:
+        """The refs pinned now (see :meth:`pin` and :meth:`scope`)."""
+        return list(self._pinned)
 
     def scope(self) -> _Scope:
         """Pin every ref a request touches until it ends (see the class doc). A
@@ -776,8 +791,10 @@ class PathTable:
     def _end_scope(self, pinned: list[PathRef]) -> None:
         for ref in pinned:
             ref.pins -= 1
-            if ref.pins == 0 and ref.fd >= 0:
-                self._touch(ref)
+            if ref.pins == 0:
+                self._pinned.pop(ref, None)
+                if ref.fd >= 0:
+                    self._touch(ref)
         self._evict()
 
     def statistics(self) -> PathTableStatistics:
@@ -797,6 +814,8 @@ class PathTable:
         if pinned is not None and (not pinned or pinned[-1] is not ref):
             pinned.append(ref)
             ref.pins += 1
+            if ref.pins == 1:
+                self._pinned[ref] = None
             self._lru.pop(ref, None)
 
     def _evict(self) -> None:

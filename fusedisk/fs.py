@@ -160,9 +160,9 @@ class Inode:
     """
 
     __slots__ = (
-        "cache_stale", "direct_handles", "entry", "file_type", "handles", "ino", "is_entry_root",
-        "kept_ctime_ns", "key", "killpriv", "lookups", "no_caps", "paths", "pending", "ref",
-        "sticky", "vfile",
+        "cache_stale", "direct_handles", "entry", "file_type", "gen", "handles", "ino",
+        "is_entry_root", "kept_ctime_ns", "key", "killpriv", "lookups", "no_caps", "paths", "ref",
+        "repoints", "sticky", "vfile",
     )
 
     def __init__(
@@ -199,41 +199,69 @@ class Inode:
         #: the ctime the object had before a relocation moved it, shown until
         #: the mount changes it (:meth:`Operations._changing`); None: the backing one
         self.kept_ctime_ns: int | None = None
-        #: set by a switchover that moved the object and left this inode to be
-        #: re-pointed when it is next used (or by the sweep after the pause)
-        self.pending: _PendingRepoint | None = None
+        #: what the entry's inodes share (None: the virtual root): a switchover
+        #: that moved the objects and left their inodes to be re-pointed when next
+        #: used (or by the sweep after the pause); this inode is re-pointed once
+        #: its ``gen`` is the shared one
+        self.repoints: _Repoints | None = None
+        self.gen = 0
+
+    def stale(self) -> _PendingRepoint | None:
+        """The switchover this inode has yet to be re-pointed by, if any."""
+        repoints = self.repoints
+        if repoints is None or repoints.pending is None or self.gen == repoints.gen:
+            return None
+        return repoints.pending
 
     @property
     def path_fd(self) -> int:
         """The O_PATH fd of the backing object (see :class:`backing.PathTable`:
         inside a request it stays open until the request ends)."""
-        if self.pending is not None:
-            self.pending.catch_up(self)
+        repoints = self.repoints
+        if repoints is not None and repoints.pending is not None and self.gen != repoints.gen:
+            repoints.pending.catch_up(self)
         if self.ref is None or self.paths is None:
             return -1
         return self.paths.fd(self.ref)
 
 
-class _PendingRepoint:
-    """The inodes of one entry that a switchover did not re-point inside its pause.
+class _Repoints:
+    """What the inodes of one entry share: the number of the entry's last
+    re-point, and that re-point while it is still catching up (see
+    :class:`_PendingRepoint`). Marking every inode of the entry is one store."""
 
-    Inside the pause only the inodes that may be in use are re-pointed (open
-    handles, pinned fds); every other one is marked with this object and moved
-    to its staged self when a request next reaches it (:meth:`Operations._inode`,
-    a lookup that finds its new key, its ``path_fd``), or by the sweep that the
-    switchover awaits once the gate is open. Nothing is opened for it: the
-    staging recorded each object's file handle, key and kept ctime, which no
-    rename after the switchover changes (:meth:`StagedTree.dst_identity`).
+    __slots__ = ("gen", "pending")
+
+    def __init__(self) -> None:
+        self.gen = 0
+        self.pending: _PendingRepoint | None = None
+
+
+class _PendingRepoint:
+    """A switchover's re-point of one entry's inodes, until every one is moved.
+
+    Inside the pause only the inodes that may be in use are re-pointed (those
+    with pinned fds: open files, requests in progress, unlinked objects, found
+    through :meth:`PathTable.pinned`, not by walking every inode); every other
+    one is marked at once, by a new generation of the entry's :class:`_Repoints`,
+    and moved to its staged self when a request next reaches it
+    (:meth:`Operations._inode`, a lookup that finds its new key, its
+    ``path_fd``), or by the sweep that the switchover awaits once the gate is
+    open. Nothing is opened for it: the staging recorded each object's file
+    handle, key and kept ctime, which no rename after the switchover changes
+    (:meth:`StagedTree.dst_identity`).
     """
 
-    __slots__ = ("_ops", "inodes", "memo", "resolve")
+    __slots__ = ("_ops", "gen", "memo", "repoints", "resolve")
 
-    def __init__(self, ops: Operations, resolve: Resolver) -> None:
+    def __init__(self, ops: Operations, resolve: Resolver, repoints: _Repoints) -> None:
         self._ops = ops
         self.resolve = resolve
+        self.repoints = repoints
+        #: the generation an inode has once this re-point moved it
+        self.gen = repoints.gen
         #: which staged directories are in the tree (StagedTree.dst_identity)
         self.memo: dict[tuple[int, int], bool] = {}
-        self.inodes: list[Inode] = []
 
     def catch_up(self, inode: Inode) -> None:
         self._ops._catch_up(inode, self)
@@ -304,6 +332,8 @@ class Operations(pyfuse3.Operations):
         self._by_key: dict[tuple[int, int], Inode] = {}
         #: switchovers whose inodes are not all re-pointed yet (see _PendingRepoint)
         self._pending: list[_PendingRepoint] = []
+        #: each entry's shared re-point state (an Entry compares by identity)
+        self._repoints: dict[Entry, _Repoints] = {}
         #: open regular files by FUSE file handle; ``_vfiles`` has the same keys
         #: and spares the read path one attribute lookup
         self._handles: dict[int, _FileHandle] = {}
@@ -337,8 +367,9 @@ class Operations(pyfuse3.Operations):
             # every request that reaches here on a number of the snapshot view
             # would change it (the others were passed to the view)
             raise FUSEError(errno.EROFS if snapview.owns(ino) else errno.ESTALE) from None
-        if inode.pending is not None:
-            inode.pending.catch_up(inode)
+        stale = inode.stale()
+        if stale is not None:
+            stale.catch_up(inode)
         return inode
 
     def _known(self, key: tuple[int, int]) -> Inode | None:
@@ -349,12 +380,14 @@ class Operations(pyfuse3.Operations):
             for pending in self._pending:
                 src = pending.resolve.old_key(key)
                 old = self._by_key.get(src) if src is not None else None
-                if old is not None and old.pending is pending:
+                if old is not None and old.stale() is pending:
                     pending.catch_up(old)
                     return old
-        elif inode is not None and inode.pending is not None:
-            inode.pending.catch_up(inode)
-            return self._by_key.get(key)
+        elif inode is not None:
+            stale = inode.stale()
+            if stale is not None:
+                stale.catch_up(inode)
+                return self._by_key.get(key)
         return inode
 
     def _remember(
@@ -399,6 +432,9 @@ class Operations(pyfuse3.Operations):
         ref = self.paths.add(path_fd, st.st_dev)
         inode = Inode(ino, self.paths, ref, key, stat.S_IFMT(st.st_mode), entry, is_entry_root)
         inode.kept_ctime_ns = kept_ctime_ns
+        ref.tag = ino
+        repoints = inode.repoints = self._repoints_of(entry)
+        inode.gen = repoints.gen  # made now: where the entry is now
         self._inodes[ino] = inode
         self._by_key[key] = inode
         return inode
@@ -1269,32 +1305,44 @@ class Operations(pyfuse3.Operations):
         numbers do not change, so the kernel sees the same files. Objects that
         *resolve* does not know (unlinked but still open) stay where they are.
 
-        Only what may be in use is moved here: open files, inodes with open
-        handles or pinned fds. Every other inode is marked, a loop of a few
-        attribute stores however many the kernel knows; it moves when it is
+        Only what may be in use is moved here: the inodes with pinned fds (open
+        files, requests in progress, unlinked objects), which the path table
+        lists. Every other inode of the entry is marked by one store, however
+        many the kernel knows (:class:`_PendingRepoint`); it moves when it is
         next used, or by :meth:`_sweep`, which the switchover runs once the gate
         is open (``resolve.after_pause``). Unless the destination gave no file
         handles: then every inode is moved here, by path.
         """
-        lazy = resolve.lazy()
-        pending = _PendingRepoint(self, resolve)
+        repoints = self._repoints_of(entry)
+        if repoints.pending is not None:  # never: a switchover awaits its sweep
+            self._catch_up_all(repoints.pending)
+        if not resolve.lazy():
+            for inode in list(self._inodes.values()):
+                if inode.entry is entry:
+                    self._move(inode, resolve, resolve.close_later, None, lazy=False)
+            self.files.repoint(resolve)
+            return
+        repoints.gen += 1
+        pending = _PendingRepoint(self, resolve, repoints)
         now = 0
-        for inode in list(self._inodes.values()):
-            if inode.entry is not entry:
-                continue
-            assert inode.ref is not None
-            if lazy and not inode.handles and not inode.ref.pins:
-                inode.pending = pending
-                pending.inodes.append(inode)
-                continue
-            self._move(inode, resolve, resolve.close_later, None, lazy=False)
+        for ref in self.paths.pinned():
+            used = self._inodes.get(ref.tag)
+            if used is None or used.ref is not ref or used.repoints is not repoints:
+                continue  # another entry's, or the snapshot view's
+            used.gen = pending.gen
+            self._move(used, resolve, resolve.close_later, None, lazy=False)
             now += 1
+        repoints.pending = pending  # every other inode of the entry: stale from now on
+        self._pending.append(pending)
         self.files.repoint(resolve)
-        log.info("re-point of %r: %d inodes in the pause, %d after it", entry.name, now,
-                 len(pending.inodes))
-        if pending.inodes:
-            self._pending.append(pending)
-            resolve.after_pause(functools.partial(self._sweep, pending))
+        log.info("re-point of %r: %d inodes in the pause, the rest after it", entry.name, now)
+        resolve.after_pause(functools.partial(self._sweep, pending))
+
+    def _repoints_of(self, entry: Entry) -> _Repoints:
+        repoints = self._repoints.get(entry)
+        if repoints is None:
+            repoints = self._repoints[entry] = _Repoints()
+        return repoints
 
     def _move(self, inode: Inode, resolve: Resolver, close_later: Callable[[int], None],
               memo: dict[tuple[int, int], bool] | None, *, lazy: bool) -> None:
@@ -1328,26 +1376,44 @@ class Operations(pyfuse3.Operations):
 
     def _catch_up(self, inode: Inode, pending: _PendingRepoint) -> None:
         """Re-point *inode*, left by a switchover's pause, now (see _PendingRepoint)."""
-        inode.pending = None
+        inode.gen = pending.gen
         if self._inodes.get(inode.ino) is not inode:
             return  # forgotten meanwhile: its fd is closed
         self._move(inode, pending.resolve, backing.close, pending.memo, lazy=True)
 
     async def _sweep(self, pending: _PendingRepoint) -> None:
         """Re-point what a switchover left pending, a slice at a time between
-        requests; the switchover awaits it once the gate is open."""
+        requests; the switchover awaits it once the gate is open. Inodes made
+        meanwhile are on the destination already (their ``gen`` is the new one)."""
+        inodes = list(self._inodes.values())
+        repoints = pending.repoints
+        moved = 0
         try:
-            for done, inode in enumerate(pending.inodes, 1):
-                if inode.pending is pending:
+            for done, inode in enumerate(inodes, 1):
+                if inode.repoints is repoints and inode.gen != pending.gen:
                     pending.catch_up(inode)
+                    moved += 1
                 if done % _SWEEP_SLICE == 0:
                     await trio.lowlevel.checkpoint()
-        finally:
-            for inode in pending.inodes:  # cancelled (unmount): the rest at once
-                if inode.pending is pending:
-                    pending.catch_up(inode)
-            pending.inodes.clear()
-            self._pending.remove(pending)
+        except BaseException:
+            self._catch_up_all(pending)  # cancelled (unmount): the rest at once
+            raise
+        self._end(pending)
+        log.info("re-point after the pause: %d inodes", moved)
+
+    def _catch_up_all(self, pending: _PendingRepoint) -> None:
+        """Re-point every inode *pending* has yet to move, now, and end it."""
+        repoints = pending.repoints
+        if repoints.pending is not pending:
+            return
+        for inode in list(self._inodes.values()):
+            if inode.repoints is repoints and inode.gen != pending.gen:
+                pending.catch_up(inode)
+        self._end(pending)
+
+    def _end(self, pending: _PendingRepoint) -> None:
+        pending.repoints.pending = None
+        self._pending.remove(pending)
 
     # -- introspection ----------------------------------------------------------------------
 

@@ -215,6 +215,14 @@ class Copier:
         self.block_size = block_size
         self._shift = block_size.bit_length() - 1
         self.copies: dict[tuple[int, int], FileCopy] = {}
+        #: the copies that are not parked (their VFile attached): the only ones a
+        #: guest can write, so the only ones whose work can grow
+        self._attached: set[FileCopy] = set()
+        #: parked copies that may have work left (dirty blocks, unflushed bytes,
+        #: size and times to restamp): a superset, pruned by :meth:`with_work`.
+        #: With ``_attached``, what a pass, a flush or the pause has to look at:
+        #: O(changed), not O(files)
+        self._parked_work: set[FileCopy] = set()
         self.mirroring = False
         self.rate_limit = 0  #: bytes/s, 0 = unlimited; may change at any time
         self.bytes_copied = 0
@@ -289,6 +297,7 @@ class Copier:
         if self.mirroring:
             vfile.mirror_fd = dst_fd
         self.copies[key] = copy
+        self._attached.add(copy)
         # The commit makes the pool file the file: its CBT history must be found
         # under the pool file's key after a crash (saved before the commit).
         pool = backing.fstat(dst_fd)
@@ -332,6 +341,9 @@ class Copier:
         copy.size = vfile.size()
         self._release(copy)
         copy.vfile, copy.dst_fd = None, -1
+        self._attached.discard(copy)
+        if copy.dirty.count or copy.unflushed or copy.restamp:
+            self._parked_work.add(copy)
         self.parks += 1
         return True
 
@@ -347,6 +359,8 @@ class Copier:
         dst_fd = backing.open_by_handle(self._dst_mount_fd, copy.dst_handle, os.O_RDWR)
         vfile.opens += 1  # the copier's own use, until it parks it again
         copy.vfile, copy.dst_fd = vfile, dst_fd
+        self._attached.add(copy)
+        self._parked_work.discard(copy)
         vfile.consumers.append(copy.dirty)
         if self.mirroring:
             vfile.mirror_fd = dst_fd
@@ -475,22 +489,38 @@ class Copier:
         # no checkpoint here: the pending bitmaps and the generation are one instant
         self.gen = gen
         out = []
-        for copy in self.copies.values():
-            if copy.vfile is None:  # parked: a small file, copied afresh on a resume
-                continue
-            tracker = copy.vfile.tracker
+        for copy in self.attached():  # a parked one: a small file, copied afresh on a resume
+            vfile = copy.vfile
+            assert vfile is not None
+            tracker = vfile.tracker
             if tracker is None:
                 continue
             tracker.start_relocation_mark(gen)
             if (tracker.withdrawn is None
-                    and backing.fstat(copy.vfile.fd).st_blocks * 512 >= KEEP_MIN_BYTES):
+                    and backing.fstat(vfile.fd).st_blocks * 512 >= KEEP_MIN_BYTES):
                 out.append((copy, copy.dirty.copy()))
         return out
+
+    def attached(self) -> list[FileCopy]:
+        """The copies that are not parked (few: open files, and the large files a
+        resume would keep)."""
+        return list(self._attached)
+
+    def with_work(self) -> list[FileCopy]:
+        """Every copy that may have work left: the attached ones, and the parked
+        ones with dirty blocks, unflushed bytes or a restamp due. What a pass, a
+        flush and the pause look at, instead of every file of the entry."""
+        done = [c for c in self._parked_work
+                if not (c.dirty.count or c.unflushed or c.restamp) or c.detached]
+        self._parked_work.difference_update(done)
+        return [*self._attached, *self._parked_work]
 
     def drop(self, key: tuple[int, int]) -> None:
         """Stop copying a file whose source is gone (no link left)."""
         copy = self.copies.pop(key, None)
         if copy is not None:
+            self._attached.discard(copy)
+            self._parked_work.discard(copy)
             self.files.unwatch(key)
             copy.detached = True
             if not copy.parked and copy is not self._inflight:  # else: once it is back
@@ -523,36 +553,43 @@ class Copier:
     def start_mirroring(self) -> None:
         """From now on every guest write lands on both stores before it is acknowledged."""
         self.mirroring = True
-        for copy in self.copies.values():
-            if copy.vfile is not None:  # a parked one mirrors once it is opened
-                copy.vfile.mirror_fd = copy.dst_fd
+        for copy in self._attached:  # a parked one mirrors once it is opened
+            assert copy.vfile is not None
+            copy.vfile.mirror_fd = copy.dst_fd
 
     def mirror_error(self) -> OSError | None:
-        for copy in self.copies.values():
+        for copy in self._attached:  # a parked one mirrors nothing
             if copy.vfile is not None and copy.vfile.mirror_error is not None:
                 return copy.vfile.mirror_error
         return None
 
-    def detach(self, parked: list[FileCopy] | None = None) -> list[int]:
+    def detach(self, parked: list[dict[tuple[int, int], FileCopy]] | None = None) -> list[int]:
         """Stop mirroring and consuming, release the sources; return the pool
         files' descriptors, for the caller to close (outside a pause).
 
         With *parked*, the parked copies (closed: nothing can write them, and the
         copies are gone from the table) are only put there, for the caller to
         finish with :meth:`forget_parked` outside the pause: the many small
-        files of an entry cost the pause nothing."""
+        files of an entry cost the pause nothing (the whole table is handed
+        over, not walked)."""
         later: list[int] = []
         if self.copies:
             log.info("copy steps raced by guest writes: %d (copied again)", self.raced_steps)
-        for copy in self.copies.values():
-            if parked is not None and copy.vfile is None and copy is not self._inflight:
-                parked.append(copy)
-                continue
+        ending = [*self._attached]
+        if self._inflight is not None:
+            ending.append(self._inflight)
+        if parked is None:
+            ending = list(self.copies.values())
+        for copy in ending:
             self.files.unwatch(copy.key)
             copy.detached = True
             if not copy.parked and copy is not self._inflight:  # else: once it is back
                 self._release(copy, later)
-        self.copies.clear()
+        if parked is not None:
+            parked.append(self.copies)  # the rest: forget_parked skips the detached
+        self.copies = {}
+        self._attached.clear()
+        self._parked_work.clear()
         self.mirroring = False
         for fd in (self._dst_mount_fd, self._src_mount_fd):
             if fd >= 0:
@@ -560,16 +597,18 @@ class Copier:
         self._dst_mount_fd = self._src_mount_fd = -1
         return later
 
-    def forget_parked(self, parked: list[FileCopy]) -> None:
+    def forget_parked(self, parked: list[dict[tuple[int, int], FileCopy]]) -> None:
         """Finish what :meth:`detach` left of its parked copies."""
-        for copy in parked:
-            self.files.unwatch(copy.key)
-            copy.detached = True
+        for table in parked:
+            for copy in table.values():
+                if not copy.detached:
+                    self.files.unwatch(copy.key)
+                    copy.detached = True
 
     # -- copying --------------------------------------------------------------------
 
     def dirty_bytes(self) -> int:
-        return sum(c.dirty.count for c in self.copies.values()) << self._shift
+        return sum(c.dirty.count for c in self.with_work()) << self._shift
 
     async def copy_pass(self, *, throttle: bool = True) -> None:
         """Copy every block that is dirty when the pass reaches it, smallest files first.
@@ -578,7 +617,7 @@ class Copier:
         changed); a block dirtied in a file the pass already left waits for
         the next pass.
         """
-        dirty = [c for c in self.copies.values() if c.dirty.count]
+        dirty = [c for c in self.with_work() if c.dirty.count]
         for copy in sorted(dirty, key=lambda c: c.size if c.vfile is None else c.vfile.size()):
             if copy.key not in self.copies:  # detached meanwhile
                 continue

@@ -512,7 +512,7 @@ class Relocation:
             log.warning("relocation of %r: progress not saved (%s); a resume after a crash "
                         "copies more", self.entry.name, e.strerror or e)
         else:
-            for copy in copier.copies.values():
+            for copy in copier.attached():  # a parked one's tracker is closed
                 if copy.vfile is not None and copy.vfile.tracker is not None:
                     copy.vfile.tracker.drop_relocation_marks(below=gen)
         finally:
@@ -558,7 +558,7 @@ class Relocation:
                 pass
         if self.copier is not None:
             if not keep:
-                for copy in self.copier.copies.values():
+                for copy in self.copier.attached():  # a parked one's tracker is closed
                     if copy.vfile is not None and copy.vfile.tracker is not None:
                         copy.vfile.tracker.drop_relocation_marks()
             for pool_fd in self.copier.detach():

@@ -483,7 +483,7 @@ class StagedTree:
         return sum(1 for _ in self._written())
 
     def _written(self) -> Iterator[FileCopy]:
-        for copy in list(self.copier.copies.values()):
+        for copy in self.copier.with_work():  # a parked one is touched no more
             touched = copy.vfile is not None and copy.vfile.touched
             if (touched or copy.restamp) and self.in_tree(copy.key) is not None:
                 yield copy
@@ -526,7 +526,7 @@ class StagedTree:
     def pending(self) -> int:
         """Objects and directories a flush would fsync now (for the pause estimate)."""
         return len(self._unsynced) + len(self._unsynced_dirs) + sum(
-            1 for c in self.copier.copies.values() if c.unflushed)
+            1 for c in self.copier.with_work() if c.unflushed)
 
     async def flush(self) -> int:
         """fsync what changed since the last flush (on a worker thread); return how many."""
@@ -539,7 +539,7 @@ class StagedTree:
             if copy is not None:
                 files.append(self.copier.pool_opener(copy))
                 copy.unflushed = 0
-        for copy in self.copier.copies.values():
+        for copy in self.copier.with_work():
             if copy.unflushed and copy.key not in self._unsynced:
                 # data only: the attributes were synced before
                 files.append(self.copier.pool_opener(copy))

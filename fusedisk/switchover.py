@@ -186,7 +186,7 @@ async def switch_over(
     assert journal is not None
     costs = costs or Costs()
     pool_fds: list[int] = []
-    parked: list[FileCopy] = []
+    parked: list[dict[tuple[int, int], FileCopy]] = []
     start = time.monotonic()
     steps: dict[str, float] = {}
 
