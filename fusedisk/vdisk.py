@@ -159,8 +159,8 @@ class VFile:
     """
 
     __slots__ = (
-        "activity", "block_shift", "closing", "consumers", "copying", "fd", "gate", "gone",
-        "guards", "key",
+        "activity", "block_shift", "closing", "consumers", "copying", "fd", "gate", "gen",
+        "gone", "guards", "key",
         "mirror_error", "mirror_fd", "opens", "stale", "touched", "tracker", "unsynced",
         "writable",
     )
@@ -195,6 +195,8 @@ class VFile:
         #: users holding this VFile open, and releases still saving (OpenFiles counts them)
         self.opens = 0
         self.closing = 0
+        #: the number of the last switchover that re-keyed it (OpenFiles.repoint)
+        self.gen = 0
         #: a write or truncate changed the file (its size and times) since a
         #: relocation's staging last copied its attributes (staging.py)
         self.touched = False
@@ -490,10 +492,16 @@ class OpenFiles:
         #: guest reads and writes on every file (the copy engine yields to them)
         self.activity = Activity()
         self._files: dict[tuple[int, int], VFile] = {}
-        #: closed files a switchover moved and left to be re-keyed after its pause
-        #: (by their next open, a lookup of their new key, their close's save, or
-        #: the sweep the switchover awaits): (its resolver, them)
-        self._rekey: list[tuple[Resolver, set[VFile]]] = []
+        #: the VFiles with users (few; ``_files`` also holds the closed ones whose
+        #: history is still saving, thousands while a relocation parks its copies)
+        self._open: dict[VFile, None] = {}
+        #: the number of the last lazy re-point; a VFile made since has it
+        self._gen = 0
+        #: the closed files switchovers moved and left to be re-keyed after their
+        #: pause (by their next open, a lookup of their new key, their close's
+        #: save, or the sweep the switchover awaits): each one's resolver and
+        #: number; a closed VFile with a lower ``gen`` is still to be re-keyed
+        self._rekey: list[tuple[Resolver, int]] = []
         self._to_close, self._closing = trio.open_memory_channel[VFile](math.inf)
         #: files whose CBT history is to be saved with a relocation's alias
         self._to_keep, self._keeping = trio.open_memory_channel[VFile](math.inf)
@@ -563,16 +571,16 @@ class OpenFiles:
         moved there and has not re-keyed yet (it is re-keyed now)."""
         vfile = self._files.get(key)
         if vfile is None and self._rekey:
-            for resolve, left in self._rekey:
+            for resolve, gen in self._rekey:
                 old = resolve.old_key(key)
                 moved = self._files.get(old) if old is not None else None
-                if moved is not None and moved in left:
-                    self._rekey_now(moved, resolve, left)
+                if moved is not None and moved.opens == 0 and moved.gen < gen:
+                    self._settle(moved)
                     return self._files.get(key)
         return vfile
 
-    def _rekey_now(self, vfile: VFile, resolve: Resolver, left: set[VFile]) -> None:
-        left.discard(vfile)
+    def _rekey_now(self, vfile: VFile, resolve: Resolver, gen: int) -> None:
+        vfile.gen = gen
         if vfile.opens or self._files.get(vfile.key) is not vfile:
             return  # closed for good meanwhile (or reopened: then it was re-keyed)
         new = resolve.new_key(vfile.key)
@@ -590,23 +598,28 @@ class OpenFiles:
             vfile.tracker.key = new
 
     def _settle(self, vfile: VFile) -> None:
-        """Re-key *vfile* now if a switchover left it to be re-keyed."""
-        for resolve, left in self._rekey:
-            if vfile in left:
-                self._rekey_now(vfile, resolve, left)
-                return
+        """Re-key *vfile* now if switchovers left it to be re-keyed (in their order)."""
+        for resolve, gen in self._rekey:
+            if vfile.gen < gen:
+                self._rekey_now(vfile, resolve, gen)
 
-    async def _rekey_sweep(self, resolve: Resolver, left: set[VFile]) -> None:
+    async def _rekey_sweep(self, resolve: Resolver, gen: int) -> None:
+        """Re-key the closed files the switchover *gen* left, a slice at a time
+        (those made since are where their file is now)."""
+        closed = list(self._files.values())
         try:
-            for done, vfile in enumerate(list(left), 1):
-                if vfile in left:
-                    self._rekey_now(vfile, resolve, left)
+            for done, vfile in enumerate(closed, 1):
+                if vfile.opens == 0 and vfile.gen < gen:
+                    self._settle(vfile)
                 if done % 256 == 0:
                     await trio.lowlevel.checkpoint()
+        except BaseException:
+            for vfile in list(self._files.values()):  # cancelled: the rest at once
+                if vfile.opens == 0 and vfile.gen < gen:
+                    self._settle(vfile)
+            raise
         finally:
-            for vfile in list(left):
-                self._rekey_now(vfile, resolve, left)
-            self._rekey = [e for e in self._rekey if e[1] is not left]
+            self._rekey = [e for e in self._rekey if e[1] != gen]
 
     def _move_guards(self, old: tuple[int, int], new: tuple[int, int]) -> None:
         guards = self.guards.pop(old, None)
@@ -660,10 +673,12 @@ class OpenFiles:
                 fd, key, writable, tracker, gate, self.block_size, self.activity
             )
             vfile.guards = self.guards.get(key, _NO_GUARDS)
+            vfile.gen = self._gen
             if tracker is not None and tracker.moved_ctime and self.on_kept_ctime is not None:
                 self.on_kept_ctime(key)
         vfile.opens += 1
         if vfile.opens == 1:
+            self._open[vfile] = None
             watcher = self._watchers.get(key)
             if watcher is not None:
                 try:
@@ -690,6 +705,7 @@ class OpenFiles:
             if one_left is not None:
                 one_left(vfile)
         elif vfile.opens == 0:
+            del self._open[vfile]
             # A closed file holds no descriptor, even while its history saves
             # (saves queue up behind each other: a `find | xargs cat` would
             # otherwise pile up descriptors); a new open reopens it.
@@ -843,11 +859,12 @@ class OpenFiles:
         checkpoint: every user sees either the old or the new descriptor.
         """
         lazy = resolve.lazy()
-        left: set[VFile] = set()
-        for vfile in list(self._files.values()):
-            if vfile.opens == 0 and lazy:
-                left.add(vfile)  # closed: re-keyed when next found, or by the sweep
-                continue
+        if lazy:  # closed ones: re-keyed when next found, or by the sweep
+            self._gen += 1
+            gen = self._gen
+        for vfile in list(self._open if lazy else self._files.values()):
+            if lazy:
+                vfile.gen = gen
             if vfile.opens == 0:
                 # nobody can read or write it before it is opened again (which
                 # reopens it) or closed: no need to open its new self now
@@ -872,15 +889,14 @@ class OpenFiles:
             self._files[vfile.key] = vfile
             if vfile.tracker is not None:
                 vfile.tracker.key = vfile.key
-        for key in [k for k in self.guards if k not in self._files or self._files[k] in left]:
+        for key in [k for k in self.guards if k not in self._files or not self._files[k].opens]:
             # guarded files nobody had open: their next open must find the guards
             new = resolve.new_key(key)
             if new is not None:
                 self._move_guards(key, new)
-        if left:
-            entry = (resolve, left)
-            self._rekey.append(entry)
-            resolve.after_pause(functools.partial(self._rekey_sweep, resolve, left))
+        if lazy:
+            self._rekey.append((resolve, gen))
+            resolve.after_pause(functools.partial(self._rekey_sweep, resolve, gen))
 
     def close_all(self) -> None:
         """At unmount: save every tracker cleanly and close every descriptor. Blocking."""
