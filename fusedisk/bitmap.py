@@ -2,9 +2,13 @@
 
 One bit per block, held in two forms that never overlap:
 
-- *chunks* of :data:`CHUNK_BITS` blocks (4 KiB of bits each) that exist
-  only while one of their bits is set, so the holes of a sparse disk cost
-  nothing. Single blocks, the write path's marks, always go here.
+- *chunks* of :data:`CHUNK_BITS` blocks (up to 4 KiB of bits each) that
+  exist only while one of their bits is set, so the holes of a sparse disk
+  cost nothing. A chunk's bytes go only as far as its highest set bit (in
+  8-byte words; the rest reads as clear), so that the one block of a small
+  file costs a few bytes, not 4 KiB: a relocation holds a bitmap of what it
+  copied for every file of an entry. Single blocks, the write path's marks,
+  always go here.
 - *runs*: chunks that are wholly set, as an ordered set of chunk intervals.
   The whole chunks a range covers become (part of) one run, so marking or
   clearing any length (a truncate to 10^15 bytes) costs the same in time
@@ -57,11 +61,13 @@ class Bitmap:
         """Set the bits of blocks ``[blockno, blockno + nblocks)``."""
         if nblocks == 1:  # the common case on the write path
             chunk = self._chunks.get(blockno >> _CHUNK_SHIFT)
+            bit = blockno & (CHUNK_BITS - 1)
             if chunk is None:
                 if self._starts and self._in_run(blockno >> _CHUNK_SHIFT):
                     return
-                chunk = self._chunks[blockno >> _CHUNK_SHIFT] = bytearray(_CHUNK_BYTES)
-            bit = blockno & (CHUNK_BITS - 1)
+                chunk = self._chunks[blockno >> _CHUNK_SHIFT] = bytearray(_span(bit + 1))
+            elif len(chunk) <= bit >> 3:
+                _grow(chunk, bit + 1)
             byte, mask = chunk[bit >> 3], 1 << (bit & 7)
             if not byte & mask:
                 chunk[bit >> 3] = byte | mask
@@ -100,7 +106,7 @@ class Bitmap:
         if chunk is None:
             return bool(self._starts) and self._in_run(blockno >> _CHUNK_SHIFT)
         bit = blockno & (CHUNK_BITS - 1)
-        return bool(chunk[bit >> 3] & (1 << (bit & 7)))
+        return len(chunk) > bit >> 3 and bool(chunk[bit >> 3] & (1 << (bit & 7)))
 
     def extents(self) -> Iterator[tuple[int, int]]:
         """Runs of set bits as ``(blockno, nblocks)``, in order, merged across chunks."""
@@ -151,7 +157,7 @@ class Bitmap:
             new = old | int.from_bytes(theirs, "little")
             if new != old:
                 self.count += new.bit_count() - old.bit_count()
-                mine[:] = new.to_bytes(_CHUNK_BYTES, "little")
+                mine[:] = new.to_bytes(max(len(mine), len(theirs)), "little")
 
     def copy(self) -> Bitmap:
         out = Bitmap()
@@ -169,7 +175,7 @@ class Bitmap:
 
     @property
     def memory_bytes(self) -> int:
-        return len(self._chunks) * _CHUNK_BYTES + len(self._starts) * _RUN_BYTES
+        return sum(map(len, self._chunks.values())) + len(self._starts) * _RUN_BYTES
 
     def to_record(self) -> dict[str, Any]:
         """A JSON-able form.
@@ -180,7 +186,8 @@ class Bitmap:
         "runs": [[blockno, nblocks], ...]}``, runs in blocks, so they mean
         the same whatever the chunk size.
         """
-        chunks = {str(i): base64.b64encode(c).decode() for i, c in sorted(self._chunks.items())}
+        chunks = {str(i): base64.b64encode(c.ljust(_CHUNK_BYTES, b"\0")).decode()
+                  for i, c in sorted(self._chunks.items())}
         if not self._starts:
             return chunks
         runs = [
@@ -211,7 +218,8 @@ class Bitmap:
             if len(chunk) != _CHUNK_BYTES or index < 0:
                 raise ValueError("bitmap chunk of the wrong size or place")
             if chunk != _EMPTY:
-                out._chunks[index] = chunk
+                used = len(chunk.rstrip(b"\0"))  # what is kept of it (see the module doc)
+                out._chunks[index] = chunk[:_span(used * 8)]
                 out.count += _popcount(chunk)
         for run in runs:
             blockno, nblocks = run
@@ -246,13 +254,16 @@ class Bitmap:
                 if not value:
                     blockno = stop
                     continue
-                chunk = self._chunks[index] = bytearray(_CHUNK_BYTES)
-            flipped = _change_bits(chunk, blockno - base, stop - base, value)
+                chunk = self._chunks[index] = bytearray(_span(stop - base))
+            elif value and len(chunk) < (stop - base + 7) >> 3:
+                _grow(chunk, stop - base)
+            flipped = _change_bits(chunk, blockno - base, min(stop - base, len(chunk) * 8),
+                                   value)
             if value:
                 self.count += flipped
             else:
                 self.count -= flipped
-                if chunk == _EMPTY:
+                if flipped and chunk.count(0) == len(chunk):
                     del self._chunks[index]
             blockno = stop
 
@@ -308,8 +319,21 @@ class Bitmap:
             yield lo << _CHUNK_SHIFT, (hi - lo) << _CHUNK_SHIFT
 
 
+def _span(nbits: int) -> int:
+    """The bytes a chunk needs to hold bits ``[0, nbits)``: whole 8-byte words."""
+    return ((nbits + 63) >> 6) << 3
+
+
+def _grow(chunk: bytearray, nbits: int) -> None:
+    """Lengthen *chunk* (with clear bits) to hold bits ``[0, nbits)``."""
+    chunk.extend(bytes(_span(nbits) - len(chunk)))
+
+
 def _change_bits(chunk: bytearray, lo: int, hi: int, value: bool) -> int:
-    """Set (or clear) bits ``[lo, hi)`` of *chunk*; return how many bits flipped."""
+    """Set (or clear) bits ``[lo, hi)`` of *chunk* (which holds them, or for a
+    clear, ends before *hi*); return how many bits flipped."""
+    if lo >= hi:
+        return 0
     first, last = lo >> 3, (hi + 7) >> 3
     old = int.from_bytes(chunk[first:last], "little")
     mask = ((1 << (hi - lo)) - 1) << (lo - first * 8)

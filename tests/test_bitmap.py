@@ -321,3 +321,33 @@ def test_block_span_is_exactly_the_blocks_a_byte_range_touches() -> None:
         touched = {b for b in range(offset // size - 1, (offset + length) // size + 2)
                    if b * size < offset + length and (b + 1) * size > offset}
         assert set(range(first, first + nblocks)) == touched, (offset, length, shift)
+
+
+def test_a_few_low_blocks_cost_a_few_bytes_and_records_keep_their_format() -> None:
+    """A relocation keeps a bitmap of what it copied for every file of an entry:
+    the one block of a small file must not cost a 4 KiB chunk (100k files: 400
+    MiB). Chunks grow as higher bits are set; records are written as before."""
+    bits = Bitmap()
+    bits.mark(0)
+    assert bits.memory_bytes <= 8
+    bits.mark(1, 3)
+    assert bits.memory_bytes <= 8 and bits.count == 4
+    bits.mark(200)  # grows the chunk to hold bit 200, no further
+    assert 8 < bits.memory_bytes <= 32
+    assert bits.test(200) and not bits.test(201) and not bits.test(CHUNK_BITS - 1)
+    assert bits.next_dirty(5) == 200 and bits.next_dirty(201) is None
+    record = bits.to_record()
+    assert all(len(base64.b64decode(text)) == CHUNK_BITS // 8 for text in record.values())
+    again = Bitmap.from_record(json.loads(json.dumps(record)))
+    assert list(again.extents()) == [(0, 4), (200, 1)] and again.memory_bytes <= 32
+    bits.clear(0, 201)
+    assert bits.count == 0 and bits.memory_bytes == 0 and list(bits.extents()) == []
+    # a clear past the end of a short chunk, and one that leaves it partly set
+    bits.mark(70)
+    bits.clear(100, 5000)
+    bits.clear(71, 1)
+    assert list(bits.extents()) == [(70, 1)]
+    other = Bitmap()
+    other.mark(CHUNK_BITS - 1)
+    bits.update(other)
+    assert list(bits.extents()) == [(70, 1), (CHUNK_BITS - 1, 1)] and bits.count == 2
