@@ -24,6 +24,7 @@ same bytes as the destination.
 
 from __future__ import annotations
 
+import gc
 import logging
 import math
 import os
@@ -203,7 +204,11 @@ async def switch_over(
         parts = costs.parts_ms(objects, copier.dirty_bytes(), copier.copy_rate(), unsynced)
         return explain(parts), sum(parts.values())
 
+    collecting = gc.isenabled()
     try:
+        # no cyclic collection inside the pause: a full one walks every object
+        # made since the last freeze (gcwatch.py), tens of ms on a large entry
+        gc.disable()
         # inside the try: a cancel that lands while draining reopens the gate
         await gate.close_and_drain()
         step("drain")
@@ -260,6 +265,8 @@ async def switch_over(
     finally:
         gate.open()
         pause_ms = (time.monotonic() - start) * 1000
+        if collecting:
+            gc.enable()
         copier.forget_parked(parked)
         log.info("switchover of %r: %s ms", entry.name, steps)
     # the gate is open: the pool's handles and the source objects' old ones go
