@@ -112,7 +112,8 @@ class FileCopy:
 
     __slots__ = (
         "__weakref__", "copied", "detached", "dirty", "dst_fd", "dst_handle", "key",
-        "pool_key", "pool_name", "restamp", "size", "src_handle", "unflushed", "vfile",
+        "parked_dirty", "pool_key", "pool_name", "restamp", "size", "src_handle", "unflushed",
+        "vfile",
     )
 
     def __init__(self, vfile: VFile, dst_fd: int, pool_name: str) -> None:
@@ -136,6 +137,9 @@ class FileCopy:
         #: on the source is punched on the destination, not skipped)
         self.copied = Bitmap()
         self.unflushed = 0
+        #: ``dirty.count`` when parked, counted in the copier's running total
+        #: (a parked copy's bitmaps do not change)
+        self.parked_dirty = 0
         #: the copy changed the pool file since its times were last set (staging.py)
         self.restamp = False
 
@@ -223,6 +227,9 @@ class Copier:
         #: With ``_attached``, what a pass, a flush or the pause has to look at:
         #: O(changed), not O(files)
         self._parked_work: set[FileCopy] = set()
+        #: the dirty blocks of the parked copies: what :meth:`dirty_bytes` (polled by
+        #: ``status``) adds to the attached ones' without walking every file
+        self._parked_dirty = 0
         self.mirroring = False
         self.rate_limit = 0  #: bytes/s, 0 = unlimited; may change at any time
         self.bytes_copied = 0
@@ -344,6 +351,8 @@ class Copier:
         self._attached.discard(copy)
         if copy.dirty.count or copy.unflushed or copy.restamp:
             self._parked_work.add(copy)
+        copy.parked_dirty = copy.dirty.count
+        self._parked_dirty += copy.parked_dirty
         self.parks += 1
         return True
 
@@ -361,6 +370,8 @@ class Copier:
         copy.vfile, copy.dst_fd = vfile, dst_fd
         self._attached.add(copy)
         self._parked_work.discard(copy)
+        self._parked_dirty -= copy.parked_dirty
+        copy.parked_dirty = 0
         vfile.consumers.append(copy.dirty)
         if self.mirroring:
             vfile.mirror_fd = dst_fd
@@ -521,6 +532,8 @@ class Copier:
         if copy is not None:
             self._attached.discard(copy)
             self._parked_work.discard(copy)
+            self._parked_dirty -= copy.parked_dirty
+            copy.parked_dirty = 0
             self.files.unwatch(key)
             copy.detached = True
             if not copy.parked and copy is not self._inflight:  # else: once it is back
@@ -590,6 +603,7 @@ class Copier:
         self.copies = {}
         self._attached.clear()
         self._parked_work.clear()
+        self._parked_dirty = 0
         self.mirroring = False
         for fd in (self._dst_mount_fd, self._src_mount_fd):
             if fd >= 0:
@@ -608,7 +622,9 @@ class Copier:
     # -- copying --------------------------------------------------------------------
 
     def dirty_bytes(self) -> int:
-        return sum(c.dirty.count for c in self.with_work()) << self._shift
+        """What is left to copy; O(attached copies)."""
+        attached = sum(c.dirty.count for c in self._attached)
+        return (attached + self._parked_dirty) << self._shift
 
     async def copy_pass(self, *, throttle: bool = True) -> None:
         """Copy every block that is dirty when the pass reaches it, smallest files first.

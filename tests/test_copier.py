@@ -96,3 +96,74 @@ async def test_a_paused_copy_waits_and_resumes_where_it_was(
             copier.resume()
         assert copied(copy, len(data)) == data
         assert copier.dirty_bytes() == 0
+
+
+def _reference_dirty(copier: Copier) -> int:
+    return sum(c.dirty.count for c in copier.copies.values()) * BLOCK
+
+
+def _check_index(copier: Copier) -> None:
+    """The copier's O(changed) view against a walk of every copy."""
+    assert copier.dirty_bytes() == _reference_dirty(copier)
+    work = set(copier.with_work())
+    for copy in copier.copies.values():
+        if copy.vfile is not None or copy.dirty.count or copy.unflushed or copy.restamp:
+            assert copy in work, copy.key
+    assert set(copier.attached()) == {c for c in copier.copies.values() if c.vfile is not None}
+
+
+async def test_the_index_of_copies_with_work_matches_a_walk_of_every_copy(
+        tmp_path: Path) -> None:
+    """Parked copies (small files, closed) are found by the pass, the flush and the
+    pause through the copier's index and running total, not by walking every file:
+    at every step they match what a walk of all copies says."""
+    src = tmp_path / "src"
+    src.mkdir()
+    pool = tmp_path / "pool"
+    pool.mkdir()
+    for i in range(40):
+        (src / f"f{i}").write_bytes(os.urandom(1000 + 5000 * i))
+    files = OpenFiles(None, BLOCK)
+    root_fd = os.open(src, os.O_PATH)
+    pool_fd = os.open(pool, os.O_PATH)
+    copier = Copier(files, Gate(), pool_fd, BLOCK, src_root_fd=root_fd)
+    fds: list[int] = []
+    try:
+        for i in range(40):
+            fd = os.open(src / f"f{i}", os.O_PATH)
+            fds.append(fd)
+            st = os.fstat(fd)
+            copier.add(fd, (st.st_dev, st.st_ino))
+        assert copier.attached() == []  # all parked: nobody else has them open
+        _check_index(copier)
+        assert copier.dirty_bytes() > 0
+        await copier.copy_pass()
+        _check_index(copier)
+        assert copier.dirty_bytes() == 0
+        # a guest opens one (attached again) and writes it: marked, then closes it
+        st = os.fstat(fds[7])
+        vfile = files.open(fds[7], (st.st_dev, st.st_ino), Gate())
+        _check_index(copier)
+        await vfile.write(2 * BLOCK, os.urandom(3 * BLOCK))
+        _check_index(copier)
+        assert copier.dirty_bytes() == 3 * BLOCK
+        files.release(vfile)
+        _check_index(copier)  # parked again, its dirty blocks counted while parked
+        assert copier.dirty_bytes() == 3 * BLOCK
+        copier.drop((st.st_dev, st.st_ino))  # its source went: not counted any more
+        _check_index(copier)
+        assert copier.dirty_bytes() == 0
+        await copier.copy_pass()
+        for i in (3, 11):
+            st = os.fstat(fds[i])
+            pool_file = copier.open_pool(copier.copies[(st.st_dev, st.st_ino)])
+            try:
+                assert os.pread(pool_file, 1 << 20, 0) == (src / f"f{i}").read_bytes()
+            finally:
+                os.close(pool_file)
+    finally:
+        for fd in copier.detach():
+            os.close(fd)
+        files.close_all()
+        for fd in (*fds, root_fd, pool_fd):
+            os.close(fd)
