@@ -299,7 +299,11 @@ class Copier:
                 tracker.drop_relocation_marks()  # an ended relocation's, if any
             copy.dirty.update(allocated)
             backing.ftruncate(dst_fd, vfile.size())
-        if tracker is not None:
+        if tracker is not None and _kept_across_a_crash(vfile):
+            # only a file a resume would keep needs the mark: on a small one it
+            # would make the history durable, two fsynced saves per file when
+            # the copier closes it (the progress snapshot starts it on a file
+            # that grew since, with its pending blocks, in one instant)
             tracker.start_relocation_mark(self.gen)
         if self.mirroring:
             vfile.mirror_fd = dst_fd
@@ -362,7 +366,7 @@ class Copier:
         copy = self.copies.get(vfile.key)
         if copy is None or copy.vfile is not None:
             return
-        if vfile.tracker is not None:
+        if vfile.tracker is not None and _kept_across_a_crash(vfile):  # see add
             vfile.tracker.start_relocation_mark(self.gen)
         assert copy.dst_handle is not None
         dst_fd = backing.open_by_handle(self._dst_mount_fd, copy.dst_handle, os.O_RDWR)
