@@ -30,6 +30,8 @@ from __future__ import annotations
 
 import ast
 import datetime
+import json
+import os
 import shutil
 import time
 from pathlib import Path
@@ -66,6 +68,8 @@ ROUNDS_TARGET = 0.9
 MIRROR_TIMEOUT_S = 600.0
 #: time between QEMU's BLOCK_JOB_READY and the block-job-complete
 MIRROR_SETTLE_S = 1.0
+#: a diagnosis run: the probe also prints each iteration of this many µs or more
+SLOW_US_ENV = "FUSEDISK_BENCH_SLOW_US"
 
 
 def _pick(context: ScenarioContext, sizes: tuple[int, int]) -> int:
@@ -114,7 +118,20 @@ def _gap_figures(gap: guest.GapResult, start: float, end: float, t0: float) -> d
 
 
 def _gap_params() -> dict[str, str | int]:
-    return {"mode": "gap", "seconds": 3600, "interval_us": 1000, "report_ms": REPORT_MS}
+    params: dict[str, str | int] = {"mode": "gap", "seconds": 3600, "interval_us": 1000,
+                                    "report_ms": REPORT_MS}
+    slow_us = os.environ.get(SLOW_US_ENV)
+    if slow_us:
+        params["slow_us"] = int(slow_us)
+    return params
+
+
+def _keep_lines(work: Path, lines: list[tuple[float, str]]) -> None:
+    """With FUSEDISK_TRACE set (a diagnosis run): keep the console lines with their host
+    arrival times (time.monotonic), to be read beside the daemon's trace."""
+    if os.environ.get("FUSEDISK_TRACE"):
+        (work / "lines.json").write_text(json.dumps(
+            {"offset_s": guest.clock_offset_s(lines), "lines": lines}))
 
 
 def _fusedisk_run(context: ScenarioContext, mount: Mounted, files: guest.GuestFiles,
@@ -134,6 +151,7 @@ def _fusedisk_run(context: ScenarioContext, mount: Mounted, files: guest.GuestFi
         time.sleep(COOLDOWN_S)
         lines = vm.stop()
         command = vm.command
+    _keep_lines(context.scratch / f"{tag}-guest", lines)
     logged = daemon_switchover(mount.daemon.log_path, ENTRY, moved.started_unix,
                                moved.ended_unix)
     if logged is not None:
@@ -193,6 +211,7 @@ def _qemu_run(context: ScenarioContext, plain: Path, files: guest.GuestFiles, si
         time.sleep(COOLDOWN_S)
         lines = vm.stop()
         command = vm.command
+    _keep_lines(context.scratch / f"{tag}-guest", lines)
     marker = guest.read_marker(target)
     if not marker.startswith("FDPROBE-DONE mode=gap"):
         raise BenchError(f"{tag}: the guest's last write is not on the mirror's target")

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 import trio
 
-from . import backing
+from . import backing, trace
 from .datastore import Datastore, Entry, Store
 from .errors import FusediskError
 from .failpoint import failpoint, hold, stall
@@ -192,6 +192,8 @@ async def switch_over(
 
     def step(name: str) -> None:
         steps[name] = round((time.monotonic() - start) * 1000 - sum(steps.values()), 2)
+        if trace.ON:
+            trace.mark("switchover", name)
 
     def fits(what: str, left_ms: float) -> None:
         spent = (time.monotonic() - start) * 1000
@@ -203,6 +205,8 @@ async def switch_over(
         parts = costs.parts_ms(objects, copier.dirty_bytes(), copier.copy_rate(), unsynced)
         return explain(parts), sum(parts.values())
 
+    if trace.ON:
+        trace.mark("switchover", "closing the gate")
     try:
         # inside the try: a cancel that lands while draining reopens the gate
         await gate.close_and_drain()
@@ -260,11 +264,17 @@ async def switch_over(
     finally:
         gate.open()
         pause_ms = (time.monotonic() - start) * 1000
+        if trace.ON:
+            trace.mark("switchover", "gate open")
         copier.forget_parked(parked)
         log.info("switchover of %r: %s ms", entry.name, steps)
+        if trace.ON:
+            trace.mark("switchover", "logged")
     # the gate is open: the pool's handles and the source objects' old ones go
     # outside the pause (nothing refers to them any more), and what the re-point
     # left for after it runs (committed: it only goes forward)
+    if trace.ON:
+        trace.mark("switchover", "after the pause")
     for fd in pool_fds:
         backing.close(fd)
     with trio.CancelScope(shield=True):
@@ -272,4 +282,6 @@ async def switch_over(
         await stall("after-pause")
         for job in resolve.jobs:
             await job()
+    if trace.ON:
+        trace.mark("switchover", "after-pause jobs done")
     return pause_ms
