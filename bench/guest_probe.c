@@ -29,7 +29,7 @@
  *   FDPROBE I <now_ns> <start_ns> <iterations> <max_us> <max_at_ns> <errors>   per interval
  *   FDPROBE S <start_ns> <latency_us>                                  each slow iteration (slow_us)
  *   FDPROBE TOP <rank> <latency_us> <at_ns>                           the 10 longest
- *   FDPROBE SUMMARY mode=gap iterations=N errors=E bad=B max_us=.. p50_us=.. p99_us=.. last_seq=N
+ *   FDPROBE SUMMARY mode=gap iterations=N errors=E bad=B max_us=.. p50_us=.. p99_us=.. last_seq=N slow_us=U
  *
  * rounds mode: rounds of `ops` random I/Os, 70 % reads / 30 % writes, 4-64 KiB
  * (4 KiB multiples) at random 4 KiB-aligned offsets beyond the first 4 MiB, a
@@ -230,8 +230,8 @@ static int gap_mode(int fd, char *buf, char *check)
 		p99 = lat_us[(n * 99) / 100];
 	}
 	printf("FDPROBE SUMMARY mode=gap iterations=%lld errors=%lld bad=%lld max_us=%u "
-	       "p50_us=%u p99_us=%u last_seq=%llu seconds=%.3f\n",
-	       n, errors, bad, max, p50, p99, (unsigned long long)seq,
+	       "p50_us=%u p99_us=%u last_seq=%llu slow_us=%lld seconds=%.3f\n",
+	       n, errors, bad, max, p50, p99, (unsigned long long)seq, slow_us,
 	       (now_ns() - start) / 1e9);
 	free(lat_us);
 	return write_marker(fd, buf, "gap", n) || errors || bad;
