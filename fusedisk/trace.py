@@ -57,7 +57,8 @@ class _SlowSteps(trio.abc.Instrument):
 
     def after_task_step(self, task: trio.lowlevel.Task) -> None:
         took = time.monotonic_ns() - self._started
-        if took >= SLOW_STEP_NS and len(_lines) < LIMIT:
+        # _started is 0 for the step that installed the instrument
+        if took >= SLOW_STEP_NS and self._started and len(_lines) < LIMIT:
             _lines.append((self._started, "step", f"{took / 1e6:.3f}ms {task.name}"))
 
 
