@@ -546,6 +546,10 @@ class GapResult:
     last_seq: int
     intervals: list[Interval]
     top: list[tuple[int, float]]
+    #: each iteration of ``slow_us`` or more: (host time it started, µs); empty when the
+    #: probe was not asked for them (slow_us 0)
+    slow: list[tuple[float, int]] = field(default_factory=list)
+    slow_us: int = 0
 
     def longest(self, start: float | None, end: float | None, inside: bool = True
                 ) -> tuple[float | None, float | None]:
@@ -557,6 +561,16 @@ class GapResult:
         worst = max(chosen, key=lambda i: i.max_us, default=None)
         return (None, None) if worst is None else (worst.max_us / 1000, worst.max_at)
 
+
+    def spanning_ms(self, start: float, end: float) -> float | None:
+        """The longest iteration (ms) that overlaps [start, end] itself: the guest's I/O
+        that waited for what happened in it. An iteration under ``slow_us`` is not
+        listed, so when none of the listed ones overlaps, ``slow_us`` is the answer
+        (an upper bound); None when the probe listed none at all."""
+        if not self.slow_us:
+            return None
+        spans = [us for at, us in self.slow if at <= end and at + us / 1e6 >= start]
+        return max(spans, default=self.slow_us) / 1000
 
     def floor_ms(self, start: float, end: float) -> float | None:
         """The noise floor next to [start, end]: the median, over consecutive stretches of
@@ -578,11 +592,13 @@ def parse_gap(lines: list[tuple[float, str]]) -> GapResult:
     """The gap probe's results, its times mapped to the host clock (BenchError if absent)."""
     fields = _summary(lines, "gap")
     offset = clock_offset_s(lines)
-    intervals, top = [], []
+    intervals, top, slow = [], [], []
     for _, text in lines:
         parts = text.split()
         try:
-            if len(parts) == 8 and parts[:2] == ["FDPROBE", "I"]:
+            if len(parts) == 4 and parts[:2] == ["FDPROBE", "S"]:
+                slow.append((int(parts[2]) / 1e9 + offset, int(parts[3])))
+            elif len(parts) == 8 and parts[:2] == ["FDPROBE", "I"]:
                 printed, start, n, max_us, max_at, errors = (int(p) for p in parts[2:])
                 intervals.append(Interval(start / 1e9 + offset, printed / 1e9 + offset, n,
                                           max_us, max_at / 1e9 + offset, errors))
@@ -594,7 +610,8 @@ def parse_gap(lines: list[tuple[float, str]]) -> GapResult:
         return GapResult(iterations=int(fields["iterations"]), errors=int(fields["errors"]),
                          bad=int(fields["bad"]), max_us=int(fields["max_us"]),
                          p50_us=int(fields["p50_us"]), p99_us=int(fields["p99_us"]),
-                         last_seq=int(fields["last_seq"]), intervals=intervals, top=top)
+                         last_seq=int(fields["last_seq"]), intervals=intervals, top=top,
+                         slow=slow, slow_us=int(fields.get("slow_us", 0)))
     except (KeyError, ValueError):
         raise BenchError("the guest's gap SUMMARY line is incomplete") from None
 

@@ -13,6 +13,7 @@
  *   iterations=N      gap mode: stop after N iterations (default: no limit)
  *   interval_us=U     gap mode: one iteration every U µs (default 1000)
  *   report_ms=M       one interval line every M ms (default 100)
+ *   slow_us=U         gap mode: also a line for every iteration of U µs or more (default 0: none)
  *   ops=N             rounds mode: I/Os per round (default 64)
  *   flush_every=N     rounds mode: a flush (fdatasync) every N writes (default 32)
  *   seed=N            rounds mode: random seed (default 1)
@@ -26,8 +27,9 @@
  * "bad"); the iteration's latency (write start to read end) is the I/O gap the
  * guest sees. Lines:
  *   FDPROBE I <now_ns> <start_ns> <iterations> <max_us> <max_at_ns> <errors>   per interval
+ *   FDPROBE S <start_ns> <latency_us>                                  each slow iteration (slow_us)
  *   FDPROBE TOP <rank> <latency_us> <at_ns>                           the 10 longest
- *   FDPROBE SUMMARY mode=gap iterations=N errors=E bad=B max_us=.. p50_us=.. p99_us=.. last_seq=N
+ *   FDPROBE SUMMARY mode=gap iterations=N errors=E bad=B max_us=.. p50_us=.. p99_us=.. last_seq=N slow_us=U
  *
  * rounds mode: rounds of `ops` random I/Os, 70 % reads / 30 % writes, 4-64 KiB
  * (4 KiB multiples) at random 4 KiB-aligned offsets beyond the first 4 MiB, a
@@ -149,6 +151,7 @@ static int gap_mode(int fd, char *buf, char *check)
 	long long limit = param_ll("iterations", -1);
 	int64_t interval = param_ll("interval_us", 1000) * 1000;
 	int64_t report = param_ll("report_ms", 100) * 1000000;
+	long long slow_us = param_ll("slow_us", 0);
 	size_t cap = (size_t)(seconds * 1000000000LL / (interval > 0 ? interval : 1)) + 16;
 	if (limit >= 0 && (size_t)limit < cap)
 		cap = (size_t)limit + 16;
@@ -197,6 +200,8 @@ static int gap_mode(int fd, char *buf, char *check)
 		uint32_t us = (uint32_t)((t1 - t0) / 1000);
 		lat_us[n++] = us;
 		slot_n++;
+		if (slow_us > 0 && us >= slow_us)
+			printf("FDPROBE S %lld %u\n", (long long)t0, us);
 		if (us > slot_max) {
 			slot_max = us;
 			slot_max_at = t0;
@@ -225,8 +230,8 @@ static int gap_mode(int fd, char *buf, char *check)
 		p99 = lat_us[(n * 99) / 100];
 	}
 	printf("FDPROBE SUMMARY mode=gap iterations=%lld errors=%lld bad=%lld max_us=%u "
-	       "p50_us=%u p99_us=%u last_seq=%llu seconds=%.3f\n",
-	       n, errors, bad, max, p50, p99, (unsigned long long)seq,
+	       "p50_us=%u p99_us=%u last_seq=%llu slow_us=%lld seconds=%.3f\n",
+	       n, errors, bad, max, p50, p99, (unsigned long long)seq, slow_us,
 	       (now_ns() - start) / 1e9);
 	free(lat_us);
 	return write_marker(fd, buf, "gap", n) || errors || bad;

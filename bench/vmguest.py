@@ -30,6 +30,8 @@ from __future__ import annotations
 
 import ast
 import datetime
+import json
+import os
 import shutil
 import time
 from pathlib import Path
@@ -66,6 +68,10 @@ ROUNDS_TARGET = 0.9
 MIRROR_TIMEOUT_S = 600.0
 #: time between QEMU's BLOCK_JOB_READY and the block-job-complete
 MIRROR_SETTLE_S = 1.0
+#: the probe prints each iteration of SLOW_US or more (the one that spans the switchover
+#: among them); FUSEDISK_BENCH_SLOW_US changes it
+SLOW_US = 1000
+SLOW_US_ENV = "FUSEDISK_BENCH_SLOW_US"
 
 
 def _pick(context: ScenarioContext, sizes: tuple[int, int]) -> int:
@@ -106,6 +112,7 @@ def _gap_figures(gap: guest.GapResult, start: float, end: float, t0: float) -> d
         raise BenchError(f"the guest saw {gap.errors} I/O errors and {gap.bad} bad reads")
     series = [[round(i.start - t0, 3), i.max_us / 1000] for i in gap.intervals if i.iterations]
     return {"latency": series, "around_ms": around_ms, "around_at_s": _rel(around_at, t0),
+            "spanning_ms": gap.spanning_ms(start, end),
             "floor_ms": gap.floor_ms(start - BEFORE_S, end + AFTER_S),
             "outside_ms": outside_ms, "outside_at_s": _rel(outside_at, t0),
             "window_s": [_rel(start, t0), _rel(end, t0)],
@@ -114,7 +121,16 @@ def _gap_figures(gap: guest.GapResult, start: float, end: float, t0: float) -> d
 
 
 def _gap_params() -> dict[str, str | int]:
-    return {"mode": "gap", "seconds": 3600, "interval_us": 1000, "report_ms": REPORT_MS}
+    return {"mode": "gap", "seconds": 3600, "interval_us": 1000, "report_ms": REPORT_MS,
+            "slow_us": int(os.environ.get(SLOW_US_ENV) or SLOW_US)}
+
+
+def _keep_lines(work: Path, lines: list[tuple[float, str]]) -> None:
+    """With FUSEDISK_TRACE set (a diagnosis run): keep the console lines with their host
+    arrival times (time.monotonic), to be read beside the daemon's trace."""
+    if os.environ.get("FUSEDISK_TRACE"):
+        (work / "lines.json").write_text(json.dumps(
+            {"offset_s": guest.clock_offset_s(lines), "lines": lines}))
 
 
 def _fusedisk_run(context: ScenarioContext, mount: Mounted, files: guest.GuestFiles,
@@ -134,6 +150,7 @@ def _fusedisk_run(context: ScenarioContext, mount: Mounted, files: guest.GuestFi
         time.sleep(COOLDOWN_S)
         lines = vm.stop()
         command = vm.command
+    _keep_lines(context.scratch / f"{tag}-guest", lines)
     logged = daemon_switchover(mount.daemon.log_path, ENTRY, moved.started_unix,
                                moved.ended_unix)
     if logged is not None:
@@ -193,6 +210,7 @@ def _qemu_run(context: ScenarioContext, plain: Path, files: guest.GuestFiles, si
         time.sleep(COOLDOWN_S)
         lines = vm.stop()
         command = vm.command
+    _keep_lines(context.scratch / f"{tag}-guest", lines)
     marker = guest.read_marker(target)
     if not marker.startswith("FDPROBE-DONE mode=gap"):
         raise BenchError(f"{tag}: the guest's last write is not on the mirror's target")
@@ -225,18 +243,23 @@ def guest_switchover(context: ScenarioContext) -> Outcome:
                 run = (_fusedisk_run(context, mount, files, size, rep) if side == FUSEDISK
                        else _qemu_run(context, plain, files, size, rep))
                 say(f"{name} rep {rep + 1} {side}: gap around the switchover "
-                    f"{run['around_ms']} ms, outside {run['outside_ms']} ms, switch "
+                    f"{run['around_ms']} ms (spanning it {run['spanning_ms']} ms), outside "
+                    f"{run['outside_ms']} ms, switch "
                     f"{run['switch_ms']:.1f} ms")
                 runs.append(run)
     summary: dict[str, Any] = {"reps": reps, "disk_bytes": size}
-    table = [["side", "rep", "gap around ms", "at s", "floor ms", "gap outside ms", "switch ms",
+    table = [["side", "rep", "gap around ms", "at s", "spanning ms", "floor ms",
+              "gap outside ms", "switch ms",
               "daemon pause_ms", "relocation s", "p50 ms", "p99 ms", "iterations", "boot s"]]
     for side in (FUSEDISK, QEMU_MIRROR):
         mine = [r for r in runs if r["side"] == side]
         around = [r["around_ms"] for r in mine if r["around_ms"] is not None]
         outside = [r["outside_ms"] for r in mine if r["outside_ms"] is not None]
+        spanning = [r["spanning_ms"] for r in mine if r["spanning_ms"] is not None]
         summary[side] = {"around_median_ms": median(around),
                          "around_max_ms": max(around, default=None),
+                         "spanning_median_ms": median(spanning),
+                         "spanning_max_ms": max(spanning, default=None),
                          "floor_median_ms": median([r["floor_ms"] for r in mine
                                                     if r["floor_ms"] is not None]),
                          "outside_median_ms": median(outside),
@@ -248,14 +271,16 @@ def guest_switchover(context: ScenarioContext) -> Outcome:
                          "p99_median_ms": median([r["p99_ms"] for r in mine])}
         for r in mine:
             table.append([side, str(r["rep"] + 1), number(r["around_ms"], 1),
-                          number(r["around_at_s"], 3), number(r["floor_ms"], 1),
+                          number(r["around_at_s"], 3), number(r["spanning_ms"], 1),
+                          number(r["floor_ms"], 1),
                           number(r["outside_ms"], 1),
                           number(r["switch_ms"], 1), number(r["pause_ms"], 1),
                           number(r["relocation_s"], 2), number(r["p50_ms"], 2),
                           number(r["p99_ms"], 2), str(r["iterations"]), number(r["boot_s"], 1)])
         s = summary[side]
         table.append([side, "median", number(s["around_median_ms"], 1), "",
-                      number(s["floor_median_ms"], 1), number(s["outside_median_ms"], 1),
+                      number(s["spanning_median_ms"], 1), number(s["floor_median_ms"], 1),
+                      number(s["outside_median_ms"], 1),
                       number(s["switch_median_ms"], 1),
                       number(s["pause_median_ms"], 1), number(s["relocation_median_s"], 2),
                       "", number(s["p99_median_ms"], 2), "", ""])
@@ -300,8 +325,13 @@ def guest_switchover(context: ScenarioContext) -> Outcome:
                f"before and {AFTER_S:g} s after; outside = every other interval of the "
                "run (boot excluded, copy included); floor = the median, over stretches "
                "of the window's length outside it, of each stretch's longest iteration "
-               "(the noise of the measurement). Guest times are mapped to the host "
-               "clock by the smallest arrival − print time of the console lines.",
+               "(the noise of the measurement). spanning = the longest iteration that "
+               "overlaps the switch window itself (the I/O that waited for it; the probe "
+               f"lists every iteration of {SLOW_US / 1000:g} ms or more, and a switch no "
+               f"listed one overlaps counts as {SLOW_US / 1000:g} ms): the switchover's "
+               "own cost, apart from the noise of the 0.55 s around it. Guest times are "
+               "mapped to the host clock by the smallest arrival − print time of the "
+               "console lines.",
                "switch ms: fusedisk = the daemon's logged switchover (gate closed → open); "
                f"QEMU = block-job-complete (sent {MIRROR_SETTLE_S:g} s after BLOCK_JOB_READY, "
                "so that the unthrottled bulk copy's tail is not in the window) → "

@@ -32,7 +32,7 @@ from typing import Any
 import pyfuse3
 import trio
 
-from . import __version__, fuseshim, gcwatch, mountinfo
+from . import __version__, fuseshim, gcwatch, mountinfo, trace
 from .cbt import CbtStore
 from .commands import Commands
 from .config import Config, check_directories
@@ -177,6 +177,8 @@ async def serve(config: Config, on_ready: Callable[[], None]) -> None:
         _raise_fd_limit()
         stack.callback(_save_placement, datastore)
         ops = Operations(datastore, files, snapshots=snapshots)
+        trace.install(ops)  # FUSEDISK_TRACE: before the mount serves
+        stack.callback(trace.dump)
         snapshots.on_deleted = ops.view.deleted
         stack.callback(ops.close)
         relocator = Relocator(datastore, files, config.block_size, ops.repoint)

@@ -40,12 +40,12 @@ from typing import Any
 
 import trio
 
-from . import backing, progress
+from . import backing, progress, trace
 from .api import DEFAULT_MAX_PAUSE_MS, DEFAULT_MODE, Job, Mode, State
 from .config import MAX_PAUSE_MS, MAX_RATE, MAX_STALL_TIMEOUT_S, MIN_PAUSE_MS
 from .datastore import Datastore, Entry, Journal, Store, kept_source_name, staging_name
 from .errors import FusediskError, StateError
-from .failpoint import PAUSE_AFTER_PASS, armed_percent, failpoint
+from .failpoint import PAUSE_AFTER_PASS, armed_percent, failpoint, hold
 from .lifecycle import Command, Event, Lifecycle, Phase
 from .mirror import Copier, walk
 from .staging import StagedTree
@@ -369,9 +369,22 @@ class Relocation:
                     # copy, switch over now (``mirrored`` stays false).
                     self._start_mirroring()
                     continue
+                if trace.ON:
+                    trace.mark("relocation", "sync and flush before the pause")
                 await self._sync()
+                await hold("before-pause-flush")  # a test's hold: a guest writes here
                 await self._flush()  # the flush inside the pause stays small
+                if trace.ON:
+                    trace.mark("relocation", "flushed")
                 self._check_mirror()
+                if (self.options.mode != Mode.PRECOPY and not copier.mirroring
+                        and copier.dirty_bytes()):
+                    # The disk was idle after the pass, but a guest wrote while the
+                    # tree synced and flushed: it is not idle. Mirror, or the pause
+                    # would copy what it wrote (a copy step on a worker thread: 1-2
+                    # ms of the pause for one block, issue 12).
+                    self._start_mirroring()
+                    continue
                 if self._fits_pause() or stuck:
                     if await self._switch_over():
                         break
@@ -549,6 +562,8 @@ class Relocation:
         Interrupted, not failed nor cancelled (the daemon is stopping): keep the
         partial copy and the record, with a last progress record, for the next
         mount to resume."""
+        if trace.ON:
+            trace.mark("cleanup", "start")
         keep = not self.committed and not self.life.final
         if keep and self.copier is not None and self._staging_fd is not None:
             try:
@@ -578,8 +593,12 @@ class Relocation:
             log.info("relocation of %r to %r suspended; the next mount resumes it", name,
                      self.dst.name)
             return
+        if trace.ON:
+            trace.mark("cleanup", "removing the staging directory")
         try:
             await backing.run_blocking(backing.remove_tree, self.dst.root_fd, staging_name(name))
+            if trace.ON:
+                trace.mark("cleanup", "removing the source")
             if self.committed:
                 if self.options.keep_source:
                     kept = kept_source_name(name)
@@ -589,9 +608,13 @@ class Relocation:
                              self.src.path / kept)
                 else:
                     await backing.run_blocking(backing.remove_tree, self.src.root_fd, name)
+            if trace.ON:
+                trace.mark("cleanup", "ending the record")
             if self.life.recorded:
                 await self.datastore.relocation_ended(self.entry)
                 self.life.recorded_as(False)
+            if trace.ON:
+                trace.mark("cleanup", "done")
         except OSError as e:
             # the next mount finishes this from the record (its phase says how:
             # abandoned, or committed); nothing is lost

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 
 import trio
 
-from . import backing
+from . import backing, trace
 from .datastore import Datastore, Entry, Store
 from .errors import FusediskError
 from .failpoint import failpoint, hold, stall
@@ -92,6 +92,13 @@ def explain(parts: dict[str, float]) -> str:
     return ", ".join(f"{what} {ms:.1f} ms"
                      for what, ms in sorted(parts.items(), key=lambda p: -p[1]) if ms >= 0.05)
 
+
+#: after the gate opens, the switchover (and the relocation's clean-up after
+#: it) waits this long before it goes on: the guests' requests that waited at
+#: the gate and the ones that follow their replies go first (issue 12: a
+#: guest's write held by the pause was otherwise answered after the next task
+#: steps of the switchover and its clean-up, 1-6 ms later)
+AFTER_PAUSE_GRACE_S = 0.02
 
 #: directory handles a re-point keeps at once (its descriptors must not grow
 #: with the entry's size)
@@ -193,6 +200,8 @@ async def switch_over(
 
     def step(name: str) -> None:
         steps[name] = round((time.monotonic() - start) * 1000 - sum(steps.values()), 2)
+        if trace.ON:
+            trace.mark("switchover", name)
 
     def fits(what: str, left_ms: float) -> None:
         spent = (time.monotonic() - start) * 1000
@@ -205,6 +214,8 @@ async def switch_over(
         return explain(parts), sum(parts.values())
 
     collecting = gc.isenabled()
+    if trace.ON:
+        trace.mark("switchover", "closing the gate")
     try:
         # no cyclic collection inside the pause: a full one walks every object
         # made since the last freeze (gcwatch.py), tens of ms on a large entry
@@ -244,10 +255,12 @@ async def switch_over(
             costs.learn("commit_ms", steps["commit"], 1)
             # committed: from here on the switch only goes forward
             failpoint("after-commit")
+            # the rename is made durable after the pause (below): a crash before
+            # that finds a committed record and the tree under either name, and
+            # the next mount finishes the rename (recovery's after-commit case)
             backing.renameat2(
                 tree.staging_fd, TREE, dst.root_fd, entry.name, backing.RENAME_NOREPLACE
             )
-            backing.fsync_dir(dst.root_fd)
             datastore.relocation_switched(entry, dst)
             step("rename")
             # before the gate opens: no write goes to the pool twice; and
@@ -267,16 +280,32 @@ async def switch_over(
         pause_ms = (time.monotonic() - start) * 1000
         if collecting:
             gc.enable()
+        if trace.ON:
+            trace.mark("switchover", "gate open")
         copier.forget_parked(parked)
         log.info("switchover of %r: %s ms", entry.name, steps)
-    # the gate is open: the pool's handles and the source objects' old ones go
-    # outside the pause (nothing refers to them any more), and what the re-point
-    # left for after it runs (committed: it only goes forward)
-    for fd in pool_fds:
-        backing.close(fd)
+        if trace.ON:
+            trace.mark("switchover", "logged")
+    # The gate is open, committed: from here on it only goes forward.
     with trio.CancelScope(shield=True):
+        # First the guests: the requests that waited at the gate, and those their
+        # replies set off, are served before anything else of the switchover's
+        # runs (a task step, a thread's syscalls, a directory fsync), so the one
+        # request that waited pays the pause and nothing more.
+        await trio.sleep(AFTER_PAUSE_GRACE_S)
+        # the pool's handles and the source objects' old ones go outside the
+        # pause (nothing refers to them any more); the rename becomes durable;
+        # what the re-point left for after it runs
+        if trace.ON:
+            trace.mark("switchover", "after the pause")
+        for fd in pool_fds:
+            backing.close(fd)
+        await stall("switchover-rename-sync")
+        await backing.run_blocking(backing.fsync_dir, dst.root_fd)
         await hold("after-pause")  # a test's hold before the re-point's sweep
         await stall("after-pause")
         for job in resolve.jobs:
             await job()
+    if trace.ON:
+        trace.mark("switchover", "after-pause jobs done")
     return pause_ms

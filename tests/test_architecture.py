@@ -10,7 +10,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "fusedisk"
 # Lower layers first. A module may import only from layers before its own;
 # fs (the FUSE edge) and control (the control edge) never import each other.
 LAYERS: list[set[str]] = [
-    {"errors", "sizes", "failpoint", "fuseshim", "mountinfo", "gcwatch"},
+    {"errors", "sizes", "failpoint", "fuseshim", "mountinfo", "gcwatch", "trace"},
     {"tlspsk", "agent"},
     {"remote"},
     {"bitmap", "metadata", "config", "gate"},

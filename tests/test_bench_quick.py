@@ -470,11 +470,12 @@ def test_guest_switchover_results_are_complete(quick_run: QuickRun) -> None:
         ["fusedisk", "qemu-mirror"] * data["summary"]["reps"])
     for run in runs:
         where = f"{run['side']} rep {run['rep']}"
-        for key in ("around_ms", "outside_ms", "switch_ms", "relocation_s", "p50_ms",
-                    "p99_ms", "boot_s"):
+        for key in ("around_ms", "spanning_ms", "outside_ms", "switch_ms", "relocation_s",
+                    "p50_ms", "p99_ms", "boot_s"):
             _finite(run[key], f"{where} {key}")
         assert run["p50_ms"] <= run["p99_ms"] <= run["max_ms"], where
         assert max(run["around_ms"], run["outside_ms"]) <= run["max_ms"], where
+        assert run["spanning_ms"] <= run["around_ms"] or run["spanning_ms"] == 1.0, where
         assert run["iterations"] > 100, f"{where}: the guest hardly did I/O"
         start, end = run["window_s"]
         assert 0 <= start <= end <= run["relocation_s"] + 1, where

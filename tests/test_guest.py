@@ -55,7 +55,7 @@ def test_gap_probe_runs_in_the_guest_and_its_writes_reach_the_store(
         datastore: MountedDatastore, guest_files: guest.GuestFiles, tmp_path: Path) -> None:
     disk, on_store = _disk_on_mount(datastore)
     params: dict[str, str | int] = {"mode": "gap", "iterations": GAP_ITERATIONS,
-                                    "seconds": 120, "report_ms": 50}
+                                    "seconds": 120, "report_ms": 50, "slow_us": 1}
     with guest.Guest(guest_files, disk, tmp_path / "vm", params) as vm:
         boot_s = vm.wait_probe_started(GUEST_TIMEOUT_S)
         lines = vm.wait_end(GUEST_TIMEOUT_S)
@@ -77,6 +77,12 @@ def test_gap_probe_runs_in_the_guest_and_its_writes_reach_the_store(
     assert max(i.max_us for i in gap.intervals) <= gap.max_us
     assert [us for us, _ in gap.top] == sorted((us for us, _ in gap.top), reverse=True)
     assert gap.top[0][0] == gap.max_us
+    # slow_us 1: every iteration is listed, on the host's clock, and the longest one
+    # spanning the whole run is the longest of all
+    assert gap.slow_us == 1 and len(gap.slow) == GAP_ITERATIONS
+    assert max(us for _, us in gap.slow) == gap.max_us
+    assert all(started < at <= last_arrival for at, _ in gap.slow)
+    assert gap.spanning_ms(started, last_arrival) == gap.max_us / 1000
     # what the guest wrote is in the store's file: its last gap block and the end marker
     slot = guest_slot_offset(GAP_ITERATIONS)
     assert _block(on_store, slot).startswith(f"FDPROBE-GAP seq={GAP_ITERATIONS}\n".encode())
