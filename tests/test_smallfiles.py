@@ -103,6 +103,25 @@ def test_closing_files_sends_no_flush_after_the_first(datastore: MountedDatastor
     assert datastore.status()["fs"]["flush_requests"] == 1
 
 
+def test_writes_ask_for_file_capabilities_once(datastore: MountedDatastore) -> None:
+    """Without FUSE_HANDLE_KILLPRIV_V2 the kernel asks for ``security.capability``
+    before every buffered write (a round trip each, answered from memory); with
+    it (SB_NOSEC) only the first write of a file the kernel does not know to be
+    without capabilities asks, and a chown no longer refreshes the attributes."""
+    home = datastore.mnt / "vm1"
+    home.mkdir()
+    before = datastore.status()["fs"]["caps_probes"]
+    fd = os.open(home / "f", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        for i in range(20):
+            os.pwrite(fd, b"w" * 512, i * 512)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    assert datastore.status()["fs"]["caps_probes"] - before == 1
+    assert (home / "f").read_bytes() == b"w" * 512 * 20
+
+
 def test_fsync_of_the_mount_root_reaches_the_stores(datastore: MountedDatastore) -> None:
     """The mount root's names live in the stores' root directories: fsync of the
     root (sqlite's, after it made or removed its journal there) syncs those (it
