@@ -321,6 +321,8 @@ class Operations(pyfuse3.Operations):
         #: GETXATTRs of ``security.capability`` on regular files: the kernel's probe
         #: before a write or chown (FUSE_HANDLE_KILLPRIV_V2 spares most of them)
         self.caps_probes = 0
+        #: GETATTRs served
+        self.getattrs = 0
         #: ``MNT/.snapshots``: its own numbers and handles, read-only (snapview.py)
         self.view = snapview.SnapshotView(
             datastore, snapshots.list if snapshots is not None else list, _PRIVATE_XATTR_PREFIX)
@@ -409,12 +411,13 @@ class Operations(pyfuse3.Operations):
 
     def _maybe_drop(self, inode: Inode) -> None:
         if inode.lookups <= 0 and inode.handles == 0 and inode is not self._root:
+            removed = inode.sticky  # pinned because its last name went
             inode.sticky = False  # drop closes the fd, pinned or not
             del self._inodes[inode.ino]
             if self._by_key.get(inode.key) is inode:
                 del self._by_key[inode.key]
             assert inode.ref is not None
-            self.paths.drop(inode.ref)
+            self.paths.drop(inode.ref, removed=removed)
 
     def _attr(self, inode: Inode, st: os.stat_result) -> pyfuse3.EntryAttributes:
         attr = pyfuse3.EntryAttributes()
@@ -605,6 +608,7 @@ class Operations(pyfuse3.Operations):
 
     @_errno_edge
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        self.getattrs += 1
         if snapview.owns(inode):
             return self.view.getattr(inode)
         return self._getattr(self._inode(inode))
@@ -1373,8 +1377,9 @@ class Operations(pyfuse3.Operations):
         paths = self.paths.statistics()
         return {"inodes": len(self._inodes), "path_fds": paths.open_fds,
                 "path_fd_cap": paths.cap, "path_reopens": paths.reopens,
-                "blocking_jobs": backing.blocking_jobs(), "flush_requests": self.flush_requests,
-                "caps_probes": self.caps_probes,
+                "blocking_jobs": backing.blocking_jobs(), "closes_behind": backing.closes_behind(),
+                "flush_requests": self.flush_requests,
+                "caps_probes": self.caps_probes, "getattrs": self.getattrs,
                 **self.files.statistics(), **self.view.statistics()}
 
     def close(self) -> None:
@@ -1389,3 +1394,4 @@ class Operations(pyfuse3.Operations):
         self._inodes = {ROOT_INODE: self._root}
         self._by_key.clear()
         self.paths.close()
+        backing.drain_closes()

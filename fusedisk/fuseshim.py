@@ -121,8 +121,9 @@ def load() -> None:
         return
     try:
         lib = ctypes.CDLL(str(path), mode=os.RTLD_NOW | os.RTLD_GLOBAL)
-        for name in ("extra", "fast_fsync", "parallel_writes", "killpriv"):
-            enable = getattr(lib, f"fusedisk_shim_enable_{name}")
+        for name in ("enable_extra", "enable_fast_fsync", "enable_parallel_writes",
+                     "enable_killpriv", "disable_auto_inval"):
+            enable = getattr(lib, f"fusedisk_shim_{name}")
             enable.argtypes = (ctypes.c_int,)
             enable.restype = None
         lib.fusedisk_shim_detach_fsync.argtypes = (ctypes.c_uint64, ctypes.c_int, ctypes.c_int,
@@ -172,6 +173,20 @@ def enable_killpriv(enable: bool = True) -> None:
     must honour :data:`FH_KILL_SUIDGID` and :data:`OPEN_KILL_SUIDGID`."""
     if _lib is not None:
         _lib.fusedisk_shim_enable_killpriv(int(enable))
+
+
+def disable_auto_inval(disable: bool = True) -> None:
+    """Answer INIT without FUSE_AUTO_INVAL_DATA in sessions made from now on: the
+    kernel then refreshes no attributes before a read (fuseshim.c says why that is
+    safe for fusedisk)."""
+    if _lib is not None:
+        _lib.fusedisk_shim_disable_auto_inval(int(disable))
+
+
+def auto_inval_off() -> bool:
+    if _lib is None:
+        return False
+    return bool(ctypes.c_int.in_dll(_lib, "fusedisk_shim_auto_inval_off").value)
 
 
 def killpriv_v2() -> bool:
@@ -279,6 +294,7 @@ def statistics() -> dict[str, object]:
             "write_behinds": _counter("write_behinds"),
             "write_behinds_merged": _counter("write_behinds_merged"),
             "parallel_opens": _counter("parallel_opens"), "killpriv_v2": killpriv_v2(),
+            "auto_inval_off": auto_inval_off(),
             "kill_requests": _kills()}
 
 

@@ -105,6 +105,7 @@ static void (*next_write)(fuse_req_t, fuse_ino_t, const char *, size_t, off_t,
 static void (*next_write_buf)(fuse_req_t, fuse_ino_t, struct fuse_bufvec *, off_t,
                               struct fuse_file_info *);
 static void (*next_fsync)(fuse_req_t, fuse_ino_t, int, struct fuse_file_info *);
+static void (*next_init)(void *, struct fuse_conn_info *);
 static void (*next_setattr)(fuse_req_t, fuse_ino_t, struct stat *, int, struct fuse_file_info *);
 static void (*next_open)(fuse_req_t, fuse_ino_t, struct fuse_file_info *);
 static void (*next_create)(fuse_req_t, fuse_ino_t, const char *, mode_t, struct fuse_file_info *);
@@ -590,6 +591,32 @@ void fusedisk_shim_enable_killpriv(int enable)
     killpriv_wanted = enable;
 }
 
+/* -- FUSE_AUTO_INVAL_DATA off (fusedisk_shim_disable_auto_inval) -------------
+ * libfuse asks for it by default: the kernel then refreshes a file's attributes
+ * before each read once a write made them stale (a GETATTR per read after a
+ * write), to notice changes made behind its back and drop its page cache. Every
+ * change of fusedisk's files passes through the mount, and the one the kernel
+ * cannot see (a direct_io write beside cached handles) is invalidated by the
+ * daemon itself (pagecache.py), so the refresh finds nothing. */
+static int auto_inval_off;
+/* 1 once a session's INIT was answered without FUSE_AUTO_INVAL_DATA. */
+int fusedisk_shim_auto_inval_off;
+
+void fusedisk_shim_disable_auto_inval(int disable)
+{
+    auto_inval_off = disable;
+}
+
+static void shim_init(void *userdata, struct fuse_conn_info *conn)
+{
+    if (next_init != NULL)
+        next_init(userdata, conn);
+    if (auto_inval_off) {
+        conn->want &= ~FUSE_CAP_AUTO_INVAL_DATA;
+        fusedisk_shim_auto_inval_off = 1;
+    }
+}
+
 static void note_request(const char *buf, size_t len)
 {
     request_kills = 0;
@@ -777,6 +804,8 @@ struct fuse_session *fuse_session_new(struct fuse_args *args, const struct fuse_
          * past pyfuse3's part), so libfuse may read all of it */
         op_size = sizeof(wrapped_ops);
     }
+    next_init = wrapped_ops.init;
+    wrapped_ops.init = shim_init;
     if (killpriv_wanted) {
         next_setattr = wrapped_ops.setattr;
         next_open = wrapped_ops.open;
