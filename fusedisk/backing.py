@@ -160,6 +160,11 @@ def closes_behind() -> int:
     return _closer.submitted
 
 
+def closes_pending() -> int:
+    """Of those, how many are not closed yet."""
+    return _closer.submitted - _closer.closed
+
+
 def drain_closes() -> None:
     """Wait until every :func:`close_behind` descriptor is closed (blocking, short)."""
     _closer.drain()

@@ -1378,6 +1378,7 @@ class Operations(pyfuse3.Operations):
         return {"inodes": len(self._inodes), "path_fds": paths.open_fds,
                 "path_fd_cap": paths.cap, "path_reopens": paths.reopens,
                 "blocking_jobs": backing.blocking_jobs(), "closes_behind": backing.closes_behind(),
+                "closes_pending": backing.closes_pending(),
                 "flush_requests": self.flush_requests,
                 "caps_probes": self.caps_probes, "getattrs": self.getattrs,
                 **self.files.statistics(), **self.view.statistics()}

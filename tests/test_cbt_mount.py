@@ -485,6 +485,11 @@ def test_changes_page_by_page_add_up_to_the_whole_answer(datastore: MountedDatas
     assert bad.returncode == 1 and len(bad.stderr.splitlines()) == 1
 
 
+def _last_descriptor_closed(ds: MountedDatastore, behind_before: int) -> bool:
+    fs = ds.status()["fs"]
+    return bool(fs["closes_behind"] > behind_before and fs["closes_pending"] == 0)
+
+
 def test_a_new_file_on_a_reused_inode_number_gets_a_history_of_its_own(tmp_path: Path) -> None:
     """ext4 gives a new file the inode number of one just removed. While the old
     file's history is still being saved after its close (held here by the
@@ -503,6 +508,7 @@ def test_a_new_file_on_a_reused_inode_number_gets_a_history_of_its_own(tmp_path:
         store = ds.stores["a"] / "vm1"
         reused = 0
         previous: tuple[int, str] | None = None  # (backing inode, file id) of the last one
+
         for round_no in range(12):
             name = f"f{round_no}"
             blocks = rng.randrange(1, 9)
@@ -521,7 +527,12 @@ def test_a_new_file_on_a_reused_inode_number_gets_a_history_of_its_own(tmp_path:
                     f.seek(offset)
                     f.write(os.urandom(length))
             assert changes(ds, f"vm1/{name}", change_id) == blocks_of(writes), round_no
+            behind = ds.status()["fs"]["closes_behind"]
             (vm / name).unlink()  # its close's save is still held by the stall
+            # the store frees the inode (and may give its number again) once the daemon
+            # closed its last descriptor, which the closer thread does
+            wait_for(lambda: _last_descriptor_closed(ds, behind), 30,  # noqa: B023
+                     "the removed file's last descriptor to be closed")
             previous = (ino, file_id)
         # the loop proves something only if ext4 did reuse inode numbers meanwhile
         assert reused >= 3, f"only {reused} of 11 new files got a removed file's inode number"
