@@ -104,70 +104,30 @@ class _Workers:
 _workers = _Workers(16)
 
 
-class _Closer:
-    """One thread that closes descriptors whose close is slow and whose outcome
-    nobody waits for: the last reference to an unlinked object, whose close is
-    where the store frees its inode and blocks (~200 µs on ext4 here, most of a
-    small file's life on the loop). The number stays taken until the close, so
-    nothing can reuse it meanwhile."""
-
-    def __init__(self) -> None:
-        self._fds: queue.SimpleQueue[int] = queue.SimpleQueue()
-        self._lock = threading.Lock()
-        self._all_closed = threading.Condition(self._lock)
-        self._thread: threading.Thread | None = None
-        #: descriptors handed over so far, and of those closed
-        self.submitted = 0
-        self.closed = 0
-
-    def submit(self, fd: int) -> None:
-        with self._lock:
-            self.submitted += 1
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._serve, name="fusedisk-close",
-                                                daemon=True)
-                self._thread.start()
-        self._fds.put(fd)
-
-    def _serve(self) -> None:
-        while True:
-            fd = self._fds.get()
-            try:
-                os.close(fd)
-            except OSError as e:  # Linux closes the fd whatever close returns
-                log.warning("closing a descriptor of a removed object: %s", e)
-            with self._lock:
-                self.closed += 1
-                if self.closed == self.submitted:
-                    self._all_closed.notify_all()
-
-    def drain(self) -> None:
-        with self._lock:
-            while self.closed != self.submitted:
-                self._all_closed.wait()
-
-
-_closer = _Closer()
-
-
 def close_behind(fd: int) -> None:
-    """Close *fd* on the closer thread (see :class:`_Closer`); never blocks."""
-    _closer.submit(fd)
+    """Close *fd* on the shim's closer thread, with no Python and no GIL: for the last
+    descriptor of a removed object, whose close is where the store frees the inode
+    and blocks (~200 µs on ext4, most of a small file's life on the loop). Nobody
+    waits for that close, and the number stays taken until it, so nothing reuses it
+    meanwhile. Closed here when the shim cannot."""
+    if not fuseshim.close_behind(fd):
+        os.close(fd)
 
 
 def closes_behind() -> int:
-    """How many descriptors :func:`close_behind` was handed so far."""
-    return _closer.submitted
+    """How many descriptors :func:`close_behind` handed to the closer so far."""
+    return fuseshim.closes()[0]
 
 
 def closes_pending() -> int:
     """Of those, how many are not closed yet."""
-    return _closer.submitted - _closer.closed
+    submitted, closed = fuseshim.closes()
+    return submitted - closed
 
 
 def drain_closes() -> None:
-    """Wait until every :func:`close_behind` descriptor is closed (blocking, short)."""
-    _closer.drain()
+    """Wait until every descriptor handed to the closer is closed (blocking, short)."""
+    fuseshim.drain_closes()
 
 
 def blocking_jobs() -> int:

@@ -133,6 +133,10 @@ def load() -> None:
         lib.fusedisk_shim_write_behind.restype = None
         lib.fusedisk_shim_drain.argtypes = ()
         lib.fusedisk_shim_drain.restype = None
+        lib.fusedisk_shim_close_behind.argtypes = (ctypes.c_int,)
+        lib.fusedisk_shim_close_behind.restype = ctypes.c_int
+        lib.fusedisk_shim_drain_closes.argtypes = ()
+        lib.fusedisk_shim_drain_closes.restype = None
         lib.fusedisk_shim_take.argtypes = (ctypes.POINTER(Request),)
         lib.fusedisk_shim_take.restype = ctypes.c_int
         lib.fusedisk_shim_reply_err.argtypes = (ctypes.c_uint64, ctypes.c_int)
@@ -221,6 +225,23 @@ def drain() -> None:
     ends). Blocking, and short: each one is one fsync."""
     if _lib is not None:
         _lib.fusedisk_shim_drain()
+
+
+def close_behind(fd: int) -> bool:
+    """Hand *fd* to the shim's closer thread, which closes it soon; False: the shim
+    cannot (not loaded, out of memory), the caller closes it. Never blocks."""
+    return _lib is not None and bool(_lib.fusedisk_shim_close_behind(fd))
+
+
+def closes() -> tuple[int, int]:
+    """Descriptors handed to the closer thread so far, and of those closed."""
+    return _counter("closes"), _counter("closed")
+
+
+def drain_closes() -> None:
+    """Wait until the closer thread closed every descriptor it was handed (blocking, short)."""
+    if _lib is not None:
+        _lib.fusedisk_shim_drain_closes()
 
 
 def extra_ops_fd() -> int | None:

@@ -571,6 +571,96 @@ static void shim_fsync(fuse_req_t req, fuse_ino_t ino, int datasync, struct fuse
 }
 
 
+/* -- closing behind (fusedisk_shim_close_behind) ----------------------------
+ * The last descriptor of a removed file is where the store frees its inode
+ * (~200 µs on ext4): the daemon hands such descriptors to this one thread,
+ * which closes them with no Python and no GIL. Its own queue and lock: the
+ * fsync threads above are not in the way of a guest's FSYNC. */
+
+struct closing {
+    struct closing *next;
+    int fd;
+};
+
+static pthread_mutex_t closing_lock = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t closing_ready = PTHREAD_COND_INITIALIZER;
+static pthread_cond_t closing_done = PTHREAD_COND_INITIALIZER;
+static struct closing *closing_head, *closing_tail;
+static int closer_started, closer_idle;
+/* Descriptors handed over, and of those closed (fuseshim.statistics). */
+unsigned long fusedisk_shim_closes, fusedisk_shim_closed;
+
+static void *serve_closes(void *unused)
+{
+    (void)unused;
+    pthread_mutex_lock(&closing_lock);
+    for (;;) {
+        while (closing_head == NULL) {
+            closer_idle = 1;
+            pthread_cond_wait(&closing_ready, &closing_lock);
+        }
+        closer_idle = 0;
+        struct closing *c = closing_head;
+        closing_head = c->next;
+        if (closing_head == NULL)
+            closing_tail = NULL;
+        pthread_mutex_unlock(&closing_lock);
+        (void)close(c->fd); /* Linux frees the number whatever close returns */
+        free(c);
+        pthread_mutex_lock(&closing_lock);
+        fusedisk_shim_closed++;
+        if (fusedisk_shim_closed == fusedisk_shim_closes)
+            pthread_cond_broadcast(&closing_done);
+    }
+    return NULL;
+}
+
+/* Close *fd* on the closer thread (1), or not (0: out of memory or no thread: the
+ * caller closes it). Never blocks for long. */
+int fusedisk_shim_close_behind(int fd)
+{
+    struct closing *c = malloc(sizeof(*c));
+    if (c == NULL)
+        return 0;
+    c->fd = fd;
+    c->next = NULL;
+    pthread_mutex_lock(&closing_lock);
+    if (!closer_started) {
+        pthread_t thread;
+        pthread_attr_t attr;
+        pthread_attr_init(&attr);
+        pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+        pthread_attr_setstacksize(&attr, 64 * 1024);
+        closer_started = pthread_create(&thread, &attr, serve_closes, NULL) == 0;
+        pthread_attr_destroy(&attr);
+        if (!closer_started) {
+            pthread_mutex_unlock(&closing_lock);
+            free(c);
+            return 0;
+        }
+    }
+    if (closing_tail != NULL)
+        closing_tail->next = c;
+    else
+        closing_head = c;
+    closing_tail = c;
+    fusedisk_shim_closes++;
+    int wake = closer_idle;
+    pthread_mutex_unlock(&closing_lock);
+    if (wake)
+        pthread_cond_signal(&closing_ready);
+    return 1;
+}
+
+/* Wait until every descriptor handed over is closed. */
+void fusedisk_shim_drain_closes(void)
+{
+    pthread_mutex_lock(&closing_lock);
+    while (fusedisk_shim_closed != fusedisk_shim_closes)
+        pthread_cond_wait(&closing_done, &closing_lock);
+    pthread_mutex_unlock(&closing_lock);
+}
+
 /* -- FUSE_HANDLE_KILLPRIV_V2: the INIT flag and the requests' kill flags ------ */
 
 static int killpriv_wanted;
