@@ -215,6 +215,8 @@ def _mount(config: Config, ops: Operations) -> tuple[RequestLoop, ExtraOps | Non
     off = _shim_features_off()
     fuseshim.enable_fast_fsync("fsync" not in off)
     fuseshim.enable_parallel_writes("parallel" not in off)
+    fuseshim.enable_killpriv("killpriv" not in off)
+    fuseshim.disable_auto_inval("noautoinval" not in off)
     if "writebehind" in off:
         VFile.write_behind_bytes = 0
     try:

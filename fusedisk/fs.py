@@ -161,8 +161,8 @@ class Inode:
 
     __slots__ = (
         "cache_stale", "direct_handles", "entry", "file_type", "gen", "handles", "ino",
-        "is_entry_root", "kept_ctime_ns", "key", "killpriv", "lookups", "no_caps", "paths", "ref",
-        "repoints", "sticky", "vfile",
+        "is_entry_root", "kept_ctime_ns", "key", "killpriv", "lookups", "no_caps", "no_set_id",
+        "paths", "ref", "repoints", "sticky", "vfile",
     )
 
     def __init__(
@@ -191,8 +191,9 @@ class Inode:
         #: open FUSE handles; ``vfile`` is set while there is at least one
         self.handles = 0
         self.vfile: VFile | None = None
-        #: the page-cache policy's state (pagecache.py owns these four)
+        #: the page-cache policy's state (pagecache.py owns these five)
         self.no_caps = False
+        self.no_set_id = False
         self.direct_handles = 0
         self.cache_stale = False
         self.killpriv = False
@@ -347,6 +348,11 @@ class Operations(pyfuse3.Operations):
         self._root_time_ns = time.time_ns()
         #: FLUSH requests served (the first tells the kernel to send no more)
         self.flush_requests = 0
+        #: GETXATTRs of ``security.capability`` on regular files: the kernel's probe
+        #: before a write or chown (FUSE_HANDLE_KILLPRIV_V2 spares most of them)
+        self.caps_probes = 0
+        #: GETATTRs served
+        self.getattrs = 0
         #: ``MNT/.snapshots``: its own numbers and handles, read-only (snapview.py)
         self.view = snapview.SnapshotView(
             datastore, snapshots.list if snapshots is not None else list, _PRIVATE_XATTR_PREFIX)
@@ -441,12 +447,13 @@ class Operations(pyfuse3.Operations):
 
     def _maybe_drop(self, inode: Inode) -> None:
         if inode.lookups <= 0 and inode.handles == 0 and inode is not self._root:
+            removed = inode.sticky  # pinned because its last name went
             inode.sticky = False  # drop closes the fd, pinned or not
             del self._inodes[inode.ino]
             if self._by_key.get(inode.key) is inode:
                 del self._by_key[inode.key]
             assert inode.ref is not None
-            self.paths.drop(inode.ref)
+            self.paths.drop(inode.ref, removed=removed)
 
     def _attr(self, inode: Inode, st: os.stat_result) -> pyfuse3.EntryAttributes:
         attr = pyfuse3.EntryAttributes()
@@ -637,6 +644,7 @@ class Operations(pyfuse3.Operations):
 
     @_errno_edge
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        self.getattrs += 1
         if snapview.owns(inode):
             return self.view.getattr(inode)
         return self._getattr(self._inode(inode))
@@ -679,6 +687,8 @@ class Operations(pyfuse3.Operations):
                 attr.st_atime_ns if fields.update_atime else None,
                 attr.st_mtime_ns if fields.update_mtime else None,
             )
+        if fh is not None and fh & fuseshim.FH_KILL_SUIDGID and node.file_type == stat.S_IFREG:
+            pagecache.drop_set_id(node)  # a truncate or chown: the kernel left it to us
         return self._getattr(node)
 
     @_errno_edge
@@ -778,6 +788,8 @@ class Operations(pyfuse3.Operations):
     async def create(
         self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: pyfuse3.RequestContext
     ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+        kill = flags & fuseshim.OPEN_KILL_SUIDGID
+        flags &= ~fuseshim.OPEN_KILL_SUIDGID
         parent = self._inode(parent_inode)
         dir_fd, sname, entry = self._where(parent, name, creating=True)
         self._changing(parent)
@@ -814,6 +826,8 @@ class Operations(pyfuse3.Operations):
             raise
         if flags & os.O_TRUNC:  # it may have existed after all (a racing create)
             await self._truncate_on_open(inode, fh)
+            if kill:
+                pagecache.drop_set_id(inode)
         return pagecache.file_info(inode, fh, direct), attr
 
     @_errno_edge
@@ -1019,6 +1033,8 @@ class Operations(pyfuse3.Operations):
     @_errno_edge
     @_quiesced
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+        kill = flags & fuseshim.OPEN_KILL_SUIDGID
+        flags &= ~fuseshim.OPEN_KILL_SUIDGID
         if snapview.owns(inode):
             return pyfuse3.FileInfo(fh=self.view.open(inode, flags), keep_cache=True)
         node = self._inode(inode)
@@ -1030,6 +1046,8 @@ class Operations(pyfuse3.Operations):
         if flags & os.O_TRUNC:
             self._changing(node)
             await self._truncate_on_open(node, fh)
+            if kill:
+                pagecache.drop_set_id(node)
         return pagecache.file_info(node, fh, direct)
 
     async def read(self, fh: int, off: int, size: int) -> bytes:
@@ -1060,13 +1078,15 @@ class Operations(pyfuse3.Operations):
                 await failpoint.stall("direct-write")
             if handle.inode.kept_ctime_ns is not None:
                 self._changing(handle.inode)
+            if fh & fuseshim.FH_KILL_SUIDGID:  # before the data, as the kernel does
+                pagecache.drop_set_id(handle.inode)
             written = await vfile.write(off, buf)
             if handle.direct:
                 if pagecache.direct_write_needs_work(handle.inode):
                     await pagecache.after_direct_write(handle.inode)
                 # O_DSYNC/O_SYNC of the open, or RWF_DSYNC/RWF_SYNC of this
                 # write (the shim's bits): stable before the reply
-                sync = max(handle.sync, fh >> fuseshim.FH_SYNC_SHIFT)
+                sync = max(handle.sync, (fh >> fuseshim.FH_SYNC_SHIFT) & fuseshim.FH_SYNC_BITS)
                 if sync:
                     await vfile.fsync(sync == _SYNC_DATA)
             return written
@@ -1265,6 +1285,8 @@ class Operations(pyfuse3.Operations):
                 return self.view.getxattr(inode, name)
             except OSError as e:
                 raise FUSEError(e.errno or errno.EIO) from None
+        if name == pagecache.CAPS_XATTR:
+            self.caps_probes += 1
         if pagecache.known_without(self._inodes.get(inode), name):
             raise FUSEError(pyfuse3.ENOATTR)  # the hot case: one per buffered write
         try:
@@ -1421,7 +1443,10 @@ class Operations(pyfuse3.Operations):
         paths = self.paths.statistics()
         return {"inodes": len(self._inodes), "path_fds": paths.open_fds,
                 "path_fd_cap": paths.cap, "path_reopens": paths.reopens,
-                "blocking_jobs": backing.blocking_jobs(), "flush_requests": self.flush_requests,
+                "blocking_jobs": backing.blocking_jobs(), "closes_behind": backing.closes_behind(),
+                "closes_pending": backing.closes_pending(),
+                "flush_requests": self.flush_requests,
+                "caps_probes": self.caps_probes, "getattrs": self.getattrs,
                 **self.files.statistics(), **self.view.statistics()}
 
     def close(self) -> None:
@@ -1436,3 +1461,4 @@ class Operations(pyfuse3.Operations):
         self._inodes = {ROOT_INODE: self._root}
         self._by_key.clear()
         self.paths.close()
+        backing.drain_closes()

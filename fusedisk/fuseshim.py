@@ -29,6 +29,13 @@ same threads start writeback of a file's dirty pages (:func:`write_behind`).
 :func:`enable_parallel_writes` answers ``direct_io`` opens with
 ``FOPEN_PARALLEL_DIRECT_WRITES``, which libfuse 3.14 cannot set.
 
+:func:`enable_killpriv` negotiates FUSE_HANDLE_KILLPRIV_V2, which libfuse 3.14
+does not know (fuseshim.c says how): the kernel then stops asking for
+``security.capability`` before each write to a file known to have none, and
+stops refreshing attributes before a chown, and the daemon drops set-uid/set-gid
+itself where the request says so: :data:`FH_KILL_SUIDGID` in the handle of a
+write or setattr, :data:`OPEN_KILL_SUIDGID` in the flags of an open or create.
+
 If the library is missing or pyfuse3 was loaded first, fusedisk still serves
 (per-open ``O_DSYNC``/``O_SYNC`` is known from the open flags); only
 per-write ``RWF_DSYNC`` on ``O_DIRECT`` descriptors then goes unseen. The
@@ -50,8 +57,15 @@ FH_SYNC_DATA = 1 << 61
 FH_SYNC_FULL = 1 << 62
 #: fusedisk's own file handle numbers stay below this.
 FH_MASK = FH_SYNC_DATA - 1
-#: ``fh >> FH_SYNC_SHIFT`` is 0, 1 (data) or 2 (full).
+#: ``(fh >> FH_SYNC_SHIFT) & FH_SYNC_BITS`` is 0, 1 (data) or 2 (full).
 FH_SYNC_SHIFT = 61
+FH_SYNC_BITS = 3
+#: Added to the handle of a WRITE or SETATTR whose caller lacks CAP_FSETID, once
+#: FUSE_HANDLE_KILLPRIV_V2 is in force: drop set-uid (and set-gid if
+#: group-executable). A SETATTR without a handle gets this bit alone.
+FH_KILL_SUIDGID = 1 << 63
+#: The same for an OPEN or CREATE (with O_TRUNC), added to its flags.
+OPEN_KILL_SUIDGID = 1 << 30
 
 #: The number of the FSYNC a handler runs for (fuseshim.c's wrapper puts it in
 #: the handle, 0: none); the snapshot view's handles (1 << 60) stay above it.
@@ -107,8 +121,9 @@ def load() -> None:
         return
     try:
         lib = ctypes.CDLL(str(path), mode=os.RTLD_NOW | os.RTLD_GLOBAL)
-        for name in ("extra", "fast_fsync", "parallel_writes"):
-            enable = getattr(lib, f"fusedisk_shim_enable_{name}")
+        for name in ("enable_extra", "enable_fast_fsync", "enable_parallel_writes",
+                     "enable_killpriv", "disable_auto_inval"):
+            enable = getattr(lib, f"fusedisk_shim_{name}")
             enable.argtypes = (ctypes.c_int,)
             enable.restype = None
         lib.fusedisk_shim_detach_fsync.argtypes = (ctypes.c_uint64, ctypes.c_int, ctypes.c_int,
@@ -118,6 +133,10 @@ def load() -> None:
         lib.fusedisk_shim_write_behind.restype = None
         lib.fusedisk_shim_drain.argtypes = ()
         lib.fusedisk_shim_drain.restype = None
+        lib.fusedisk_shim_close_behind.argtypes = (ctypes.c_int,)
+        lib.fusedisk_shim_close_behind.restype = ctypes.c_int
+        lib.fusedisk_shim_drain_closes.argtypes = ()
+        lib.fusedisk_shim_drain_closes.restype = None
         lib.fusedisk_shim_take.argtypes = (ctypes.POINTER(Request),)
         lib.fusedisk_shim_take.restype = ctypes.c_int
         lib.fusedisk_shim_reply_err.argtypes = (ctypes.c_uint64, ctypes.c_int)
@@ -153,6 +172,34 @@ def enable_parallel_writes(enable: bool = True) -> None:
         _lib.fusedisk_shim_enable_parallel_writes(int(enable))
 
 
+def enable_killpriv(enable: bool = True) -> None:
+    """Negotiate FUSE_HANDLE_KILLPRIV_V2 in sessions made from now on; whoever asks
+    must honour :data:`FH_KILL_SUIDGID` and :data:`OPEN_KILL_SUIDGID`."""
+    if _lib is not None:
+        _lib.fusedisk_shim_enable_killpriv(int(enable))
+
+
+def disable_auto_inval(disable: bool = True) -> None:
+    """Answer INIT without FUSE_AUTO_INVAL_DATA in sessions made from now on: the
+    kernel then refreshes no attributes before a read (fuseshim.c says why that is
+    safe for fusedisk)."""
+    if _lib is not None:
+        _lib.fusedisk_shim_disable_auto_inval(int(disable))
+
+
+def auto_inval_off() -> bool:
+    if _lib is None:
+        return False
+    return bool(ctypes.c_int.in_dll(_lib, "fusedisk_shim_auto_inval_off").value)
+
+
+def killpriv_v2() -> bool:
+    """Whether the kernel was told FUSE_HANDLE_KILLPRIV_V2 (the INIT reply carried it)."""
+    if _lib is None:
+        return False
+    return bool(ctypes.c_int.in_dll(_lib, "fusedisk_shim_killpriv_v2").value)
+
+
 def detach_fsync(token: int, fd: int, datasync: bool, cookie: int) -> bool:
     """Hand the running FSYNC (*token*: from its handle) to the shim's threads.
 
@@ -178,6 +225,23 @@ def drain() -> None:
     ends). Blocking, and short: each one is one fsync."""
     if _lib is not None:
         _lib.fusedisk_shim_drain()
+
+
+def close_behind(fd: int) -> bool:
+    """Hand *fd* to the shim's closer thread, which closes it soon; False: the shim
+    cannot (not loaded, out of memory), the caller closes it. Never blocks."""
+    return _lib is not None and bool(_lib.fusedisk_shim_close_behind(fd))
+
+
+def closes() -> tuple[int, int]:
+    """Descriptors handed to the closer thread so far, and of those closed."""
+    return _counter("closes"), _counter("closed")
+
+
+def drain_closes() -> None:
+    """Wait until the closer thread closed every descriptor it was handed (blocking, short)."""
+    if _lib is not None:
+        _lib.fusedisk_shim_drain_closes()
 
 
 def extra_ops_fd() -> int | None:
@@ -250,4 +314,14 @@ def statistics() -> dict[str, object]:
             "fsyncs_detached": _counter("fsyncs"), "fsync_errors": _counter("fsync_errors"),
             "write_behinds": _counter("write_behinds"),
             "write_behinds_merged": _counter("write_behinds_merged"),
-            "parallel_opens": _counter("parallel_opens")}
+            "parallel_opens": _counter("parallel_opens"), "killpriv_v2": killpriv_v2(),
+            "auto_inval_off": auto_inval_off(),
+            "kill_requests": _kills()}
+
+
+def _kills() -> dict[str, int]:
+    """Requests that asked to drop set-id bits, by kind."""
+    if _lib is None:
+        return {"write": 0, "setattr": 0, "open": 0}
+    counts = (ctypes.c_ulong * 3).in_dll(_lib, "fusedisk_shim_kills")
+    return {"write": int(counts[0]), "setattr": int(counts[1]), "open": int(counts[2])}

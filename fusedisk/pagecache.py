@@ -21,6 +21,12 @@ One policy, in one place (fs.py only asks it):
   gets its cache dropped after each direct write: recent kernels do that
   themselves (seen on 6.18), older ones such as Debian 12's 6.1 are not known
   to.
+- **Set-id bits under FUSE_HANDLE_KILLPRIV_V2** (fuseshim.py). The kernel
+  then leaves dropping set-uid/set-gid to the filesystem and flags each write,
+  truncate, chown and ``open(O_TRUNC)`` whose caller lacks CAP_FSETID;
+  :func:`drop_set_id` does what the kernel would have done. A file found
+  without set-id bits (``no_set_id``) is not looked at again until a chmod
+  through this mount (the only way to gain them).
 - **The capability probe.** The kernel asks for ``security.capability``
   before every buffered write; once a file is known to have none
   (``no_caps``), the answer comes from memory. Every change of that xattr
@@ -59,6 +65,8 @@ class CachedFile(Protocol):
     killpriv: bool
     #: the file is known to carry no ``security.capability``
     no_caps: bool
+    #: the file is known to have neither set-uid nor group-executable set-gid
+    no_set_id: bool
 
     @property
     def path_fd(self) -> int: ...
@@ -126,6 +134,7 @@ def file_info(node: CachedFile, fh: int, direct: bool) -> pyfuse3.FileInfo:
 def mode_set(node: CachedFile, mode: int) -> None:
     """The file's mode became *mode* (a chmod through the mount)."""
     mode = stat.S_IMODE(mode)
+    node.no_set_id = without_set_id(mode) == mode
     if node.direct_handles and without_set_id(mode) != mode:
         node.killpriv = True
 
@@ -146,6 +155,19 @@ def learned_without(node: CachedFile, name: bytes) -> None:
     """A getxattr of *name* found none."""
     if name == CAPS_XATTR:
         node.no_caps = True
+
+
+def drop_set_id(node: CachedFile) -> None:
+    """A write, truncate, chown or ``open(O_TRUNC)`` by a caller without CAP_FSETID
+    (the kernel's kill flag): drop set-uid, and set-gid if group-executable."""
+    if node.no_set_id:
+        return
+    st = backing.fstat(node.path_fd)
+    mode = stat.S_IMODE(st.st_mode)
+    cleared = without_set_id(mode)
+    if cleared != mode:
+        backing.fchmod(node.path_fd, st.st_mode, cleared)
+    node.no_set_id = True
 
 
 def direct_write_needs_work(node: CachedFile) -> bool:

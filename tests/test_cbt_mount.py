@@ -485,6 +485,20 @@ def test_changes_page_by_page_add_up_to_the_whole_answer(datastore: MountedDatas
     assert bad.returncode == 1 and len(bad.stderr.splitlines()) == 1
 
 
+def _daemon_holds(ds: MountedDatastore, path: Path) -> bool:
+    """Whether the daemon still has a descriptor of the removed file *path* (quick:
+    a status call would take long enough for other processes to take the inode)."""
+    assert ds.proc is not None
+    removed = f"{path} (deleted)"
+    for fd in Path(f"/proc/{ds.proc.pid}/fd").iterdir():
+        try:
+            if os.readlink(fd) == removed:
+                return True
+        except FileNotFoundError:  # closed meanwhile
+            continue
+    return False
+
+
 def test_a_new_file_on_a_reused_inode_number_gets_a_history_of_its_own(tmp_path: Path) -> None:
     """ext4 gives a new file the inode number of one just removed. While the old
     file's history is still being saved after its close (held here by the
@@ -503,6 +517,7 @@ def test_a_new_file_on_a_reused_inode_number_gets_a_history_of_its_own(tmp_path:
         store = ds.stores["a"] / "vm1"
         reused = 0
         previous: tuple[int, str] | None = None  # (backing inode, file id) of the last one
+
         for round_no in range(12):
             name = f"f{round_no}"
             blocks = rng.randrange(1, 9)
@@ -522,6 +537,10 @@ def test_a_new_file_on_a_reused_inode_number_gets_a_history_of_its_own(tmp_path:
                     f.write(os.urandom(length))
             assert changes(ds, f"vm1/{name}", change_id) == blocks_of(writes), round_no
             (vm / name).unlink()  # its close's save is still held by the stall
+            # the store frees the inode (and may give its number again) once the daemon
+            # closed its last descriptor, which the closer thread does
+            wait_for(lambda: not _daemon_holds(ds, store / name), 30,  # noqa: B023
+                     "the removed file's last descriptor to be closed")
             previous = (ino, file_id)
         # the loop proves something only if ext4 did reuse inode numbers meanwhile
         assert reused >= 3, f"only {reused} of 11 new files got a removed file's inode number"

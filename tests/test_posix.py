@@ -295,6 +295,46 @@ def test_write_and_truncate_by_user_drop_setuid(datastore: MountedDatastore) -> 
 
 
 @pytest.mark.datastore_args("--allow-other")
+def test_set_id_bits_follow_the_kernel_rules_under_killpriv_v2(
+    datastore: MountedDatastore,
+) -> None:
+    """With FUSE_HANDLE_KILLPRIV_V2 the kernel drops no set-id bit itself: it flags
+    the requests of callers without CAP_FSETID and the daemon must do exactly what
+    the kernel would: set-uid goes on a write, truncate, ``open(O_TRUNC)`` or chown
+    by such a caller, set-gid only if group-executable, and a root write or
+    truncate (CAP_FSETID) keeps both."""
+    assert datastore.status()["fuse_shim"]["killpriv_v2"] is True
+    vm = entry_dir(datastore, mode=0o777)
+    modes = {"w_suid": 0o4755, "w_sgid_x": 0o2775, "w_sgid_nox": 0o2664, "otrunc": 0o4755,
+             "trunc_sgid": 0o6775, "root_w": 0o6775, "root_t": 0o4755, "chown": 0o4755}
+    for name, mode in modes.items():
+        fill(vm / name, b"#!/bin/sh\n")
+        os.chown(vm / name, OTHER_UID, OTHER_GID)
+        os.chmod(vm / name, mode)
+    as_user(vm, """
+        for name in ("w_suid", "w_sgid_x", "w_sgid_nox"):
+            fd = os.open(name, os.O_WRONLY | os.O_APPEND)
+            os.write(fd, b"echo hi\\n")
+            os.write(fd, b"echo again\\n")  # set-id bits gone: nothing more to do
+            os.close(fd)
+        os.close(os.open("otrunc", os.O_WRONLY | os.O_TRUNC))
+        os.truncate("trunc_sgid", 1)
+        out = {}
+    """)
+    with open(vm / "root_w", "ab") as f:
+        f.write(b"x")
+    os.truncate(vm / "root_t", 2)
+    os.chown(vm / "chown", 0, 0)
+    got = {name: stat.S_IMODE(os.stat(vm / name).st_mode) for name in modes}
+    assert got == {"w_suid": 0o755, "w_sgid_x": 0o775, "w_sgid_nox": 0o2664, "otrunc": 0o755,
+                   "trunc_sgid": 0o775, "root_w": 0o6775, "root_t": 0o4755, "chown": 0o755}
+    assert (vm / "w_suid").read_bytes() == b"#!/bin/sh\necho hi\necho again\n"
+    assert (vm / "otrunc").read_bytes() == b""
+    kills = datastore.status()["fuse_shim"]["kill_requests"]
+    assert kills["write"] >= 6 and kills["open"] >= 1 and kills["setattr"] >= 2
+
+
+@pytest.mark.datastore_args("--allow-other")
 def test_o_direct_write_by_user_drops_set_id_bits(datastore: MountedDatastore) -> None:
     """O_DIRECT opens are served with FUSE direct_io, where the kernel leaves
     set-id bits alone on write: fusedisk must drop them itself, both for a

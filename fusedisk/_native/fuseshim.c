@@ -47,7 +47,25 @@
  * the inode lock exclusively for each direct write. This library also defines
  * fuse_reply_open: for a direct_io handle it builds the fuse_open_out reply of
  * the kernel protocol (linux/fuse.h) itself, with that flag added, and sends
- * it with fuse_reply_buf. Other opens go to libfuse's.
+ * it with fuse_reply_buf. Other opens go to libfuse's. *
+ * FUSE_HANDLE_KILLPRIV_V2 (fusedisk_shim_enable_killpriv). Without it the kernel
+ * asks for security.capability before every buffered write, and refreshes the
+ * attributes before every chown. With it the kernel marks the superblock
+ * SB_NOSEC: a file found without capabilities is not asked again until its
+ * mode or security xattrs change, and the filesystem kills set-uid/set-gid
+ * itself, told by a flag in the request (FUSE_WRITE_KILL_SUIDGID on a write,
+ * FATTR_KILL_SUIDGID on a setattr, FUSE_OPEN_KILL_SUIDGID on an open with
+ * O_TRUNC) when the caller lacks CAP_FSETID. libfuse 3.14 knows neither the
+ * INIT flag nor these request flags (it drops them). So the session gets a
+ * custom I/O (fuse_session_custom_io, plain read/writev of the same fd): its
+ * read notes the flags of each request as it arrives, and the wrappers, which
+ * libfuse calls for that request before the next is read, hand them on: a
+ * write's and a setattr's in FH_KILL_SUIDGID of the handle (a setattr without
+ * a handle gets one made of that bit alone), an open's or create's in
+ * OPEN_KILL_SUIDGID of the flags. Its writev adds FUSE_HANDLE_KILLPRIV_V2 to
+ * libfuse's INIT reply when the kernel offered it. Capabilities stay the
+ * kernel's: it still removes them itself (setattr_prepare, file_remove_privs),
+ * now only while the file is not known to have none.
  */
 #define _GNU_SOURCE
 #define FUSE_USE_VERSION 35
@@ -63,6 +81,8 @@
 #include <sys/eventfd.h>
 #include <unistd.h>
 #include <stdatomic.h>
+#include <stddef.h>
+#include <sys/uio.h>
 
 #define FH_SYNC_DATA (UINT64_C(1) << 61)
 #define FH_SYNC_FULL (UINT64_C(1) << 62)
@@ -70,6 +90,11 @@
  * (1 << 60), above fusedisk's own counters. */
 #define FH_TOKEN_SHIFT 40
 #define FH_TOKEN_MASK ((UINT64_C(1) << 20) - 1)
+/* The caller of a write or setattr lacks CAP_FSETID: kill set-uid/set-gid
+ * (fuseshim.py FH_KILL_SUIDGID). */
+#define FH_KILL_SUIDGID (UINT64_C(1) << 63)
+/* The same for an open or create (O_TRUNC), in its flags (fuseshim.py OPEN_KILL_SUIDGID). */
+#define OPEN_KILL_SUIDGID (1 << 30)
 
 typedef struct fuse_session *(*session_new_fn)(struct fuse_args *,
                                                const struct fuse_lowlevel_ops *, size_t, void *);
@@ -80,6 +105,10 @@ static void (*next_write)(fuse_req_t, fuse_ino_t, const char *, size_t, off_t,
 static void (*next_write_buf)(fuse_req_t, fuse_ino_t, struct fuse_bufvec *, off_t,
                               struct fuse_file_info *);
 static void (*next_fsync)(fuse_req_t, fuse_ino_t, int, struct fuse_file_info *);
+static void (*next_init)(void *, struct fuse_conn_info *);
+static void (*next_setattr)(fuse_req_t, fuse_ino_t, struct stat *, int, struct fuse_file_info *);
+static void (*next_open)(fuse_req_t, fuse_ino_t, struct fuse_file_info *);
+static void (*next_create)(fuse_req_t, fuse_ino_t, const char *, mode_t, struct fuse_file_info *);
 
 /* Sessions created through the wrapper; fusedisk reads it to prove it is in use. */
 int fusedisk_shim_sessions;
@@ -541,6 +570,256 @@ static void shim_fsync(fuse_req_t req, fuse_ino_t ino, int datasync, struct fuse
     next_fsync(req, ino, datasync, &copy);
 }
 
+
+/* -- closing behind (fusedisk_shim_close_behind) ----------------------------
+ * The last descriptor of a removed file is where the store frees its inode
+ * (~200 µs on ext4): the daemon hands such descriptors to this one thread,
+ * which closes them with no Python and no GIL. Its own queue and lock: the
+ * fsync threads above are not in the way of a guest's FSYNC. */
+
+struct closing {
+    struct closing *next;
+    int fd;
+};
+
+static pthread_mutex_t closing_lock = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t closing_ready = PTHREAD_COND_INITIALIZER;
+static pthread_cond_t closing_done = PTHREAD_COND_INITIALIZER;
+static struct closing *closing_head, *closing_tail;
+static int closer_started, closer_idle;
+/* Descriptors handed over, and of those closed (fuseshim.statistics). */
+unsigned long fusedisk_shim_closes, fusedisk_shim_closed;
+
+static void *serve_closes(void *unused)
+{
+    (void)unused;
+    pthread_mutex_lock(&closing_lock);
+    for (;;) {
+        while (closing_head == NULL) {
+            closer_idle = 1;
+            pthread_cond_wait(&closing_ready, &closing_lock);
+        }
+        closer_idle = 0;
+        struct closing *c = closing_head;
+        closing_head = c->next;
+        if (closing_head == NULL)
+            closing_tail = NULL;
+        pthread_mutex_unlock(&closing_lock);
+        (void)close(c->fd); /* Linux frees the number whatever close returns */
+        free(c);
+        pthread_mutex_lock(&closing_lock);
+        fusedisk_shim_closed++;
+        if (fusedisk_shim_closed == fusedisk_shim_closes)
+            pthread_cond_broadcast(&closing_done);
+    }
+    return NULL;
+}
+
+/* Close *fd* on the closer thread (1), or not (0: out of memory or no thread: the
+ * caller closes it). Never blocks for long. */
+int fusedisk_shim_close_behind(int fd)
+{
+    struct closing *c = malloc(sizeof(*c));
+    if (c == NULL)
+        return 0;
+    c->fd = fd;
+    c->next = NULL;
+    pthread_mutex_lock(&closing_lock);
+    if (!closer_started) {
+        pthread_t thread;
+        pthread_attr_t attr;
+        pthread_attr_init(&attr);
+        pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+        pthread_attr_setstacksize(&attr, 64 * 1024);
+        closer_started = pthread_create(&thread, &attr, serve_closes, NULL) == 0;
+        pthread_attr_destroy(&attr);
+        if (!closer_started) {
+            pthread_mutex_unlock(&closing_lock);
+            free(c);
+            return 0;
+        }
+    }
+    if (closing_tail != NULL)
+        closing_tail->next = c;
+    else
+        closing_head = c;
+    closing_tail = c;
+    fusedisk_shim_closes++;
+    int wake = closer_idle;
+    pthread_mutex_unlock(&closing_lock);
+    if (wake)
+        pthread_cond_signal(&closing_ready);
+    return 1;
+}
+
+/* Wait until every descriptor handed over is closed. */
+void fusedisk_shim_drain_closes(void)
+{
+    pthread_mutex_lock(&closing_lock);
+    while (fusedisk_shim_closed != fusedisk_shim_closes)
+        pthread_cond_wait(&closing_done, &closing_lock);
+    pthread_mutex_unlock(&closing_lock);
+}
+
+/* -- FUSE_HANDLE_KILLPRIV_V2: the INIT flag and the requests' kill flags ------ */
+
+static int killpriv_wanted;
+/* 1 once the INIT reply carried FUSE_HANDLE_KILLPRIV_V2 (fuseshim.killpriv_v2). */
+int fusedisk_shim_killpriv_v2;
+/* The INIT request's unique while its reply is due, and whether the kernel offered
+ * the flag (trio thread: INIT is read and answered there). */
+static uint64_t init_unique;
+static int init_offers_killpriv;
+/* The request read last asked to kill set-uid/set-gid. libfuse reads a request and
+ * dispatches it to its handler before it reads the next (trio thread only). */
+static int request_kills;
+/* Requests that carried a kill flag, by kind: write, setattr, open/create. */
+unsigned long fusedisk_shim_kills[3];
+
+void fusedisk_shim_enable_killpriv(int enable)
+{
+    killpriv_wanted = enable;
+}
+
+/* -- FUSE_AUTO_INVAL_DATA off (fusedisk_shim_disable_auto_inval) -------------
+ * libfuse asks for it by default: the kernel then refreshes a file's attributes
+ * before each read once a write made them stale (a GETATTR per read after a
+ * write), to notice changes made behind its back and drop its page cache. Every
+ * change of fusedisk's files passes through the mount, and the one the kernel
+ * cannot see (a direct_io write beside cached handles) is invalidated by the
+ * daemon itself (pagecache.py), so the refresh finds nothing. */
+static int auto_inval_off;
+/* 1 once a session's INIT was answered without FUSE_AUTO_INVAL_DATA. */
+int fusedisk_shim_auto_inval_off;
+
+void fusedisk_shim_disable_auto_inval(int disable)
+{
+    auto_inval_off = disable;
+}
+
+static void shim_init(void *userdata, struct fuse_conn_info *conn)
+{
+    if (next_init != NULL)
+        next_init(userdata, conn);
+    if (auto_inval_off) {
+        conn->want &= ~FUSE_CAP_AUTO_INVAL_DATA;
+        fusedisk_shim_auto_inval_off = 1;
+    }
+}
+
+static void note_request(const char *buf, size_t len)
+{
+    request_kills = 0;
+    if (len < sizeof(struct fuse_in_header))
+        return;
+    const struct fuse_in_header *in = (const struct fuse_in_header *)buf;
+    const char *arg = buf + sizeof(*in);
+    size_t arg_len = len - sizeof(*in);
+    switch (in->opcode) {
+    case FUSE_INIT:
+        if (arg_len >= offsetof(struct fuse_init_in, flags) + sizeof(uint32_t)) {
+            const struct fuse_init_in *init = (const struct fuse_init_in *)arg;
+            init_offers_killpriv = (init->flags & FUSE_HANDLE_KILLPRIV_V2) != 0;
+            init_unique = in->unique;
+        }
+        break;
+    case FUSE_WRITE:
+        if (arg_len >= sizeof(struct fuse_write_in))
+            request_kills = (((const struct fuse_write_in *)arg)->write_flags &
+                             FUSE_WRITE_KILL_SUIDGID) != 0;
+        break;
+    case FUSE_SETATTR:
+        if (arg_len >= sizeof(struct fuse_setattr_in))
+            request_kills = (((const struct fuse_setattr_in *)arg)->valid &
+                             FATTR_KILL_SUIDGID) != 0;
+        break;
+    case FUSE_OPEN:
+        if (arg_len >= sizeof(struct fuse_open_in))
+            request_kills = (((const struct fuse_open_in *)arg)->open_flags &
+                             FUSE_OPEN_KILL_SUIDGID) != 0;
+        break;
+    case FUSE_CREATE:
+        if (arg_len >= sizeof(struct fuse_create_in))
+            request_kills = (((const struct fuse_create_in *)arg)->open_flags &
+                             FUSE_OPEN_KILL_SUIDGID) != 0;
+        break;
+    default:
+        break;
+    }
+}
+
+/* Whether the request being dispatched asked for a kill; counts it by *kind*. */
+static int take_kill(int kind)
+{
+    if (!request_kills)
+        return 0;
+    request_kills = 0;
+    fusedisk_shim_kills[kind]++;
+    return 1;
+}
+
+static ssize_t io_read(int fd, void *buf, size_t len, void *userdata)
+{
+    (void)userdata;
+    ssize_t got = read(fd, buf, len);
+    if (got > 0)
+        note_request(buf, (size_t)got);
+    return got;
+}
+
+static ssize_t io_writev(int fd, struct iovec *iov, int count, void *userdata)
+{
+    (void)userdata;
+    /* any thread may reply; only the INIT reply, sent on the trio thread before any
+     * other request is read, is touched */
+    uint64_t init = __atomic_load_n(&init_unique, __ATOMIC_RELAXED);
+    if (init != 0 && count >= 2 && iov[0].iov_len >= sizeof(struct fuse_out_header)) {
+        const struct fuse_out_header *out = iov[0].iov_base;
+        if (out->unique == init) {
+            __atomic_store_n(&init_unique, 0, __ATOMIC_RELAXED);
+            if (out->error == 0 && init_offers_killpriv &&
+                iov[1].iov_len >= offsetof(struct fuse_init_out, flags) + sizeof(uint32_t)) {
+                ((struct fuse_init_out *)iov[1].iov_base)->flags |= FUSE_HANDLE_KILLPRIV_V2;
+                fusedisk_shim_killpriv_v2 = 1;
+            }
+        }
+    }
+    return writev(fd, iov, count);
+}
+
+static const struct fuse_custom_io plain_io = {.writev = io_writev, .read = io_read};
+
+static void shim_setattr(fuse_req_t req, fuse_ino_t ino, struct stat *attr, int to_set,
+                         struct fuse_file_info *fi)
+{
+    if (!take_kill(1)) {
+        next_setattr(req, ino, attr, to_set, fi);
+        return;
+    }
+    struct fuse_file_info copy;
+    if (fi != NULL)
+        copy = *fi;
+    else
+        memset(&copy, 0, sizeof(copy)); /* fh 0 is no handle of fusedisk's */
+    copy.fh |= FH_KILL_SUIDGID;
+    next_setattr(req, ino, attr, to_set, &copy);
+}
+
+static void shim_open(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
+{
+    if (take_kill(2))
+        fi->flags |= OPEN_KILL_SUIDGID; /* libfuse's own copy for this request */
+    next_open(req, ino, fi);
+}
+
+static void shim_create(fuse_req_t req, fuse_ino_t parent, const char *name, mode_t mode,
+                        struct fuse_file_info *fi)
+{
+    if (take_kill(2))
+        fi->flags |= OPEN_KILL_SUIDGID;
+    next_create(req, parent, name, mode, fi);
+}
+
 /* -- the write wrappers ---------------------------------------------------- */
 
 static uint64_t sync_bits(int flags)
@@ -556,7 +835,7 @@ static void shim_write(fuse_req_t req, fuse_ino_t ino, const char *buf, size_t s
                        struct fuse_file_info *fi)
 {
     struct fuse_file_info copy = *fi;
-    copy.fh |= sync_bits(fi->flags);
+    copy.fh |= sync_bits(fi->flags) | (take_kill(0) ? FH_KILL_SUIDGID : 0);
     next_write(req, ino, buf, size, off, &copy);
 }
 
@@ -564,7 +843,7 @@ static void shim_write_buf(fuse_req_t req, fuse_ino_t ino, struct fuse_bufvec *b
                            struct fuse_file_info *fi)
 {
     struct fuse_file_info copy = *fi;
-    copy.fh |= sync_bits(fi->flags);
+    copy.fh |= sync_bits(fi->flags) | (take_kill(0) ? FH_KILL_SUIDGID : 0);
     next_write_buf(req, ino, bufv, off, &copy);
 }
 
@@ -615,7 +894,30 @@ struct fuse_session *fuse_session_new(struct fuse_args *args, const struct fuse_
          * past pyfuse3's part), so libfuse may read all of it */
         op_size = sizeof(wrapped_ops);
     }
+    next_init = wrapped_ops.init;
+    wrapped_ops.init = shim_init;
+    if (killpriv_wanted) {
+        next_setattr = wrapped_ops.setattr;
+        next_open = wrapped_ops.open;
+        next_create = wrapped_ops.create;
+        if (next_setattr != NULL)
+            wrapped_ops.setattr = shim_setattr;
+        if (next_open != NULL)
+            wrapped_ops.open = shim_open;
+        if (next_create != NULL)
+            wrapped_ops.create = shim_create;
+    }
     fusedisk_shim_error = "";
+    struct fuse_session *se = real(args, &wrapped_ops, op_size, userdata);
+    if (se != NULL && killpriv_wanted) {
+        /* fuse_session_mount puts the /dev/fuse fd in place of this one, which
+         * stays open (one per session) so that nothing else is ever closed for it */
+        int placeholder = open("/dev/null", O_RDONLY | O_CLOEXEC);
+        /* without it no flag is seen and the INIT reply is not touched: the kernel
+         * kills as before, and the wrappers pass every request on unchanged */
+        if (placeholder >= 0 && fuse_session_custom_io(se, &plain_io, placeholder) != 0)
+            close(placeholder);
+    }
     fusedisk_shim_sessions++;
-    return real(args, &wrapped_ops, op_size, userdata);
+    return se;
 }
