@@ -199,9 +199,10 @@ class Relocation:
         """Cancel unless the switchover has begun; return whether the cancel was accepted.
 
         The answer is the truth: an accepted cancel always takes effect,
-        because before the state becomes ``switching`` the job still reaches
-        a checkpoint ahead of the commit (at the latest, the switchover's
-        flush on a worker thread starts with one). From ``switching`` on the
+        because the state becomes ``switching`` only right after a checkpoint
+        that raises for a cancel accepted before it (:meth:`_switch_over`;
+        the differential test once saw an accepted cancel end "done" when
+        the job was already rescheduled from its last await). From ``switching`` on the
         job may be past its last checkpoint before the commit (or waiting on
         a flush that cannot be abandoned), so a cancel there could be
         silently outrun by the commit: it is refused, and the switch completes.
@@ -412,6 +413,12 @@ class Relocation:
     async def _switch_over(self) -> bool:
         """One switchover attempt; False if it was abandoned for the budget."""
         assert self.copier is not None and self.tree is not None
+        # A cancel accepted until now must take effect: the job may have been
+        # rescheduled from its last await (the flush's worker thread) when the
+        # cancel came, and nothing between here and the commit is sure to be a
+        # checkpoint (run_blocking is none). No await from this check to the
+        # move: a cancel after it finds the state switching and is refused.
+        await trio.lowlevel.checkpoint_if_cancelled()
         self.life.move(Event.SWITCH)
         self.attempts += 1
         try:
