@@ -13,55 +13,26 @@ import errno
 import json
 import mmap
 import os
-import re
-import select
-import signal
 import subprocess
 from collections import Counter
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 import pytest
 
 from .conftest import require_tools
 from .mounting import MountedDatastore, fusedisk, wait_for
+from .straced import calls_of
 
 pytestmark = pytest.mark.mount
 
 WRITES = 20
 
 
-@contextmanager
-def syncs_of(pid: int) -> Iterator[Counter[tuple[str, str]]]:
+def syncs_of(pid: int) -> AbstractContextManager[Counter[tuple[str, str]]]:
     """Count the ``fsync``/``fdatasync`` calls of process *pid* (all threads),
     by backing path, while the block runs: ``counts[(call, path)]``."""
-    require_tools("strace")
-    counts: Counter[tuple[str, str]] = Counter()
-    out = Path(f"/tmp/fusedisk-strace-{pid}-{os.getpid()}")
-    proc = subprocess.Popen(
-        ["strace", "-f", "-y", "-e", "trace=fsync,fdatasync", "-o", str(out), "-p", str(pid)],
-        stderr=subprocess.PIPE, text=True,
-    )
-    try:
-        assert proc.stderr is not None
-        while True:  # strace says when it holds the main thread
-            ready, _, _ = select.select([proc.stderr], [], [], 30)
-            assert ready, "strace did not attach"
-            line = proc.stderr.readline()
-            assert line, "strace ended before it attached"
-            if f"Process {pid} attached" in line:
-                break
-        yield counts
-    finally:
-        proc.send_signal(signal.SIGINT)
-        proc.wait(timeout=30)
-        if out.exists():
-            for line in out.read_text().splitlines():
-                m = re.search(r"\b(fsync|fdatasync)\(\d+<([^>]*)>\) = 0", line)
-                if m:
-                    counts[(m.group(1), m.group(2))] += 1
-            out.unlink()
+    return calls_of(pid, "fsync,fdatasync")
 
 
 def direct_writes(path: Path, flags: int, count: int = WRITES) -> None:
