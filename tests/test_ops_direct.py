@@ -20,7 +20,7 @@ import errno
 import os
 import random
 import stat
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -29,6 +29,7 @@ import pyfuse3
 import pytest
 import trio
 
+from fusedisk.cbt import CbtStore
 from fusedisk.config import build_config
 from fusedisk.datastore import Datastore, StoreClaims
 from fusedisk.fs import Operations
@@ -162,9 +163,10 @@ def describe_reference(root: Path) -> dict[str, object]:
     return out
 
 
-@contextlib.asynccontextmanager
-async def datastore_ops(tmp_path: Path) -> AsyncIterator[Harness]:
-    """A real datastore (store and state directory on disk) and its Operations, unmounted."""
+@contextlib.contextmanager
+def unmounted_ops(tmp_path: Path, *, cbt: bool = False) -> Iterator[Operations]:
+    """A real datastore (store and state directory on disk; CBT on with *cbt*) and
+    its Operations, unmounted, with umask 0 as the daemon runs."""
     store = tmp_path / "store"
     store.mkdir()
     config = build_config(config_file=None, mountpoint=str(tmp_path / "mnt"),
@@ -176,20 +178,28 @@ async def datastore_ops(tmp_path: Path) -> AsyncIterator[Harness]:
     state.open()
     claims = StoreClaims(state, config.mountpoint)
     datastore = Datastore.open(config, state, claims)
-    files = OpenFiles(None, config.block_size)
+    files = OpenFiles(CbtStore(config.state_dir, config.block_size) if cbt else None,
+                      config.block_size)
     ops = Operations(datastore, files)
     umask = os.umask(0)  # as the daemon runs: modes are exactly what is asked for
     try:
-        async with trio.open_nursery() as nursery:
-            await nursery.start(files.run)
-            yield Harness(ops)
-            nursery.cancel_scope.cancel()
+        yield ops
     finally:
         os.umask(umask)
         ops.close()
         datastore.close()
         claims.release()
         state.close()
+
+
+@contextlib.asynccontextmanager
+async def datastore_ops(tmp_path: Path) -> AsyncIterator[Harness]:
+    """:func:`unmounted_ops` with its files' service running, as a :class:`Harness`."""
+    with unmounted_ops(tmp_path) as ops:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(ops.files.run)
+            yield Harness(ops)
+            nursery.cancel_scope.cancel()
 
 
 def _errno(e: BaseException) -> int:

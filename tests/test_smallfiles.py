@@ -12,7 +12,7 @@ import errno
 import os
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,14 +22,10 @@ import trio
 import trio.testing
 
 from fusedisk import backing
-from fusedisk.cbt import CbtStore
-from fusedisk.config import build_config
-from fusedisk.datastore import Datastore, StoreClaims
 from fusedisk.fs import Operations
-from fusedisk.metadata import StateDir
-from fusedisk.vdisk import OpenFiles
 
 from .mounting import MountedDatastore, store_names, wait_for
+from .test_ops_direct import unmounted_ops
 
 CTX = pyfuse3.RequestContext()
 #: what the stalled placement save of the first test would hold a request for
@@ -221,30 +217,21 @@ class _Spy:
 
 @pytest.fixture
 def ops(tmp_path: Path) -> Iterator[Operations]:
-    """A real datastore (store and state directory on disk, CBT on) and its
-    Operations, unmounted (as tests/test_ops_direct.py makes them)."""
-    store = tmp_path / "store"
-    store.mkdir()
-    config = build_config(config_file=None, mountpoint=str(tmp_path / "mnt"),
-                          stores=[f"a={store}"], default_store="a",
-                          state_dir=str(tmp_path / "state"), block_size=None,
-                          allow_other=None)
-    (tmp_path / "mnt").mkdir()
-    state = StateDir(config.state_dir)
-    state.open()
-    claims = StoreClaims(state, config.mountpoint)
-    datastore = Datastore.open(config, state, claims)
-    files = OpenFiles(CbtStore(config.state_dir, config.block_size), config.block_size)
-    operations = Operations(datastore, files)
-    umask = os.umask(0)
-    try:
+    """A real datastore with CBT on and its Operations, unmounted."""
+    with unmounted_ops(tmp_path, cbt=True) as operations:
         yield operations
-    finally:
-        os.umask(umask)
-        operations.close()
-        datastore.close()
-        claims.release()
-        state.close()
+
+
+def run_with_files(ops: Operations, main: Callable[[], Awaitable[None]]) -> None:
+    """Run *main* on trio with the open files' service (history saves) running."""
+
+    async def run() -> None:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(ops.files.run)
+            await main()
+            nursery.cancel_scope.cancel()
+
+    trio.run(run)
 
 
 def test_a_new_file_costs_no_xattr_reads(ops: Operations, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -276,13 +263,7 @@ def test_a_new_file_costs_no_xattr_reads(ops: Operations, monkeypatch: pytest.Mo
             await ops.lookup(home.st_ino, b"f", CTX)
         assert caught.value.errno == errno.ENOENT
 
-    async def run() -> None:
-        async with trio.open_nursery() as nursery:
-            await nursery.start(ops.files.run)
-            await main()
-            nursery.cancel_scope.cancel()
-
-    trio.run(run)
+    run_with_files(ops, main)
 
 
 def test_reopening_a_file_without_history_rewrites_no_xattrs(
@@ -314,10 +295,4 @@ def test_reopening_a_file_without_history_rewrites_no_xattrs(
         shown = await ops.getattr(attr.st_ino, CTX)
         assert shown.st_ctime_ns == os.stat(store_file).st_ctime_ns
 
-    async def run() -> None:
-        async with trio.open_nursery() as nursery:
-            await nursery.start(ops.files.run)
-            await main()
-            nursery.cancel_scope.cancel()
-
-    trio.run(run)
+    run_with_files(ops, main)
