@@ -50,7 +50,7 @@ from typing import IO, Any
 from . import __version__
 
 #: Bumped whenever a request or a reply changes meaning; both ends must agree.
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 #: The most file data one ``read`` or ``write`` carries (the small files of a VM
 #: home; disk data goes over NBD).
 MAX_DATA = 1 << 20
@@ -62,6 +62,15 @@ MAX_ENTRIES = 100_000
 NBDKIT_STOP_S = 5.0
 
 _RENAME_NOREPLACE = 1
+_RENAME_EXCHANGE = 2
+#: A regular file's NBD export is a second, hard link at the top of DIR under this
+#: prefix and its inode number (nbdkit's ``dir=`` serves top-level files only):
+#: the same inode, so writes over NBD are writes to the file in the tree.
+EXPORT_PREFIX = ".fusedisk-x"
+#: Where a store view parks a file unlinked while it is still open (its data
+#: must outlive its last name until the view lets go of it).
+ORPHAN_PREFIX = ".fusedisk-orphan-"
+_SEEK = {"data": os.SEEK_DATA, "hole": os.SEEK_HOLE}
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
@@ -175,7 +184,7 @@ def _stat_reply(st: os.stat_result) -> dict[str, Any]:
     return {"type": _kind(st.st_mode), "mode": stat.S_IMODE(st.st_mode), "size": st.st_size,
             "uid": st.st_uid, "gid": st.st_gid, "nlink": st.st_nlink, "ino": st.st_ino,
             "blocks": st.st_blocks, "atime_ns": st.st_atime_ns, "mtime_ns": st.st_mtime_ns,
-            "ctime_ns": st.st_ctime_ns}
+            "ctime_ns": st.st_ctime_ns, "st_mode": st.st_mode, "rdev": st.st_rdev}
 
 
 class Agent:
@@ -194,6 +203,11 @@ class Agent:
             "create": self.op_create, "write": self.op_write, "read": self.op_read,
             "rename": self.op_rename, "unlink": self.op_unlink, "rmdir": self.op_rmdir,
             "setattr": self.op_setattr, "fsync": self.op_fsync, "list": self.op_list,
+            "mknod": self.op_mknod, "symlink": self.op_symlink, "readlink": self.op_readlink,
+            "link": self.op_link, "truncate": self.op_truncate, "fallocate": self.op_fallocate,
+            "seek": self.op_seek, "statfs": self.op_statfs, "getxattr": self.op_getxattr,
+            "setxattr": self.op_setxattr, "listxattr": self.op_listxattr,
+            "removexattr": self.op_removexattr, "export": self.op_export,
             "remove-tree": self.op_remove_tree, "serve": self.op_serve,
             "nbd-status": self.op_nbd_status,
         }
@@ -258,18 +272,157 @@ class Agent:
                 "free_bytes": fs.f_bavail * fs.f_frsize, "total_bytes": fs.f_blocks * fs.f_frsize,
                 "max_data": MAX_DATA, "nbd": self.nbd is not None}
 
+    def _exported(self, st: os.stat_result) -> bool:
+        """Whether a regular file has its NBD export link at the top of DIR."""
+        if not stat.S_ISREG(st.st_mode) or st.st_nlink < 2:
+            return False
+        try:
+            link = os.stat(f"{EXPORT_PREFIX}{st.st_ino}", dir_fd=self.root_fd,
+                           follow_symlinks=False)
+        except OSError:
+            return False
+        return (link.st_dev, link.st_ino) == (st.st_dev, st.st_ino)
+
+    def _reply(self, st: os.stat_result) -> dict[str, Any]:
+        """A stat reply; the export link is not one of the file's names (``nlink``)."""
+        reply = _stat_reply(st)
+        if self._exported(st):
+            reply["nlink"] -= 1
+            reply["exported"] = True
+        return reply
+
+    def _stat_at(self, path: str, op: str) -> dict[str, Any]:
+        if not _parts(path, op):
+            return self._reply(os.stat(self.root_fd))
+        with self._parent(path, op) as (parent, name):
+            return self._reply(os.stat(name, dir_fd=parent, follow_symlinks=False))
+
     def op_stat(self, req: dict[str, Any]) -> dict[str, Any]:
-        path = _arg(req, "path", str)
-        if not _parts(path, "stat"):
-            return _stat_reply(os.stat(self.root_fd))
-        with self._parent(path, "stat") as (parent, name):
-            return _stat_reply(os.stat(name, dir_fd=parent, follow_symlinks=False))
+        return self._stat_at(_arg(req, "path", str), "stat")
 
     def op_mkdir(self, req: dict[str, Any]) -> dict[str, Any]:
         mode = _arg(req, "mode", int, 0o755)
         with self._parent(req.get("path"), "mkdir") as (parent, name):
             os.mkdir(name, mode & 0o7777, dir_fd=parent)
+            return {"stat": self._reply(os.stat(name, dir_fd=parent, follow_symlinks=False))}
+
+    def op_mknod(self, req: dict[str, Any]) -> dict[str, Any]:
+        """A special file (FIFO, socket, device) or an empty regular file: ``st_mode`` with
+        its type bits, ``rdev`` for a device."""
+        st_mode = _arg(req, "st_mode", int)
+        rdev = _arg(req, "rdev", int, 0)
+        with self._parent(req.get("path"), "mknod") as (parent, name):
+            os.mknod(name, st_mode, rdev, dir_fd=parent)
+            return {"stat": self._reply(os.stat(name, dir_fd=parent, follow_symlinks=False))}
+
+    def op_symlink(self, req: dict[str, Any]) -> dict[str, Any]:
+        target = os.fsencode(_arg(req, "target", str))
+        with self._parent(req.get("path"), "symlink") as (parent, name):
+            os.symlink(target, name, dir_fd=parent)
+            return {"stat": self._reply(os.stat(name, dir_fd=parent, follow_symlinks=False))}
+
+    def op_readlink(self, req: dict[str, Any]) -> dict[str, Any]:
+        with self._parent(req.get("path"), "readlink") as (parent, name):
+            return {"target": os.fsdecode(os.readlink(name, dir_fd=parent))}
+
+    def op_link(self, req: dict[str, Any]) -> dict[str, Any]:
+        """A new name ``to`` for the object at ``path`` (never a symlink's target)."""
+        target = _arg(req, "to", str)
+        with self._parent(req.get("path"), "link") as (src_dir, src), \
+                self._parent(target, "link") as (dst_dir, dst):
+            os.link(src, dst, src_dir_fd=src_dir, dst_dir_fd=dst_dir, follow_symlinks=False)
+            return {"stat": self._reply(os.stat(dst, dir_fd=dst_dir, follow_symlinks=False))}
+
+    def op_truncate(self, req: dict[str, Any]) -> dict[str, Any]:
+        size = _arg(req, "size", int)
+        if not 0 <= size < 1 << 63:
+            raise Refused("EINVAL", f"truncate: size {size} is out of range")
+        with self._open(req.get("path"), "truncate", os.O_WRONLY) as fd:
+            self._regular(fd, "truncate", req["path"])
+            os.ftruncate(fd, size)
+            return {"stat": self._reply(os.fstat(fd))}
+
+    def op_fallocate(self, req: dict[str, Any]) -> dict[str, Any]:
+        """``fallocate(2)`` with its mode bits (e.g. punching a hole)."""
+        mode = _arg(req, "mode", int, 0)
+        offset = _arg(req, "offset", int)
+        length = _arg(req, "length", int)
+        with self._open(req.get("path"), "fallocate", os.O_WRONLY) as fd:
+            self._regular(fd, "fallocate", req["path"])
+            if _libc.fallocate(fd, ctypes.c_int(mode), ctypes.c_int64(offset),
+                               ctypes.c_int64(length)) != 0:
+                err = ctypes.get_errno()
+                raise OSError(err, os.strerror(err))
+            return {"stat": self._reply(os.fstat(fd))}
+
+    def op_seek(self, req: dict[str, Any]) -> dict[str, Any]:
+        """``lseek`` with ``whence`` "data" or "hole": the next data or hole at or after
+        ``offset`` (ENXIO: none, past the end)."""
+        offset = _arg(req, "offset", int)
+        whence = _SEEK.get(_arg(req, "whence", str))
+        if whence is None:
+            raise Refused("EINVAL", "seek: whence must be 'data' or 'hole'")
+        with self._open(req.get("path"), "seek", os.O_RDONLY) as fd:
+            self._regular(fd, "seek", req["path"])
+            return {"offset": os.lseek(fd, offset, whence)}
+
+    def op_statfs(self, req: dict[str, Any]) -> dict[str, Any]:
+        fs = os.statvfs(f"/proc/self/fd/{self.root_fd}")
+        return {"bsize": fs.f_bsize, "frsize": fs.f_frsize, "blocks": fs.f_blocks,
+                "bfree": fs.f_bfree, "bavail": fs.f_bavail, "files": fs.f_files,
+                "ffree": fs.f_ffree, "favail": fs.f_favail, "namemax": fs.f_namemax}
+
+    # extended attributes: by name through the parent's handle, never following the last
+    # component (a symlink's own attributes, where its filesystem has them)
+
+    @contextlib.contextmanager
+    def _xattr_path(self, req: dict[str, Any], op: str) -> Iterator[str]:
+        path = _arg(req, "path", str)
+        if not _parts(path, op):
+            yield f"/proc/self/fd/{self.root_fd}"
+            return
+        with self._parent(path, op) as (parent, name):
+            yield f"/proc/self/fd/{parent}/{name}"
+
+    def op_getxattr(self, req: dict[str, Any]) -> dict[str, Any]:
+        attr = _arg(req, "name", str)
+        with self._xattr_path(req, "getxattr") as where:
+            value = os.getxattr(where, attr, follow_symlinks=False)
+        return {"value": base64.b64encode(value).decode("ascii")}
+
+    def op_setxattr(self, req: dict[str, Any]) -> dict[str, Any]:
+        attr = _arg(req, "name", str)
+        flags = _arg(req, "flags", int, 0)
+        try:
+            value = base64.b64decode(_arg(req, "value", str), validate=True)
+        except (binascii.Error, ValueError):
+            raise Refused("EINVAL", "setxattr: 'value' is not base64") from None
+        with self._xattr_path(req, "setxattr") as where:
+            os.setxattr(where, attr, value, flags, follow_symlinks=False)
         return {}
+
+    def op_listxattr(self, req: dict[str, Any]) -> dict[str, Any]:
+        with self._xattr_path(req, "listxattr") as where:
+            return {"names": os.listxattr(where, follow_symlinks=False)}
+
+    def op_removexattr(self, req: dict[str, Any]) -> dict[str, Any]:
+        attr = _arg(req, "name", str)
+        with self._xattr_path(req, "removexattr") as where:
+            os.removexattr(where, attr, follow_symlinks=False)
+        return {}
+
+    def op_export(self, req: dict[str, Any]) -> dict[str, Any]:
+        """The NBD export of a regular file: its link ``.fusedisk-x<ino>`` at the top of DIR,
+        made if missing (a stale one, of an inode since reused, is replaced)."""
+        with self._open(req.get("path"), "export", os.O_PATH) as fd:
+            st = self._regular(fd, "export", req["path"])
+            export = f"{EXPORT_PREFIX}{st.st_ino}"
+            if not self._exported(st):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(export, dir_fd=self.root_fd)
+                os.link(f"/proc/self/fd/{fd}", export, dst_dir_fd=self.root_fd,
+                        follow_symlinks=True)
+            return {"export": export, "size": st.st_size}
 
     def op_create(self, req: dict[str, Any]) -> dict[str, Any]:
         """A regular file of ``size`` bytes, all a hole (the NBD export fills it)."""
@@ -282,7 +435,7 @@ class Agent:
         with self._open(req.get("path"), "create", flags, mode & 0o7777) as fd:
             self._regular(fd, "create", req["path"])
             os.ftruncate(fd, size)
-        return {}
+            return {"stat": self._reply(os.fstat(fd))}
 
     def op_write(self, req: dict[str, Any]) -> dict[str, Any]:
         data = self._data(_arg(req, "data", str))
@@ -301,7 +454,7 @@ class Agent:
             done = 0
             while done < len(data):
                 done += os.pwrite(fd, view[done:], offset + done)
-        return {"written": len(data)}
+            return {"written": len(data), "stat": self._reply(os.fstat(fd))}
 
     @staticmethod
     def _data(text: str) -> bytes:
@@ -336,21 +489,42 @@ class Agent:
 
     def op_rename(self, req: dict[str, Any]) -> dict[str, Any]:
         noreplace = _arg(req, "noreplace", bool, False)
+        exchange = _arg(req, "exchange", bool, False)
         target = _arg(req, "to", str)
+        if noreplace and exchange:
+            raise Refused("EINVAL", "rename: noreplace and exchange exclude each other")
         with self._parent(req.get("path"), "rename") as (src_dir, src), \
                 self._parent(target, "rename") as (dst_dir, dst):
-            if noreplace:
+            if noreplace or exchange:
+                flags = _RENAME_NOREPLACE if noreplace else _RENAME_EXCHANGE
                 if _libc.renameat2(src_dir, os.fsencode(src), dst_dir, os.fsencode(dst),
-                                   _RENAME_NOREPLACE) != 0:
+                                   flags) != 0:
                     err = ctypes.get_errno()
                     raise OSError(err, os.strerror(err))
-            else:
-                os.rename(src, dst, src_dir_fd=src_dir, dst_dir_fd=dst_dir)
+                return {}
+            # a replaced regular file's last name takes its export link along, as unlink
+            try:
+                old = os.stat(dst, dir_fd=dst_dir, follow_symlinks=False)
+            except FileNotFoundError:
+                old = None
+            exported = old is not None and self._exported(old)
+            os.rename(src, dst, src_dir_fd=src_dir, dst_dir_fd=dst_dir)
+            if old is not None and exported and old.st_nlink == 2:
+                now = os.stat(dst, dir_fd=dst_dir, follow_symlinks=False)
+                if (now.st_dev, now.st_ino) != (old.st_dev, old.st_ino):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(f"{EXPORT_PREFIX}{old.st_ino}", dir_fd=self.root_fd)
         return {}
 
     def op_unlink(self, req: dict[str, Any]) -> dict[str, Any]:
+        """Remove a name; a regular file's last one takes its export link along."""
         with self._parent(req.get("path"), "unlink") as (parent, name):
+            st = os.stat(name, dir_fd=parent, follow_symlinks=False)
+            exported = self._exported(st)
             os.unlink(name, dir_fd=parent)
+            if exported and st.st_nlink == 2:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(f"{EXPORT_PREFIX}{st.st_ino}", dir_fd=self.root_fd)
         return {}
 
     def op_rmdir(self, req: dict[str, Any]) -> dict[str, Any]:
@@ -379,7 +553,8 @@ class Agent:
                     if atime_ns is not None or mtime_ns is not None:
                         os.utime(name, ns=self._times(st, atime_ns, mtime_ns), dir_fd=parent,
                                  follow_symlinks=False)
-                return {}
+                    return {"stat": self._reply(os.stat(name, dir_fd=parent,
+                                                        follow_symlinks=False))}
             # the O_PATH handle pins the object: /proc/self/fd/N leads to that inode, not
             # to a name that could be swapped for a symlink between a check and the change
             proc = f"/proc/self/fd/{fd}"
@@ -389,7 +564,7 @@ class Agent:
                 os.chmod(proc, mode & 0o7777)
             if atime_ns is not None or mtime_ns is not None:
                 os.utime(proc, ns=self._times(st, atime_ns, mtime_ns))
-        return {}
+            return {"stat": self._reply(os.fstat(fd))}
 
     @staticmethod
     def _times(st: os.stat_result, atime_ns: int | None, mtime_ns: int | None
@@ -407,17 +582,23 @@ class Agent:
         return {}
 
     def op_list(self, req: dict[str, Any]) -> dict[str, Any]:
+        """The names in a directory with their type, or with their whole ``stat`` (``stat``:
+        true; an entry removed meanwhile is left out)."""
         path = _arg(req, "path", str, "")
-        entries: list[list[str]] = []
+        full = _arg(req, "stat", bool, False)
+        entries: list[list[Any]] = []
         with self._open(path, "list", os.O_RDONLY | os.O_DIRECTORY) as fd:
             with os.scandir(fd) as it:
                 for entry in it:
                     if len(entries) >= MAX_ENTRIES:
                         raise Refused("E2BIG", f"list: {path!r} holds more than "
                                       f"{MAX_ENTRIES} entries")
-                    entries.append([entry.name,
-                                    _kind(entry.stat(follow_symlinks=False).st_mode)])
-        return {"entries": sorted(entries)}
+                    try:
+                        st = entry.stat(follow_symlinks=False)
+                    except FileNotFoundError:
+                        continue
+                    entries.append([entry.name, self._reply(st) if full else _kind(st.st_mode)])
+        return {"entries": sorted(entries, key=lambda e: str(e[0]))}
 
     def op_remove_tree(self, req: dict[str, Any]) -> dict[str, Any]:
         """Remove a directory and everything below it (a staging tree), following no
@@ -571,6 +752,8 @@ class Agent:
 
 def main(root: Path, nbd: NbdConfig | None) -> int:
     """``fusedisk store-agent``: serve *root* on stdio until EOF."""
+    # the client sends the modes it wants (a guest's umask was applied on its side)
+    os.umask(0)
     agent = Agent(root, nbd)
     try:
         return agent.run(sys.stdin.buffer, sys.stdout.buffer)

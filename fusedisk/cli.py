@@ -270,6 +270,22 @@ def _parser() -> argparse.ArgumentParser:
     )
     sc.add_argument("stores", nargs="+", metavar="NAME=SPEC")
 
+    sv = sub.add_parser(
+        "store-view", help="mount a remote store as a local directory (what a datastore uses)",
+        description="Mount the remote store NAME=SPEC on MOUNTPOINT as a directory: its "
+        "namespace, attributes and small files through the store agent, large files' data "
+        "over NBD, every write acknowledged only once the remote host has it. A datastore "
+        "with a remote store runs one of these for it; run by hand, it shows what the remote "
+        "store holds. Runs until SIGTERM/SIGINT, then unmounts.",
+    )
+    sv.add_argument("store", metavar="NAME=SPEC")
+    sv.add_argument("mountpoint", metavar="MOUNTPOINT", type=Path)
+    sv.add_argument("--reconnect-timeout", type=float, default=30.0, metavar="S",
+                    help="how long requests wait for a broken link to the remote host to be "
+                    "made again before they fail with EIO (default 30)")
+    sv.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)
+    sv.add_argument("--watch-fd", type=int, default=None, help=argparse.SUPPRESS)
+
     d = sub.add_parser(
         "demo", help="a live relocation on a default local layout",
         description="Mount a datastore with two local stores under ROOT, create a VM home "
@@ -668,6 +684,15 @@ def cmd_store_agent(args: argparse.Namespace) -> int:
     return agent.main(root, nbd)
 
 
+def cmd_store_view(args: argparse.Namespace) -> int:
+    from . import storeview
+
+    if args.reconnect_timeout < 0:
+        raise FusediskError("store-view: --reconnect-timeout must not be negative")
+    return storeview.main(args.store, str(args.mountpoint.absolute()), ready_fd=args.ready_fd,
+                          watch_fd=args.watch_fd, reconnect_timeout_s=args.reconnect_timeout)
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import DEFAULT_ROOT, run_demo
 
@@ -798,6 +823,7 @@ def cmd_cbt(args: argparse.Namespace) -> int:
 _COMMANDS = {"mount": cmd_mount, "umount": cmd_umount, "status": cmd_status,
              "install-service": cmd_install_service, "cleanup": cmd_cleanup, "cbt": cmd_cbt,
              "demo": cmd_demo, "export": cmd_export, "store-agent": cmd_store_agent,
+             "store-view": cmd_store_view,
              "store-check": cmd_store_check,
              "snapshot": cmd_snapshot,
              "migrate": cmd_migrate, "pause": cmd_job, "resume": cmd_job, "cancel": cmd_job,

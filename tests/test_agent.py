@@ -264,20 +264,101 @@ def test_symlinks_are_never_followed(agent: Agent, outside: Path) -> None:
         for op, args in (("stat", {}), ("read", {}), ("unlink", {}), ("fsync", {}),
                          ("write", {"data": b64(b"owned"), "create": True}),
                          ("create", {"size": 0, "exclusive": False}),
-                         ("setattr", {"mode": 0o777, "uid": 7}), ("mkdir", {})):
+                         ("setattr", {"mode": 0o777, "uid": 7}), ("mkdir", {}),
+                         ("truncate", {"size": 0}), ("export", {}),
+                         ("fallocate", {"mode": 0, "offset": 0, "length": 4096}),
+                         ("seek", {"offset": 0, "whence": "data"}),
+                         ("setxattr", {"name": "user.x", "value": b64(b"owned")}),
+                         ("getxattr", {"name": "user.x"}), ("listxattr", {}),
+                         ("removexattr", {"name": "user.x"}), ("readlink", {}),
+                         ("mknod", {"st_mode": stat.S_IFIFO | 0o644}),
+                         ("symlink", {"target": "/etc"}), ("link", {"to": "real/l"})):
             reply = agent(op, path=via, **args)
             assert reply["ok"] is False and reply["errno"] in ("ENOTDIR", "ELOOP"), (op, reply)
         reply = agent("rename", path="real", to=via)
         assert reply["ok"] is False and reply["errno"] in ("ENOTDIR", "ELOOP")
+        reply = agent("link", path="real", to=via)
+        assert reply["ok"] is False and reply["errno"] in ("ENOTDIR", "ELOOP")
     final: list[tuple[str, dict[str, Any]]] = [
         ("read", {}), ("fsync", {}), ("write", {"data": b64(b"owned")}),
-        ("create", {"size": 0, "exclusive": False}), ("list", {})]
+        ("create", {"size": 0, "exclusive": False}), ("list", {}), ("truncate", {"size": 0}),
+        ("export", {}), ("fallocate", {"mode": 0, "offset": 0, "length": 4096}),
+        ("seek", {"offset": 0, "whence": "data"})]
     for op, extra in final:
         reply = agent(op, path="filelink" if op != "list" else "dirlink", **extra)
-        assert reply["ok"] is False and reply["errno"] in ("ELOOP", "ENOTDIR"), (op, reply)
+        # an O_PATH handle on the link itself is no regular file (EINVAL): also refused
+        refusals = ("ELOOP", "ENOTDIR", "EINVAL") if op == "export" else ("ELOOP", "ENOTDIR")
+        assert reply["ok"] is False and reply["errno"] in refusals, (op, reply)
+    # a symlink's own extended attributes, never its target's: user.* has none (EPERM)
+    reply = agent("setxattr", path="filelink", name="user.x", value=b64(b"owned"))
+    assert reply["ok"] is False and reply["errno"] == "EPERM", reply
+    assert agent.ok("readlink", path="filelink")["target"] == str(outside / "precious")
+    agent.ok("link", path="filelink", to="real/samelink")  # the link itself, not its target
+    assert os.path.islink(agent.root / "real" / "samelink")
+    os.unlink(agent.root / "real" / "samelink")
     agent.ok("unlink", path="filelink")  # the link goes, its target stays
     untouched(outside)
     assert sorted(os.listdir(agent.root)) == ["dirlink", "real"]
+
+
+def test_exports_are_no_names_of_a_file(agent: Agent) -> None:
+    """An export link is the same inode at the top; stat does not count it, and the
+    file's last name takes it along (unlink, or a rename over it)."""
+    agent.ok("mkdir", path="vm")
+    st = agent.ok("create", path="vm/disk", size=1 << 20)["stat"]
+    export = agent.ok("export", path="vm/disk")
+    assert export == {"ok": True, "export": f".fusedisk-x{st['ino']}", "size": 1 << 20}
+    assert agent.ok("export", path="vm/disk")["export"] == export["export"]  # idempotent
+    assert os.stat(agent.root / export["export"]).st_ino == st["ino"]
+    seen = agent.ok("stat", path="vm/disk")
+    assert seen["nlink"] == 1 and seen["exported"] is True
+    agent.ok("link", path="vm/disk", to="vm/twin")
+    assert agent.ok("stat", path="vm/twin")["nlink"] == 2
+    agent.ok("unlink", path="vm/twin")
+    assert (agent.root / export["export"]).exists()  # one name left: the export stays
+    agent.ok("unlink", path="vm/disk")
+    assert sorted(os.listdir(agent.root)) == ["vm"]
+    # the same by a rename over the last name
+    agent.ok("create", path="vm/a", size=4096)
+    agent.ok("create", path="vm/b", size=4096)
+    agent.ok("export", path="vm/b")
+    agent.ok("rename", path="vm/a", to="vm/b")
+    assert sorted(os.listdir(agent.root)) == ["vm"]
+
+
+def test_the_rest_of_posix(agent: Agent) -> None:
+    agent.ok("create", path="f", size=0, mode=0o640)
+    assert stat.S_IMODE(os.stat(agent.root / "f").st_mode) == 0o640  # no umask of its own
+    agent.ok("write", path="f", data=b64(b"x" * 8192), offset=1 << 20)
+    assert agent.ok("seek", path="f", offset=0, whence="data")["offset"] == 1 << 20
+    assert agent.ok("seek", path="f", offset=0, whence="hole")["offset"] == 0
+    agent.refused("ENXIO", "seek", path="f", offset=2 << 20, whence="data")
+    agent.refused("EINVAL", "seek", path="f", offset=0, whence="end")
+    punched = agent.ok("fallocate", path="f", mode=0x3, offset=1 << 20, length=4096)
+    assert punched["stat"]["size"] == (1 << 20) + 8192
+    assert agent.ok("seek", path="f", offset=1 << 20, whence="data")["offset"] == \
+        (1 << 20) + 4096
+    assert agent.ok("truncate", path="f", size=10)["stat"]["size"] == 10
+    agent.ok("setxattr", path="f", name="user.k", value=b64(b"\0v"))
+    assert agent.ok("getxattr", path="f", name="user.k")["value"] == b64(b"\0v")
+    assert agent.ok("listxattr", path="f")["names"] == ["user.k"]
+    agent.refused("EEXIST", "setxattr", path="f", name="user.k", value=b64(b"w"), flags=1)
+    agent.ok("removexattr", path="f", name="user.k")
+    agent.refused("ENODATA", "getxattr", path="f", name="user.k")
+    fifo = agent.ok("mknod", path="p", st_mode=stat.S_IFIFO | 0o600)["stat"]
+    assert fifo["type"] == "other" and stat.S_ISFIFO(fifo["st_mode"])
+    agent.ok("symlink", path="s", target="f")
+    assert agent.ok("readlink", path="s")["target"] == "f"
+    agent.ok("create", path="g", size=0)
+    agent.ok("rename", path="f", to="g", exchange=True)
+    assert agent.ok("stat", path="g")["size"] == 10
+    agent.refused("EEXIST", "rename", path="f", to="g", noreplace=True)
+    agent.refused("EINVAL", "rename", path="f", to="g", noreplace=True, exchange=True)
+    fs = agent.ok("statfs")
+    assert fs["blocks"] > 0 and fs["namemax"] == 255
+    listed = agent.ok("list", path="", stat=True)["entries"]
+    assert [name for name, _ in listed] == ["f", "g", "p", "s"]
+    assert listed[1][1]["size"] == 10
 
 
 @pytest.mark.parametrize("path", ["a//b", "./a", "a/./b", "a/", "a\0b"])

@@ -24,7 +24,7 @@ LAYERS: list[set[str]] = [
     {"relocation", "snapshots", "pagecache"},
     {"snapview"},
     {"fs", "control", "fuseloop", "extraops"},
-    {"commands", "nbd"},
+    {"commands", "nbd", "storeview"},
     {"daemon"},
     {"service", "demo", "export"},
     {"cli"},

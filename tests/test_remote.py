@@ -386,7 +386,8 @@ def agent_on_unix_socket(site: Site, sock: Path) -> tuple[subprocess.Popen[bytes
     agent.stdin.write(b'{"op": "create", "path": "empty.img", "size": 10485760}\n'
                       b'{"op": "serve"}\n')
     agent.stdin.flush()
-    assert agent.stdout.readline() == b'{"ok":true}\n'
+    created = json.loads(agent.stdout.readline())
+    assert created["ok"] and created["stat"]["size"] == 10485760, created
     served = json.loads(agent.stdout.readline())
     assert served["unix"] == str(sock), served
     return agent, int(served["pid"])

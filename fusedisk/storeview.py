@@ -1,0 +1,928 @@
+"""A remote store seen as a local directory: ``fusedisk store-view NAME=SPEC MOUNTPOINT``.
+
+The datastore (fs.py, vdisk.py, the copier, the staging, the switchover)
+works on store *directories*, through descriptors and ``*at()`` calls
+(backing.py). A remote store (remote.py) is made one: this process mounts a
+FUSE filesystem of its own whose every request is carried out on the
+remote host, the namespace, attributes, extended attributes and small
+files by the store agent (agent.py, JSON lines over ssh), the data of large
+files over NBD (nbdkit's ``file`` plugin, libnbd). The datastore then
+serves an entry on a remote store with exactly the code, the guarantees
+and the tests of a local one: the staging tree is built and fsynced on the
+remote host before the commit record is written here, and so on.
+
+The rules that make that safe:
+
+- **Write-through.** No writeback cache: the kernel hands every write to
+  this process, which answers only once the agent or nbdkit has done it,
+  so an acknowledged write is on the remote host (in its page cache) and
+  survives a crash of this host; ``fsync`` is an NBD flush on every
+  connection of the file and an ``fsync`` by the agent.
+- **Names of objects still in use outlive unlink.** A regular file the
+  kernel still knows (the datastore holds a handle on it, a guest may have
+  it open) is not unlinked but moved to ``.fusedisk-orphan-<ino>`` at the
+  top of the store (a rename over one first links it there), and removed
+  when the kernel forgets it; orphans left by a crash are removed at the
+  next start. The top-level names ``.fusedisk-x*`` (NBD exports, agent.py)
+  and ``.fusedisk-orphan-*`` are never shown.
+- **One path per inode.** Inode numbers are the remote ones (the root is
+  FUSE's 1); each known inode remembers its parent and name, so a rename
+  of a directory moves everything below it at no cost.
+- **A broken agent link** fails the requests that were in flight with EIO
+  (whether the agent did them is unknown) and the requests after it wait
+  while the view reconnects (a new agent, a new nbdkit) for up to
+  ``--reconnect-timeout`` seconds, then fail with EIO too.
+
+The data of a regular file of at least :data:`NBD_MIN_BYTES` (at open) goes
+over NBD through its export (agent.py ``export``); smaller files, and the
+bytes of a file beyond its export's size (a file that grew since), go
+through the agent's ``read``/``write``.
+"""
+
+from __future__ import annotations
+
+import errno
+import importlib
+import logging
+import os
+import signal
+import stat
+import sys
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyfuse3
+import trio
+
+from . import extraops, fuseshim, remote
+from .agent import EXPORT_PREFIX, MAX_DATA, ORPHAN_PREFIX
+from .errors import FusediskError
+
+log = logging.getLogger(__name__)
+
+#: Files at least this large (when opened) carry their data over NBD.
+NBD_MIN_BYTES = 1 << 20
+#: How long the kernel may keep names and attributes (this view is the store's only writer).
+CACHE_TIMEOUT_S = 1.0
+DEFAULT_RECONNECT_TIMEOUT_S = 30.0
+_HIDDEN_AT_ROOT = (EXPORT_PREFIX, ORPHAN_PREFIX, ".fusedisk-agent")
+
+
+def _fail(err: int) -> pyfuse3.FUSEError:
+    return pyfuse3.FUSEError(err)
+
+
+# -- the agent, asynchronously -------------------------------------------------------
+
+
+class LinkDown(Exception):
+    """The agent channel broke under a request."""
+
+
+class AgentLink:
+    """Requests to the store's agent from many trio tasks at once, pipelined.
+
+    The agent answers in order; each request waits for the reply with its id.
+    A refused request raises ``OSError`` with the agent's errno. When the
+    channel breaks, requests in flight fail with EIO; later ones wait for
+    :meth:`_reconnect`, which starts a new agent (and nbdkit) for up to
+    *reconnect_timeout_s*.
+    """
+
+    def __init__(self, spec: remote.RemoteSpec, reconnect_timeout_s: float) -> None:
+        self.spec = spec
+        self.reconnect_timeout_s = reconnect_timeout_s
+        self.store: remote.RemoteStore | None = None
+        self._send: trio.lowlevel.FdStream | None = None
+        self._recv: trio.lowlevel.FdStream | None = None
+        self._send_lock = trio.Lock()
+        self._waiting: dict[int, tuple[trio.Event, list[Any]]] = {}
+        self._id = 0
+        self._up = trio.Event()
+        self._reconnecting = False
+        self.reconnects = 0
+        self.calls = 0
+        self.latency_s = 0.0
+        self._nursery: trio.Nursery | None = None
+        self.endpoint_changed = trio.Event()
+
+    def attach(self, store: remote.RemoteStore, nursery: trio.Nursery) -> None:
+        """Take over a checked store's agent channel (its blocking client is not used again)."""
+        self.store = store
+        self._nursery = nursery
+        proc = store.agent.proc
+        assert proc.stdin is not None and proc.stdout is not None
+        self._send = trio.lowlevel.FdStream(os.dup(proc.stdin.fileno()))
+        self._recv = trio.lowlevel.FdStream(os.dup(proc.stdout.fileno()))
+        leftover = store.agent._buffer  # a partial line the blocking client read ahead
+        nursery.start_soon(self._reader, self._recv, leftover)
+        self._up.set()
+
+    @property
+    def endpoint(self) -> remote.Endpoint:
+        if self.store is None:
+            raise remote.RemoteError(f"store {self.spec.name!r}: not connected")
+        return self.store.endpoint
+
+    async def _reader(self, stream: trio.lowlevel.FdStream, buffer: bytes) -> None:
+        import json
+        try:
+            while True:
+                while b"\n" not in buffer:
+                    chunk = await stream.receive_some(1 << 20)
+                    if not chunk:
+                        raise LinkDown("the agent ended")
+                    buffer += chunk
+                line, _, buffer = buffer.partition(b"\n")
+                try:
+                    reply = json.loads(line.decode("utf-8", errors="surrogateescape"))
+                except ValueError:
+                    raise LinkDown(f"the agent answered {line[:80]!r}") from None
+                rid = reply.get("id") if isinstance(reply, dict) else None
+                waiter = self._waiting.pop(rid, None) if isinstance(rid, int) else None
+                if waiter is None:
+                    raise LinkDown(f"the agent answered out of step: {line[:80]!r}")
+                waiter[1].append(reply)
+                waiter[0].set()
+        except (LinkDown, trio.BrokenResourceError, trio.ClosedResourceError, OSError) as e:
+            if stream is self._recv:
+                self._broken(str(e))
+
+    def _broken(self, why: str) -> None:
+        """The channel is gone: fail what is in flight, and start reconnecting."""
+        if not self._up.is_set():
+            return
+        log.warning("store %r: the link to the agent on %s broke (%s); reconnecting for up "
+                    "to %g s", self.spec.name, self.spec.where, why, self.reconnect_timeout_s)
+        self._up = trio.Event()
+        waiting, self._waiting = self._waiting, {}
+        for event, slot in waiting.values():
+            slot.append(None)
+            event.set()
+        old = self.store
+        self.store = None
+        for stream in (self._send, self._recv):
+            if stream is not None:
+                with _suppress():
+                    stream.close()
+        self._send = self._recv = None
+        if old is not None:
+            with _suppress():
+                old.agent.proc.kill()
+            with _suppress():
+                old.close()
+        if self._nursery is not None and not self._reconnecting:
+            self._reconnecting = True
+            self._nursery.start_soon(self._reconnect)
+
+    async def _reconnect(self) -> None:
+        deadline = trio.current_time() + self.reconnect_timeout_s
+        delay = 0.05
+        try:
+            while True:
+                try:
+                    store = await trio.to_thread.run_sync(remote.connect, self.spec)
+                except remote.RemoteError as e:
+                    if trio.current_time() + delay > deadline:
+                        log.error("store %r: gave up reconnecting after %g s: %s",
+                                  self.spec.name, self.reconnect_timeout_s, e)
+                        self._up.set()  # wakes the waiters, who see no store and fail
+                        return
+                    await trio.sleep(delay)
+                    delay = min(delay * 2, 1.0)
+                    continue
+                assert self._nursery is not None
+                self.reconnects += 1
+                log.warning("store %r: reconnected to %s (nbdkit at %s)", self.spec.name,
+                            self.spec.where, store.endpoint)
+                self.attach(store, self._nursery)
+                changed, self.endpoint_changed = self.endpoint_changed, trio.Event()
+                changed.set()
+                return
+        finally:
+            self._reconnecting = False
+
+    async def call(self, op: str, **args: Any) -> dict[str, Any]:
+        """One request; its reply, or ``OSError`` (the agent's errno; EIO if the link broke)."""
+        import json
+        if self.store is None and self._up.is_set() and self._nursery is not None \
+                and not self._reconnecting:
+            # an earlier reconnect gave up: this request waits for one more try
+            self._up = trio.Event()
+            self._reconnecting = True
+            self._nursery.start_soon(self._reconnect)
+        if not self._up.is_set():
+            await self._up.wait()
+        if self.store is None or self._send is None:
+            raise OSError(errno.EIO, f"store {self.spec.name!r}: no link to the agent")
+        self._id += 1
+        request_id = self._id
+        event = trio.Event()
+        slot: list[Any] = []
+        self._waiting[request_id] = (event, slot)
+        line = json.dumps({"op": op, "id": request_id, **args},
+                          separators=(",", ":")).encode("ascii") + b"\n"
+        started = time.monotonic()
+        try:
+            async with self._send_lock:
+                await self._send.send_all(line)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as e:
+            self._waiting.pop(request_id, None)
+            self._broken(f"sending failed: {e}")
+            raise OSError(errno.EIO, f"store {self.spec.name!r}: the agent link broke") from None
+        await event.wait()
+        reply = slot[0]
+        if reply is None:
+            raise OSError(errno.EIO, f"store {self.spec.name!r}: the agent link broke "
+                          f"during {op}")
+        self.calls += 1
+        self.latency_s = time.monotonic() - started
+        if not reply.get("ok"):
+            name = str(reply.get("errno", "EIO"))
+            raise OSError(getattr(errno, name, errno.EIO), str(reply.get("error", name)))
+        return reply  # type: ignore[no-any-return]
+
+    def detach(self) -> None:
+        """Stop using the channel (inside trio): no reconnect from here on."""
+        self._nursery = None
+        for stream in (self._send, self._recv):
+            if stream is not None:
+                with _suppress():
+                    stream.close()
+        self._send = self._recv = None
+
+    def close(self) -> None:
+        """End the agent (EOF: it stops nbdkit); after :meth:`detach`, outside trio."""
+        if self.store is not None:
+            self.store.close()
+            self.store = None
+
+
+class _suppress:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: object, value: object, tb: object) -> bool:
+        return isinstance(value, Exception)
+
+
+# -- inodes ----------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class Node:
+    """An inode the kernel knows (or an open file's), and where it is on the remote host."""
+
+    ino: int
+    parent: int
+    name: str
+    is_reg: bool = False
+    lookups: int = 0
+    opens: int = 0
+    orphan: bool = False  #: its last name is ``.fusedisk-orphan-<ino>`` at the top
+    gone: bool = False  #: removed: its path leads nowhere any more
+    data: Any = None  #: its NBD file while open, if it carries data over NBD
+    data_users: int = 0
+    children: set[int] = field(default_factory=set)
+
+
+def _b(name: bytes) -> str:
+    return os.fsdecode(name)
+
+
+class StoreView(pyfuse3.Operations):
+    """The FUSE operations of a remote store's view (module docstring)."""
+
+    enable_writeback_cache = False  # acknowledged writes must be on the remote host
+
+    def __init__(self, link: AgentLink, *, nbd_connections: int = 2,
+                 open_nbd: Callable[[str, int], Awaitable[Any]] | None = None) -> None:
+        super().__init__()
+        self.agent = link
+        self.nodes: dict[int, Node] = {}
+        self.root_ino = 0  #: the remote root's inode number
+        self._fhs: dict[int, int] = {}  # fh -> ino
+        self._next_fh = 1
+        self._dirs: dict[int, list[tuple[str, dict[str, Any]]]] = {}
+        self._open_nbd = open_nbd
+        self.nbd_connections = nbd_connections
+
+    # -- mapping ------------------------------------------------------------------
+
+    def _fuse_ino(self, remote_ino: int) -> int:
+        return pyfuse3.ROOT_INODE if remote_ino == self.root_ino else remote_ino
+
+    def path(self, ino: int) -> str:
+        """The path of a known inode below the store ("" for the root); ESTALE if gone."""
+        parts: list[str] = []
+        while ino != pyfuse3.ROOT_INODE:
+            node = self.nodes.get(ino)
+            if node is None or node.gone:
+                raise _fail(errno.ESTALE)
+            parts.append(node.name)
+            ino = node.parent
+        return "/".join(reversed(parts))
+
+    def _child(self, parent: int, name: str) -> str:
+        base = self.path(parent)
+        return f"{base}/{name}" if base else name
+
+    def _attrs(self, st: dict[str, Any]) -> pyfuse3.EntryAttributes:
+        a = pyfuse3.EntryAttributes()
+        ino = self._fuse_ino(int(st["ino"]))
+        a.st_ino = ino
+        a.generation = 0
+        a.entry_timeout = CACHE_TIMEOUT_S
+        a.attr_timeout = CACHE_TIMEOUT_S
+        a.st_mode = int(st["st_mode"])
+        nlink = int(st["nlink"])
+        node = self.nodes.get(ino)
+        if node is not None and node.orphan:
+            nlink = max(0, nlink - 1)  # its orphan name is none of the guest's
+        a.st_nlink = nlink
+        a.st_uid = int(st["uid"])
+        a.st_gid = int(st["gid"])
+        a.st_rdev = int(st.get("rdev", 0))
+        a.st_size = int(st["size"])
+        a.st_blksize = 4096
+        a.st_blocks = int(st["blocks"])
+        a.st_atime_ns = int(st["atime_ns"])
+        a.st_mtime_ns = int(st["mtime_ns"])
+        a.st_ctime_ns = int(st["ctime_ns"])
+        return a
+
+    def _known(self, parent: int, name: str, st: dict[str, Any]) -> pyfuse3.EntryAttributes:
+        """Record a name the kernel is about to learn (one more lookup) and its attributes."""
+        attrs = self._attrs(st)
+        ino = attrs.st_ino
+        node = self.nodes.get(ino)
+        if node is None or node.gone:
+            node = Node(ino, parent, name, is_reg=stat.S_ISREG(attrs.st_mode))
+            self.nodes[ino] = node
+        elif not node.orphan and ino != pyfuse3.ROOT_INODE:
+            node.parent, node.name = parent, name  # the latest name of a hard-linked file
+        node.lookups += 1
+        return attrs
+
+    def _release_node(self, node: Node) -> None:
+        """Forget a node nobody uses any more; an orphan's last name goes too."""
+        if node.lookups > 0 or node.opens > 0 or node.ino == pyfuse3.ROOT_INODE:
+            return
+        if self.nodes.get(node.ino) is node:
+            del self.nodes[node.ino]
+        if node.orphan and not node.gone:
+            node.gone = True
+            assert self._nursery is not None
+            self._nursery.start_soon(self._remove_orphan, node.ino)
+
+    async def _remove_orphan(self, ino: int) -> None:
+        try:
+            await self.agent.call("unlink", path=f"{ORPHAN_PREFIX}{ino}")
+        except OSError as e:
+            log.warning("store %r: cannot remove orphan %s%d: %s (removed at the next start)",
+                        self.agent.spec.name, ORPHAN_PREFIX, ino, e)
+
+    _nursery: trio.Nursery | None = None
+
+    async def start(self, nursery: trio.Nursery) -> None:
+        """Learn the root; remove the orphans a previous run left."""
+        self._nursery = nursery
+        st = await self.agent.call("stat", path="")
+        self.root_ino = int(st["ino"])
+        self.nodes[pyfuse3.ROOT_INODE] = Node(pyfuse3.ROOT_INODE, pyfuse3.ROOT_INODE, "")
+        listing = await self.agent.call("list", path="")
+        for name, _kind in listing["entries"]:
+            if name.startswith(ORPHAN_PREFIX):
+                await self.agent.call("unlink", path=name)
+                log.info("store %r: removed %s, left by an earlier run", self.agent.spec.name,
+                         name)
+
+    # -- errors -------------------------------------------------------------------
+
+    async def _call(self, op: str, **args: Any) -> dict[str, Any]:
+        try:
+            return await self.agent.call(op, **args)
+        except OSError as e:
+            if e.errno == errno.EIO:
+                log.error("store %r: %s: %s", self.agent.spec.name, op, e.strerror or e)
+            raise _fail(e.errno or errno.EIO) from None
+
+    def _visible(self, parent: int, name: str) -> None:
+        if parent == pyfuse3.ROOT_INODE and name.startswith(_HIDDEN_AT_ROOT):
+            raise _fail(errno.ENOENT)
+
+    # -- names --------------------------------------------------------------------
+
+    async def lookup(self, parent_inode: int, name: bytes,
+                     ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        text = _b(name)
+        if text == ".":
+            return await self.getattr(parent_inode, ctx)
+        if text == "..":
+            node = self.nodes.get(parent_inode)
+            return await self.getattr(node.parent if node else pyfuse3.ROOT_INODE, ctx)
+        self._visible(parent_inode, text)
+        st = await self._call("stat", path=self._child(parent_inode, text))
+        return self._known(parent_inode, text, st)
+
+    async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
+        for ino, count in inode_list:
+            node = self.nodes.get(ino)
+            if node is not None:
+                node.lookups = max(0, node.lookups - count)
+                self._release_node(node)
+
+    async def getattr(self, inode: int, ctx: pyfuse3.RequestContext | None = None
+                      ) -> pyfuse3.EntryAttributes:
+        return self._attrs(await self._call("stat", path=self.path(inode)))
+
+    async def setattr(self, inode: int, attr: pyfuse3.EntryAttributes,
+                      fields: pyfuse3.SetattrFields, fh: int | None,
+                      ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        path = self.path(inode)
+        st: dict[str, Any] | None = None
+        if fields.update_size:
+            st = (await self._call("truncate", path=path, size=attr.st_size))["stat"]
+        args: dict[str, Any] = {}
+        if fields.update_uid:
+            args["uid"] = attr.st_uid
+        if fields.update_gid:
+            args["gid"] = attr.st_gid
+        if fields.update_mode:
+            args["mode"] = stat.S_IMODE(attr.st_mode)
+        if fields.update_atime:
+            args["atime_ns"] = attr.st_atime_ns
+        if fields.update_mtime:
+            args["mtime_ns"] = attr.st_mtime_ns
+        if args:
+            st = (await self._call("setattr", path=path, **args))["stat"]
+        if st is None:
+            st = await self._call("stat", path=path)
+        return self._attrs(st)
+
+    async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
+        return os.fsencode((await self._call("readlink", path=self.path(inode)))["target"])
+
+    async def mkdir(self, parent_inode: int, name: bytes, mode: int,
+                    ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        text = _b(name)
+        self._visible(parent_inode, text)
+        reply = await self._call("mkdir", path=self._child(parent_inode, text), mode=mode)
+        return self._known(parent_inode, text, reply["stat"])
+
+    async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int,
+                    ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        text = _b(name)
+        self._visible(parent_inode, text)
+        reply = await self._call("mknod", path=self._child(parent_inode, text), st_mode=mode,
+                                 rdev=rdev)
+        return self._known(parent_inode, text, reply["stat"])
+
+    async def symlink(self, parent_inode: int, name: bytes, target: bytes,
+                      ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        text = _b(name)
+        self._visible(parent_inode, text)
+        reply = await self._call("symlink", path=self._child(parent_inode, text),
+                                 target=os.fsdecode(target))
+        return self._known(parent_inode, text, reply["stat"])
+
+    async def link(self, inode: int, new_parent_inode: int, new_name: bytes,
+                   ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        text = _b(new_name)
+        self._visible(new_parent_inode, text)
+        reply = await self._call("link", path=self.path(inode),
+                                 to=self._child(new_parent_inode, text))
+        return self._known(new_parent_inode, text, reply["stat"])
+
+    async def _in_use(self, parent: int, name: str) -> Node | None:
+        """The node of a regular file at *parent*/*name* the kernel still knows, if any."""
+        try:
+            st = await self.agent.call("stat", path=self._child(parent, name))
+        except OSError:
+            return None
+        node = self.nodes.get(self._fuse_ino(int(st["ino"])))
+        if node is None or not stat.S_ISREG(int(st["st_mode"])) or int(st["nlink"]) > 1:
+            return None  # unknown, or another name keeps it
+        if node.lookups == 0 and node.opens == 0:
+            return None
+        return node
+
+    async def _orphan(self, node: Node, path: str, *, keep: bool) -> None:
+        """Give a file in use its orphan name: moved there, or (*keep*) linked there."""
+        orphan = f"{ORPHAN_PREFIX}{node.ino}"
+        await self._call("link" if keep else "rename", path=path, to=orphan)
+        node.parent, node.name, node.orphan = pyfuse3.ROOT_INODE, orphan, True
+
+    async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        text = _b(name)
+        self._visible(parent_inode, text)
+        path = self._child(parent_inode, text)
+        node = await self._in_use(parent_inode, text)
+        if node is not None:
+            await self._orphan(node, path, keep=False)
+            return
+        await self._call("unlink", path=path)
+        self._unnamed(parent_inode, text)
+
+    def _unnamed(self, parent: int, name: str) -> None:
+        """A name is gone: a node recorded under it (no other name known) leads nowhere."""
+        for node in self.nodes.values():
+            if node.parent == parent and node.name == name and not node.orphan:
+                node.gone = True
+                break
+
+    async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        text = _b(name)
+        self._visible(parent_inode, text)
+        await self._call("rmdir", path=self._child(parent_inode, text))
+        self._unnamed(parent_inode, text)
+
+    async def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int,
+                     name_new: bytes, flags: int, ctx: pyfuse3.RequestContext) -> None:
+        old, new = _b(name_old), _b(name_new)
+        self._visible(parent_inode_old, old)
+        self._visible(parent_inode_new, new)
+        src = self._child(parent_inode_old, old)
+        dst = self._child(parent_inode_new, new)
+        exchange = bool(flags & pyfuse3.RENAME_EXCHANGE)
+        noreplace = bool(flags & pyfuse3.RENAME_NOREPLACE)
+        replaced = None
+        if not exchange and not noreplace:
+            replaced = await self._in_use(parent_inode_new, new)
+            if replaced is not None:  # keep the replaced file's data for its users
+                await self._orphan(replaced, dst, keep=True)
+        try:
+            await self._call("rename", path=src, to=dst, exchange=exchange, noreplace=noreplace)
+        except pyfuse3.FUSEError:
+            if replaced is not None:  # undo the orphan link: the file keeps its name
+                with _suppress():
+                    await self.agent.call("unlink", path=f"{ORPHAN_PREFIX}{replaced.ino}")
+                replaced.parent, replaced.name, replaced.orphan = parent_inode_new, new, False
+            raise
+        moved = [n for n in self.nodes.values()
+                 if n.parent == parent_inode_old and n.name == old and not n.orphan]
+        if exchange:
+            other = [n for n in self.nodes.values()
+                     if n.parent == parent_inode_new and n.name == new and not n.orphan]
+            for n in other:
+                n.parent, n.name = parent_inode_old, old
+        elif replaced is None:
+            self._unnamed(parent_inode_new, new)
+        for n in moved:
+            n.parent, n.name = parent_inode_new, new
+
+    # -- directories ------------------------------------------------------------------
+
+    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
+        reply = await self._call("list", path=self.path(inode), stat=True)
+        entries = [(name, st) for name, st in reply["entries"]
+                   if not (inode == pyfuse3.ROOT_INODE and name.startswith(_HIDDEN_AT_ROOT))]
+        fh = self._next_fh
+        self._next_fh += 1
+        self._dirs[fh] = entries
+        self._fhs[fh] = inode
+        return fh
+
+    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        entries = self._dirs.get(fh, [])
+        parent = self._fhs[fh]
+        for index in range(start_id, len(entries)):
+            name, st = entries[index]
+            attrs = self._attrs(st)
+            if not pyfuse3.readdir_reply(token, os.fsencode(name), attrs, index + 1):
+                return
+            self._known(parent, name, st)
+
+    async def releasedir(self, fh: int) -> None:
+        self._dirs.pop(fh, None)
+        self._fhs.pop(fh, None)
+
+    async def fsyncdir(self, fh: int, datasync: bool) -> None:
+        await self._call("fsync", path=self.path(self._fhs[fh]))
+
+    async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
+        fs = await self._call("statfs")
+        out = pyfuse3.StatvfsData()
+        out.f_bsize = int(fs["bsize"])
+        out.f_frsize = int(fs["frsize"])
+        out.f_blocks = int(fs["blocks"])
+        out.f_bfree = int(fs["bfree"])
+        out.f_bavail = int(fs["bavail"])
+        out.f_files = int(fs["files"])
+        out.f_ffree = int(fs["ffree"])
+        out.f_favail = int(fs["favail"])
+        out.f_namemax = int(fs["namemax"])
+        return out
+
+    # -- extended attributes ----------------------------------------------------------
+
+    async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+        import base64
+        reply = await self._call("getxattr", path=self.path(inode), name=os.fsdecode(name))
+        return base64.b64decode(reply["value"])
+
+    async def setxattr(self, inode: int, name: bytes, value: bytes,
+                       ctx: pyfuse3.RequestContext) -> None:
+        import base64
+        await self._call("setxattr", path=self.path(inode), name=os.fsdecode(name),
+                         value=base64.b64encode(value).decode("ascii"))
+
+    async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
+        reply = await self._call("listxattr", path=self.path(inode))
+        return [os.fsencode(n) for n in reply["names"]]
+
+    async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        await self._call("removexattr", path=self.path(inode), name=os.fsdecode(name))
+
+    # -- files ------------------------------------------------------------------------
+
+    def _new_fh(self, ino: int) -> int:
+        fh = self._next_fh
+        self._next_fh += 1
+        self._fhs[fh] = ino
+        return fh
+
+    async def _opened(self, node: Node, size: int, truncate: bool) -> None:
+        node.opens += 1
+        if truncate:
+            await self._call("truncate", path=self.path(node.ino), size=0)
+            size = 0
+        if node.data is None and self._open_nbd is not None and size >= NBD_MIN_BYTES:
+            reply = await self._call("export", path=self.path(node.ino))
+            try:
+                node.data = await self._open_nbd(str(reply["export"]), self.nbd_connections)
+            except (OSError, remote.RemoteError) as e:
+                log.error("store %r: NBD for %s failed: %s", self.agent.spec.name,
+                          reply["export"], e)
+                node.opens -= 1
+                raise _fail(errno.EIO) from None
+        if node.data is not None:
+            node.data_users += 1
+
+    async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext
+                   ) -> pyfuse3.FileInfo:
+        node = self.nodes.get(inode)
+        if node is None or node.gone:
+            raise _fail(errno.ESTALE)
+        st = await self._call("stat", path=self.path(inode))
+        if not stat.S_ISREG(int(st["st_mode"])):
+            raise _fail(errno.EINVAL)
+        await self._opened(node, int(st["size"]), bool(flags & os.O_TRUNC))
+        return pyfuse3.FileInfo(fh=self._new_fh(inode), keep_cache=False)
+
+    async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
+                     ctx: pyfuse3.RequestContext
+                     ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+        text = _b(name)
+        self._visible(parent_inode, text)
+        path = self._child(parent_inode, text)
+        try:
+            st = (await self.agent.call("mknod", path=path, st_mode=stat.S_IFREG | (mode & 0o7777))
+                  )["stat"]
+            truncate = False
+        except OSError as e:
+            if e.errno != errno.EEXIST or flags & os.O_EXCL:
+                raise _fail(e.errno or errno.EIO) from None
+            st = await self._call("stat", path=path)
+            if not stat.S_ISREG(int(st["st_mode"])):
+                raise _fail(errno.EEXIST) from None
+            truncate = bool(flags & os.O_TRUNC)
+        attrs = self._known(parent_inode, text, st)
+        node = self.nodes[attrs.st_ino]
+        await self._opened(node, int(st["size"]), truncate)
+        if truncate:
+            attrs = self._attrs(await self._call("stat", path=path))
+        return pyfuse3.FileInfo(fh=self._new_fh(attrs.st_ino), keep_cache=False), attrs
+
+    def _node_of(self, fh: int) -> Node:
+        ino = self._fhs.get(fh & fuseshim.FH_MASK)
+        node = self.nodes.get(ino) if ino is not None else None
+        if node is None:
+            raise _fail(errno.EBADF)
+        return node
+
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        import base64
+        node = self._node_of(fh)
+        data = node.data
+        if data is not None and off < data.size:
+            length = min(size, data.size - off)
+            head = await self._nbd(data.pread(length, off), "read")
+            if len(head) == size or off + len(head) < data.size:
+                return head  # type: ignore[no-any-return]
+            off += len(head)
+            size -= len(head)
+            prefix = head
+        else:
+            prefix = b""
+        chunks = [prefix]
+        while size > 0:
+            reply = await self._call("read", path=self.path(node.ino), offset=off,
+                                     length=min(size, MAX_DATA))
+            chunk = base64.b64decode(reply["data"])
+            chunks.append(chunk)
+            if not chunk or reply.get("eof"):
+                break
+            off += len(chunk)
+            size -= len(chunk)
+        return b"".join(chunks)
+
+    async def _nbd(self, request: Awaitable[Any], what: str) -> Any:
+        try:
+            return await request
+        except OSError as e:
+            log.error("store %r: NBD %s: %s", self.agent.spec.name, what, e)
+            raise _fail(e.errno or errno.EIO) from None
+        except remote.RemoteError as e:
+            log.error("store %r: NBD %s: %s", self.agent.spec.name, what, e)
+            raise _fail(errno.EIO) from None
+
+    async def write(self, fh: int, off: int, buf: bytes) -> int:
+        import base64
+        node = self._node_of(fh)
+        sync = (fh >> fuseshim.FH_SYNC_SHIFT) & fuseshim.FH_SYNC_BITS
+        data = node.data
+        done = 0
+        if data is not None and off < data.size:
+            head = min(len(buf), data.size - off)
+            await self._nbd(data.pwrite(memoryview(buf)[:head], off, fua=bool(sync)), "write")
+            done = head
+        view = memoryview(buf)
+        while done < len(buf):
+            piece = bytes(view[done:done + MAX_DATA])
+            await self._call("write", path=self.path(node.ino), offset=off + done,
+                             data=base64.b64encode(piece).decode("ascii"))
+            done += len(piece)
+        if sync and (data is None or (len(buf) > 0 and off + len(buf) > data.size)):
+            await self._call("fsync", path=self.path(node.ino))
+        return len(buf)
+
+    async def flush(self, fh: int) -> None:
+        return None
+
+    # the requests pyfuse3 has no handlers for, served through the shim (extraops.py)
+
+    async def fallocate(self, fh: int, mode: int, offset: int, length: int) -> None:
+        node = self._node_of(fh)
+        await self._call("fallocate", path=self.path(node.ino), mode=mode, offset=offset,
+                         length=length)
+
+    async def lseek(self, fh: int, offset: int, whence: int) -> int:
+        node = self._node_of(fh)
+        how = {os.SEEK_DATA: "data", os.SEEK_HOLE: "hole"}.get(whence)
+        if how is None:
+            raise _fail(errno.EINVAL)
+        return int((await self._call("seek", path=self.path(node.ino), offset=offset,
+                                     whence=how))["offset"])
+
+    async def copy_file_range(self, fh_in: int, offset_in: int, fh_out: int, offset_out: int,
+                              length: int, flags: int) -> int:
+        raise _fail(errno.ENOSYS)  # the kernel copies through read and write instead
+
+    def fsync_done(self, cookie: int, err: int) -> None:
+        return None  # no FSYNC is detached here (fast fsync is not enabled)
+
+    async def fsync(self, fh: int, datasync: bool) -> None:
+        node = self._node_of(fh)
+        if node.data is not None:
+            await self._nbd(node.data.flush(), "flush")
+        await self._call("fsync", path=self.path(node.ino))
+
+    async def release(self, fh: int) -> None:
+        ino = self._fhs.pop(fh, None)
+        node = self.nodes.get(ino) if ino is not None else None
+        if node is None:
+            return
+        node.opens = max(0, node.opens - 1)
+        if node.data is not None:
+            node.data_users -= 1
+            if node.data_users <= 0:
+                data, node.data, node.data_users = node.data, None, 0
+                with _suppress():
+                    await data.close()
+        self._release_node(node)
+
+    # -- statistics ---------------------------------------------------------------
+
+    def statistics(self) -> dict[str, Any]:
+        return {"store": self.agent.spec.name, "where": self.agent.spec.where,
+                "connected": self.agent.store is not None, "reconnects": self.agent.reconnects,
+                "agent_calls": self.agent.calls,
+                "agent_latency_ms": round(self.agent.latency_s * 1e3, 3),
+                "known_inodes": len(self.nodes),
+                "nbd_files": sum(1 for n in self.nodes.values() if n.data is not None)}
+
+
+# -- the process ---------------------------------------------------------------------
+
+
+def _clear_stale_mount(mountpoint: str) -> None:
+    """A view killed earlier leaves its mount behind ("transport endpoint not connected")."""
+    try:
+        os.stat(mountpoint)
+    except OSError as e:
+        if e.errno == errno.ENOTCONN:
+            import subprocess
+            subprocess.run(["fusermount3", "-uz", mountpoint], check=False,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+async def _serve(view: StoreView, link: AgentLink, store: remote.RemoteStore,
+                 ready_fd: int | None, watch_fd: int | None) -> None:
+    try:
+        await _serve_in(view, link, store, ready_fd, watch_fd)
+    finally:
+        link.detach()
+
+
+async def _serve_in(view: StoreView, link: AgentLink, store: remote.RemoteStore,
+                    ready_fd: int | None, watch_fd: int | None) -> None:
+    async with trio.open_nursery() as nursery:
+        link.attach(store, nursery)
+        await view.start(nursery)
+        if ready_fd is not None:
+            os.write(ready_fd, b"ready\n")
+            os.close(ready_fd)
+
+        async def watch() -> None:
+            assert watch_fd is not None
+            stream = trio.lowlevel.FdStream(watch_fd)
+            while await stream.receive_some(64):
+                pass
+            log.info("store %r: the datastore daemon is gone; unmounting", link.spec.name)
+            nursery.cancel_scope.cancel()
+
+        async def on_signal() -> None:
+            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                async for _ in signals:
+                    nursery.cancel_scope.cancel()
+                    return
+
+        event_fd = fuseshim.extra_ops_fd()
+        if event_fd is not None:
+            await nursery.start(extraops.ExtraOps(view, event_fd).run)
+        if watch_fd is not None:
+            nursery.start_soon(watch)
+        nursery.start_soon(on_signal)
+        await pyfuse3.main(min_tasks=4, max_tasks=64)
+        nursery.cancel_scope.cancel()
+
+
+def main(spec_text: str, mountpoint: str, *, ready_fd: int | None = None,
+         watch_fd: int | None = None,
+         reconnect_timeout_s: float = DEFAULT_RECONNECT_TIMEOUT_S) -> int:
+    """``fusedisk store-view``: mount the view of a remote store until signalled."""
+    name, sep, text = spec_text.partition("=")
+    if not sep or not name or not remote.is_remote_spec(text):
+        raise FusediskError(f"store-view {spec_text!r}: expected NAME=nbd+ssh://[user@]host/DIR "
+                            "or NAME=nbd+local:///DIR")
+    spec = remote.parse_spec(name, text)
+    if not os.path.isdir(mountpoint):
+        _clear_stale_mount(mountpoint)
+        if not os.path.isdir(mountpoint):
+            raise FusediskError(f"store-view: mount point {mountpoint} is not a directory")
+    store = remote.connect(spec)
+    link = AgentLink(spec, reconnect_timeout_s)
+    view = StoreView(link, open_nbd=_nbd_opener(link))
+    fuseshim.enable_extra_ops()  # fallocate and SEEK_DATA/SEEK_HOLE reach the agent
+    options = set(pyfuse3.default_options)
+    options.discard("default_permissions")
+    options |= {f"fsname=fusedisk-remote:{spec.name}", "subtype=fusedisk-store"}
+    try:
+        pyfuse3.init(view, mountpoint, options)
+    except RuntimeError as e:
+        store.close()
+        raise FusediskError(f"store-view: cannot mount on {mountpoint}: {e}") from None
+    try:
+        trio.run(_serve, view, link, store, ready_fd, watch_fd)
+    finally:
+        link.close()
+        pyfuse3.close(unmount=True)
+    return 0
+
+
+def _nbd_opener(link: AgentLink) -> Callable[[str, int], Awaitable[Any]] | None:
+    """How the view opens a file's export, if the NBD room is there (nbdfile.py)."""
+    try:
+        nbdfile = importlib.import_module("fusedisk.nbdfile")
+    except ImportError:
+        return None
+
+    async def endpoint() -> remote.Endpoint:
+        while link.store is None:
+            await link.endpoint_changed.wait()
+        return link.endpoint
+
+    async def opener(export: str, connections: int) -> Any:
+        f = nbdfile.NbdFile(endpoint, export, connections=connections,
+                            reconnect_timeout_s=link.reconnect_timeout_s, name=link.spec.name)
+        await f.open()
+        return f
+
+    return opener
+
+
+if __name__ == "__main__":  # pragma: no cover - run through the CLI
+    sys.exit(main(sys.argv[1], sys.argv[2]))

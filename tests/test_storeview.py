@@ -1,0 +1,232 @@
+"""The view of a remote store (storeview.py), mounted for real over a real agent and nbdkit.
+
+The remote host is this one (``nbd+local:///DIR``). What is proven: seeded
+random sequences of the differential engine's operations (tests/differential.py:
+writes, truncates, holds of open files, renames over them, links, special
+files, xattrs, times, owners) give the same results and the same trees on the
+view as on a plain directory, and what the view shows is what the remote
+directory holds; a file unlinked or renamed over while open keeps its data
+for its holder and leaves nothing behind once closed; the store's own
+names (exports, orphans) are never shown; a broken agent link fails the
+requests in flight, and the view reconnects.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from . import differential as diff
+from .test_remote import Site, stop_nbdkits, write_keys
+
+MiB = 1 << 20
+
+
+class View:
+    """A running ``fusedisk store-view`` on *mnt* for the store directory *site.dir*."""
+
+    def __init__(self, site: Site, mnt: Path, *extra: str) -> None:
+        self.site = site
+        self.mnt = mnt
+        mnt.mkdir(exist_ok=True)
+        self.log = mnt.parent / f"{mnt.name}.log"
+        ready_r, ready_w = os.pipe()
+        with open(self.log, "wb") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "fusedisk", "store-view", f"far={site.spec_text()}",
+                 str(mnt), "--ready-fd", str(ready_w), *extra],
+                pass_fds=(ready_w,), stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+        os.close(ready_w)
+        with os.fdopen(ready_r, "rb") as ready:
+            said = ready.read()
+        if said != b"ready\n":
+            self.stop()
+            raise AssertionError(f"the view did not start: {self.log.read_text()}")
+
+    def agent_pid(self) -> int:
+        """The pid of the view's agent (a child of the view)."""
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                status = Path(f"/proc/{pid}/status").read_text()
+                argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            ppid = next(int(ln.split()[1]) for ln in status.splitlines()
+                        if ln.startswith("PPid:"))
+            if ppid == self.proc.pid and b"store-agent" in argv:
+                return int(pid)
+        raise AssertionError("the view runs no agent")
+
+    def stop(self) -> str:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        subprocess.run(["fusermount3", "-uz", str(self.mnt)], capture_output=True, check=False)
+        return self.log.read_text()
+
+
+@pytest.fixture
+def view(tmp_path: Path) -> Iterator[View]:
+    site = Site(tmp_path)
+    v = View(site, tmp_path / "view")
+    try:
+        yield v
+    finally:
+        log = v.stop()
+        assert stop_nbdkits(site.dir) == [], "an nbdkit outlived its agent"
+        assert "Traceback" not in log, log
+
+
+def _seeded_ops(seed: int, steps: int, scratch: Path) -> list[diff.Op]:
+    return [op for op in diff.generate(seed, steps, scratch) if op.kind not in diff.EVENTS]
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3, 4])
+def test_random_operations_match_a_plain_directory(tmp_path: Path, view: View,
+                                                   seed: int) -> None:
+    """The differential engine's operations, on the view and on a plain directory."""
+    ref_root = tmp_path / "ref" / diff.ENTRY
+    ref_root.mkdir(parents=True)
+    (view.mnt / diff.ENTRY).mkdir()
+    ref, mnt = diff.Side("ref", ref_root), diff.Side("view", view.mnt / diff.ENTRY)
+    comparator = diff.Comparator(frozenset())
+    ctx = diff.Context()
+    ops = _seeded_ops(seed, 120, tmp_path / "scratch")
+    try:
+        for index, op in enumerate(ops):
+            expected, got = ref.apply(op), mnt.apply(op)
+            assert got == expected, f"step {index} {op!r}: view {got}, reference {expected}"
+            found = comparator.compare(ref.root, diff.scan(ref.root), mnt.root,
+                                       diff.scan(mnt.root), ctx)
+            assert not found, f"step {index} {op!r}: {found}"
+    finally:
+        ref.close_held()
+        mnt.close_held()
+    # what the view shows is what the remote directory holds
+    remote_tree = diff.scan(str(view.site.dir / diff.ENTRY))
+    shown = diff.scan(mnt.root)
+    assert {p: (o.fmt, o.sha, o.size) for p, o in remote_tree.items()} == \
+        {p: (o.fmt, o.sha, o.size) for p, o in shown.items()}
+
+
+def test_open_files_outlive_their_names(view: View) -> None:
+    m, d = view.mnt, view.site.dir
+    (m / "a").write_bytes(b"one")
+    (m / "b").write_bytes(b"two")
+    held_a = os.open(m / "a", os.O_RDWR)
+    held_b = os.open(m / "b", os.O_RDONLY)
+    try:
+        os.unlink(m / "a")
+        (m / "c").write_bytes(b"three")
+        os.rename(m / "c", m / "b")  # over a file still open
+        assert sorted(os.listdir(m)) == ["b"]
+        assert (m / "b").read_bytes() == b"three"
+        os.pwrite(held_a, b"ONE", 0)
+        assert os.pread(held_a, 3, 0) == b"ONE"
+        assert os.pread(held_b, 3, 0) == b"two"
+        orphans = [n for n in os.listdir(d) if n.startswith(".fusedisk-orphan-")]
+        assert len(orphans) == 2, os.listdir(d)
+    finally:
+        os.close(held_a)
+        os.close(held_b)
+    # once closed, the kernel forgets them (dropping its inode cache makes it say so
+    # now), and their orphans go; the view removes them in the background
+    left: set[str] = set()
+    for _ in range(100):
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("2\n")
+        os.listdir(m)  # a request after the FORGETs: the view has seen them
+        left = {n for n in os.listdir(d) if n.startswith(".fusedisk-orphan-")}
+        if not left:
+            break
+    assert not left, left
+    assert sorted(os.listdir(d)) == ["b"]
+
+
+def test_the_stores_own_names_are_hidden(view: View) -> None:
+    d = view.site.dir
+    (d / ".fusedisk-x12345").write_bytes(b"an export")
+    (d / ".fusedisk-orphan-9").write_bytes(b"an orphan")
+    (d / "disk").write_bytes(b"x")
+    assert sorted(os.listdir(view.mnt)) == ["disk"]
+    for name in (".fusedisk-x12345", ".fusedisk-orphan-9"):
+        with pytest.raises(FileNotFoundError):
+            os.stat(view.mnt / name)
+        with pytest.raises(FileNotFoundError):
+            (view.mnt / name).write_bytes(b"")
+
+
+def test_an_agent_that_dies_is_replaced(view: View) -> None:
+    (view.mnt / "f").write_bytes(b"before")
+    first = view.agent_pid()
+    os.kill(first, signal.SIGKILL)
+    # a request may land on the dead link (EIO) while the view notices; then it reconnects
+    for _ in range(100):
+        try:
+            data = (view.mnt / "f").read_bytes()
+            (view.mnt / "g").write_bytes(b"after")
+            break
+        except OSError as e:
+            assert e.errno == errno.EIO, e
+    else:
+        raise AssertionError("the view never reconnected")
+    assert data == b"before"
+    assert (view.site.dir / "g").read_bytes() == b"after"
+    assert view.agent_pid() != first
+    assert "reconnected" in view.log.read_text()
+
+
+def test_no_store_means_eio_not_a_hang(tmp_path: Path) -> None:
+    """A remote store that goes away for good: requests fail with EIO after the timeout."""
+    site = Site(tmp_path)
+    v = View(site, tmp_path / "view", "--reconnect-timeout", "1")
+    try:
+        (v.mnt / "f").write_bytes(b"x")
+        held = site.dir.rename(tmp_path / "moved-away")  # the agent cannot start again
+        os.kill(v.agent_pid(), signal.SIGKILL)
+        failures = 0
+        for _ in range(20):
+            try:
+                os.stat(v.mnt / "f")
+            except OSError as e:
+                assert e.errno in (errno.EIO, errno.ENOENT), e
+                failures += 1
+                if e.errno == errno.EIO and failures > 1:
+                    break
+        assert failures > 1
+        held.rename(site.dir)
+    finally:
+        log = v.stop()
+        with contextlib.suppress(FileNotFoundError):
+            shutil.rmtree(tmp_path / "moved-away")
+        assert stop_nbdkits(site.dir) == []
+    assert "gave up reconnecting" in log, log
+
+
+def test_bad_arguments_are_one_line(tmp_path: Path) -> None:
+    keys = write_keys(tmp_path / "k.psk")
+    for argv, words in (
+        (["far=/not/remote", str(tmp_path)], "expected NAME=nbd+ssh"),
+        ([f"far=nbd+local://{tmp_path}/missing?tls-psk={keys}", str(tmp_path)], "far"),
+        ([f"far=nbd+local://{tmp_path}?tls-psk={keys}", str(tmp_path / "nowhere")],
+         "not a directory"),
+    ):
+        done = subprocess.run([sys.executable, "-m", "fusedisk", "store-view", *argv],
+                              capture_output=True, text=True, timeout=60)
+        assert done.returncode == 1, done
+        assert done.stderr.startswith("fusedisk: error: ") and done.stderr.count("\n") == 1, \
+            done.stderr
+        assert words in done.stderr, done.stderr
