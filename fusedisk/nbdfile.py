@@ -28,8 +28,8 @@ answer a request for ``request_timeout_s`` is dropped and reconnected:
 ``endpoint_of()`` is asked again (the caller may restart nbdkit and hand a
 new endpoint), attempts repeat for up to ``reconnect_timeout_s``, then its
 requests fail with EIO and an error is logged naming the store and
-export; after such a give-up a connection tries once per new request
-(fails fast) until it connects again. Requests in flight on a dropped
+export; after such a give-up every connection tries once per new request
+(fails fast) until one connects again. Requests in flight on a dropped
 connection are sent again on the new one (NBD reads and writes are
 idempotent); a request that itself ran out of ``request_timeout_s`` fails
 with EIO instead.
@@ -105,7 +105,6 @@ class _Connection:
         self.queue: deque[_Request] = deque()
         self.in_flight: dict[int, _Request] = {}
         self.kick = trio.Event()
-        self.gave_up = False  # the last reconnect window ran out
 
     @property
     def load(self) -> int:
@@ -146,6 +145,8 @@ class NbdFile:
         self._max_request = MAX_REQUEST
         self._can_fua = self._can_zero = self._can_trim = True
         self._state = "new"  # new -> open -> closing -> closed
+        #: a reconnect window ran out and no connection has been made since
+        self._unreachable = False
         self._outstanding = 0
         self._drained = trio.Event()
         self._stopped = trio.Event()
@@ -172,14 +173,21 @@ class NbdFile:
 
     @contextlib.asynccontextmanager
     async def opened(self) -> AsyncIterator[NbdFile]:
-        """Open in a nursery of its own; closed on leaving."""
-        async with trio.open_nursery() as nursery:
-            await self.open(nursery)
-            try:
-                yield self
-            finally:
-                with trio.CancelScope(shield=True):
-                    await self.close()
+        """Open in a nursery of its own; closed on leaving. One error out of the block
+        (RemoteError from the open, say) leaves as itself, not in a group."""
+        try:
+            async with trio.open_nursery() as nursery:
+                await self.open(nursery)
+                try:
+                    yield self
+                finally:
+                    with trio.CancelScope(shield=True):
+                        await self.close()
+        except BaseExceptionGroup as group:
+            if len(group.exceptions) == 1 and not isinstance(group.exceptions[0],
+                                                             BaseExceptionGroup):
+                raise group.exceptions[0] from None
+            raise
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
                   ) -> None:
@@ -490,7 +498,7 @@ class NbdFile:
     async def _reconnect(self, conn: _Connection, fresh: bool = True) -> bool:
         """Connect *conn* again within ``reconnect_timeout_s`` (one try after a give-up);
         else fail its requests with EIO. Whether it connected."""
-        window = 0.0 if conn.gave_up else self.reconnect_timeout_s
+        window = 0.0 if self._unreachable else self.reconnect_timeout_s
         deadline = trio.current_time() + window
         attempt = 0
         last = ""
@@ -502,18 +510,18 @@ class NbdFile:
                 last = str(e)
                 conn.endpoint_gen = self._endpoint_gen
             else:
-                conn.handle, conn.endpoint_gen, conn.gave_up = h, gen, False
+                conn.handle, conn.endpoint_gen, self._unreachable = h, gen, False
                 self._learn(h)
                 self.stats["reconnects"] += 1
                 log.info("%s: NBD connection %d reconnected to %s", self.where, conn.index,
                          endpoint)
                 return True
             attempt += 1
-            pause = min(_BACKOFF_S[0] * 2 ** attempt, _BACKOFF_S[1])
-            if trio.current_time() + pause > deadline or self._state != "open":
+            left = deadline - trio.current_time()
+            if left <= 0 or self._state != "open":
                 break
-            await trio.sleep(pause)
-        conn.gave_up = True
+            await trio.sleep(min(_BACKOFF_S[0] * 2 ** attempt, _BACKOFF_S[1], left))
+        self._unreachable = True
         failed = self._fail_all(conn, errno.EIO, f"no NBD connection for {window:g} s ({last})")
         log.error("%s: NBD connection %d not back within %g s, %d requests failed with EIO: "
                   "%s", self.where, conn.index, window, failed, last)
