@@ -130,7 +130,7 @@ class NbdFile:
         self.name = name
         self.stats: dict[str, float] = {
             "requests": 0, "bytes_read": 0, "bytes_written": 0, "reconnects": 0, "errors": 0,
-            "last_latency_s": 0.0, "in_flight": 0, "max_in_flight": 0}
+            "last_latency_s": 0.0, "in_flight": 0, "max_in_flight": 0, "resent": 0}
         #: writes acknowledged so far / when the last successful flush began
         self.acked_writes = 0
         self.flushed_writes = 0
@@ -150,6 +150,7 @@ class NbdFile:
         self._outstanding = 0
         self._drained = trio.Event()
         self._stopped = trio.Event()
+        self._scope: trio.CancelScope | None = None
 
     # -- life ----------------------------------------------------------------------
 
@@ -202,6 +203,7 @@ class NbdFile:
                 self._learn(conn.handle)
             self._state = "open"
             async with trio.open_nursery() as nursery:
+                self._scope = nursery.cancel_scope
                 for conn in self._conns:
                     nursery.start_soon(self._drive, conn)
                 task_status.started()
@@ -216,15 +218,18 @@ class NbdFile:
 
     async def close(self) -> None:
         """Let the requests in flight finish (for up to ``request_timeout_s``), then
-        disconnect every handle; later requests fail with EBADF."""
+        disconnect every handle; later requests fail with EBADF, and so do those
+        still unfinished when the time is up (their drivers are cancelled)."""
         if self._state == "new":
             self._state = "closed"
         if self._state == "closed":
             return
         self._state = "closing"
-        with trio.move_on_after(self.request_timeout_s):
+        with trio.move_on_after(self.request_timeout_s) as waited:
             if self._outstanding:
                 await self._drained.wait()
+        if waited.cancelled_caught and self._scope is not None:
+            self._scope.cancel()
         for conn in self._conns:
             conn.kick.set()  # a driver that sees "closing" with nothing to do ends
         await self._stopped.wait()
@@ -474,6 +479,7 @@ class NbdFile:
                 again.append(req)
         conn.in_flight.clear()
         conn.queue.extendleft(reversed(again))
+        self.stats["resent"] += len(again)
         if self._state == "open":
             log.warning("%s: NBD connection %d lost (%s); reconnecting, %d requests to resend",
                         self.where, conn.index, why, len(again))

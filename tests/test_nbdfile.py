@@ -253,7 +253,7 @@ async def test_nbdkit_killed_mid_traffic(site: Site, caplog: pytest.LogCaptureFi
         async with f.opened():
             await random_traffic(f, reference, seed=5, ops=12, longest=64 * KiB,
                                  after_write=kill_at_the_tenth)
-            assert writes[0] > 10 and f.stats["reconnects"] >= 1
+            assert writes[0] > 10 and f.stats["reconnects"] >= 1 and f.stats["resent"] >= 1
             assert store.nbdkit_pid != first_pid and store.endpoint.port != first_port
             assert await whole(f) == bytes(reference)
             with pytest.raises(OSError) as caught:
@@ -313,3 +313,24 @@ async def test_requests_overlap(site: Site) -> None:
             assert f.stats["max_in_flight"] >= 8, f.stats
         on_disk = (site.dir / "disk0.img").read_bytes()
         assert all(on_disk[n * 4 * KiB:(n + 1) * 4 * KiB] == d for n, d in blocks.items())
+
+
+async def test_a_request_without_answer(site: Site) -> None:
+    """A server that takes 3 s for a write, a request timeout of 0.5 s: that write fails
+    with EIO, the connection is replaced (reads go on), and since the dropped
+    connection had acknowledged unflushed writes, the next flush fails once."""
+    with remote.connect(site.spec(**{"nbdkit-filter": "delay",
+                                     "nbdkit-param": "delay-write=3"})) as store:
+        create(store, "slow.img", MiB)
+        (site.dir / "slow.img").write_bytes(b"s" * MiB)
+        f = NbdFile(endpoint_of(store), "slow.img", connections=1, request_timeout_s=0.5)
+        async with f.opened():
+            await f.zero(0, 4096)  # not delayed: acknowledged, not flushed
+            with pytest.raises(OSError) as caught:
+                await f.pwrite(b"x" * 10, 8192)
+            assert caught.value.errno == errno.EIO
+            one_line(caught.value, "store 'far': slow.img", "no answer for 0.5 s")
+            assert await f.pread(4, 4096) == b"ssss" and f.stats["reconnects"] == 1
+            with pytest.raises(OSError, match="may not have reached"):
+                await f.flush()
+            await f.flush()
