@@ -17,7 +17,9 @@ and ends with an NBD flush on every connection.
 
 What exists (issue 17, milestones 1-2): the spec, the up-front check
 (:func:`connect`: agent started, version handshake, nbdkit started, a TLS-PSK
-connection made by libnbd) and the copy. Serving entries from a remote store
+connection made by libnbd) and the copy. nbdfile.py serves one export's data
+to many trio tasks (reads, writes, flush, reconnects) on top of this
+module's handles and :func:`_wait`. Serving entries from a remote store
 and relocating onto one are not built: ``mount`` checks a remote store and
 then refuses, saying so.
 

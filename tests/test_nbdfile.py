@@ -24,6 +24,7 @@ from pathlib import Path
 
 import pytest
 import trio
+import trio.testing
 
 from fusedisk import remote
 from fusedisk.nbdfile import NbdFile
@@ -87,8 +88,8 @@ class Ranges:
 async def random_traffic(f: NbdFile, reference: bytearray, seed: int, tasks: int = 16,
                          ops: int = 40, longest: int = 256 * KiB,
                          after_write: Callable[[], None] | None = None) -> None:
-    """*tasks* tasks of *ops* random reads and writes each (seeded), checked against
-    and applied to *reference*."""
+    """*tasks* tasks of *ops* random reads, writes and zeroings each (seeded), checked
+    against and applied to *reference*."""
     size = len(reference)
     ranges = Ranges()
 
@@ -102,9 +103,13 @@ async def random_traffic(f: NbdFile, reference: bytearray, seed: int, tasks: int
             end = min(offset + length, size)
             await ranges.take(offset, end)
             try:
-                if rng.random() < 0.5 or offset + length > size:
+                choice = rng.random()
+                if choice < 0.45 or offset + length > size:
                     got = await f.pread(length, offset)
                     assert got == bytes(reference[offset:end]), (n, offset, length)
+                elif choice < 0.55:
+                    await f.zero(offset, length, punch=rng.random() < 0.5)
+                    reference[offset:end] = bytes(end - offset)
                 else:
                     data = rng.randbytes(length)
                     await f.pwrite(data, offset)
@@ -334,3 +339,24 @@ async def test_a_request_without_answer(site: Site) -> None:
             with pytest.raises(OSError, match="may not have reached"):
                 await f.flush()
             await f.flush()
+
+
+async def test_a_cancelled_caller(site: Site) -> None:
+    """A caller cancelled while its write is in flight: the write still completes in
+    the driver (its buffer kept; close waits for it), the file goes on serving."""
+    with remote.connect(site.spec(**{"nbdkit-filter": "delay",
+                                     "nbdkit-param": "delay-write=200ms"})) as store:
+        create(store, "disk0.img", MiB)
+        f = NbdFile(endpoint_of(store), "disk0.img", connections=1)
+        async with f.opened():
+            with trio.CancelScope() as scope:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(f.pwrite, b"c" * 4096, 0)
+                    await trio.testing.wait_all_tasks_blocked()  # the driver waits on nbdkit
+                    assert f.stats["in_flight"] == 1
+                    scope.cancel()
+            assert scope.cancelled_caught
+            await f.pwrite(b"d" * 4096, 4096)
+            await f.flush()
+            assert f.stats["errors"] == 0 and f.stats["requests"] >= 3
+        assert (site.dir / "disk0.img").read_bytes()[:8192] == b"c" * 4096 + b"d" * 4096
