@@ -17,7 +17,9 @@ and ends with an NBD flush on every connection.
 
 What exists (issue 17, milestones 1-2): the spec, the up-front check
 (:func:`connect`: agent started, version handshake, nbdkit started, a TLS-PSK
-connection made by libnbd) and the copy. Serving entries from a remote store
+connection made by libnbd) and the copy. nbdfile.py serves one export's data
+to many trio tasks (reads, writes, flush, reconnects) on top of this
+module's handles and :func:`_wait`. Serving entries from a remote store
 and relocating onto one are not built: ``mount`` checks a remote store and
 then refuses, saying so.
 
@@ -459,6 +461,16 @@ class RemoteStore:
                 f"fusedisk {self.hello.version} (protocol {self.hello.protocol}), "
                 f"{self.hello.free_bytes >> 30} GiB free, nbdkit TLS-PSK at {self.endpoint}")
 
+    def serve(self) -> Endpoint:
+        """The endpoint nbdkit listens on now: the agent starts a new nbdkit if the last
+        one died (on a new port where the spec's is 0). Blocks (the agent's channel,
+        which is not for two threads at once); RemoteError (one line) if the agent
+        is gone or cannot start nbdkit. What an :class:`~fusedisk.nbdfile.NbdFile`'s
+        ``endpoint_of`` can call to reconnect after nbdkit died."""
+        self.endpoint, self.nbdkit_pid = _serve(self.spec, self.agent,
+                                                self.endpoint.tls_username)
+        return self.endpoint
+
     def nbdkit_trouble(self) -> str:
         """nbdkit's last words if it is no longer running, else ""."""
         try:
@@ -486,6 +498,23 @@ class RemoteStore:
             if trouble:
                 raise RemoteError(f"{e}; {trouble}") from None
             raise
+
+
+def _serve(spec: RemoteSpec, agent: AgentClient, username: str) -> tuple[Endpoint, int]:
+    """Ask the agent to serve (it starts nbdkit unless it runs): the endpoint and its pid."""
+    try:
+        served = agent.call("serve")
+    except OSError as e:
+        raise RemoteError(f"store {spec.name!r}: the agent on {spec.where} cannot start "
+                          f"nbdkit: {e.strerror}") from None
+    if "unix" in served:
+        endpoint = Endpoint(spec.name, socket=str(served["unix"]), tls_psk=spec.tls_psk,
+                            tls_username=username)
+    else:
+        host = spec.host if spec.transport == "ssh" else str(served["tcp"][0])
+        endpoint = Endpoint(spec.name, host=host, port=int(served["tcp"][1]),
+                            tls_psk=spec.tls_psk, tls_username=username)
+    return endpoint, int(served["pid"])
 
 
 def connect(spec: RemoteSpec) -> RemoteStore:
@@ -522,19 +551,8 @@ def connect(spec: RemoteSpec) -> RemoteStore:
                 f"store {spec.name!r}: the agent on {spec.where} speaks protocol "
                 f"{hello.protocol} (fusedisk {hello.version}), this fusedisk {__version__} "
                 f"speaks {PROTOCOL_VERSION}: install the same fusedisk on both hosts")
-        try:
-            served = agent.call("serve")
-        except OSError as e:
-            raise RemoteError(f"store {spec.name!r}: the agent on {spec.where} cannot start "
-                              f"nbdkit: {e.strerror}") from None
-        if "unix" in served:
-            endpoint = Endpoint(spec.name, socket=str(served["unix"]), tls_psk=spec.tls_psk,
-                                tls_username=username)
-        else:
-            host = spec.host if spec.transport == "ssh" else str(served["tcp"][0])
-            endpoint = Endpoint(spec.name, host=host, port=int(served["tcp"][1]),
-                                tls_psk=spec.tls_psk, tls_username=username)
-        store = RemoteStore(spec, agent, hello, endpoint, int(served["pid"]))
+        endpoint, pid = _serve(spec, agent, username)
+        store = RemoteStore(spec, agent, hello, endpoint, pid)
         try:
             endpoint.list_exports()
         except RemoteError as e:
@@ -611,13 +629,18 @@ def _drive(h: Any) -> int:
     return steps
 
 
-async def _wait(h: Any, stall_timeout_s: float, what: Callable[[], str]) -> None:
+async def _wait(h: Any, stall_timeout_s: float, what: Callable[[], str],
+                kick: trio.Event | None = None) -> None:
     """Move the handle's commands on: as far as its socket allows without blocking,
     else wait until the socket is ready for what the handle wants, then tell libnbd.
 
     libnbd sends one TLS record a step; a trip through trio's loop for each
     record cost more than the record (measured: 10 MB/s), so the non-blocking
     steps (``poll(0)``) come first, and trio waits only when none is possible.
+    A set *kick* also ends the wait (nothing is notified): a handle's one
+    driver (nbdfile.py) is told so that it has new commands to issue, after
+    which the direction to wait for may differ. Only one task may call this
+    on a handle at a time.
     """
     nbd = libnbd()
     if h.aio_is_dead() or h.aio_is_closed():
@@ -653,6 +676,12 @@ async def _wait(h: Any, stall_timeout_s: float, what: Callable[[], str]) -> None
                 nursery.start_soon(readable)
             if direction & nbd.AIO_DIRECTION_WRITE:
                 nursery.start_soon(writable)
+            if kick is not None:
+                async def kicked(event: trio.Event) -> None:
+                    await event.wait()
+                    nursery.cancel_scope.cancel()
+
+                nursery.start_soon(kicked, kick)
     if scope.cancelled_caught:
         raise RemoteError(f"{what()}: no answer for {stall_timeout_s:g} s")
     try:

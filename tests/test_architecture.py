@@ -13,6 +13,7 @@ LAYERS: list[set[str]] = [
     {"errors", "sizes", "failpoint", "fuseshim", "mountinfo", "gcwatch", "trace"},
     {"tlspsk", "agent"},
     {"remote"},
+    {"nbdfile"},
     {"bitmap", "metadata", "config", "gate"},
     {"backing", "api"},
     {"cbt", "progress", "lifecycle"},
