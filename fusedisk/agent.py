@@ -208,6 +208,7 @@ class Agent:
             "seek": self.op_seek, "statfs": self.op_statfs, "getxattr": self.op_getxattr,
             "setxattr": self.op_setxattr, "listxattr": self.op_listxattr,
             "removexattr": self.op_removexattr, "export": self.op_export,
+            "sweep": self.op_sweep,
             "remove-tree": self.op_remove_tree, "serve": self.op_serve,
             "nbd-status": self.op_nbd_status,
         }
@@ -311,9 +312,24 @@ class Agent:
         its type bits, ``rdev`` for a device."""
         st_mode = _arg(req, "st_mode", int)
         rdev = _arg(req, "rdev", int, 0)
+        export = _arg(req, "export", bool, False)
         with self._parent(req.get("path"), "mknod") as (parent, name):
             os.mknod(name, st_mode, rdev, dir_fd=parent)
-            return {"stat": self._reply(os.stat(name, dir_fd=parent, follow_symlinks=False))}
+            st = os.stat(name, dir_fd=parent, follow_symlinks=False)
+            if export and stat.S_ISREG(st.st_mode):
+                # linked at birth: a link made later would move the file's ctime
+                self._link_export(parent, name, st)
+                st = os.stat(name, dir_fd=parent, follow_symlinks=False)
+            return {"stat": self._reply(st)}
+
+    def _link_export(self, parent: int, name: str, st: os.stat_result) -> str:
+        export = f"{EXPORT_PREFIX}{st.st_ino}"
+        if not self._exported(st):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(export, dir_fd=self.root_fd)
+            os.link(name, export, src_dir_fd=parent, dst_dir_fd=self.root_fd,
+                    follow_symlinks=False)
+        return export
 
     def op_symlink(self, req: dict[str, Any]) -> dict[str, Any]:
         target = os.fsencode(_arg(req, "target", str))
@@ -414,15 +430,34 @@ class Agent:
     def op_export(self, req: dict[str, Any]) -> dict[str, Any]:
         """The NBD export of a regular file: its link ``.fusedisk-x<ino>`` at the top of DIR,
         made if missing (a stale one, of an inode since reused, is replaced)."""
-        with self._open(req.get("path"), "export", os.O_PATH) as fd:
-            st = self._regular(fd, "export", req["path"])
-            export = f"{EXPORT_PREFIX}{st.st_ino}"
-            if not self._exported(st):
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(export, dir_fd=self.root_fd)
-                os.link(f"/proc/self/fd/{fd}", export, dst_dir_fd=self.root_fd,
-                        follow_symlinks=True)
-            return {"export": export, "size": st.st_size}
+        with self._parent(req.get("path"), "export") as (parent, name):
+            st = os.stat(name, dir_fd=parent, follow_symlinks=False)
+            if not stat.S_ISREG(st.st_mode):
+                raise Refused("EINVAL", f"export: {req['path']!r} is not a regular file")
+            return {"export": self._link_export(parent, name, st), "size": st.st_size}
+
+    def op_sweep(self, req: dict[str, Any]) -> dict[str, Any]:
+        """What a store view left behind when it ended without cleaning up (only at its
+        start, when nothing is in use): its orphans (files unlinked while open), then
+        export links whose file has no other name (orphans' and crashes' leftovers)."""
+        orphans = exports = 0
+        with self._open("", "sweep", os.O_RDONLY | os.O_DIRECTORY) as fd, os.scandir(fd) as it:
+            names = [e.name for e in it if e.name.startswith((ORPHAN_PREFIX, EXPORT_PREFIX))]
+        for name in sorted(names, key=lambda n: not n.startswith(ORPHAN_PREFIX)):
+            with contextlib.suppress(OSError):
+                st = os.stat(name, dir_fd=self.root_fd, follow_symlinks=False)
+                if name.startswith(ORPHAN_PREFIX):
+                    if stat.S_ISDIR(st.st_mode):
+                        continue
+                    os.unlink(name, dir_fd=self.root_fd)
+                    orphans += 1
+                    if self._exported(st) and st.st_nlink == 2:
+                        os.unlink(f"{EXPORT_PREFIX}{st.st_ino}", dir_fd=self.root_fd)
+                        exports += 1
+                elif stat.S_ISREG(st.st_mode) and st.st_nlink == 1:
+                    os.unlink(name, dir_fd=self.root_fd)
+                    exports += 1
+        return {"orphans": orphans, "exports": exports}
 
     def op_create(self, req: dict[str, Any]) -> dict[str, Any]:
         """A regular file of ``size`` bytes, all a hole (the NBD export fills it)."""

@@ -283,6 +283,11 @@ def _parser() -> argparse.ArgumentParser:
     sv.add_argument("--reconnect-timeout", type=float, default=30.0, metavar="S",
                     help="how long requests wait for a broken link to the remote host to be "
                     "made again before they fail with EIO (default 30)")
+    sv.add_argument("--nbd-min-bytes", type=int, default=1 << 20, metavar="N",
+                    help="files at least this large (when opened) carry their data over NBD, "
+                    "smaller ones through the agent (default 1 MiB)")
+    sv.add_argument("--nbd-connections", type=int, default=2, metavar="N",
+                    help="NBD connections per open file (default 2)")
     sv.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)
     sv.add_argument("--watch-fd", type=int, default=None, help=argparse.SUPPRESS)
 
@@ -689,8 +694,13 @@ def cmd_store_view(args: argparse.Namespace) -> int:
 
     if args.reconnect_timeout < 0:
         raise FusediskError("store-view: --reconnect-timeout must not be negative")
+    if args.nbd_min_bytes < 0 or not 1 <= args.nbd_connections <= 16:
+        raise FusediskError("store-view: --nbd-min-bytes must not be negative and "
+                            "--nbd-connections must be 1..16")
     return storeview.main(args.store, str(args.mountpoint.absolute()), ready_fd=args.ready_fd,
-                          watch_fd=args.watch_fd, reconnect_timeout_s=args.reconnect_timeout)
+                          watch_fd=args.watch_fd, reconnect_timeout_s=args.reconnect_timeout,
+                          nbd_min_bytes=args.nbd_min_bytes,
+                          nbd_connections=args.nbd_connections)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

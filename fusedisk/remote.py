@@ -507,14 +507,17 @@ def _serve(spec: RemoteSpec, agent: AgentClient, username: str) -> tuple[Endpoin
     except OSError as e:
         raise RemoteError(f"store {spec.name!r}: the agent on {spec.where} cannot start "
                           f"nbdkit: {e.strerror}") from None
+    return served_endpoint(spec, served, username), int(served["pid"])
+
+
+def served_endpoint(spec: RemoteSpec, served: dict[str, Any], username: str) -> Endpoint:
+    """Where nbdkit listens, from the agent's reply to ``serve``."""
     if "unix" in served:
-        endpoint = Endpoint(spec.name, socket=str(served["unix"]), tls_psk=spec.tls_psk,
-                            tls_username=username)
-    else:
-        host = spec.host if spec.transport == "ssh" else str(served["tcp"][0])
-        endpoint = Endpoint(spec.name, host=host, port=int(served["tcp"][1]),
-                            tls_psk=spec.tls_psk, tls_username=username)
-    return endpoint, int(served["pid"])
+        return Endpoint(spec.name, socket=str(served["unix"]), tls_psk=spec.tls_psk,
+                        tls_username=username)
+    host = spec.host if spec.transport == "ssh" else str(served["tcp"][0])
+    return Endpoint(spec.name, host=host, port=int(served["tcp"][1]), tls_psk=spec.tls_psk,
+                    tls_username=username)
 
 
 def connect(spec: RemoteSpec) -> RemoteStore:

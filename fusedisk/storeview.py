@@ -42,7 +42,6 @@ through the agent's ``read``/``write``.
 from __future__ import annotations
 
 import errno
-import importlib
 import logging
 import os
 import signal
@@ -56,7 +55,7 @@ from typing import Any
 import pyfuse3
 import trio
 
-from . import extraops, fuseshim, remote
+from . import extraops, fuseshim, nbdfile, remote
 from .agent import EXPORT_PREFIX, MAX_DATA, ORPHAN_PREFIX
 from .errors import FusediskError
 
@@ -106,7 +105,6 @@ class AgentLink:
         self.calls = 0
         self.latency_s = 0.0
         self._nursery: trio.Nursery | None = None
-        self.endpoint_changed = trio.Event()
 
     def attach(self, store: remote.RemoteStore, nursery: trio.Nursery) -> None:
         """Take over a checked store's agent channel (its blocking client is not used again)."""
@@ -119,6 +117,10 @@ class AgentLink:
         leftover = store.agent._buffer  # a partial line the blocking client read ahead
         nursery.start_soon(self._reader, self._recv, leftover)
         self._up.set()
+
+    @property
+    def nursery(self) -> trio.Nursery | None:
+        return self._nursery
 
     @property
     def endpoint(self) -> remote.Endpoint:
@@ -198,8 +200,6 @@ class AgentLink:
                 log.warning("store %r: reconnected to %s (nbdkit at %s)", self.spec.name,
                             self.spec.where, store.endpoint)
                 self.attach(store, self._nursery)
-                changed, self.endpoint_changed = self.endpoint_changed, trio.Event()
-                changed.set()
                 return
         finally:
             self._reconnecting = False
@@ -285,6 +285,9 @@ class Node:
     gone: bool = False  #: removed: its path leads nowhere any more
     data: Any = None  #: its NBD file while open, if it carries data over NBD
     data_users: int = 0
+    #: the bytes that go over NBD: the export's size at open, less any shrinking since
+    #: (nbdkit fails a read past the file's end; the agent serves the rest)
+    nbd_size: int = 0
     children: set[int] = field(default_factory=set)
 
 
@@ -298,16 +301,19 @@ class StoreView(pyfuse3.Operations):
     enable_writeback_cache = False  # acknowledged writes must be on the remote host
 
     def __init__(self, link: AgentLink, *, nbd_connections: int = 2,
+                 nbd_min_bytes: int = NBD_MIN_BYTES,
                  open_nbd: Callable[[str, int], Awaitable[Any]] | None = None) -> None:
         super().__init__()
         self.agent = link
         self.nodes: dict[int, Node] = {}
         self.root_ino = 0  #: the remote root's inode number
         self._fhs: dict[int, int] = {}  # fh -> ino
+        self._fh_epoch: dict[int, int] = {}  # fh -> the NBD loss epoch it was told of
         self._next_fh = 1
         self._dirs: dict[int, list[tuple[str, dict[str, Any]]]] = {}
         self._open_nbd = open_nbd
         self.nbd_connections = nbd_connections
+        self.nbd_min = nbd_min_bytes
 
     # -- mapping ------------------------------------------------------------------
 
@@ -366,6 +372,11 @@ class StoreView(pyfuse3.Operations):
         node.lookups += 1
         return attrs
 
+    def _resized(self, ino: int, size: int) -> None:
+        node = self.nodes.get(ino)
+        if node is not None:
+            node.nbd_size = min(node.nbd_size, size)
+
     def _release_node(self, node: Node) -> None:
         """Forget a node nobody uses any more; an orphan's last name goes too."""
         if node.lookups > 0 or node.opens > 0 or node.ino == pyfuse3.ROOT_INODE:
@@ -392,12 +403,10 @@ class StoreView(pyfuse3.Operations):
         st = await self.agent.call("stat", path="")
         self.root_ino = int(st["ino"])
         self.nodes[pyfuse3.ROOT_INODE] = Node(pyfuse3.ROOT_INODE, pyfuse3.ROOT_INODE, "")
-        listing = await self.agent.call("list", path="")
-        for name, _kind in listing["entries"]:
-            if name.startswith(ORPHAN_PREFIX):
-                await self.agent.call("unlink", path=name)
-                log.info("store %r: removed %s, left by an earlier run", self.agent.spec.name,
-                         name)
+        swept = await self.agent.call("sweep")
+        if swept["orphans"] or swept["exports"]:
+            log.info("store %r: removed %d orphans and %d export links an earlier run left",
+                     self.agent.spec.name, swept["orphans"], swept["exports"])
 
     # -- errors -------------------------------------------------------------------
 
@@ -445,6 +454,7 @@ class StoreView(pyfuse3.Operations):
         st: dict[str, Any] | None = None
         if fields.update_size:
             st = (await self._call("truncate", path=path, size=attr.st_size))["stat"]
+            self._resized(inode, attr.st_size)
         args: dict[str, Any] = {}
         if fields.update_uid:
             args["uid"] = attr.st_uid
@@ -477,7 +487,7 @@ class StoreView(pyfuse3.Operations):
         text = _b(name)
         self._visible(parent_inode, text)
         reply = await self._call("mknod", path=self._child(parent_inode, text), st_mode=mode,
-                                 rdev=rdev)
+                                 rdev=rdev, export=self._open_nbd is not None)
         return self._known(parent_inode, text, reply["stat"])
 
     async def symlink(self, parent_inode: int, name: bytes, target: bytes,
@@ -642,14 +652,19 @@ class StoreView(pyfuse3.Operations):
         fh = self._next_fh
         self._next_fh += 1
         self._fhs[fh] = ino
+        data = self.nodes[ino].data
+        # like Linux's writeback errors: every handle open when NBD may have lost
+        # acknowledged writes hears of it at its next fsync, once
+        self._fh_epoch[fh] = data.loss_epoch if data is not None else 0
         return fh
 
     async def _opened(self, node: Node, size: int, truncate: bool) -> None:
         node.opens += 1
         if truncate:
             await self._call("truncate", path=self.path(node.ino), size=0)
+            self._resized(node.ino, 0)
             size = 0
-        if node.data is None and self._open_nbd is not None and size >= NBD_MIN_BYTES:
+        if node.data is None and self._open_nbd is not None and size >= max(1, self.nbd_min):
             reply = await self._call("export", path=self.path(node.ino))
             try:
                 node.data = await self._open_nbd(str(reply["export"]), self.nbd_connections)
@@ -658,6 +673,7 @@ class StoreView(pyfuse3.Operations):
                           reply["export"], e)
                 node.opens -= 1
                 raise _fail(errno.EIO) from None
+            node.nbd_size = int(node.data.size)
         if node.data is not None:
             node.data_users += 1
 
@@ -679,8 +695,9 @@ class StoreView(pyfuse3.Operations):
         self._visible(parent_inode, text)
         path = self._child(parent_inode, text)
         try:
-            st = (await self.agent.call("mknod", path=path, st_mode=stat.S_IFREG | (mode & 0o7777))
-                  )["stat"]
+            st = (await self.agent.call("mknod", path=path,
+                                        st_mode=stat.S_IFREG | (mode & 0o7777),
+                                        export=self._open_nbd is not None))["stat"]
             truncate = False
         except OSError as e:
             if e.errno != errno.EEXIST or flags & os.O_EXCL:
@@ -707,10 +724,10 @@ class StoreView(pyfuse3.Operations):
         import base64
         node = self._node_of(fh)
         data = node.data
-        if data is not None and off < data.size:
-            length = min(size, data.size - off)
+        if data is not None and off < node.nbd_size:
+            length = min(size, node.nbd_size - off)
             head = await self._nbd(data.pread(length, off), "read")
-            if len(head) == size or off + len(head) < data.size:
+            if len(head) == size or off + len(head) < node.nbd_size:
                 return head  # type: ignore[no-any-return]
             off += len(head)
             size -= len(head)
@@ -745,8 +762,8 @@ class StoreView(pyfuse3.Operations):
         sync = (fh >> fuseshim.FH_SYNC_SHIFT) & fuseshim.FH_SYNC_BITS
         data = node.data
         done = 0
-        if data is not None and off < data.size:
-            head = min(len(buf), data.size - off)
+        if data is not None and off < node.nbd_size:
+            head = min(len(buf), node.nbd_size - off)
             await self._nbd(data.pwrite(memoryview(buf)[:head], off, fua=bool(sync)), "write")
             done = head
         view = memoryview(buf)
@@ -755,7 +772,7 @@ class StoreView(pyfuse3.Operations):
             await self._call("write", path=self.path(node.ino), offset=off + done,
                              data=base64.b64encode(piece).decode("ascii"))
             done += len(piece)
-        if sync and (data is None or (len(buf) > 0 and off + len(buf) > data.size)):
+        if sync and (data is None or (len(buf) > 0 and off + len(buf) > node.nbd_size)):
             await self._call("fsync", path=self.path(node.ino))
         return len(buf)
 
@@ -766,8 +783,9 @@ class StoreView(pyfuse3.Operations):
 
     async def fallocate(self, fh: int, mode: int, offset: int, length: int) -> None:
         node = self._node_of(fh)
-        await self._call("fallocate", path=self.path(node.ino), mode=mode, offset=offset,
-                         length=length)
+        reply = await self._call("fallocate", path=self.path(node.ino), mode=mode,
+                                 offset=offset, length=length)
+        self._resized(node.ino, int(reply["stat"]["size"]))
 
     async def lseek(self, fh: int, offset: int, whence: int) -> int:
         node = self._node_of(fh)
@@ -786,11 +804,24 @@ class StoreView(pyfuse3.Operations):
 
     async def fsync(self, fh: int, datasync: bool) -> None:
         node = self._node_of(fh)
-        if node.data is not None:
-            await self._nbd(node.data.flush(), "flush")
+        key = fh & fuseshim.FH_MASK
+        data = node.data
+        if data is not None:
+            failed = False
+            try:
+                await data.flush()
+            except OSError as e:
+                if e.errno != errno.EIO:
+                    raise _fail(e.errno or errno.EIO) from None
+                log.error("%s", e)
+                failed = True
+            if failed or data.loss_epoch != self._fh_epoch.get(key, 0):
+                self._fh_epoch[key] = data.loss_epoch
+                raise _fail(errno.EIO)
         await self._call("fsync", path=self.path(node.ino))
 
     async def release(self, fh: int) -> None:
+        self._fh_epoch.pop(fh, None)
         ino = self._fhs.pop(fh, None)
         node = self.nodes.get(ino) if ino is not None else None
         if node is None:
@@ -841,7 +872,11 @@ async def _serve_in(view: StoreView, link: AgentLink, store: remote.RemoteStore,
                     ready_fd: int | None, watch_fd: int | None) -> None:
     async with trio.open_nursery() as nursery:
         link.attach(store, nursery)
-        await view.start(nursery)
+        try:
+            await view.start(nursery)
+        except OSError as e:
+            raise FusediskError(f"store-view: store {link.spec.name!r}: cannot read the store "
+                                f"directory on {link.spec.where}: {e.strerror or e}") from None
         if ready_fd is not None:
             os.write(ready_fd, b"ready\n")
             os.close(ready_fd)
@@ -872,7 +907,8 @@ async def _serve_in(view: StoreView, link: AgentLink, store: remote.RemoteStore,
 
 def main(spec_text: str, mountpoint: str, *, ready_fd: int | None = None,
          watch_fd: int | None = None,
-         reconnect_timeout_s: float = DEFAULT_RECONNECT_TIMEOUT_S) -> int:
+         reconnect_timeout_s: float = DEFAULT_RECONNECT_TIMEOUT_S,
+         nbd_min_bytes: int = NBD_MIN_BYTES, nbd_connections: int = 2) -> int:
     """``fusedisk store-view``: mount the view of a remote store until signalled."""
     name, sep, text = spec_text.partition("=")
     if not sep or not name or not remote.is_remote_spec(text):
@@ -885,7 +921,8 @@ def main(spec_text: str, mountpoint: str, *, ready_fd: int | None = None,
             raise FusediskError(f"store-view: mount point {mountpoint} is not a directory")
     store = remote.connect(spec)
     link = AgentLink(spec, reconnect_timeout_s)
-    view = StoreView(link, open_nbd=_nbd_opener(link))
+    view = StoreView(link, open_nbd=_nbd_opener(link), nbd_min_bytes=nbd_min_bytes,
+                     nbd_connections=nbd_connections)
     fuseshim.enable_extra_ops()  # fallocate and SEEK_DATA/SEEK_HOLE reach the agent
     options = set(pyfuse3.default_options)
     options.discard("default_permissions")
@@ -897,28 +934,36 @@ def main(spec_text: str, mountpoint: str, *, ready_fd: int | None = None,
         raise FusediskError(f"store-view: cannot mount on {mountpoint}: {e}") from None
     try:
         trio.run(_serve, view, link, store, ready_fd, watch_fd)
+    except BaseExceptionGroup as group:
+        matched, rest = group.split(FusediskError)
+        if matched is not None and rest is None:
+            leaf: BaseException = matched
+            while isinstance(leaf, BaseExceptionGroup):
+                leaf = leaf.exceptions[0]
+            raise leaf from None
+        raise
     finally:
         link.close()
         pyfuse3.close(unmount=True)
     return 0
 
 
-def _nbd_opener(link: AgentLink) -> Callable[[str, int], Awaitable[Any]] | None:
-    """How the view opens a file's export, if the NBD room is there (nbdfile.py)."""
-    try:
-        nbdfile = importlib.import_module("fusedisk.nbdfile")
-    except ImportError:
-        return None
+def _nbd_opener(link: AgentLink) -> Callable[[str, int], Awaitable[Any]]:
+    """How the view opens a file's export (nbdfile.py). A connection that breaks asks
+    the agent where nbdkit listens now (``serve`` starts a new one if it died), after
+    the agent itself was replaced if need be."""
 
     async def endpoint() -> remote.Endpoint:
-        while link.store is None:
-            await link.endpoint_changed.wait()
-        return link.endpoint
+        reply = await link.call("serve")
+        assert link.store is not None
+        return remote.served_endpoint(link.spec, reply, link.store.endpoint.tls_username)
 
     async def opener(export: str, connections: int) -> Any:
+        assert link.nursery is not None
         f = nbdfile.NbdFile(endpoint, export, connections=connections,
-                            reconnect_timeout_s=link.reconnect_timeout_s, name=link.spec.name)
-        await f.open()
+                            reconnect_timeout_s=link.reconnect_timeout_s,
+                            name=f"store {link.spec.name!r}: {export}")
+        await f.open(link.nursery)
         return f
 
     return opener
