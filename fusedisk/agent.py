@@ -208,7 +208,7 @@ class Agent:
             "seek": self.op_seek, "statfs": self.op_statfs, "getxattr": self.op_getxattr,
             "setxattr": self.op_setxattr, "listxattr": self.op_listxattr,
             "removexattr": self.op_removexattr, "export": self.op_export,
-            "sweep": self.op_sweep,
+            "sweep": self.op_sweep, "find": self.op_find,
             "remove-tree": self.op_remove_tree, "serve": self.op_serve,
             "nbd-status": self.op_nbd_status,
         }
@@ -435,6 +435,38 @@ class Agent:
             if not stat.S_ISREG(st.st_mode):
                 raise Refused("EINVAL", f"export: {req['path']!r} is not a regular file")
             return {"export": self._link_export(parent, name, st), "size": st.st_size}
+
+    def op_find(self, req: dict[str, Any]) -> dict[str, Any]:
+        """A path of the object with inode number ``ino`` (not a directory), looked for
+        through the whole tree without following a symlink; ENOENT if none. For a
+        store view that lost every name it knew of a file with hard links."""
+        ino = _arg(req, "ino", int)
+        with self._open("", "find", os.O_RDONLY | os.O_DIRECTORY) as top:
+            pending: list[tuple[int, str]] = [(os.dup(top), "")]
+            try:
+                while pending:
+                    fd, rel = pending.pop()
+                    try:
+                        with os.scandir(fd) as it:
+                            entries = list(it)
+                        for entry in entries:
+                            if not rel and entry.name.startswith((EXPORT_PREFIX,
+                                                                  ORPHAN_PREFIX)):
+                                continue
+                            path = f"{rel}/{entry.name}" if rel else entry.name
+                            if entry.is_dir(follow_symlinks=False):
+                                with contextlib.suppress(OSError):
+                                    pending.append((os.open(
+                                        entry.name, os.O_RDONLY | os.O_DIRECTORY |
+                                        os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd), path))
+                            elif entry.inode() == ino:
+                                return {"path": path}
+                    finally:
+                        os.close(fd)
+            finally:
+                for fd, _ in pending:
+                    os.close(fd)
+        raise Refused("ENOENT", f"find: no object with inode {ino}")
 
     def op_sweep(self, req: dict[str, Any]) -> dict[str, Any]:
         """What a store view left behind when it ended without cleaning up (only at its

@@ -9,6 +9,7 @@ more is printed, as a command killed by SIGPIPE would be reported).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import io
 import json
@@ -351,10 +352,6 @@ def cmd_mount(args: argparse.Namespace) -> int:
     from .daemon import check_mountpoint
 
     config = _config_from(args)
-    if config.remote_stores:
-        from . import remote
-
-        remote.check_and_refuse(config.remote_stores)
     if args.foreground:
         return _run_foreground(config, args.ready_fd)
     check_directories(config)
@@ -397,6 +394,8 @@ def _spawn_daemon(config: Config, args: argparse.Namespace) -> int:
              "--block-size", str(config.block_size)]
     for name, path in config.stores.items():
         argv += ["--store", f"{name}={path}"]
+    for name, spec in config.remote_stores.items():
+        argv += ["--store", f"{name}={spec.text}"]
     if config.allow_other:
         argv.append("--allow-other")
     if not config.cbt:
@@ -697,10 +696,17 @@ def cmd_store_view(args: argparse.Namespace) -> int:
     if args.nbd_min_bytes < 0 or not 1 <= args.nbd_connections <= 16:
         raise FusediskError("store-view: --nbd-min-bytes must not be negative and "
                             "--nbd-connections must be 1..16")
-    return storeview.main(args.store, str(args.mountpoint.absolute()), ready_fd=args.ready_fd,
-                          watch_fd=args.watch_fd, reconnect_timeout_s=args.reconnect_timeout,
-                          nbd_min_bytes=args.nbd_min_bytes,
-                          nbd_connections=args.nbd_connections)
+    try:
+        return storeview.main(args.store, str(args.mountpoint.absolute()),
+                              ready_fd=args.ready_fd, watch_fd=args.watch_fd,
+                              reconnect_timeout_s=args.reconnect_timeout,
+                              nbd_min_bytes=args.nbd_min_bytes,
+                              nbd_connections=args.nbd_connections)
+    except FusediskError as e:
+        if args.ready_fd is not None:  # the daemon that started it says this line
+            with contextlib.suppress(OSError):
+                os.write(args.ready_fd, f"ERR {e}\n".encode())
+        raise
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

@@ -18,6 +18,7 @@ step undoes exactly the steps before it.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import logging
 import os
@@ -38,13 +39,14 @@ from .commands import Commands
 from .config import Config, check_directories
 from .control import ControlServer
 from .datastore import Datastore, StoreClaims
-from .errors import ConfigError, MountError
+from .errors import MountError
 from .extraops import ExtraOps
 from .fs import Operations
 from .fuseloop import RequestLoop, dev_fuse_fds, find_session_fd
 from .metadata import StateDir
 from .relocation import Relocator
 from .snapshots import Snapshots
+from .storeviews import StoreViews
 from .vdisk import OpenFiles, VFile
 
 log = logging.getLogger(__name__)
@@ -141,9 +143,6 @@ async def serve(config: Config, on_ready: Callable[[], None]) -> None:
     exists, so a failure at any step undoes exactly what was built, in reverse
     order (state directory unlocked last), and a normal end does the same.
     """
-    if config.remote_stores:  # cli.cmd_mount checks them and refuses; nothing serves them
-        raise ConfigError(f"remote stores ({', '.join(sorted(config.remote_stores))}) cannot "
-                          "hold entries yet")
     gcwatch.install()
     async with contextlib.AsyncExitStack() as stack:
         check_directories(config)
@@ -159,6 +158,14 @@ async def serve(config: Config, on_ready: Callable[[], None]) -> None:
         stack.callback(unmounted)
         # a first mount refused before it served leaves no state directory behind
         stack.callback(lambda: state.close() if prepared else state.abandon())
+        # remote stores become directories (a view each): stopped after everything
+        # that holds a descriptor into them is closed (the callbacks registered later)
+        views = StoreViews(config.mountpoint)
+        stack.callback(views.stop)
+        if config.remote_stores:
+            mounted = await views.start(config.remote_stores)
+            config = dataclasses.replace(config, stores={**config.stores, **mounted})
+            check_directories(config)
         claims = StoreClaims(state, config.mountpoint)
         stack.callback(claims.release)
         datastore = Datastore.open(config, state, claims)

@@ -380,7 +380,9 @@ class NbdFile:
                                    lambda: f"{self.where} (connection {conn.index})", conn.kick)
             except RemoteError as e:
                 failure = str(e)
-            self._collect(conn)
+            shutting_down = self._collect(conn)
+            if not failure and shutting_down:
+                failure = shutting_down
             if not failure and (conn.handle.aio_is_dead() or conn.handle.aio_is_closed()):
                 failure = "the connection died"
             if failure:
@@ -429,13 +431,18 @@ class NbdFile:
             conn.in_flight[cookie] = req
             self.stats["requests"] += 1
 
-    def _collect(self, conn: _Connection) -> None:
+    def _collect(self, conn: _Connection) -> str:
         """Finish the requests whose replies arrived (on a dead handle: those that
-        completed before it died; the rest are sent again by :meth:`_drop`)."""
+        completed before it died; the rest are sent again by :meth:`_drop`).
+
+        A request the server refused with ESHUTDOWN (it is going away: NBD's word
+        for "try again elsewhere") stays to be sent again; the connection is then
+        to be dropped, which the returned reason says ("" otherwise)."""
         nbd = remote.libnbd()
         h = conn.handle
         dead = h.aio_is_dead() or h.aio_is_closed()
         now = trio.current_time()
+        shutting_down = ""
         for cookie, req in list(conn.in_flight.items()):
             try:
                 if not h.aio_command_completed(cookie):
@@ -443,6 +450,9 @@ class NbdFile:
             except nbd.Error as e:
                 if dead:
                     continue
+                if getattr(e, "errnum", None) == errno.ESHUTDOWN:
+                    shutting_down = "the server is shutting down (ESHUTDOWN)"
+                    continue  # kept in flight: _drop sends it again
                 del conn.in_flight[cookie]
                 self._finish(req, self._server_error(req, e))
                 continue
@@ -455,6 +465,7 @@ class NbdFile:
                 if req.op == "write":
                     self.stats["bytes_written"] += req.length
             self._finish(req)
+        return shutting_down
 
     def _server_error(self, req: _Request, e: Exception) -> OSError:
         code = getattr(e, "errnum", None) or errno.EIO

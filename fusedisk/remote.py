@@ -828,21 +828,3 @@ async def copy_file_to(source: Path, endpoint: Endpoint, export: str, *, connect
             close_handle(h)
     return CopyStats(bytes_written=done["written"], bytes_zeroed=done["zeroed"],
                      elapsed_s=time.monotonic() - started, connections=opened)
-
-
-def check_and_refuse(specs: dict[str, RemoteSpec]) -> None:
-    """What ``mount`` does with remote stores today: check each, then refuse honestly.
-
-    RemoteError if one cannot be reached or speaks another version;
-    otherwise RemoteError saying the checks passed but entries cannot be
-    held by a remote store yet (serving and relocating onto one are not
-    built). Either way nothing is left running.
-    """
-    checked = []
-    for name in sorted(specs):
-        with connect(specs[name]) as store:
-            checked.append(f"{name} ({store.spec.where}, fusedisk {store.hello.version}, "
-                           f"nbdkit TLS-PSK ok)")
-    raise RemoteError(f"remote store {', '.join(checked)} checked, but remote stores cannot "
-                      "hold entries yet (serving and relocating onto them are not built: "
-                      "issue 17, milestones 3-5); mount without them")

@@ -41,6 +41,7 @@ through the agent's ``read``/``write``.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -49,7 +50,7 @@ import stat
 import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import pyfuse3
@@ -63,10 +64,22 @@ log = logging.getLogger(__name__)
 
 #: Files at least this large (when opened) carry their data over NBD.
 NBD_MIN_BYTES = 1 << 20
+#: FUSE inode numbers given where the remote number is still taken (far above any
+#: real filesystem's numbers).
+FRESH_INO_BASE = 1 << 60
 #: How long the kernel may keep names and attributes (this view is the store's only writer).
 CACHE_TIMEOUT_S = 1.0
 DEFAULT_RECONNECT_TIMEOUT_S = 30.0
 _HIDDEN_AT_ROOT = (EXPORT_PREFIX, ORPHAN_PREFIX, ".fusedisk-agent")
+
+
+_TRACE = os.environ.get("FUSEDISK_VIEW_TRACE")
+
+
+def _trace(*what: Any) -> None:
+    if _TRACE:
+        with open(f"{_TRACE}.{os.getpid()}", "a") as f:
+            f.write(" ".join(map(str, what)) + "\n")
 
 
 def _fail(err: int) -> pyfuse3.FUSEError:
@@ -167,13 +180,13 @@ class AgentLink:
         self.store = None
         for stream in (self._send, self._recv):
             if stream is not None:
-                with _suppress():
+                with contextlib.suppress(Exception):
                     stream.close()
         self._send = self._recv = None
         if old is not None:
-            with _suppress():
+            with contextlib.suppress(Exception):
                 old.agent.proc.kill()
-            with _suppress():
+            with contextlib.suppress(Exception):
                 old.close()
         if self._nursery is not None and not self._reconnecting:
             self._reconnecting = True
@@ -215,7 +228,8 @@ class AgentLink:
             self._nursery.start_soon(self._reconnect)
         if not self._up.is_set():
             await self._up.wait()
-        if self.store is None or self._send is None:
+        send = self._send
+        if self.store is None or send is None:
             raise OSError(errno.EIO, f"store {self.spec.name!r}: no link to the agent")
         self._id += 1
         request_id = self._id
@@ -227,10 +241,13 @@ class AgentLink:
         started = time.monotonic()
         try:
             async with self._send_lock:
-                await self._send.send_all(line)
+                if send is not self._send:  # the link broke while this waited its turn
+                    raise trio.ClosedResourceError
+                await send.send_all(line)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as e:
             self._waiting.pop(request_id, None)
-            self._broken(f"sending failed: {e}")
+            if send is self._send:  # not a link already replaced
+                self._broken(f"sending failed: {e}")
             raise OSError(errno.EIO, f"store {self.spec.name!r}: the agent link broke") from None
         await event.wait()
         reply = slot[0]
@@ -249,7 +266,7 @@ class AgentLink:
         self._nursery = None
         for stream in (self._send, self._recv):
             if stream is not None:
-                with _suppress():
+                with contextlib.suppress(Exception):
                     stream.close()
         self._send = self._recv = None
 
@@ -260,14 +277,6 @@ class AgentLink:
             self.store = None
 
 
-class _suppress:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, kind: object, value: object, tb: object) -> bool:
-        return isinstance(value, Exception)
-
-
 # -- inodes ----------------------------------------------------------------------------
 
 
@@ -275,20 +284,38 @@ class _suppress:
 class Node:
     """An inode the kernel knows (or an open file's), and where it is on the remote host."""
 
-    ino: int
-    parent: int
-    name: str
+    ino: int  #: the FUSE inode number (the remote one unless taken, see _fuse_ino)
+    remote: int  #: the remote inode number
+    #: the names it is known by, ``(parent inode, name)``, the latest last; a directory
+    #: has one, a file with hard links may have several
+    names: list[tuple[int, str]]
     is_reg: bool = False
     lookups: int = 0
     opens: int = 0
-    orphan: bool = False  #: its last name is ``.fusedisk-orphan-<ino>`` at the top
-    gone: bool = False  #: removed: its path leads nowhere any more
+    orphan: bool = False  #: its only name is ``.fusedisk-orphan-<ino>`` at the top
+    gone: bool = False  #: removed: no path leads to it any more
     data: Any = None  #: its NBD file while open, if it carries data over NBD
-    data_users: int = 0
     #: the bytes that go over NBD: the export's size at open, less any shrinking since
     #: (nbdkit fails a read past the file's end; the agent serves the rest)
     nbd_size: int = 0
-    children: set[int] = field(default_factory=set)
+
+    def named(self, parent: int, name: str) -> None:
+        """Known by this name too (now the latest)."""
+        with contextlib.suppress(ValueError):
+            self.names.remove((parent, name))
+        self.names.append((parent, name))
+
+    def unnamed(self, parent: int, name: str) -> bool:
+        """No longer known by this name; whether it was."""
+        try:
+            self.names.remove((parent, name))
+        except ValueError:
+            return False
+        return True
+
+    @property
+    def parent(self) -> int:
+        return self.names[-1][0] if self.names else pyfuse3.ROOT_INODE
 
 
 def _b(name: bytes) -> str:
@@ -307,6 +334,9 @@ class StoreView(pyfuse3.Operations):
         self.agent = link
         self.nodes: dict[int, Node] = {}
         self.root_ino = 0  #: the remote root's inode number
+        self._by_remote: dict[int, int] = {}  #: remote inode number -> FUSE inode number
+        self._by_name: dict[tuple[int, str], int] = {}  #: (parent, name) -> FUSE inode number
+        self._fresh = 0
         self._fhs: dict[int, int] = {}  # fh -> ino
         self._fh_epoch: dict[int, int] = {}  # fh -> the NBD loss epoch it was told of
         self._next_fh = 1
@@ -318,21 +348,84 @@ class StoreView(pyfuse3.Operations):
     # -- mapping ------------------------------------------------------------------
 
     def _fuse_ino(self, remote_ino: int) -> int:
-        return pyfuse3.ROOT_INODE if remote_ino == self.root_ino else remote_ino
+        """The FUSE inode number of a remote object: its remote number, unless an earlier
+        object the kernel may still know had it (the remote filesystem reuses the
+        numbers of removed inodes at once, and the kernel must never see one number
+        for two objects: their lookup counts would mix)."""
+        if remote_ino == self.root_ino:
+            return pyfuse3.ROOT_INODE
+        nid = self._by_remote.get(remote_ino)
+        if nid is None:
+            nid = remote_ino
+            if nid in self.nodes or nid == pyfuse3.ROOT_INODE:
+                self._fresh += 1
+                nid = FRESH_INO_BASE + self._fresh
+            self._by_remote[remote_ino] = nid
+        return nid
 
-    def path(self, ino: int) -> str:
-        """The path of a known inode below the store ("" for the root); ESTALE if gone."""
+    def _name(self, node: Node, parent: int, name: str) -> None:
+        node.named(parent, name)
+        self._by_name[(parent, name)] = node.ino
+
+    def _unname(self, node: Node, parent: int, name: str) -> bool:
+        if not node.unnamed(parent, name):
+            return False
+        if self._by_name.get((parent, name)) == node.ino:
+            del self._by_name[(parent, name)]
+        return True
+
+    def _set_names(self, node: Node, names: list[tuple[int, str]]) -> None:
+        for key in node.names:
+            if self._by_name.get(key) == node.ino:
+                del self._by_name[key]
+        node.names = list(names)
+        for key in names:
+            self._by_name[key] = node.ino
+
+    def _removed(self, remote_ino: int) -> None:
+        """The remote object is gone: a node of it leads nowhere, its number is free."""
+        nid = self._by_remote.pop(remote_ino, None)
+        node = self.nodes.get(nid) if nid is not None else None
+        if node is not None and not node.orphan:
+            node.gone = True
+            self._set_names(node, [])
+
+    async def path(self, ino: int) -> str:
+        """The path of a known inode below the store ("" for the root); ESTALE if gone.
+
+        An inode whose every known name went (another hard link of it is left, by a
+        name the kernel had not told of) is looked for on the remote host."""
         parts: list[str] = []
         while ino != pyfuse3.ROOT_INODE:
             node = self.nodes.get(ino)
             if node is None or node.gone:
+                log.warning("store %r: inode %d is %s (ESTALE)", self.agent.spec.name, ino,
+                            "gone" if node is not None else "not known")
+                _trace("ESTALE", ino, node)
                 raise _fail(errno.ESTALE)
-            parts.append(node.name)
-            ino = node.parent
+            if not node.names:
+                await self._find(node)
+                if not node.names:
+                    raise _fail(errno.ESTALE)
+            parent, name = node.names[-1]
+            parts.append(name)
+            ino = parent
         return "/".join(reversed(parts))
 
-    def _child(self, parent: int, name: str) -> str:
-        base = self.path(parent)
+    async def _find(self, node: Node) -> None:
+        try:
+            found = await self.agent.call("find", ino=node.ino)
+        except OSError as e:
+            if e.errno != errno.ENOENT:
+                raise _fail(e.errno or errno.EIO) from None
+            node.gone = True
+            return
+        # the whole path as one name below the root: good until a directory on the
+        # way is renamed, when the inode is looked for again
+        self._set_names(node, [(pyfuse3.ROOT_INODE, str(found["path"]))])
+
+    async def _child(self, parent: int, name: str) -> str:
+        base = await self.path(parent)
         return f"{base}/{name}" if base else name
 
     def _attrs(self, st: dict[str, Any]) -> pyfuse3.EntryAttributes:
@@ -365,11 +458,16 @@ class StoreView(pyfuse3.Operations):
         ino = attrs.st_ino
         node = self.nodes.get(ino)
         if node is None or node.gone:
-            node = Node(ino, parent, name, is_reg=stat.S_ISREG(attrs.st_mode))
+            node = Node(ino, int(st["ino"]), [], is_reg=stat.S_ISREG(attrs.st_mode))
             self.nodes[ino] = node
+            self._name(node, parent, name)
         elif not node.orphan and ino != pyfuse3.ROOT_INODE:
-            node.parent, node.name = parent, name  # the latest name of a hard-linked file
+            if stat.S_ISDIR(attrs.st_mode):
+                self._set_names(node, [(parent, name)])
+            else:
+                self._name(node, parent, name)
         node.lookups += 1
+        _trace("known", ino, parent, name, node)
         return attrs
 
     def _resized(self, ino: int, size: int) -> None:
@@ -378,11 +476,20 @@ class StoreView(pyfuse3.Operations):
             node.nbd_size = min(node.nbd_size, size)
 
     def _release_node(self, node: Node) -> None:
-        """Forget a node nobody uses any more; an orphan's last name goes too."""
+        """Drop a node nobody uses any more whose object is gone; an orphan's last name
+        goes too. A node of an object that still exists is kept although the kernel
+        forgot it: the datastore reopens objects by file handle, and the kernel then
+        asks for the inode by number (a lookup of "." in it)."""
         if node.lookups > 0 or node.opens > 0 or node.ino == pyfuse3.ROOT_INODE:
             return
+        if not node.gone and not node.orphan:
+            return
         if self.nodes.get(node.ino) is node:
+            _trace("drop", node.ino, node)
             del self.nodes[node.ino]
+            self._set_names(node, [])
+            if self._by_remote.get(node.remote) == node.ino:
+                del self._by_remote[node.remote]
         if node.orphan and not node.gone:
             node.gone = True
             assert self._nursery is not None
@@ -402,7 +509,7 @@ class StoreView(pyfuse3.Operations):
         self._nursery = nursery
         st = await self.agent.call("stat", path="")
         self.root_ino = int(st["ino"])
-        self.nodes[pyfuse3.ROOT_INODE] = Node(pyfuse3.ROOT_INODE, pyfuse3.ROOT_INODE, "")
+        self.nodes[pyfuse3.ROOT_INODE] = Node(pyfuse3.ROOT_INODE, self.root_ino, [])
         swept = await self.agent.call("sweep")
         if swept["orphans"] or swept["exports"]:
             log.info("store %r: removed %d orphans and %d export links an earlier run left",
@@ -427,17 +534,26 @@ class StoreView(pyfuse3.Operations):
     async def lookup(self, parent_inode: int, name: bytes,
                      ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         text = _b(name)
-        if text == ".":
-            return await self.getattr(parent_inode, ctx)
-        if text == "..":
+        if text in (".", ".."):  # by file handle (open_by_handle_at), or its parent
             node = self.nodes.get(parent_inode)
-            return await self.getattr(node.parent if node else pyfuse3.ROOT_INODE, ctx)
+            if node is None or node.gone:
+                raise _fail(errno.ESTALE)
+            if text == "..":
+                node = self.nodes.get(node.parent)
+                if node is None or node.gone:
+                    raise _fail(errno.ESTALE)
+            attrs = self._attrs(await self._call("stat", path=await self.path(node.ino)))
+            if attrs.st_ino != node.ino:
+                raise _fail(errno.ESTALE)  # the name leads to another object now
+            node.lookups += 1
+            return attrs
         self._visible(parent_inode, text)
-        st = await self._call("stat", path=self._child(parent_inode, text))
+        st = await self._call("stat", path=await self._child(parent_inode, text))
         return self._known(parent_inode, text, st)
 
     async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
         for ino, count in inode_list:
+            _trace("forget", ino, count, self.nodes.get(ino))
             node = self.nodes.get(ino)
             if node is not None:
                 node.lookups = max(0, node.lookups - count)
@@ -445,16 +561,19 @@ class StoreView(pyfuse3.Operations):
 
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext | None = None
                       ) -> pyfuse3.EntryAttributes:
-        return self._attrs(await self._call("stat", path=self.path(inode)))
+        return self._attrs(await self._call("stat", path=await self.path(inode)))
 
     async def setattr(self, inode: int, attr: pyfuse3.EntryAttributes,
                       fields: pyfuse3.SetattrFields, fh: int | None,
                       ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
-        path = self.path(inode)
+        path = await self.path(inode)
         st: dict[str, Any] | None = None
         if fields.update_size:
             st = (await self._call("truncate", path=path, size=attr.st_size))["stat"]
             self._resized(inode, attr.st_size)
+            node = self.nodes.get(inode)
+            if node is not None:
+                await self._grown(node, attr.st_size)
         args: dict[str, Any] = {}
         if fields.update_uid:
             args["uid"] = attr.st_uid
@@ -473,20 +592,20 @@ class StoreView(pyfuse3.Operations):
         return self._attrs(st)
 
     async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
-        return os.fsencode((await self._call("readlink", path=self.path(inode)))["target"])
+        return os.fsencode((await self._call("readlink", path=await self.path(inode)))["target"])
 
     async def mkdir(self, parent_inode: int, name: bytes, mode: int,
                     ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         text = _b(name)
         self._visible(parent_inode, text)
-        reply = await self._call("mkdir", path=self._child(parent_inode, text), mode=mode)
+        reply = await self._call("mkdir", path=await self._child(parent_inode, text), mode=mode)
         return self._known(parent_inode, text, reply["stat"])
 
     async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int,
                     ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         text = _b(name)
         self._visible(parent_inode, text)
-        reply = await self._call("mknod", path=self._child(parent_inode, text), st_mode=mode,
+        reply = await self._call("mknod", path=await self._child(parent_inode, text), st_mode=mode,
                                  rdev=rdev, export=self._open_nbd is not None)
         return self._known(parent_inode, text, reply["stat"])
 
@@ -494,7 +613,7 @@ class StoreView(pyfuse3.Operations):
                       ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         text = _b(name)
         self._visible(parent_inode, text)
-        reply = await self._call("symlink", path=self._child(parent_inode, text),
+        reply = await self._call("symlink", path=await self._child(parent_inode, text),
                                  target=os.fsdecode(target))
         return self._known(parent_inode, text, reply["stat"])
 
@@ -502,16 +621,13 @@ class StoreView(pyfuse3.Operations):
                    ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         text = _b(new_name)
         self._visible(new_parent_inode, text)
-        reply = await self._call("link", path=self.path(inode),
-                                 to=self._child(new_parent_inode, text))
+        reply = await self._call("link", path=await self.path(inode),
+                                 to=await self._child(new_parent_inode, text))
         return self._known(new_parent_inode, text, reply["stat"])
 
-    async def _in_use(self, parent: int, name: str) -> Node | None:
-        """The node of a regular file at *parent*/*name* the kernel still knows, if any."""
-        try:
-            st = await self.agent.call("stat", path=self._child(parent, name))
-        except OSError:
-            return None
+    def _in_use_node(self, st: dict[str, Any]) -> Node | None:
+        """The node of a regular file (by its stat) whose last name would go, if the
+        kernel still knows it."""
         node = self.nodes.get(self._fuse_ino(int(st["ino"])))
         if node is None or not stat.S_ISREG(int(st["st_mode"])) or int(st["nlink"]) > 1:
             return None  # unknown, or another name keeps it
@@ -523,70 +639,92 @@ class StoreView(pyfuse3.Operations):
         """Give a file in use its orphan name: moved there, or (*keep*) linked there."""
         orphan = f"{ORPHAN_PREFIX}{node.ino}"
         await self._call("link" if keep else "rename", path=path, to=orphan)
-        node.parent, node.name, node.orphan = pyfuse3.ROOT_INODE, orphan, True
+        self._set_names(node, [(pyfuse3.ROOT_INODE, orphan)])
+        node.orphan = True
 
     async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         text = _b(name)
         self._visible(parent_inode, text)
-        path = self._child(parent_inode, text)
-        node = await self._in_use(parent_inode, text)
+        path = await self._child(parent_inode, text)
+        st = await self._call("stat", path=path)
+        node = self._in_use_node(st)
         if node is not None:
             await self._orphan(node, path, keep=False)
             return
         await self._call("unlink", path=path)
         self._unnamed(parent_inode, text)
+        if int(st["nlink"]) <= 1:
+            self._removed(int(st["ino"]))
 
-    def _unnamed(self, parent: int, name: str) -> None:
-        """A name is gone: a node recorded under it (no other name known) leads nowhere."""
-        for node in self.nodes.values():
-            if node.parent == parent and node.name == name and not node.orphan:
-                node.gone = True
-                break
+    def _unnamed(self, parent: int, name: str, keep: int = 0) -> None:
+        """A name is gone (except for inode *keep*, which it still names)."""
+        node = self.nodes.get(self._by_name.get((parent, name), 0))
+        if node is None or node.ino == keep or node.orphan:
+            return
+        self._unname(node, parent, name)
+        if not node.names and not node.is_reg:
+            node.gone = True  # a directory, a symlink...: one name, now none
 
     async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         text = _b(name)
         self._visible(parent_inode, text)
-        await self._call("rmdir", path=self._child(parent_inode, text))
+        path = await self._child(parent_inode, text)
+        st = await self._call("stat", path=path)
+        await self._call("rmdir", path=path)
         self._unnamed(parent_inode, text)
+        self._removed(int(st["ino"]))
 
     async def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int,
                      name_new: bytes, flags: int, ctx: pyfuse3.RequestContext) -> None:
         old, new = _b(name_old), _b(name_new)
         self._visible(parent_inode_old, old)
         self._visible(parent_inode_new, new)
-        src = self._child(parent_inode_old, old)
-        dst = self._child(parent_inode_new, new)
+        src = await self._child(parent_inode_old, old)
+        dst = await self._child(parent_inode_new, new)
         exchange = bool(flags & pyfuse3.RENAME_EXCHANGE)
         noreplace = bool(flags & pyfuse3.RENAME_NOREPLACE)
+        src_st = await self._call("stat", path=src)
+        moved_ino = self._fuse_ino(int(src_st["ino"]))
+        try:
+            dst_st: dict[str, Any] | None = await self.agent.call("stat", path=dst)
+        except OSError:
+            dst_st = None
+        target_ino = self._fuse_ino(int(dst_st["ino"])) if dst_st is not None else 0
+        if target_ino == moved_ino:  # two names of one inode: rename(2) does nothing
+            await self._call("rename", path=src, to=dst, exchange=exchange,
+                             noreplace=noreplace)
+            return
         replaced = None
-        if not exchange and not noreplace:
-            replaced = await self._in_use(parent_inode_new, new)
+        if dst_st is not None and not exchange and not noreplace:
+            replaced = self._in_use_node(dst_st)
             if replaced is not None:  # keep the replaced file's data for its users
                 await self._orphan(replaced, dst, keep=True)
         try:
             await self._call("rename", path=src, to=dst, exchange=exchange, noreplace=noreplace)
         except pyfuse3.FUSEError:
             if replaced is not None:  # undo the orphan link: the file keeps its name
-                with _suppress():
+                with contextlib.suppress(Exception):
                     await self.agent.call("unlink", path=f"{ORPHAN_PREFIX}{replaced.ino}")
-                replaced.parent, replaced.name, replaced.orphan = parent_inode_new, new, False
+                self._set_names(replaced, [(parent_inode_new, new)])
+                replaced.orphan = False
             raise
-        moved = [n for n in self.nodes.values()
-                 if n.parent == parent_inode_old and n.name == old and not n.orphan]
+        moved = self.nodes.get(moved_ino)
+        target = self.nodes.get(target_ino) if target_ino else None
         if exchange:
-            other = [n for n in self.nodes.values()
-                     if n.parent == parent_inode_new and n.name == new and not n.orphan]
-            for n in other:
-                n.parent, n.name = parent_inode_old, old
+            if target is not None and self._unname(target, parent_inode_new, new):
+                self._name(target, parent_inode_old, old)
         elif replaced is None:
-            self._unnamed(parent_inode_new, new)
-        for n in moved:
-            n.parent, n.name = parent_inode_new, new
+            self._unnamed(parent_inode_new, new, keep=moved_ino)
+            if dst_st is not None and (int(dst_st["nlink"]) <= 1 or
+                                       stat.S_ISDIR(int(dst_st["st_mode"]))):
+                self._removed(int(dst_st["ino"]))  # replaced: its last name went
+        if moved is not None and self._unname(moved, parent_inode_old, old):
+            self._name(moved, parent_inode_new, new)
 
     # -- directories ------------------------------------------------------------------
 
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
-        reply = await self._call("list", path=self.path(inode), stat=True)
+        reply = await self._call("list", path=await self.path(inode), stat=True)
         entries = [(name, st) for name, st in reply["entries"]
                    if not (inode == pyfuse3.ROOT_INODE and name.startswith(_HIDDEN_AT_ROOT))]
         fh = self._next_fh
@@ -610,7 +748,7 @@ class StoreView(pyfuse3.Operations):
         self._fhs.pop(fh, None)
 
     async def fsyncdir(self, fh: int, datasync: bool) -> None:
-        await self._call("fsync", path=self.path(self._fhs[fh]))
+        await self._call("fsync", path=await self.path(self._fhs[fh]))
 
     async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
         fs = await self._call("statfs")
@@ -630,21 +768,21 @@ class StoreView(pyfuse3.Operations):
 
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
         import base64
-        reply = await self._call("getxattr", path=self.path(inode), name=os.fsdecode(name))
+        reply = await self._call("getxattr", path=await self.path(inode), name=os.fsdecode(name))
         return base64.b64decode(reply["value"])
 
     async def setxattr(self, inode: int, name: bytes, value: bytes,
                        ctx: pyfuse3.RequestContext) -> None:
         import base64
-        await self._call("setxattr", path=self.path(inode), name=os.fsdecode(name),
+        await self._call("setxattr", path=await self.path(inode), name=os.fsdecode(name),
                          value=base64.b64encode(value).decode("ascii"))
 
     async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
-        reply = await self._call("listxattr", path=self.path(inode))
+        reply = await self._call("listxattr", path=await self.path(inode))
         return [os.fsencode(n) for n in reply["names"]]
 
     async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
-        await self._call("removexattr", path=self.path(inode), name=os.fsdecode(name))
+        await self._call("removexattr", path=await self.path(inode), name=os.fsdecode(name))
 
     # -- files ------------------------------------------------------------------------
 
@@ -661,28 +799,46 @@ class StoreView(pyfuse3.Operations):
     async def _opened(self, node: Node, size: int, truncate: bool) -> None:
         node.opens += 1
         if truncate:
-            await self._call("truncate", path=self.path(node.ino), size=0)
+            await self._call("truncate", path=await self.path(node.ino), size=0)
             self._resized(node.ino, 0)
             size = 0
-        if node.data is None and self._open_nbd is not None and size >= max(1, self.nbd_min):
-            reply = await self._call("export", path=self.path(node.ino))
+        try:
+            await self._grown(node, size)
+        except pyfuse3.FUSEError:
+            node.opens -= 1
+            raise
+
+    async def _grown(self, node: Node, size: int) -> None:
+        """An open file is *size* bytes now: large enough, its data goes over NBD from
+        here on; grown past its export's size, the export learns the new size (a disk
+        image made empty and then truncated to its size by a copy, say)."""
+        if node.opens <= 0 or self._open_nbd is None:
+            return
+        if node.data is None and size >= max(1, self.nbd_min):
+            reply = await self._call("export", path=await self.path(node.ino))
             try:
-                node.data = await self._open_nbd(str(reply["export"]), self.nbd_connections)
+                data = await self._open_nbd(str(reply["export"]), self.nbd_connections)
             except (OSError, remote.RemoteError) as e:
                 log.error("store %r: NBD for %s failed: %s", self.agent.spec.name,
                           reply["export"], e)
-                node.opens -= 1
                 raise _fail(errno.EIO) from None
-            node.nbd_size = int(node.data.size)
-        if node.data is not None:
-            node.data_users += 1
+            if node.data is not None:  # another request opened it meanwhile
+                await data.close()
+                return
+            node.data, node.nbd_size = data, int(data.size)
+            for fh, ino in self._fhs.items():
+                if ino == node.ino:
+                    self._fh_epoch[fh] = data.loss_epoch
+        elif node.data is not None and size > node.nbd_size:
+            await self._nbd(node.data.refresh(), "refresh")
+            node.nbd_size = min(int(node.data.size), size)
 
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext
                    ) -> pyfuse3.FileInfo:
         node = self.nodes.get(inode)
         if node is None or node.gone:
             raise _fail(errno.ESTALE)
-        st = await self._call("stat", path=self.path(inode))
+        st = await self._call("stat", path=await self.path(inode))
         if not stat.S_ISREG(int(st["st_mode"])):
             raise _fail(errno.EINVAL)
         await self._opened(node, int(st["size"]), bool(flags & os.O_TRUNC))
@@ -693,7 +849,7 @@ class StoreView(pyfuse3.Operations):
                      ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
         text = _b(name)
         self._visible(parent_inode, text)
-        path = self._child(parent_inode, text)
+        path = await self._child(parent_inode, text)
         try:
             st = (await self.agent.call("mknod", path=path,
                                         st_mode=stat.S_IFREG | (mode & 0o7777),
@@ -736,7 +892,7 @@ class StoreView(pyfuse3.Operations):
             prefix = b""
         chunks = [prefix]
         while size > 0:
-            reply = await self._call("read", path=self.path(node.ino), offset=off,
+            reply = await self._call("read", path=await self.path(node.ino), offset=off,
                                      length=min(size, MAX_DATA))
             chunk = base64.b64decode(reply["data"])
             chunks.append(chunk)
@@ -769,11 +925,11 @@ class StoreView(pyfuse3.Operations):
         view = memoryview(buf)
         while done < len(buf):
             piece = bytes(view[done:done + MAX_DATA])
-            await self._call("write", path=self.path(node.ino), offset=off + done,
+            await self._call("write", path=await self.path(node.ino), offset=off + done,
                              data=base64.b64encode(piece).decode("ascii"))
             done += len(piece)
         if sync and (data is None or (len(buf) > 0 and off + len(buf) > node.nbd_size)):
-            await self._call("fsync", path=self.path(node.ino))
+            await self._call("fsync", path=await self.path(node.ino))
         return len(buf)
 
     async def flush(self, fh: int) -> None:
@@ -783,16 +939,17 @@ class StoreView(pyfuse3.Operations):
 
     async def fallocate(self, fh: int, mode: int, offset: int, length: int) -> None:
         node = self._node_of(fh)
-        reply = await self._call("fallocate", path=self.path(node.ino), mode=mode,
+        reply = await self._call("fallocate", path=await self.path(node.ino), mode=mode,
                                  offset=offset, length=length)
         self._resized(node.ino, int(reply["stat"]["size"]))
+        await self._grown(node, int(reply["stat"]["size"]))
 
     async def lseek(self, fh: int, offset: int, whence: int) -> int:
         node = self._node_of(fh)
         how = {os.SEEK_DATA: "data", os.SEEK_HOLE: "hole"}.get(whence)
         if how is None:
             raise _fail(errno.EINVAL)
-        return int((await self._call("seek", path=self.path(node.ino), offset=offset,
+        return int((await self._call("seek", path=await self.path(node.ino), offset=offset,
                                      whence=how))["offset"])
 
     async def copy_file_range(self, fh_in: int, offset_in: int, fh_out: int, offset_out: int,
@@ -818,7 +975,7 @@ class StoreView(pyfuse3.Operations):
             if failed or data.loss_epoch != self._fh_epoch.get(key, 0):
                 self._fh_epoch[key] = data.loss_epoch
                 raise _fail(errno.EIO)
-        await self._call("fsync", path=self.path(node.ino))
+        await self._call("fsync", path=await self.path(node.ino))
 
     async def release(self, fh: int) -> None:
         self._fh_epoch.pop(fh, None)
@@ -827,12 +984,10 @@ class StoreView(pyfuse3.Operations):
         if node is None:
             return
         node.opens = max(0, node.opens - 1)
-        if node.data is not None:
-            node.data_users -= 1
-            if node.data_users <= 0:
-                data, node.data, node.data_users = node.data, None, 0
-                with _suppress():
-                    await data.close()
+        if node.data is not None and node.opens == 0:
+            data, node.data = node.data, None
+            with contextlib.suppress(Exception):
+                await data.close()
         self._release_node(node)
 
     # -- statistics ---------------------------------------------------------------

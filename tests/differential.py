@@ -101,11 +101,12 @@ import stat
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fusedisk import agent as _agent
 from fusedisk import api, control
 from fusedisk import datastore as _datastore
 from fusedisk.errors import ControlError
@@ -201,8 +202,21 @@ PRIVATE_INO = 1 << 62
 _OWNER_NAME: str | None = getattr(_datastore, "OWNER_NAME", None)
 
 
-def _leftover(name: str) -> bool:
-    """Whether a name at a store's root is something a relocation left behind."""
+def _leftover(path: Path) -> bool:
+    """Whether a name at a store's root is something a relocation left behind.
+
+    A remote store's directory also holds the store view's names (storeview.py):
+    a file's NBD export link (a leftover only once the file has no other name) and
+    the orphans of files unlinked while the kernel still knew them (the view's to
+    remove when the kernel forgets them, or at its next start)."""
+    name = path.name
+    if name.startswith(_agent.EXPORT_PREFIX):
+        try:
+            return os.lstat(path).st_nlink < 2
+        except FileNotFoundError:
+            return False
+    if name.startswith(_agent.ORPHAN_PREFIX):
+        return False
     return name.startswith(".fusedisk") and name != _OWNER_NAME
 
 
@@ -1459,9 +1473,9 @@ class Run:
 
     def __init__(self, workdir: Path, gaps: frozenset[str],
                  say: Callable[[str], None] = lambda _: None,
-                 env: dict[str, str] | None = None) -> None:
+                 env: dict[str, str] | None = None, remote: Sequence[str] = ()) -> None:
         self.workdir = workdir
-        self.ds = MountedDatastore(workdir / "ds")
+        self.ds = MountedDatastore(workdir / "ds", remote=remote)
         self.ds.env = dict(env or {})
         self.ref = Side("reference", workdir / "ref" / ENTRY)
         self.mnt = Side("mount", self.ds.mnt / ENTRY)
@@ -1725,7 +1739,7 @@ class Run:
         stores = self.ds.stores
 
         def clean() -> bool:
-            return not any(_leftover(p.name) for s in stores.values()
+            return not any(_leftover(p) for s in stores.values()
                            for p in s.iterdir()) and not any(
                 (s / ENTRY).exists() for name, s in stores.items() if name != self.placement)
 
@@ -1890,12 +1904,13 @@ def _subtract(a: list[tuple[int, int]], b: list[tuple[int, int]]) -> list[tuple[
 
 def run_ops(
     workdir: Path, ops: list[Op], gaps: frozenset[str],
-    say: Callable[[str], None] = lambda _: None,
+    say: Callable[[str], None] = lambda _: None, remote: Sequence[str] = (),
 ) -> tuple[Failed | None, Report]:
-    """Run *ops* and the epilogue on a fresh datastore; the first failing step, if any."""
+    """Run *ops* and the epilogue on a fresh datastore (*remote*: stores served as remote
+    stores); the first failing step, if any."""
     shutil.rmtree(workdir, ignore_errors=True)
     workdir.mkdir(parents=True)
-    with Run(workdir, gaps, say) as run:
+    with Run(workdir, gaps, say, remote=remote) as run:
         steps = [*ops, *EPILOGUE]
         for index, op in enumerate(steps):
             found = run.step(index, op)
@@ -1912,6 +1927,7 @@ def run_ops(
 def run_seed(
     workdir: Path, seed: int, steps: int, gaps: frozenset[str],
     say: Callable[[str], None] = lambda _: None, env: dict[str, str] | None = None,
+    remote: Sequence[str] = (),
 ) -> tuple[list[Op], Failed | None, Report]:
     """Generate and run *steps* operations of *seed* (the generator follows the run);
     *env* goes into the daemon's environment at every start."""
@@ -1919,7 +1935,7 @@ def run_seed(
     workdir.mkdir(parents=True)
     gen = Generator(seed)
     ops: list[Op] = []
-    with Run(workdir, gaps, say, env) as run:
+    with Run(workdir, gaps, say, env, remote) as run:
         for index in range(steps + len(EPILOGUE)):
             op = gen.next_op(index, run.ref) if index < steps else EPILOGUE[index - steps]
             if index < steps:
@@ -1976,7 +1992,7 @@ def slice_ops(ops: list[Op], paths: set[str]) -> list[Op]:
 
 def shrink(
     workdir: Path, ops: list[Op], failure: Failed, gaps: frozenset[str], budget_s: float,
-    say: Callable[[str], None] = lambda _: None,
+    say: Callable[[str], None] = lambda _: None, remote: Sequence[str] = (),
 ) -> tuple[list[Op], Failed]:
     """Delta debugging over *ops*: a shorter sequence that fails the same way.
 
@@ -1996,7 +2012,7 @@ def shrink(
             return None
         tried.add(key)
         try:
-            got, _ = run_ops(workdir, candidate, gaps)
+            got, _ = run_ops(workdir, candidate, gaps, remote=remote)
         except Exception as e:  # a candidate the engine trips over is not a reduction
             say(f"candidate of {len(candidate)} operations broke the run: {e!r}")
             return None
@@ -2036,9 +2052,10 @@ def shrink(
     return best, best_failure
 
 
-def check_replay(workdir: Path, ops: list[Op], gaps: frozenset[str] = frozenset()) -> Report:
+def check_replay(workdir: Path, ops: list[Op], gaps: frozenset[str] = frozenset(),
+                 remote: Sequence[str] = ()) -> Report:
     """Run a replay (e.g. one printed by a failure); raise AssertionError if it fails."""
-    failure, report = run_ops(workdir, ops, gaps)
+    failure, report = run_ops(workdir, ops, gaps, remote=remote)
     if failure is not None:
         raise AssertionError(f"replay failed at {failure.describe()}\n{format_replay(ops)}")
     return report
@@ -2297,7 +2314,7 @@ def _check_after_kill(ds: MountedDatastore, placement: str, disk: Path, journal:
                       start: int, change_id: str, disk_rel: str) -> list[str]:
     problems = []
     for name, store in ds.stores.items():
-        leftovers = [p.name for p in store.iterdir() if _leftover(p.name)]
+        leftovers = [p.name for p in store.iterdir() if _leftover(p)]
         if leftovers:
             problems.append(f"leftovers on store {name}: {leftovers}")
         if name != placement and (store / ENTRY).exists():

@@ -10,9 +10,11 @@ in another process), so nothing here can deadlock on the FUSE loop.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import resource
+import secrets
 import select
 import signal
 import subprocess
@@ -24,6 +26,7 @@ from typing import Any
 
 from fusedisk import mountinfo
 from fusedisk.datastore import OWNER_NAME
+from fusedisk.storeviews import view_mountpoint
 
 READY_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 30.0
@@ -67,8 +70,12 @@ class MountedDatastore:
         default_store: str = "a",
         extra_args: Sequence[str] = (),
         nofile: int | None = None,
+        remote: Sequence[str] = (),
     ) -> None:
         self.root = root
+        #: stores served as remote stores (``nbd+local://``: the agent and nbdkit run
+        #: here, and the store's directory below is the "remote host's" directory)
+        self.remote = tuple(remote)
         #: the daemon's RLIMIT_NOFILE (soft and hard), None: inherited
         self.nofile = nofile
         self.mnt = root / "mnt"
@@ -83,14 +90,25 @@ class MountedDatastore:
         self.mnt.mkdir(parents=True, exist_ok=True)
         for path in self.stores.values():
             path.mkdir(parents=True, exist_ok=True)
+        self.psk = root / "nbd.psk"
+        if self.remote and not self.psk.exists():
+            self.psk.write_text(f"fusedisk:{secrets.token_hex(32)}\n")
+            os.chmod(self.psk, 0o600)
+
+    def store_spec(self, name: str) -> str:
+        """What ``--store`` says for store *name*."""
+        path = self.stores[name]
+        if name in self.remote:
+            return f"{name}=nbd+local://{path}?tls-psk={self.psk}"
+        return f"{name}={path}"
 
     # -- life cycle --------------------------------------------------------------
 
     def argv(self, ready_fd: int | None = None) -> list[str]:
         argv = [sys.executable, "-m", "fusedisk", "mount", "--foreground", str(self.mnt),
                 "--state-dir", str(self.state_dir), "--default-store", self.default_store]
-        for name, path in self.stores.items():
-            argv += ["--store", f"{name}={path}"]
+        for name in self.stores:
+            argv += ["--store", self.store_spec(name)]
         if ready_fd is not None:
             argv += ["--ready-fd", str(ready_fd)]
         return argv + self.extra_args
@@ -155,6 +173,28 @@ class MountedDatastore:
                 proc.kill()
                 proc.wait()
         force_unmount(self.mnt)
+        self.end_views()
+
+    def end_views(self) -> None:
+        """Wait for the remote stores' views to go (they follow a dead daemon), then make
+        sure: kill what is left of them and of their agents and nbdkits, by pid."""
+        for name in self.remote:
+            view = view_mountpoint(self.mnt, name)
+            marker = os.fsencode(str(self.stores[name]))
+            deadline = time.monotonic() + 30
+            while True:
+                left = [pid for pid, argv in _processes()
+                        if any(marker in arg for arg in argv)]
+                if not left or time.monotonic() > deadline:
+                    break
+                time.sleep(0.05)
+            for pid in left:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            force_unmount(view)
+            with contextlib.suppress(OSError):
+                view.rmdir()
+
 
     # -- helpers -------------------------------------------------------------------
 
@@ -180,3 +220,15 @@ def wait_for(predicate: Any, timeout_s: float, what: str) -> None:
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         time.sleep(0.02)
+
+
+def _processes() -> list[tuple[int, list[bytes]]]:
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and int(entry) != os.getpid():
+            try:
+                argv = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            out.append((int(entry), argv))
+    return out

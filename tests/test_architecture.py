@@ -25,7 +25,7 @@ LAYERS: list[set[str]] = [
     {"relocation", "snapshots", "pagecache"},
     {"snapview"},
     {"fs", "control", "fuseloop", "extraops"},
-    {"commands", "nbd", "storeview"},
+    {"commands", "nbd", "storeview", "storeviews"},
     {"daemon"},
     {"service", "demo", "export"},
     {"cli"},

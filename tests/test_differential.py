@@ -256,6 +256,49 @@ def test_replay(tmp_path: Path, request: pytest.FixtureRequest, name: str) -> No
     differential.check_replay(tmp_path, ops, gaps - {gap})
 
 
+#: Store b served as a remote store (storeview.py over the agent and nbdkit on this
+#: host): the same seeds' operations, relocations, kills and remounts, local <-> remote.
+REMOTE_SEEDS = (101, 404)
+#: What a remote store's runs found, shrunk; each must pass now.
+REMOTE_REPLAYS: dict[str, list[Op]] = {
+    # the datastore reopened a staged file by file handle after the kernel had
+    # forgotten it (drop_caches): the view had dropped its node and answered ESTALE
+    "reopen-by-handle-after-forget": [
+        Op("create", path="f1", mode=0o644, excl=True),
+        Op("rename", src="f1", path="l1", flags=0),
+        Op("write", path="l1", offset=5382144, length=4096, seed=1176126314, how="direct",
+           sync="none"),
+        Op("mkdir", path="f1", mode=0o700),
+        Op("write", path="l1", offset=64777, length=7457, seed=1488493316, how="buffered",
+           sync="none"),
+        Op("create", path="f1/f1", mode=0o2755, excl=True),
+        Op("migrate", mode="auto", rate="1M", max_pause=100),
+        Op("drop_caches"),
+    ],
+}
+
+
+@pytest.mark.timeout(300 + 2 * _shrink_seconds())
+@pytest.mark.parametrize("seed", REMOTE_SEEDS)
+def test_differential_with_a_remote_store(tmp_path: Path, seed: int) -> None:
+    gaps = active_gaps()
+    ops, failure, report = differential.run_seed(tmp_path / "run", seed, STEPS, gaps,
+                                                 remote=("b",))
+    print(f"seed {seed} (b remote): {report.steps} steps, {report.relocations} "
+          f"relocations, {report.kills} kills")
+    if failure is not None:
+        shrunk, shrunk_failure = differential.shrink(
+            tmp_path / "shrink", ops, failure, gaps, _shrink_seconds(), remote=("b",))
+        pytest.fail(differential.explain(seed, STEPS, ops, failure, shrunk, shrunk_failure),
+                    pytrace=False)
+    assert report.relocations >= 1  # the entry did go to the remote store and back
+
+
+@pytest.mark.parametrize("name", sorted(REMOTE_REPLAYS))
+def test_remote_replay(tmp_path: Path, name: str) -> None:
+    differential.check_replay(tmp_path, REMOTE_REPLAYS[name], active_gaps(), remote=("b",))
+
+
 def test_switchover_is_invisible_to_a_stat_loop(
     tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:

@@ -190,18 +190,13 @@ def test_a_remote_store_in_a_config_file(tmp_path: Path) -> None:
 # -- the up-front check ------------------------------------------------------------------
 
 
-def test_check_passes_then_mount_refuses_honestly(tmp_path: Path, site: Site) -> None:
+def test_check_passes(tmp_path: Path, site: Site) -> None:
     with remote.connect(site.spec()) as store:
         assert store.hello.protocol == PROTOCOL_VERSION and store.hello.free_bytes > 0
         assert store.endpoint.host == "127.0.0.1" and store.endpoint.port > 0
         assert nbdkits_serving(site.dir) == [store.nbdkit_pid]
         assert "nbdkit TLS-PSK at 127.0.0.1:" in store.summary()
     assert nbdkits_serving(site.dir) == []  # the agent's exit took nbdkit with it
-    done = mount_with(tmp_path, site.spec_text())
-    one_line_error(done, "far (local, fusedisk", "nbdkit TLS-PSK ok) checked",
-                   "cannot hold entries yet")
-    assert done.stdout == "" and not (tmp_path / "state").exists()
-    assert nbdkits_serving(site.dir) == []
 
 
 def test_wrong_key_is_refused(tmp_path: Path, site: Site) -> None:
@@ -440,21 +435,6 @@ def test_nbdkit_is_steered_to_aes_gcm(tmp_path: Path, site: Site) -> None:
     assert done.returncode == 0, done.stderr
     line = next(ln for ln in done.stderr.splitlines() if "connection is using TLS" in ln)
     assert "cipher AES-" in line and "GCM" in line, line
-
-
-async def test_the_daemon_never_serves_a_remote_store(tmp_path: Path) -> None:
-    """Whatever builds a Config with a remote store, the daemon refuses it before it
-    touches anything (mount checks and refuses first; this is the second line)."""
-    from fusedisk import daemon
-
-    (tmp_path / "a").mkdir()
-    config = build_config(config_file=None, mountpoint=str(tmp_path / "m"),
-                          stores=[f"near={tmp_path}/a", "far=nbd+local:///srv/far"],
-                          default_store="near", state_dir=str(tmp_path / "s"),
-                          block_size=None, allow_other=None)
-    with pytest.raises(ConfigError, match=r"remote stores \(far\) cannot hold entries yet"):
-        await daemon.serve(config, lambda: None)
-    assert not (tmp_path / "s").exists() and not (tmp_path / "m").exists()
 
 
 def test_store_check_command(tmp_path: Path, site: Site) -> None:

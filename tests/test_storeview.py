@@ -255,3 +255,28 @@ def test_bad_arguments_are_one_line(tmp_path: Path) -> None:
         assert done.stderr.startswith("fusedisk: error: ") and done.stderr.count("\n") == 1, \
             done.stderr
         assert words in done.stderr, done.stderr
+
+
+def test_hard_links_lose_names_in_any_order(view: View) -> None:
+    """Names of one inode come and go; every remaining name, and a descriptor, still
+    lead to it (the view looks it up by inode when it lost every name it knew)."""
+    m = view.mnt
+    (m / "d").mkdir()
+    (m / "d" / "a").write_bytes(b"data")
+    os.link(m / "d" / "a", m / "d" / "b")
+    os.link(m / "d" / "a", m / "c")
+    fd = os.open(m / "d" / "b", os.O_RDWR)
+    try:
+        os.rename(m / "d" / "a", m / "d" / "b")  # two names of one inode: nothing happens
+        assert sorted(os.listdir(m / "d")) == ["a", "b"]
+        os.unlink(m / "d" / "b")
+        os.unlink(m / "d" / "a")  # the names the kernel learnt first are gone
+        os.pwrite(fd, b"DATA", 0)
+        os.fsync(fd)
+        assert os.fstat(fd).st_nlink == 1
+        assert (m / "c").read_bytes() == b"DATA"
+        os.rename(m / "d", m / "e")
+        assert os.pread(fd, 4, 0) == b"DATA"
+    finally:
+        os.close(fd)
+    assert (view.site.dir / "c").read_bytes() == b"DATA"

@@ -1,0 +1,286 @@
+"""Entries on a remote store, for real: local -> remote -> local under a guest's writes.
+
+The remote host is this one (``nbd+local://``: the agent and nbdkit with TLS-PSK
+run here; the store's directory is what the remote host holds). The daemon
+mounts a view of the store (storeview.py) and uses it as a directory. What is
+proven, with a guest (tests/journal_writer.py: O_DIRECT 4 KiB writes, each
+journaled once acknowledged) and fio with ``--verify=crc32c`` writing while
+the entry relocates:
+
+- every acknowledged write is there after each switchover, after a remount,
+  and in the remote directory itself; the small files and attributes too;
+- the agent (and with it nbdkit) killed after the commit, while the guest
+  writes to the entry on the remote store: the view reconnects, the guest's
+  writes resume, nothing acknowledged is lost;
+- nbdkit killed during a copy onto the remote store: the relocation ends
+  (failed, the source still the truth, no partial copy left; or finished with
+  every byte right), never a success that lost data;
+- ``kill -9`` of the daemon while it copies onto the remote store: the view
+  goes with it, the next mount resumes, the data is right;
+- a remote store that cannot be reached is one line at mount, and nothing
+  is left mounted or running.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from fusedisk.storeviews import view_mountpoint
+
+from . import journal_writer
+from .conftest import require_tools
+from .mounting import MountedDatastore, fusedisk, wait_for
+
+pytestmark = pytest.mark.mount
+
+MiB = 1 << 20
+NBLOCKS = 4096  # the guest writes below 16 MiB of a 32 MiB disk
+
+
+@pytest.fixture
+def ds(tmp_path: Path) -> Iterator[MountedDatastore]:
+    d = MountedDatastore(tmp_path / "ds", stores=("near", "far"), default_store="near",
+                         remote=("far",))
+    try:
+        yield d.start()
+        assert "Traceback" not in d.log(), d.log()
+    finally:
+        d.teardown()
+        assert not view_mountpoint(d.mnt, "far").exists() or not os.listdir(
+            view_mountpoint(d.mnt, "far"))
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def make_vm(mnt: Path) -> dict[str, str]:
+    vm = mnt / "vm"
+    vm.mkdir()
+    with open(vm / "disk.img", "wb") as f:
+        f.write(os.urandom(8 * MiB))
+        f.truncate(32 * MiB)
+    (vm / "vm.conf").write_text("memory = 512\n")
+    os.chmod(vm / "vm.conf", 0o640)
+    (vm / "nvram").write_bytes(os.urandom(128 << 10))
+    os.symlink("disk.img", vm / "current")
+    return {"vm.conf": _sha(vm / "vm.conf"), "nvram": _sha(vm / "nvram")}
+
+
+class Guest:
+    """The journaling writer on the disk, and fio verifying its own file, in a loop."""
+
+    def __init__(self, mnt: Path, tmp_path: Path, seed: int) -> None:
+        self.disk = mnt / "vm" / "disk.img"
+        self.journal = tmp_path / f"journal-{seed}"
+        self.writer = subprocess.Popen([sys.executable, journal_writer.__file__,
+                                        str(self.disk), str(self.journal), str(seed),
+                                        str(NBLOCKS)])
+        self.fio_file = mnt / "vm" / "fio.dat"
+        self.fio_codes: list[tuple[int, str]] = []
+        self._stop = threading.Event()
+        self._fio = threading.Thread(target=self._fio_loop, daemon=True)
+        self._fio.start()
+
+    def _fio_loop(self) -> None:
+        while not self._stop.is_set():
+            done = subprocess.run(
+                ["fio", "--name=guest", f"--filename={self.fio_file}", "--size=4M",
+                 "--rw=randwrite", "--bs=4k", "--direct=1", "--ioengine=psync",
+                 "--verify=crc32c", "--verify_fatal=1", "--do_verify=1",
+                 "--output-format=terse"], capture_output=True, text=True, timeout=600)
+            self.fio_codes.append((done.returncode, done.stderr[-400:]))
+
+    def acked(self) -> int:
+        try:
+            text = self.journal.read_text()
+        except FileNotFoundError:  # the writer has not started yet
+            return 0
+        return sum(1 for line in text.splitlines() if line.startswith("D "))
+
+    def wait_acked(self, more: int) -> None:
+        start = self.acked()
+        wait_for(lambda: self.acked() >= start + more or self.writer.poll() is not None,
+                 120, f"{more} more acknowledged guest writes")
+        assert self.writer.poll() is None, "the guest's writer stopped (a write failed)"
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._fio.join(600)
+        if self.writer.poll() is None:
+            self.writer.send_signal(signal.SIGTERM)
+        self.writer.wait(60)
+
+    def check(self, disk: Path | None = None) -> int:
+        acked, wrong = journal_writer.check(disk or self.disk, self.journal)
+        assert wrong == [], f"{len(wrong)} acknowledged writes lost, e.g. at {wrong[:5]}"
+        assert self.fio_codes and all(code == 0 for code, _ in self.fio_codes), self.fio_codes
+        return acked
+
+
+def migrate(ds: MountedDatastore, to: str, *extra: str) -> str:
+    done = fusedisk("migrate", str(ds.mnt), "vm", "--to", to, *extra, timeout=600)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def placement(ds: MountedDatastore) -> str:
+    return str(ds.status()["placement"]["vm"])
+
+
+def test_local_remote_local_under_a_guest(tmp_path: Path, ds: MountedDatastore) -> None:
+    require_tools("fio")
+    small = make_vm(ds.mnt)
+    guest = Guest(ds.mnt, tmp_path, 1)
+    try:
+        guest.wait_acked(200)
+        assert "relocated vm from near to far" in migrate(ds, "far")
+        assert placement(ds) == "far"
+        guest.wait_acked(200)  # writes go on against the remote store
+        acked_on_far = guest.acked()
+        # what the guest sees is what the remote host holds
+        remote = ds.stores["far"] / "vm"
+        assert sorted(os.listdir(remote)) == sorted(os.listdir(ds.mnt / "vm"))
+        assert not (ds.stores["near"] / "vm").exists()
+        assert "relocated vm from far to near" in migrate(ds, "near")
+        guest.wait_acked(200)
+    finally:
+        guest.stop()
+    acked = guest.check()
+    assert acked > acked_on_far
+    assert {n: _sha(ds.mnt / "vm" / n) for n in small} == small
+    assert oct(os.stat(ds.mnt / "vm" / "vm.conf").st_mode & 0o777) == "0o640"
+    assert os.readlink(ds.mnt / "vm" / "current") == "disk.img"
+    ds.stop()
+    ds.start()
+    guest.check()
+    assert placement(ds) == "near"
+    # the far store keeps nothing of the entry's (its export links went with the files)
+    owner = os.stat(ds.stores["far"] / ".fusedisk-owner").st_ino
+    assert sorted(os.listdir(ds.stores["far"])) == [".fusedisk-owner", f".fusedisk-x{owner}"]
+
+
+def agent_pids(store: Path) -> list[int]:
+    """The agents (and their nbdkits) serving *store*."""
+    found = []
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            argv = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if os.fsencode(str(store)) in argv and b"store-agent" in argv:
+            found.append(int(entry))
+    return found
+
+
+def nbdkit_pids(store: Path) -> list[int]:
+    found = []
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            argv = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if argv and argv[0].endswith(b"nbdkit") and f"dir={store}".encode() in argv:
+            found.append(int(entry))
+    return found
+
+
+def test_the_link_drops_after_the_commit(tmp_path: Path, ds: MountedDatastore) -> None:
+    """The agent dies (and nbdkit with it) while the guest writes to the entry on the
+    remote store: the view starts both again, the writes resume, nothing is lost."""
+    require_tools("fio")
+    make_vm(ds.mnt)
+    migrate(ds, "far")
+    guest = Guest(ds.mnt, tmp_path, 2)
+    try:
+        guest.wait_acked(100)
+        for _ in range(2):
+            old = agent_pids(ds.stores["far"])
+            assert len(old) == 1, old
+            os.kill(old[0], signal.SIGKILL)
+            wait_for(lambda old=old: agent_pids(ds.stores["far"]) not in ([], old), 60,
+                     "a new agent")
+            guest.wait_acked(100)
+    finally:
+        guest.stop()
+    guest.check()
+    assert "reconnected" in ds.log()
+    ds.stop()
+    ds.start()
+    guest.check(ds.stores["far"] / "vm" / "disk.img")
+
+
+def test_nbdkit_killed_during_the_copy(tmp_path: Path, ds: MountedDatastore) -> None:
+    """An NBD connection lost during the copy: the flush before the commit cannot
+    vouch for the data, so the relocation fails with the source still the truth
+    (or, should the loss not touch the copy, finishes with every byte right)."""
+    make_vm(ds.mnt)
+    before = _sha(ds.mnt / "vm" / "disk.img")
+    done = fusedisk("migrate", str(ds.mnt), "vm", "--to", "far", "--rate", "4M",
+                    "--no-wait", timeout=60)
+    assert done.returncode == 0, done.stderr
+    wait_for(lambda: bool(nbdkit_pids(ds.stores["far"])) and any(
+        j["bytes_copied"] > MiB for j in ds.status()["jobs"]), 120, "the copy to start")
+    for pid in nbdkit_pids(ds.stores["far"]):
+        os.kill(pid, signal.SIGKILL)
+    wait_for(lambda: all(j["state"] in ("done", "failed") for j in ds.status()["jobs"]),
+             300, "the relocation to end")
+    job = ds.status()["jobs"][-1]
+    if job["state"] == "failed":
+        assert placement(ds) == "near"
+        assert not (ds.stores["far"] / "vm").exists()
+        assert job.get("error"), job
+    else:
+        assert placement(ds) == "far"
+    assert _sha(ds.mnt / "vm" / "disk.img") == before
+    ds.stop()
+    ds.start()
+    assert _sha(ds.mnt / "vm" / "disk.img") == before
+
+
+def test_kill_9_while_copying_to_the_remote_store(tmp_path: Path,
+                                                  ds: MountedDatastore) -> None:
+    make_vm(ds.mnt)
+    guest = Guest(ds.mnt, tmp_path, 3)
+    try:
+        guest.wait_acked(100)
+        done = fusedisk("migrate", str(ds.mnt), "vm", "--to", "far", "--rate", "4M",
+                        "--no-wait", timeout=60)
+        assert done.returncode == 0, done.stderr
+        wait_for(lambda: any(j["bytes_copied"] > 2 * MiB for j in ds.status()["jobs"]),
+                 120, "the copy to get going")
+    finally:
+        guest.stop()
+    ds.kill()
+    ds.teardown()  # the view followed its daemon: nothing of it is left
+    ds.start()
+    wait_for(lambda: all(j["state"] in ("done", "failed") for j in ds.status()["jobs"]),
+             300, "the resumed relocation to end")
+    assert placement(ds) == "far"
+    acked, wrong = journal_writer.check(ds.mnt / "vm" / "disk.img", guest.journal)
+    assert acked > 0 and wrong == []
+
+
+def test_an_unreachable_remote_store_is_one_line(tmp_path: Path) -> None:
+    d = MountedDatastore(tmp_path / "ds", stores=("near", "far"), default_store="near",
+                         remote=("far",))
+    d.stores["far"].rmdir()  # the remote directory is not there
+    done = fusedisk("mount", str(d.mnt), "--state-dir", str(d.state_dir), "--default-store",
+                    "near", "--store", d.store_spec("near"), "--store", d.store_spec("far"))
+    try:
+        assert done.returncode == 1, done
+        assert done.stderr.startswith("fusedisk: error: store 'far'") and \
+            done.stderr.count("\n") == 1, done.stderr
+        assert "not a directory" in done.stderr
+        assert not view_mountpoint(d.mnt, "far").exists()
+    finally:
+        d.teardown()
