@@ -289,6 +289,9 @@ def _parser() -> argparse.ArgumentParser:
                     "smaller ones through the agent (default 1 MiB)")
     sv.add_argument("--nbd-connections", type=int, default=2, metavar="N",
                     help="NBD connections per open file (default 2)")
+    sv.add_argument("--status-file", type=Path, default=None, metavar="FILE",
+                    help="keep FILE holding the view's statistics as JSON (rewritten every "
+                    "second: connection, reconnects, agent latency, NBD traffic)")
     sv.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)
     sv.add_argument("--watch-fd", type=int, default=None, help=argparse.SUPPRESS)
 
@@ -485,6 +488,20 @@ def _print_status(status: dict[str, Any]) -> None:
         mark = " *" if name == status["default_store"] else ""
         print(f"{name + mark:<12} {format_size(store['free_bytes']):>12} "
               f"{format_size(store['size_bytes']):>12}  {store['path']}")
+    remotes = status.get("remote_stores") or {}
+    if remotes:
+        print()
+        print(f"{'REMOTE':<12} {'LINK':<13} {'LATENCY':>9} {'RECONNECTS':>10}  "
+              f"{'NBD READ':>10} {'NBD WRITTEN':>11}  WHERE")
+        for name, info in remotes.items():
+            link = ("view gone" if not info.get("running") else
+                    "connected" if info.get("connected") else "reconnecting")
+            latency = info.get("agent_latency_ms")
+            print(f"{name:<12} {link:<13} "
+                  f"{'-' if latency is None else f'{latency:.2f} ms':>9} "
+                  f"{info.get('reconnects', 0) + info.get('nbd_reconnects', 0):>10}  "
+                  f"{format_size(info.get('nbd_bytes_read', 0)):>10} "
+                  f"{format_size(info.get('nbd_bytes_written', 0)):>11}  {info['where']}")
     print()
     print(f"{'ENTRY':<32} STORE")
     for entry, store in status["placement"].items():
@@ -699,6 +716,8 @@ def cmd_store_view(args: argparse.Namespace) -> int:
     try:
         return storeview.main(args.store, str(args.mountpoint.absolute()),
                               ready_fd=args.ready_fd, watch_fd=args.watch_fd,
+                              status_path=(str(args.status_file.absolute())
+                                           if args.status_file else None),
                               reconnect_timeout_s=args.reconnect_timeout,
                               nbd_min_bytes=args.nbd_min_bytes,
                               nbd_connections=args.nbd_connections)

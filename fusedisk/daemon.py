@@ -195,7 +195,7 @@ async def serve(config: Config, on_ready: Callable[[], None]) -> None:
         # goes, nor syncing an fd that ops.close closes
         stack.callback(fuseshim.drain)
         daemon = Daemon(config, state, datastore, files, ops, relocator, fuse_loop, extra_ops,
-                        snapshots=snapshots)
+                        snapshots=snapshots, views=views)
         stack.callback(daemon.notify_stopping)
         await daemon.serve(on_ready)
 
@@ -256,8 +256,10 @@ class Daemon:
 
     def __init__(self, config: Config, state: StateDir, datastore: Datastore, files: OpenFiles,
                  ops: Operations, relocator: Relocator, fuse_loop: RequestLoop,
-                 extra_ops: ExtraOps | None, *, snapshots: Snapshots) -> None:
+                 extra_ops: ExtraOps | None, *, snapshots: Snapshots,
+                 views: StoreViews | None = None) -> None:
         self.config = config
+        self.views = views
         self.snapshots = snapshots
         self.state = state
         self.datastore = datastore
@@ -365,6 +367,15 @@ class Daemon:
             reasons.append(f"snapshot {lost} (it cannot be read; delete it and make a new one)")
         for entry, stores in sorted(self.datastore.conflicts.items()):
             reasons.append(f"entry {entry!r} is not served: it is on {', '.join(stores)}")
+        if self.views is not None:
+            for name, info in self.views.statistics().items():
+                if not info["running"]:
+                    reasons.append(f"remote store {name!r}: its view exited; the entries on it "
+                                   "fail with EIO until the next mount")
+                elif info.get("connected") is False:
+                    reasons.append(f"remote store {name!r} ({info['where']}): not connected; "
+                                   "its requests wait for the link to come back, then fail "
+                                   "with EIO")
         return {
             "health": "degraded" if reasons else "ok",
             "degraded": reasons,
@@ -378,5 +389,6 @@ class Daemon:
             "fuse_loop": self.fuse_loop.statistics(),
             "fuse_shim": {**fuseshim.statistics(), "extra_served":
                           self.extra_ops.statistics() if self.extra_ops else None},
+            "remote_stores": self.views.statistics() if self.views is not None else {},
             **self._health(),
         }

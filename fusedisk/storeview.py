@@ -344,6 +344,8 @@ class StoreView(pyfuse3.Operations):
         self._open_nbd = open_nbd
         self.nbd_connections = nbd_connections
         self.nbd_min = nbd_min_bytes
+        #: NBD traffic of files closed since (their NbdFile is gone)
+        self._nbd_done = {"read": 0, "written": 0, "reconnects": 0}
 
     # -- mapping ------------------------------------------------------------------
 
@@ -986,6 +988,9 @@ class StoreView(pyfuse3.Operations):
         node.opens = max(0, node.opens - 1)
         if node.data is not None and node.opens == 0:
             data, node.data = node.data, None
+            self._nbd_done["read"] += int(data.stats["bytes_read"])
+            self._nbd_done["written"] += int(data.stats["bytes_written"])
+            self._nbd_done["reconnects"] += int(data.stats.get("reconnects", 0))
             with contextlib.suppress(Exception):
                 await data.close()
         self._release_node(node)
@@ -993,12 +998,18 @@ class StoreView(pyfuse3.Operations):
     # -- statistics ---------------------------------------------------------------
 
     def statistics(self) -> dict[str, Any]:
+        nbd = [n.data for n in self.nodes.values() if n.data is not None]
         return {"store": self.agent.spec.name, "where": self.agent.spec.where,
                 "connected": self.agent.store is not None, "reconnects": self.agent.reconnects,
                 "agent_calls": self.agent.calls,
                 "agent_latency_ms": round(self.agent.latency_s * 1e3, 3),
-                "known_inodes": len(self.nodes),
-                "nbd_files": sum(1 for n in self.nodes.values() if n.data is not None)}
+                "known_inodes": len(self.nodes), "nbd_files": len(nbd),
+                "nbd_bytes_read": self._nbd_done["read"] + sum(
+                    int(d.stats["bytes_read"]) for d in nbd),
+                "nbd_bytes_written": self._nbd_done["written"] + sum(
+                    int(d.stats["bytes_written"]) for d in nbd),
+                "nbd_reconnects": self._nbd_done["reconnects"] + sum(
+                    int(d.stats.get("reconnects", 0)) for d in nbd)}
 
 
 # -- the process ---------------------------------------------------------------------
@@ -1016,15 +1027,16 @@ def _clear_stale_mount(mountpoint: str) -> None:
 
 
 async def _serve(view: StoreView, link: AgentLink, store: remote.RemoteStore,
-                 ready_fd: int | None, watch_fd: int | None) -> None:
+                 ready_fd: int | None, watch_fd: int | None, status_path: str | None) -> None:
     try:
-        await _serve_in(view, link, store, ready_fd, watch_fd)
+        await _serve_in(view, link, store, ready_fd, watch_fd, status_path)
     finally:
         link.detach()
 
 
 async def _serve_in(view: StoreView, link: AgentLink, store: remote.RemoteStore,
-                    ready_fd: int | None, watch_fd: int | None) -> None:
+                    ready_fd: int | None, watch_fd: int | None, status_path: str | None
+                    ) -> None:
     async with trio.open_nursery() as nursery:
         link.attach(store, nursery)
         try:
@@ -1055,12 +1067,37 @@ async def _serve_in(view: StoreView, link: AgentLink, store: remote.RemoteStore,
             await nursery.start(extraops.ExtraOps(view, event_fd).run)
         if watch_fd is not None:
             nursery.start_soon(watch)
+        if status_path is not None:
+            nursery.start_soon(_report, view, status_path)
         nursery.start_soon(on_signal)
         await pyfuse3.main(min_tasks=4, max_tasks=64)
         nursery.cancel_scope.cancel()
 
 
+#: How often the view rewrites its status file (``--status-file``).
+STATUS_INTERVAL_S = 1.0
+
+
+async def _report(view: StoreView, path: str) -> None:
+    """Keep *path* holding the view's statistics as JSON (the daemon's ``status`` reads
+    it: a file, so that a view that hangs cannot hang the daemon's status)."""
+    while True:
+        _write_status(path, {**view.statistics(), "pid": os.getpid(), "updated": time.time()})
+        await trio.sleep(STATUS_INTERVAL_S)
+
+
+def _write_status(path: str, stats: dict[str, Any]) -> None:
+    """On the run directory's tmpfs: no disk behind it, the write does not block."""
+    import json
+    tmp = f"{path}.tmp"
+    with contextlib.suppress(OSError):
+        with open(tmp, "w") as f:
+            json.dump(stats, f)
+        os.replace(tmp, path)
+
+
 def main(spec_text: str, mountpoint: str, *, ready_fd: int | None = None,
+         status_path: str | None = None,
          watch_fd: int | None = None,
          reconnect_timeout_s: float = DEFAULT_RECONNECT_TIMEOUT_S,
          nbd_min_bytes: int = NBD_MIN_BYTES, nbd_connections: int = 2) -> int:
@@ -1088,7 +1125,7 @@ def main(spec_text: str, mountpoint: str, *, ready_fd: int | None = None,
         store.close()
         raise FusediskError(f"store-view: cannot mount on {mountpoint}: {e}") from None
     try:
-        trio.run(_serve, view, link, store, ready_fd, watch_fd)
+        trio.run(_serve, view, link, store, ready_fd, watch_fd, status_path)
     except BaseExceptionGroup as group:
         matched, rest = group.split(FusediskError)
         if matched is not None and rest is None:

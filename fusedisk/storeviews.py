@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import logging
 import os
 import selectors
@@ -98,8 +99,12 @@ class StoreViews:
             path.mkdir(mode=0o700)
         ready_r, ready_w = os.pipe()
         watch_r, watch_w = os.pipe()
+        status = self._status_file(path)
+        with contextlib.suppress(FileNotFoundError):
+            status.unlink()
         argv = [sys.executable, "-m", "fusedisk", "store-view", f"{name}={spec.text}",
-                str(path), "--ready-fd", str(ready_w), "--watch-fd", str(watch_r)]
+                str(path), "--ready-fd", str(ready_w), "--watch-fd", str(watch_r),
+                "--status-file", str(status)]
         try:
             # stderr: the daemon's log; no new session: a signal to the daemon's group
             # (a terminal's ^C in the foreground) reaches the view too, which unmounts
@@ -147,16 +152,35 @@ class StoreViews:
                        stderr=subprocess.DEVNULL, check=False)
         with contextlib.suppress(OSError):
             view.path.rmdir()
+        with contextlib.suppress(OSError):
+            self._status_file(view.path).unlink()
+
+    @staticmethod
+    def _status_file(path: Path) -> Path:
+        return path.with_name(path.name + ".json")
 
     def lost(self) -> list[str]:
         """The stores whose view has exited while the daemon serves (their entries fail)."""
         return sorted(name for name, view in self._views.items() if view.proc.poll() is not None)
 
     def statistics(self) -> dict[str, Any]:
-        return {name: {"where": f"{view.spec.where}:{view.spec.directory}",
-                       "view": str(view.path), "view_pid": view.proc.pid,
-                       "running": view.proc.poll() is None}
-                for name, view in sorted(self._views.items())}
+        """Each remote store: where it is, its view, and what the view last reported
+        (connected, reconnects, agent latency, NBD traffic; ``report_age_s``)."""
+        out: dict[str, Any] = {}
+        for name, view in sorted(self._views.items()):
+            info: dict[str, Any] = {"where": f"{view.spec.where}:{view.spec.directory}",
+                                    "view": str(view.path), "view_pid": view.proc.pid,
+                                    "running": view.proc.poll() is None}
+            try:
+                reported = json.loads(self._status_file(view.path).read_text())
+            except (OSError, ValueError):
+                reported = None
+            if isinstance(reported, dict):
+                info.update({k: v for k, v in reported.items()
+                             if k not in ("store", "where", "pid", "updated")})
+                info["report_age_s"] = round(time.time() - float(reported.get("updated", 0)), 1)
+            out[name] = info
+        return out
 
 
 def _read_line(stream: Any, timeout_s: float) -> bytes:

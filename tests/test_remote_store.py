@@ -151,6 +151,15 @@ def test_local_remote_local_under_a_guest(tmp_path: Path, ds: MountedDatastore) 
         remote = ds.stores["far"] / "vm"
         assert sorted(os.listdir(remote)) == sorted(os.listdir(ds.mnt / "vm"))
         assert not (ds.stores["near"] / "vm").exists()
+        # status shows the remote store's link and its NBD traffic (the view reports
+        # every second)
+        wait_for(lambda: ds.status()["remote_stores"]["far"].get("nbd_bytes_written", 0)
+                 >= 8 * MiB, 30, "the view's report of the copy's NBD writes")
+        far = ds.status()["remote_stores"]["far"]
+        assert far["connected"] is True and far["running"] is True, far
+        assert far["where"].endswith(str(ds.stores["far"])), far
+        shown = fusedisk("status", str(ds.mnt))
+        assert "REMOTE" in shown.stdout and "connected" in shown.stdout, shown.stdout
         assert "relocated vm from far to near" in migrate(ds, "near")
         guest.wait_acked(200)
     finally:
@@ -214,6 +223,9 @@ def test_the_link_drops_after_the_commit(tmp_path: Path, ds: MountedDatastore) -
         guest.stop()
     guest.check()
     assert "reconnected" in ds.log()
+    wait_for(lambda: ds.status()["remote_stores"]["far"].get("reconnects", 0) >= 2, 30,
+             "status to count the reconnects")
+    assert ds.status()["health"] == "ok"
     ds.stop()
     ds.start()
     guest.check(ds.stores["far"] / "vm" / "disk.img")
