@@ -570,6 +570,11 @@ class StoreView(pyfuse3.Operations):
                       ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         path = await self.path(inode)
         st: dict[str, Any] | None = None
+        kill = fh is not None and bool(fh & fuseshim.FH_KILL_SUIDGID)
+        if kill and fields.update_size and not fields.update_mode:
+            node = self.nodes.get(inode)
+            if node is not None:
+                await self._kill_suid(node)
         if fields.update_size:
             st = (await self._call("truncate", path=path, size=attr.st_size))["stat"]
             self._resized(inode, attr.st_size)
@@ -837,6 +842,8 @@ class StoreView(pyfuse3.Operations):
 
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext
                    ) -> pyfuse3.FileInfo:
+        kill = flags & fuseshim.OPEN_KILL_SUIDGID
+        flags &= ~fuseshim.OPEN_KILL_SUIDGID
         node = self.nodes.get(inode)
         if node is None or node.gone:
             raise _fail(errno.ESTALE)
@@ -844,12 +851,15 @@ class StoreView(pyfuse3.Operations):
         if not stat.S_ISREG(int(st["st_mode"])):
             raise _fail(errno.EINVAL)
         await self._opened(node, int(st["size"]), bool(flags & os.O_TRUNC))
+        if kill and flags & os.O_TRUNC:
+            await self._kill_suid(node)
         return pyfuse3.FileInfo(fh=self._new_fh(inode), keep_cache=False)
 
     async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
                      ctx: pyfuse3.RequestContext
                      ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
         text = _b(name)
+        flags &= ~fuseshim.OPEN_KILL_SUIDGID  # a file it makes has no set-id bits to drop
         self._visible(parent_inode, text)
         path = await self._child(parent_inode, text)
         try:
@@ -884,7 +894,7 @@ class StoreView(pyfuse3.Operations):
         data = node.data
         if data is not None and off < node.nbd_size:
             length = min(size, node.nbd_size - off)
-            head = await self._nbd(data.pread(length, off), "read")
+            head = await self._nbd(_split_read(data, length, off), "read")
             if len(head) == size or off + len(head) < node.nbd_size:
                 return head  # type: ignore[no-any-return]
             off += len(head)
@@ -918,11 +928,14 @@ class StoreView(pyfuse3.Operations):
         import base64
         node = self._node_of(fh)
         sync = (fh >> fuseshim.FH_SYNC_SHIFT) & fuseshim.FH_SYNC_BITS
+        if fh & fuseshim.FH_KILL_SUIDGID:
+            await self._kill_suid(node)
         data = node.data
         done = 0
         if data is not None and off < node.nbd_size:
             head = min(len(buf), node.nbd_size - off)
-            await self._nbd(data.pwrite(memoryview(buf)[:head], off, fua=bool(sync)), "write")
+            await self._nbd(_split_write(data, memoryview(buf)[:head], off, bool(sync)),
+                            "write")
             done = head
         view = memoryview(buf)
         while done < len(buf):
@@ -936,6 +949,16 @@ class StoreView(pyfuse3.Operations):
 
     async def flush(self, fh: int) -> None:
         return None
+
+    async def _kill_suid(self, node: Node) -> None:
+        """What the kernel asks for with FUSE_HANDLE_KILLPRIV_V2 (fuseshim.py): a write
+        or truncate by a caller without CAP_FSETID drops set-uid, and set-gid of a
+        group-executable file."""
+        path = await self.path(node.ino)
+        mode = int((await self._call("stat", path=path))["st_mode"])
+        drop = stat.S_ISUID | (stat.S_ISGID if mode & stat.S_IXGRP else 0)
+        if mode & drop:
+            await self._call("setattr", path=path, mode=stat.S_IMODE(mode) & ~drop)
 
     # the requests pyfuse3 has no handlers for, served through the shim (extraops.py)
 
@@ -1010,6 +1033,57 @@ class StoreView(pyfuse3.Operations):
                     int(d.stats["bytes_written"]) for d in nbd),
                 "nbd_reconnects": self._nbd_done["reconnects"] + sum(
                     int(d.stats.get("reconnects", 0)) for d in nbd)}
+
+
+#: A large request of the kernel's goes over NBD in pieces of this size, all in flight
+#: at once: one writer's 1 MiB then keeps both connections (and both cores: TLS here,
+#: nbdkit there) busy instead of waiting for one round trip after another.
+NBD_PIECE = 256 << 10
+
+
+async def _split_write(data: Any, buf: memoryview, off: int, fua: bool) -> None:
+    if len(buf) <= NBD_PIECE:
+        await data.pwrite(buf, off, fua=fua)
+        return
+    errors: list[BaseException] = []
+
+    async def piece(start: int) -> None:
+        try:
+            await data.pwrite(buf[start:start + NBD_PIECE], off + start, fua=fua)
+        except (OSError, remote.RemoteError) as e:
+            errors.append(e)
+
+    async with trio.open_nursery() as nursery:
+        for start in range(0, len(buf), NBD_PIECE):
+            nursery.start_soon(piece, start)
+    if errors:
+        raise errors[0]
+
+
+async def _split_read(data: Any, length: int, off: int) -> bytes:
+    if length <= NBD_PIECE:
+        return bytes(await data.pread(length, off))
+    parts: dict[int, bytes] = {}
+    errors: list[BaseException] = []
+
+    async def piece(start: int) -> None:
+        try:
+            parts[start] = bytes(await data.pread(min(NBD_PIECE, length - start), off + start))
+        except (OSError, remote.RemoteError) as e:
+            errors.append(e)
+
+    async with trio.open_nursery() as nursery:
+        for start in range(0, length, NBD_PIECE):
+            nursery.start_soon(piece, start)
+    if errors:
+        raise errors[0]
+    out = bytearray()
+    for start in sorted(parts):
+        chunk = parts[start]
+        out += chunk
+        if len(chunk) < min(NBD_PIECE, length - start):
+            break  # the export ended there
+    return bytes(out)
 
 
 # -- the process ---------------------------------------------------------------------
@@ -1116,6 +1190,9 @@ def main(spec_text: str, mountpoint: str, *, ready_fd: int | None = None,
     view = StoreView(link, open_nbd=_nbd_opener(link), nbd_min_bytes=nbd_min_bytes,
                      nbd_connections=nbd_connections)
     fuseshim.enable_extra_ops()  # fallocate and SEEK_DATA/SEEK_HOLE reach the agent
+    # no GETXATTR security.capability before every write (an agent round trip each):
+    # the view drops set-id bits itself where the kernel says so
+    fuseshim.enable_killpriv()
     options = set(pyfuse3.default_options)
     options.discard("default_permissions")
     options |= {f"fsname=fusedisk-remote:{spec.name}", "subtype=fusedisk-store"}
