@@ -76,6 +76,8 @@ class MountedDatastore:
         #: stores served as remote stores (``nbd+local://``: the agent and nbdkit run
         #: here, and the store's directory below is the "remote host's" directory)
         self.remote = tuple(remote)
+        #: more spec options of a remote store (e.g. an nbdkit filter), by store name
+        self.remote_query: dict[str, str] = {}
         #: the daemon's RLIMIT_NOFILE (soft and hard), None: inherited
         self.nofile = nofile
         self.mnt = root / "mnt"
@@ -99,7 +101,9 @@ class MountedDatastore:
         """What ``--store`` says for store *name*."""
         path = self.stores[name]
         if name in self.remote:
-            return f"{name}=nbd+local://{path}?tls-psk={self.psk}"
+            extra = self.remote_query.get(name, "")
+            return f"{name}=nbd+local://{path}?tls-psk={self.psk}" + (f"&{extra}" if extra
+                                                                        else "")
         return f"{name}={path}"
 
     # -- life cycle --------------------------------------------------------------

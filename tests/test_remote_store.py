@@ -247,6 +247,7 @@ def test_nbdkit_killed_during_the_copy(tmp_path: Path, ds: MountedDatastore) -> 
     wait_for(lambda: all(j["state"] in ("done", "failed") for j in ds.status()["jobs"]),
              300, "the relocation to end")
     job = ds.status()["jobs"][-1]
+    print("after nbdkit was killed the relocation", job["state"], job.get("error"))
     if job["state"] == "failed":
         assert placement(ds) == "near"
         assert not (ds.stores["far"] / "vm").exists()
@@ -280,6 +281,31 @@ def test_kill_9_while_copying_to_the_remote_store(tmp_path: Path,
     assert placement(ds) == "far"
     acked, wrong = journal_writer.check(ds.mnt / "vm" / "disk.img", guest.journal)
     assert acked > 0 and wrong == []
+
+
+def test_write_errors_of_the_remote_store_fail_the_relocation(tmp_path: Path) -> None:
+    """nbdkit's error filter fails writes: the relocation onto the remote store fails
+    in one line, the entry stays on its source, whole, and nothing is left on the
+    remote store."""
+    d = MountedDatastore(tmp_path / "ds", stores=("near", "far"), default_store="near",
+                         remote=("far",))
+    d.remote_query["far"] = "nbdkit-filter=error&nbdkit-param=error-pwrite-rate=0.05"
+    try:
+        d.start()
+        make_vm(d.mnt)
+        before = _sha(d.mnt / "vm" / "disk.img")
+        done = fusedisk("migrate", str(d.mnt), "vm", "--to", "far", timeout=300)
+        assert done.returncode == 1, done
+        line = done.stderr.strip().splitlines()[-1]
+        assert line.startswith("fusedisk: error: relocation of vm failed: "), done.stderr
+        assert placement(d) == "near"
+        assert _sha(d.mnt / "vm" / "disk.img") == before
+        wait_for(lambda: not (d.stores["far"] / "vm").exists() and not any(
+            n.startswith(".fusedisk-reloc") for n in os.listdir(d.stores["far"])), 60,
+            "the partial copy to go")
+        assert "Traceback" not in d.log()
+    finally:
+        d.teardown()
 
 
 def test_an_unreachable_remote_store_is_one_line(tmp_path: Path) -> None:
