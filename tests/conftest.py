@@ -90,3 +90,33 @@ def xds(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[MountedDatas
         xfs.tear_down()
     log = datastore.log()
     assert not any(bug in log for bug in _LOG_BUGS), log
+
+
+@pytest.fixture
+def ssh_config(tmp_path: Path) -> Path:
+    """An ssh client configuration that reaches a real sshd for host 127.0.0.1.
+
+    The sshd runs in inetd mode as the client's ProxyCommand (``sshd -i``): a
+    real ssh session with its own host key and an authorized key made here,
+    no port, no daemon to leave behind.
+    """
+    if not Path("/usr/sbin/sshd").exists() or shutil.which("ssh") is None:
+        pytest.fail("openssh-server and openssh-client are needed (scripts/setup installs them)")
+    Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)  # sshd's privilege separation dir
+    keys = tmp_path / "ssh"
+    keys.mkdir()
+    for name in ("hostkey", "id"):
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(keys / name)],
+                       check=True, timeout=60)
+    shutil.copy(keys / "id.pub", keys / "authorized_keys")
+    (keys / "sshd_config").write_text(
+        f"HostKey {keys}/hostkey\nAuthorizedKeysFile {keys}/authorized_keys\n"
+        "PermitRootLogin prohibit-password\nPasswordAuthentication no\n"
+        "KbdInteractiveAuthentication no\nStrictModes no\nUsePAM no\nPidFile none\n"
+        "LogLevel ERROR\n")
+    config = keys / "ssh_config"
+    config.write_text(
+        f"Host 127.0.0.1\n  ProxyCommand /usr/sbin/sshd -i -f {keys}/sshd_config\n"
+        f"  User root\n  IdentityFile {keys}/id\n  IdentitiesOnly yes\n"
+        "  UserKnownHostsFile /dev/null\n  StrictHostKeyChecking no\n  LogLevel ERROR\n")
+    return config

@@ -78,6 +78,8 @@ class MountedDatastore:
         self.remote = tuple(remote)
         #: more spec options of a remote store (e.g. an nbdkit filter), by store name
         self.remote_query: dict[str, str] = {}
+        #: a remote store's whole spec instead of nbd+local (e.g. nbd+ssh), by store name
+        self.remote_spec: dict[str, str] = {}
         #: the daemon's RLIMIT_NOFILE (soft and hard), None: inherited
         self.nofile = nofile
         self.mnt = root / "mnt"
@@ -100,6 +102,8 @@ class MountedDatastore:
     def store_spec(self, name: str) -> str:
         """What ``--store`` says for store *name*."""
         path = self.stores[name]
+        if name in self.remote_spec:
+            return f"{name}={self.remote_spec[name]}"
         if name in self.remote:
             extra = self.remote_query.get(name, "")
             return f"{name}=nbd+local://{path}?tls-psk={self.psk}" + (f"&{extra}" if extra

@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import os
 import secrets
-import shutil
 import signal
 import subprocess
 import sys
@@ -460,36 +459,6 @@ def test_a_missing_remote_directory_is_one_line(tmp_path: Path, site: Site) -> N
 
 
 # -- over a real ssh -----------------------------------------------------------------
-
-
-@pytest.fixture
-def ssh_config(tmp_path: Path) -> Path:
-    """An ssh client configuration that reaches a real sshd for host 127.0.0.1.
-
-    The sshd runs in inetd mode as the client's ProxyCommand (``sshd -i``): a
-    real ssh session with its own host key and an authorized key made here,
-    no port, no daemon to leave behind.
-    """
-    if not Path("/usr/sbin/sshd").exists() or shutil.which("ssh") is None:
-        pytest.fail("openssh-server and openssh-client are needed (scripts/setup installs them)")
-    Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)  # sshd's privilege separation dir
-    keys = tmp_path / "ssh"
-    keys.mkdir()
-    for name in ("hostkey", "id"):
-        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(keys / name)],
-                       check=True, timeout=60)
-    shutil.copy(keys / "id.pub", keys / "authorized_keys")
-    (keys / "sshd_config").write_text(
-        f"HostKey {keys}/hostkey\nAuthorizedKeysFile {keys}/authorized_keys\n"
-        "PermitRootLogin prohibit-password\nPasswordAuthentication no\n"
-        "KbdInteractiveAuthentication no\nStrictModes no\nUsePAM no\nPidFile none\n"
-        "LogLevel ERROR\n")
-    config = keys / "ssh_config"
-    config.write_text(
-        f"Host 127.0.0.1\n  ProxyCommand /usr/sbin/sshd -i -f {keys}/sshd_config\n"
-        f"  User root\n  IdentityFile {keys}/id\n  IdentitiesOnly yes\n"
-        "  UserKnownHostsFile /dev/null\n  StrictHostKeyChecking no\n  LogLevel ERROR\n")
-    return config
 
 
 async def test_over_ssh(tmp_path: Path, site: Site, ssh_config: Path) -> None:

@@ -322,3 +322,51 @@ def test_an_unreachable_remote_store_is_one_line(tmp_path: Path) -> None:
         assert not view_mountpoint(d.mnt, "far").exists()
     finally:
         d.teardown()
+
+
+def test_over_ssh_with_the_link_cut(tmp_path: Path, ssh_config: Path) -> None:
+    """nbd+ssh for real (an sshd per session, tests/test_remote.py's ssh_config): the
+    entry goes to the remote store and back under the guest's writes, and the ssh
+    session is cut while the entry lives there (the agent dies with it): the view
+    logs in again and the guest's writes go on."""
+    d = MountedDatastore(tmp_path / "ds", stores=("near", "far"), default_store="near",
+                         remote=("far",))
+    fusedisk_bin = Path(sys.executable).parent / "fusedisk"
+    d.remote_spec["far"] = (f"nbd+ssh://127.0.0.1{d.stores['far']}?tls-psk={d.psk}"
+                            f"&nbd-port=0&ssh-config={ssh_config}"
+                            f"&agent={fusedisk_bin}%20store-agent")
+    guest = None
+    try:
+        d.start()
+        make_vm(d.mnt)
+        guest = Guest(d.mnt, tmp_path, 4)
+        guest.wait_acked(100)
+        migrate(d, "far")
+        assert placement(d) == "far"
+        guest.wait_acked(100)
+        sessions = _sshd_sessions(d.stores["far"])
+        assert sessions, "no sshd session carries the agent"
+        for pid in sessions:
+            os.kill(pid, signal.SIGKILL)
+        wait_for(lambda: d.status()["remote_stores"]["far"].get("reconnects", 0) >= 1, 60,
+                 "the view to log in again")
+        guest.wait_acked(100)
+        migrate(d, "near")
+        guest.wait_acked(50)
+        guest.stop()
+        guest.check()
+    finally:
+        if guest is not None:
+            guest.stop()
+        d.teardown()
+
+
+def _sshd_sessions(store: Path) -> list[int]:
+    """The sshd processes the agents of *store* run under (their parents)."""
+    found = []
+    for pid in agent_pids(store):
+        status = Path(f"/proc/{pid}/status").read_text()
+        ppid = next(int(ln.split()[1]) for ln in status.splitlines() if ln.startswith("PPid:"))
+        if Path(f"/proc/{ppid}/comm").read_text().strip().startswith("sshd"):
+            found.append(ppid)
+    return found
