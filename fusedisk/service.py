@@ -186,7 +186,7 @@ def cleanup(mountpoint: Path) -> str:
     mountpoint = Path(os.path.abspath(mountpoint))
     fstype = fstype_at(mountpoint)
     if fstype is None:
-        return f"{mountpoint}: nothing mounted, nothing to clean up"
+        return f"{mountpoint}: nothing mounted, nothing to clean up" + _views_detached(mountpoint)
     if fstype != f"fuse.{FSNAME}":
         return f"{mountpoint}: a {fstype} mount, left alone"
     if _daemon_answers(mountpoint) or not _connection_dead(mountpoint):
@@ -194,7 +194,16 @@ def cleanup(mountpoint: Path) -> str:
     detach_dead_mount(mountpoint)
     if fstype_at(mountpoint) == f"fuse.{FSNAME}":
         raise MountError(f"cannot detach the dead mount on {mountpoint}")
-    return f"{mountpoint}: detached the mount its dead daemon left behind"
+    return (f"{mountpoint}: detached the mount its dead daemon left behind"
+            + _views_detached(mountpoint))
+
+
+def _views_detached(mountpoint: Path) -> str:
+    """Dead remote-store views of that datastore, detached too (storeviews.py)."""
+    from .storeviews import detach_dead_views
+
+    gone = detach_dead_views(mountpoint)
+    return f"; and {len(gone)} dead remote-store view(s)" if gone else ""
 
 
 def cleanup_target(mountpoint: str | None, config_file: Path | None) -> Path:

@@ -24,6 +24,7 @@ away, and the daemon logs it; a remount starts a new view.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import logging
@@ -59,6 +60,32 @@ def view_mountpoint(mountpoint: Path, name: str) -> Path:
     """Where the view of store *name* of the datastore on *mountpoint* is mounted."""
     digest = hashlib.sha256(os.fsencode(os.path.abspath(mountpoint))).hexdigest()[:20]
     return views_dir() / f"{digest}-{name}"
+
+
+def detach_dead_views(mountpoint: Path) -> list[Path]:
+    """Detach the views of the datastore on *mountpoint* whose process is gone (a view
+    killed with its daemon, say, leaves a dead mount); the ones detached."""
+    prefix = view_mountpoint(mountpoint, "").name
+    done = []
+    try:
+        # no is_dir(): a dead mount answers stat with ENOTCONN
+        candidates = sorted(p for p in views_dir().iterdir()
+                            if p.name.startswith(prefix) and not p.name.endswith(".json"))
+    except OSError:
+        return []
+    for path in candidates:
+        try:
+            os.statvfs(path)
+            continue  # a live view, or a plain directory
+        except OSError as e:
+            if e.errno != errno.ENOTCONN:
+                continue
+        subprocess.run(["fusermount3", "-uz", str(path)], stdout=subprocess.DEVNULL,
+                       stderr=subprocess.DEVNULL, check=False)
+        with contextlib.suppress(OSError):
+            path.rmdir()
+        done.append(path)
+    return done
 
 
 @dataclass(slots=True)

@@ -370,3 +370,22 @@ def _sshd_sessions(store: Path) -> list[int]:
         if Path(f"/proc/{ppid}/comm").read_text().strip().startswith("sshd"):
             found.append(ppid)
     return found
+
+
+def test_cleanup_after_the_daemon_and_its_view_were_killed(tmp_path: Path,
+                                                           ds: MountedDatastore) -> None:
+    make_vm(ds.mnt)
+    migrate(ds, "far")
+    before = _sha(ds.mnt / "vm" / "disk.img")
+    view = view_mountpoint(ds.mnt, "far")
+    view_pid = ds.status()["remote_stores"]["far"]["view_pid"]
+    os.kill(view_pid, signal.SIGKILL)  # first: a daemon killed first takes its view along
+    ds.kill()
+    with pytest.raises(OSError):
+        os.statvfs(view)  # a dead mount is left behind
+    done = fusedisk("cleanup", str(ds.mnt))
+    assert done.returncode == 0, done.stderr
+    assert "1 dead remote-store view" in done.stdout, done.stdout
+    assert not view.exists()
+    ds.start()
+    assert _sha(ds.mnt / "vm" / "disk.img") == before
