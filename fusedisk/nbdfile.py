@@ -84,12 +84,13 @@ class _Request:
     flags: int = 0
     data: memoryview | None = None  # a write's payload
     pinned: _Connection | None = None  # flush and reopen: this connection only
-    result: bytearray | None = None  # a read's data
+    result: bytes | None = None  # a read's data
     error: OSError | None = None
     done: trio.Event = field(default_factory=trio.Event)
     deadline: float = math.inf  # trio time; set when the command is sent
     sent: float = 0.0
     buffer: Any = None  # the nbd.Buffer libnbd holds while the command is in flight
+    slot: bytearray | None = None  # its pooled buffer while in flight (remote.BufferPool)
 
 
 class _Connection:
@@ -143,6 +144,7 @@ class NbdFile:
         self._endpoint_lock = trio.Lock()
         self._size = 0
         self._max_request = MAX_REQUEST
+        self._pool = remote.BufferPool()
         self._can_fua = self._can_zero = self._can_trim = True
         self._state = "new"  # new -> open -> closing -> closed
         #: a reconnect window ran out and no connection has been made since
@@ -243,13 +245,13 @@ class NbdFile:
         if not length:
             await trio.lowlevel.checkpoint()
             return b""
-        reqs = [_Request("read", start, n) for start, n in _split(offset, length,
-                                                                 self._max_request)]
+        reqs = [_Request("read", start, n)
+                for start, n in remote.pow2_pieces(offset, length, self._max_request)]
         await self._run(reqs)
         if len(reqs) == 1:
             assert reqs[0].result is not None
-            return bytes(reqs[0].result)
-        return b"".join(bytes(r.result or b"") for r in reqs)
+            return reqs[0].result
+        return b"".join(r.result or b"" for r in reqs)
 
     async def pwrite(self, data: bytes | memoryview, offset: int, *, fua: bool = False) -> None:
         """Write *data* at *offset* (within the export: ENOSPC beyond its end). With *fua*
@@ -260,7 +262,7 @@ class NbdFile:
         if fua and self._can_fua:
             flags = remote.libnbd().CMD_FLAG_FUA
         reqs = [_Request("write", start, n, flags, payload[start - offset:start - offset + n])
-                for start, n in _split(offset, len(payload), self._max_request)]
+                for start, n in remote.pow2_pieces(offset, len(payload), self._max_request)]
         await self._run(reqs)
         if fua and not self._can_fua:
             await self.flush()
@@ -334,6 +336,7 @@ class NbdFile:
     def _finish(self, req: _Request, error: OSError | None = None) -> None:
         req.error = error
         req.buffer = None
+        self._unslot(req, keep=error is None and req.op == "read")
         if error is not None:
             self.stats["errors"] += 1
         req.done.set()
@@ -342,11 +345,23 @@ class NbdFile:
             self._drained.set()
             self._drained = trio.Event() if self._state == "open" else self._drained
 
+    def _unslot(self, req: _Request, *, keep: bool) -> None:
+        """Give a request's pooled buffer back (remote.BufferPool says why); a read that
+        succeeded first copies its data out of it."""
+        if req.slot is not None:
+            if keep:
+                req.result = bytes(req.slot)
+            self._pool.give(req.slot)
+            req.slot = None
+
     def _fail_all(self, conn: _Connection, code: int, why: str) -> int:
         failed = [*conn.queue, *conn.in_flight.values()]
         conn.queue.clear()
         conn.in_flight.clear()
         for req in failed:
+            # a command still in flight on a live handle may yet be written into by
+            # libnbd: its buffer is abandoned, never handed out again
+            req.slot = None
             self._finish(req, OSError(code, f"{self.where}: {req.op} at {req.offset}: {why}"))
         return len(failed)
 
@@ -407,11 +422,14 @@ class NbdFile:
             conn.queue.popleft()
             try:
                 if req.op == "read":
-                    req.result = bytearray(req.length)
-                    req.buffer = nbd.Buffer.from_buffer(req.result)
+                    req.slot = self._pool.take(req.length)
+                    req.buffer = nbd.Buffer.from_buffer(req.slot)
                     cookie = h.aio_pread(req.buffer, req.offset)
                 elif req.op == "write":
-                    req.buffer = nbd.Buffer.from_buffer(req.data)
+                    assert req.data is not None
+                    req.slot = self._pool.take(req.length)
+                    req.slot[:] = req.data
+                    req.buffer = nbd.Buffer.from_buffer(req.slot)
                     cookie = h.aio_pwrite(req.buffer, req.offset, flags=req.flags)
                 elif req.op == "zero":
                     cookie = h.aio_zero(req.length, req.offset, flags=req.flags)
@@ -487,6 +505,7 @@ class NbdFile:
                                           f" no answer for {self.request_timeout_s:g} s"))
             else:
                 req.buffer = None
+                self._unslot(req, keep=False)  # taken again when it is sent again
                 again.append(req)
         conn.in_flight.clear()
         conn.queue.extendleft(reversed(again))
@@ -556,7 +575,8 @@ class NbdFile:
         nbd = remote.libnbd()
         self._size = h.get_size()
         maximum = h.get_block_size(nbd.SIZE_MAXIMUM)
-        self._max_request = min(MAX_REQUEST, maximum) if maximum > 0 else MAX_REQUEST
+        largest = min(MAX_REQUEST, maximum) if maximum > 0 else MAX_REQUEST
+        self._max_request = 1 << (largest.bit_length() - 1)  # pieces are powers of two
         self._can_fua, self._can_zero, self._can_trim = (
             h.can_fua(), h.can_zero(), h.can_trim())
 

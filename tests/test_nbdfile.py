@@ -360,3 +360,27 @@ async def test_a_cancelled_caller(site: Site) -> None:
             await f.flush()
             assert f.stats["errors"] == 0 and f.stats["requests"] >= 3
         assert (site.dir / "disk0.img").read_bytes()[:8192] == b"c" * 4096 + b"d" * 4096
+
+
+async def test_buffers_are_used_again(site: Site) -> None:
+    """python3-libnbd keeps every buffer it is given alive (remote.BufferPool): after
+    64 MiB of writes and reads, in 256 KiB and odd-sized pieces, the pool has made no
+    more than a few MiB of buffers."""
+    with remote.connect(site.spec()) as store:
+        create(store, "disk", 8 * MiB)
+        f = NbdFile(endpoint_of(store), "disk", connections=2)
+        async with f.opened():
+            data = os.urandom(256 * KiB)
+            before = _rss()
+            for i in range(256):
+                length = 256 * KiB - (i % 3) * 512
+                await f.pwrite(data[:length], (i % 32) * 256 * KiB)
+                assert await f.pread(length, (i % 32) * 256 * KiB) == data[:length]
+            assert f._pool.allocated < 4 * MiB, f._pool.allocated
+            grown = _rss() - before
+            assert grown < 32 * MiB, f"the process grew by {grown >> 20} MiB for 128 MiB of I/O"
+
+
+def _rss() -> int:
+    status = Path("/proc/self/status").read_text()
+    return int(next(ln for ln in status.splitlines() if ln.startswith("VmRSS:")).split()[1]) << 10
