@@ -191,7 +191,7 @@ class MountedDatastore:
             marker = os.fsencode(str(self.stores[name]))
             deadline = time.monotonic() + 30
             while True:
-                left = [pid for pid, argv in _processes()
+                left = [pid for pid, argv in processes()
                         if any(marker in arg for arg in argv)]
                 if not left or time.monotonic() > deadline:
                     break
@@ -230,7 +230,7 @@ def wait_for(predicate: Any, timeout_s: float, what: str) -> None:
         time.sleep(0.02)
 
 
-def _processes() -> list[tuple[int, list[bytes]]]:
+def processes() -> list[tuple[int, list[bytes]]]:
     out = []
     for entry in os.listdir("/proc"):
         if entry.isdigit() and int(entry) != os.getpid():

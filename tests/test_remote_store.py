@@ -38,7 +38,8 @@ from fusedisk.storeviews import view_mountpoint
 
 from . import journal_writer
 from .conftest import require_tools
-from .mounting import MountedDatastore, fusedisk, wait_for
+from .mounting import MountedDatastore, fusedisk, processes, wait_for
+from .test_remote import nbdkits_serving
 
 pytestmark = pytest.mark.mount
 
@@ -179,28 +180,9 @@ def test_local_remote_local_under_a_guest(tmp_path: Path, ds: MountedDatastore) 
 
 
 def agent_pids(store: Path) -> list[int]:
-    """The agents (and their nbdkits) serving *store*."""
-    found = []
-    for entry in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            argv = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if os.fsencode(str(store)) in argv and b"store-agent" in argv:
-            found.append(int(entry))
-    return found
-
-
-def nbdkit_pids(store: Path) -> list[int]:
-    found = []
-    for entry in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            argv = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if argv and argv[0].endswith(b"nbdkit") and f"dir={store}".encode() in argv:
-            found.append(int(entry))
-    return found
+    """The agents serving *store*."""
+    marker = os.fsencode(str(store))
+    return [pid for pid, argv in processes() if marker in argv and b"store-agent" in argv]
 
 
 def test_the_link_drops_after_the_commit(tmp_path: Path, ds: MountedDatastore) -> None:
@@ -240,9 +222,9 @@ def test_nbdkit_killed_during_the_copy(tmp_path: Path, ds: MountedDatastore) -> 
     done = fusedisk("migrate", str(ds.mnt), "vm", "--to", "far", "--rate", "4M",
                     "--no-wait", timeout=60)
     assert done.returncode == 0, done.stderr
-    wait_for(lambda: bool(nbdkit_pids(ds.stores["far"])) and any(
+    wait_for(lambda: bool(nbdkits_serving(ds.stores["far"])) and any(
         j["bytes_copied"] > MiB for j in ds.status()["jobs"]), 120, "the copy to start")
-    for pid in nbdkit_pids(ds.stores["far"]):
+    for pid in nbdkits_serving(ds.stores["far"]):
         os.kill(pid, signal.SIGKILL)
     wait_for(lambda: all(j["state"] in ("done", "failed") for j in ds.status()["jobs"]),
              300, "the relocation to end")

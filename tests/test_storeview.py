@@ -78,16 +78,23 @@ class View:
         return self.log.read_text()
 
 
-@pytest.fixture
-def view(tmp_path: Path) -> Iterator[View]:
+@contextlib.contextmanager
+def running_view(tmp_path: Path, *extra: str) -> Iterator[View]:
+    """A view of a fresh store directory; stopped, and checked clean, at the end."""
     site = Site(tmp_path)
-    v = View(site, tmp_path / "view")
+    v = View(site, tmp_path / "view", *extra)
     try:
         yield v
     finally:
         log = v.stop()
         assert stop_nbdkits(site.dir) == [], "an nbdkit outlived its agent"
         assert "Traceback" not in log, log
+
+
+@pytest.fixture
+def view(tmp_path: Path) -> Iterator[View]:
+    with running_view(tmp_path) as v:
+        yield v
 
 
 def _seeded_ops(seed: int, steps: int, scratch: Path) -> list[diff.Op]:
@@ -97,14 +104,8 @@ def _seeded_ops(seed: int, steps: int, scratch: Path) -> list[diff.Op]:
 @pytest.fixture
 def nbd_view(tmp_path: Path) -> Iterator[View]:
     """A view that carries the data of every file with data at open over NBD."""
-    site = Site(tmp_path)
-    v = View(site, tmp_path / "view", "--nbd-min-bytes", "1")
-    try:
+    with running_view(tmp_path, "--nbd-min-bytes", "1") as v:
         yield v
-    finally:
-        log = v.stop()
-        assert stop_nbdkits(site.dir) == [], "an nbdkit outlived its agent"
-        assert "Traceback" not in log, log
 
 
 @pytest.mark.parametrize("seed", [1, 2, 3, 4])
