@@ -143,7 +143,6 @@ async def serve(config: Config, on_ready: Callable[[], None]) -> None:
     exists, so a failure at any step undoes exactly what was built, in reverse
     order (state directory unlocked last), and a normal end does the same.
     """
-    gcwatch.install()
     async with contextlib.AsyncExitStack() as stack:
         check_directories(config)
         check_mountpoint(config.mountpoint)
@@ -196,6 +195,9 @@ async def serve(config: Config, on_ready: Callable[[], None]) -> None:
         stack.callback(fuseshim.drain)
         daemon = Daemon(config, state, datastore, files, ops, relocator, fuse_loop, extra_ops,
                         snapshots=snapshots, views=views)
+        # stalls of the collector are worth a warning while the mount serves
+        gcwatch.install()
+        stack.callback(gcwatch.uninstall)
         stack.callback(daemon.notify_stopping)
         await daemon.serve(on_ready)
 

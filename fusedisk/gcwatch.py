@@ -72,6 +72,13 @@ def install() -> None:
         gc.callbacks.append(_watch)
 
 
+def uninstall() -> None:
+    """Stop watching (idempotent): a collection while the process ends, or after a
+    refused start, is nobody's stall, and its warning would follow the one-line error."""
+    if _watch in gc.callbacks:
+        gc.callbacks.remove(_watch)
+
+
 def statistics() -> dict[str, float]:
     return {"gc_slow": _watch.slow, "gc_freezes": _watch.freezes,
             "gc_longest_ms": round(_watch.longest_ms, 1), "gc_frozen": gc.get_freeze_count()}
