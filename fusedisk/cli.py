@@ -499,7 +499,7 @@ def _print_status(status: dict[str, Any]) -> None:
             latency = info.get("agent_latency_ms")
             print(f"{name:<12} {link:<13} "
                   f"{'-' if latency is None else f'{latency:.2f} ms':>9} "
-                  f"{info.get('reconnects', 0) + info.get('nbd_reconnects', 0):>10}  "
+                  f"{info.get('reconnects', 0):>10}  "
                   f"{format_size(info.get('nbd_bytes_read', 0)):>10} "
                   f"{format_size(info.get('nbd_bytes_written', 0)):>11}  {info['where']}")
     print()

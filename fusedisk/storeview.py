@@ -62,8 +62,12 @@ from .errors import FusediskError
 
 log = logging.getLogger(__name__)
 
-#: Files at least this large (when opened) carry their data over NBD.
+#: Files at least this large (when opened, or once they grew so) carry their data over NBD.
 NBD_MIN_BYTES = 1 << 20
+#: A file that grew by writes past its export's size by this much makes the export learn
+#: its new size (every connection reconnects), so that the bytes past it stop going
+#: through the agent.
+GROW_REFRESH_BYTES = 16 << 20
 #: FUSE inode numbers given where the remote number is still taken (far above any
 #: real filesystem's numbers).
 FRESH_INO_BASE = 1 << 60
@@ -945,6 +949,12 @@ class StoreView(pyfuse3.Operations):
             done += len(piece)
         if sync and (data is None or (len(buf) > 0 and off + len(buf) > node.nbd_size)):
             await self._call("fsync", path=await self.path(node.ino))
+        end = off + len(buf)
+        if (data is None and end >= max(1, self.nbd_min)) or (
+                data is not None and end >= node.nbd_size + GROW_REFRESH_BYTES):
+            # a file that grows by writes (a qcow2 image, a log): its data goes over NBD
+            # from here on, or its export learns its new size
+            await self._grown(node, end)
         return len(buf)
 
     async def flush(self, fh: int) -> None:

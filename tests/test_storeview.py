@@ -26,6 +26,7 @@ from pathlib import Path
 import pytest
 
 from . import differential as diff
+from .mounting import wait_for
 from .test_remote import Site, stop_nbdkits, write_keys
 
 MiB = 1 << 20
@@ -41,9 +42,11 @@ class View:
         self.log = mnt.parent / f"{mnt.name}.log"
         ready_r, ready_w = os.pipe()
         with open(self.log, "wb") as log:
+            self.status_file = mnt.parent / f"{mnt.name}.json"
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "fusedisk", "store-view", f"far={site.spec_text()}",
-                 str(mnt), "--ready-fd", str(ready_w), *extra],
+                 str(mnt), "--ready-fd", str(ready_w), "--status-file", str(self.status_file),
+                 *extra],
                 pass_fds=(ready_w,), stdin=subprocess.DEVNULL, stdout=log, stderr=log)
         os.close(ready_w)
         with os.fdopen(ready_r, "rb") as ready:
@@ -281,3 +284,28 @@ def test_hard_links_lose_names_in_any_order(view: View) -> None:
     finally:
         os.close(fd)
     assert (view.site.dir / "c").read_bytes() == b"DATA"
+
+
+def test_a_file_that_grows_by_writes_goes_over_nbd(view: View) -> None:
+    """Appended to from empty (a qcow2 image, a log) and then rewritten in place through
+    the same descriptor: the appends go through the agent (an NBD export cannot grow),
+    but the export keeps learning the file's size, so the rewrite goes over NBD; every
+    byte arrives."""
+    import json
+
+    path = view.mnt / "growing.qcow2"
+    chunks = [os.urandom(256 << 10) for _ in range(160)]  # 40 MiB
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        for chunk in chunks:
+            os.write(fd, chunk)
+        again = os.urandom(32 << 20)
+        os.pwrite(fd, again, 0)
+    finally:
+        os.close(fd)
+    expected = again + b"".join(chunks)[32 << 20:]
+    assert (view.site.dir / "growing.qcow2").read_bytes() == expected
+    assert path.read_bytes() == expected
+    wait_for(lambda: view.status_file.exists() and json.loads(
+        view.status_file.read_text())["nbd_bytes_written"] >= 16 << 20, 30,
+        "the view to report the rewrite's NBD writes")
