@@ -94,6 +94,9 @@ class Store:
     path: Path
     store_id: int
     root_fd: int
+    #: the largest single write to its files (backing.pwrite_all): larger for a remote
+    #: store, whose every write is a round trip
+    write_piece: int = backing.WRITE_PIECE
 
     def statvfs(self) -> os.statvfs_result:
         return backing.statvfs(self.root_fd)
@@ -453,7 +456,10 @@ class Datastore:
                     fd = backing.open_dir_path(str(path))
                 except OSError as e:
                     raise ConfigError(f"store {name!r}: cannot open {path}: {e.strerror}") from None
-                stores[name] = Store(name, path, store_ids[name], fd)
+                stores[name] = Store(name, path, store_ids[name], fd,
+                                     backing.REMOTE_WRITE_PIECE
+                                     if name in config.remote_stores
+                                     else backing.WRITE_PIECE)
             _check_distinct(stores)
             for store in stores.values():
                 claims.claim(store.name, store.path, store.root_fd)

@@ -192,9 +192,11 @@ class Copier:
 
     def __init__(
         self, files: OpenFiles, gate: Gate, pool_fd: int, block_size: int,
-        src_root_fd: int | None = None,
+        src_root_fd: int | None = None, write_piece: int = backing.WRITE_PIECE,
     ) -> None:
         self.files = files
+        #: the largest single write to the pool's files (the destination store's)
+        self.write_piece = write_piece
         self.gate = gate
         self.pool_fd = pool_fd
         # open_by_handle_at wants a plain (not O_PATH) fd on each filesystem
@@ -717,6 +719,7 @@ class Copier:
         try:
             nread, written, punched = await trio.to_thread.run_sync(
                 _copy_io, vfile.fd, copy.dst_fd, offset, length, dest_has_data, throttle,
+                self.write_piece,
                 limiter=self._worker)
         finally:
             self._inflight = None
@@ -839,7 +842,8 @@ def estimate_s(nbytes: int, rate: float) -> float:
 
 
 def _copy_io(
-    src_fd: int, dst_fd: int, offset: int, length: int, dest_has_data: bool, hold: bool
+    src_fd: int, dst_fd: int, offset: int, length: int, dest_has_data: bool, hold: bool,
+    piece: int = backing.WRITE_PIECE,
 ) -> tuple[int, int, bool]:
     """One copy step's I/O, on the worker thread: read the run of the source,
     write it to the pool file; return (bytes read, bytes written, punched).
@@ -853,11 +857,11 @@ def _copy_io(
     if not data:
         return 0, 0, False
     if not dest_has_data:
-        return len(data), _write_pages(dst_fd, data, offset), False
+        return len(data), _write_pages(dst_fd, data, offset, piece), False
     if data == (_ZEROS if len(data) == CHUNK_SIZE else bytes(len(data))):  # memcmp
         backing.punch_hole(dst_fd, offset, len(data))
         return len(data), 0, True
-    if backing.pwrite_all(dst_fd, data, offset) != len(data):
+    if backing.pwrite_all(dst_fd, data, offset, piece) != len(data):
         raise OSError(errno.ENOSPC, "short write on the destination")
     return len(data), len(data), False
 
@@ -867,7 +871,7 @@ def _zero_page(data: bytes, pos: int) -> bool:
     return page == (_ZERO_PAGE if len(page) == _PAGE else bytes(len(page)))
 
 
-def _write_pages(fd: int, data: bytes, offset: int) -> int:
+def _write_pages(fd: int, data: bytes, offset: int, piece: int = backing.WRITE_PIECE) -> int:
     """Write the runs of non-zero 4 KiB pages of *data*; return the bytes written."""
     view = memoryview(data)
     size, pos, written = len(data), 0, 0
@@ -879,7 +883,7 @@ def _write_pages(fd: int, data: bytes, offset: int) -> int:
             pos += _PAGE
         if start < pos:
             run = view[start : min(pos, size)]
-            if backing.pwrite_all(fd, run, offset + start) != len(run):
+            if backing.pwrite_all(fd, run, offset + start, piece) != len(run):
                 raise OSError(errno.ENOSPC, "short write on the destination")
             written += len(run)
     return written

@@ -306,7 +306,7 @@ class Relocation:
             backing.mkdir_at(self._staging_fd, "pool", 0o700)
         self._pool_fd = backing.open_path(self._staging_fd, "pool")
         copier = self.copier = Copier(self.files, entry.gate, self._pool_fd, self.block_size,
-                                      entry.store.root_fd)
+                                      entry.store.root_fd, write_piece=dst.write_piece)
         copier.rate_limit = self._rate_limit
         if found is not None:
             copier.plan = found.files

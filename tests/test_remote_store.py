@@ -271,7 +271,7 @@ def test_write_errors_of_the_remote_store_fail_the_relocation(tmp_path: Path) ->
     remote store."""
     d = MountedDatastore(tmp_path / "ds", stores=("near", "far"), default_store="near",
                          remote=("far",))
-    d.remote_query["far"] = "nbdkit-filter=error&nbdkit-param=error-pwrite-rate=0.05"
+    d.remote_query["far"] = "nbdkit-filter=error&nbdkit-param=error-pwrite-rate=1"
     try:
         d.start()
         make_vm(d.mnt)
