@@ -153,8 +153,8 @@ def _migrate(context: ScenarioContext, site: _Site, src: str, dest: str, tag: st
     got = _digests(site.entry_dir(dest))
     if got != digests:
         bad = sorted(n for n in set(digests) | set(got) if digests.get(n) != got.get(n))
-        raise BenchError(f"{tag}: after {src} → {dest}, {ENTRY}'s {', '.join(bad)} differ "
-                         "from the source")
+        raise BenchError(f"{tag}: after {src} → {dest}, {ENTRY}'s files differ from the source: "
+                         f"{', '.join(bad)}")
     job = migration.final
     assert job is not None
     return {"from": src, "to": dest, "wall_s": migration.wall_s, "job_elapsed_s": job.elapsed_s,
