@@ -110,6 +110,11 @@ def view_pids(daemon_pid: int) -> dict[str, int]:
     return found
 
 
+def _processes(daemon: Daemon) -> dict[str, int]:
+    """The daemon and its views, by what the tables call them."""
+    return {"daemon": daemon.pid, **{f"view {n}": p for n, p in view_pids(daemon.pid).items()}}
+
+
 class _Site:
     """The mount and its store directories."""
 
@@ -157,10 +162,11 @@ def _migrate(context: ScenarioContext, site: _Site, src: str, dest: str, tag: st
                          f"{', '.join(bad)}")
     job = migration.final
     assert job is not None
+    memory = {who: _proc_figures(pid)["rss_kib"] for who, pid in _processes(site.daemon).items()}
     return {"from": src, "to": dest, "wall_s": migration.wall_s, "job_elapsed_s": job.elapsed_s,
             "bytes": moved_bytes, "mbps": moved_bytes / migration.wall_s / 1e6,
             "pause_ms": job.pause_ms, "passes": job.pass_no, "state": str(job.state),
-            "verified": True, "command": migration.command}
+            "verified": True, "command": migration.command, "rss_kib_after": memory}
 
 
 def _guest_io(context: ScenarioContext, site: _Site, store: str, tag: str,
@@ -252,8 +258,7 @@ def relocate_remote(context: ScenarioContext) -> Outcome:
                 moves.append({"rep": rep, "order": ", ".join(order), **back})
                 say(f"{NAME} r{rep}: {dest} → {HOME} in {back['wall_s']:.2f} s "
                     f"({back['mbps']:.0f} MB/s), verified")
-        after = {"daemon": _proc_figures(daemon.pid),
-                 **{f"view {n}": _proc_figures(p) for n, p in view_pids(daemon.pid).items()}}
+        after = {who: _proc_figures(pid) for who, pid in _processes(daemon).items()}
     return _outcome(moves, ios, after, reps, size, guest_size, runtime_s, layout, specs)
 
 
@@ -280,7 +285,7 @@ def _outcome(moves: list[dict[str, Any]], ios: list[dict[str, Any]],
         summary[f"{key}_mbps"] = rate
         summary[f"{key}_pause_ms"] = pause
         table.append([f"{src} → {dest}", number(rate, 0),
-                      number(rate / local if rate and local else None, 2),
+                      number(rate / local if rate and local else None, 3),
                       number(pause, 1), number(median([m["wall_s"] for m in chosen]), 2)])
     # the ratios: per repetition against the local copy of the same repetition
     for dest in (FAR, WAN):
@@ -300,13 +305,17 @@ def _outcome(moves: list[dict[str, Any]], ios: list[dict[str, Any]],
         summary[f"io_{store}_p99_us"] = p99
         summary[f"io_{store}_iops_vs_near"] = iops / near_iops if iops and near_iops else None
         summary[f"io_{store}_p99_vs_near"] = p99 / near_p99 if p99 and near_p99 else None
-        io_table.append([store, number(iops, 0), number(summary[f"io_{store}_iops_vs_near"], 2),
+        io_table.append([store, number(iops, 0), number(summary[f"io_{store}_iops_vs_near"], 3),
                          number(p99, 0), number(summary[f"io_{store}_p99_vs_near"], 2)])
-    proc_table = [["process", "pid", "fds", "RSS MiB", "peak RSS MiB"]]
+    proc_table = [["process", "pid", "fds", "RSS MiB", "peak RSS MiB",
+                   "RSS MiB after the first relocation"]]
+    first = moves[0]["rss_kib_after"] if moves else {}
     for who, fig in after.items():
+        fig["rss_kib_after_first_relocation"] = first.get(who)
         proc_table.append([who, str(fig["pid"]), number(fig["fds"]),
                            number(None if fig["rss_kib"] is None else fig["rss_kib"] / 1024, 1),
-                           number(None if fig["hwm_kib"] is None else fig["hwm_kib"] / 1024, 1)])
+                           number(None if fig["hwm_kib"] is None else fig["hwm_kib"] / 1024, 1),
+                           number(None if first.get(who) is None else first[who] / 1024, 1)])
     ratio = summary[f"{FAR}_vs_local"]
     fio_command = next((r["command"] for r in ios), "")
     return Outcome(

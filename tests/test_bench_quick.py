@@ -571,6 +571,7 @@ def test_relocate_remote_results_are_complete(quick_run: QuickRun) -> None:
         _finite(move["pause_ms"], f"{where} pause")
         # the whole entry moved: disk, guest file and the small files
         assert move["bytes"] > summary["disk_bytes"] + summary["guest_file_bytes"], move
+        assert sorted(move["rss_kib_after"]) == ["daemon", "view far", "view wan"], move
     for src, dest in legs:
         _finite(summary[f"{src}_to_{dest}_mbps"], f"{src} → {dest} MB/s")
     for dest in ("far", "wan"):
