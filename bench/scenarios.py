@@ -26,7 +26,10 @@ runs all of them by default, in registry order; ``--scenarios`` picks some.
   mixed random rounds on the mount vs a plain directory (``bench/vmguest.py``).
 - ``copy-remote``: a file copied to a loopback remote store (nbdkit with
   TLS-PSK, libnbd) vs locally and vs nbdcopy, with and without a WAN delay
-  (``bench/remotecopy.py``; relocation onto a remote store is not built yet).
+  (``bench/remotecopy.py``).
+- ``relocate-remote``: an entry relocated from a local store to another local one, to a
+  loopback remote store and to one behind a WAN delay, and back; guest 4k random writes
+  on it on each store (``bench/relocremote.py``).
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ from bench import (
     manyfiles,
     peer,
     relocation,
+    relocremote,
     remotecopy,
     resume,
     scale,
@@ -155,3 +159,4 @@ register("snapshot", snapshot.snapshot)
 register("guest-switchover", vmguest.guest_switchover, needs_migrate=True)
 register("guest-rounds", vmguest.guest_rounds)
 register("copy-remote", remotecopy.copy_remote, needs_mount=False)
+register("relocate-remote", relocremote.relocate_remote, needs_migrate=True)
