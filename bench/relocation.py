@@ -48,6 +48,7 @@ from bench.context import (
     mib,
     number,
     say,
+    sha256_of,
     target_check,
 )
 from bench.errors import BenchError
@@ -244,12 +245,6 @@ def relocate(context: ScenarioContext, mount: Mounted, tag: str, size: int,
                       source_removed=not (mount.stores["a"] / ENTRY).exists())
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(4 * MIB):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _load_env(file: Path, size: int, runtime_s: float, log: Path, log_ms: int) -> dict[str, str]:
@@ -320,7 +315,7 @@ def relocate_idle(context: ScenarioContext) -> Outcome:
             cp_layout = context.runner.lay_out(cp_source, f"{tag}-cp-source", size)
             _, layout = make_entry(context, mount, size, tag)
             source_disk = mount.stores["a"] / ENTRY / DISK
-            digest = _sha256(source_disk)
+            digest = sha256_of(source_disk)
             # Let the write-back of the lay-out settle, or the first timed copy pays for it.
             os.sync()
             time.sleep(0.5 if context.quick else SETTLE_S)
@@ -340,7 +335,7 @@ def relocate_idle(context: ScenarioContext) -> Outcome:
                     result.update(moved.summary())
                     say(f"{tag}: relocation {moved.wall_s:.2f} s, passes {moved.figure('pass')}")
                     commands.append(moved.command)
-            result["data_intact"] = _sha256(mount.stores[DEST] / ENTRY / DISK) == digest
+            result["data_intact"] = sha256_of(mount.stores[DEST] / ENTRY / DISK) == digest
             if not result["data_intact"]:
                 raise BenchError(f"{tag}: {ENTRY}/{DISK} on store {DEST} differs from the source")
             result["ratio_cp"] = result["relocation_s"] / result["cp_s"]

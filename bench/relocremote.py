@@ -25,7 +25,6 @@ no speed is reported for a wrong copy.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import secrets
@@ -35,7 +34,16 @@ from pathlib import Path
 from typing import Any
 
 from bench import fusedisk_cli
-from bench.context import Outcome, ScenarioContext, evict, median, number, say, target_check
+from bench.context import (
+    Outcome,
+    ScenarioContext,
+    evict,
+    median,
+    number,
+    say,
+    sha256_of,
+    target_check,
+)
 from bench.errors import BenchError
 from bench.fio import parse_figures
 from bench.fusedisk_cli import Migration
@@ -60,17 +68,11 @@ _MIGRATE_BASE_S = 300.0
 _MIN_RATE = 2e6
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(4 * MiB):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _digests(entry_dir: Path) -> dict[str, str]:
     """SHA-256 of every file of the entry, by name (the entry is flat)."""
-    return {p.name: _sha256(p) for p in sorted(entry_dir.iterdir()) if p.is_file()}
+    return {p.name: sha256_of(p) for p in sorted(entry_dir.iterdir()) if p.is_file()}
 
 
 def _entry_bytes(entry_dir: Path) -> int:

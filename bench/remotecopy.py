@@ -20,7 +20,6 @@ not built yet (milestones 3-5), so this measures the data path only.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import secrets
 import shutil
@@ -31,7 +30,16 @@ from typing import Any
 
 import trio
 
-from bench.context import Outcome, ScenarioContext, evict, median, number, say, target_check
+from bench.context import (
+    Outcome,
+    ScenarioContext,
+    evict,
+    median,
+    number,
+    say,
+    sha256_of,
+    target_check,
+)
 from bench.errors import BenchError
 from fusedisk import remote
 
@@ -42,12 +50,6 @@ WAN_DELAY = "5ms"
 STEPS = ("local", "remote", "nbdcopy", "remote-wan")
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(4 * MiB):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _local_copy(source: Path, dest: Path) -> float:
@@ -90,7 +92,7 @@ def copy_remote(context: ScenarioContext) -> Outcome:
     with open(source, "wb") as f:
         for _ in range(size // MiB):
             f.write(os.urandom(MiB))
-    digest = _sha256(source)
+    digest = sha256_of(source)
     plain = remote.parse_spec("bench", f"nbd+local://{site}?tls-psk={keys}")
     wan = remote.parse_spec("bench", f"nbd+local://{site}?tls-psk={keys}&nbdkit-filter=delay"
                             f"&nbdkit-param=delay-write={WAN_DELAY}")
@@ -116,7 +118,7 @@ def copy_remote(context: ScenarioContext) -> Outcome:
                     stats = trio.run(_remote_copy, store if step == "remote" else slow,
                                      source, dest.name)
                     seconds = stats.elapsed_s
-                if _sha256(dest) != digest:
+                if sha256_of(dest) != digest:
                     raise BenchError(f"copy-remote: the {step} copy differs from the source")
                 dest.unlink()
                 result[f"{step}_s"] = seconds

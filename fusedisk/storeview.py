@@ -37,16 +37,22 @@ The data of a regular file of at least :data:`NBD_MIN_BYTES` (at open) goes
 over NBD through its export (agent.py ``export``); smaller files, and the
 bytes of a file beyond its export's size (a file that grew since), go
 through the agent's ``read``/``write``.
+
+``FUSEDISK_VIEW_TRACE=PREFIX`` (a debugging aid) appends the view's inode
+bookkeeping (lookups, forgets, drops, ESTALE answers) to ``PREFIX.<pid>``.
 """
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import errno
+import json
 import logging
 import os
 import signal
 import stat
+import subprocess
 import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -146,7 +152,6 @@ class AgentLink:
         return self.store.endpoint
 
     async def _reader(self, stream: trio.lowlevel.FdStream, buffer: bytes) -> None:
-        import json
         try:
             while True:
                 while b"\n" not in buffer:
@@ -182,11 +187,7 @@ class AgentLink:
             event.set()
         old = self.store
         self.store = None
-        for stream in (self._send, self._recv):
-            if stream is not None:
-                with contextlib.suppress(Exception):
-                    stream.close()
-        self._send = self._recv = None
+        self._close_streams()
         if old is not None:
             with contextlib.suppress(Exception):
                 old.agent.proc.kill()
@@ -223,7 +224,6 @@ class AgentLink:
 
     async def call(self, op: str, **args: Any) -> dict[str, Any]:
         """One request; its reply, or ``OSError`` (the agent's errno; EIO if the link broke)."""
-        import json
         if self.store is None and self._up.is_set() and self._nursery is not None \
                 and not self._reconnecting:
             # an earlier reconnect gave up: this request waits for one more try
@@ -268,6 +268,9 @@ class AgentLink:
     def detach(self) -> None:
         """Stop using the channel (inside trio): no reconnect from here on."""
         self._nursery = None
+        self._close_streams()
+
+    def _close_streams(self) -> None:
         for stream in (self._send, self._recv):
             if stream is not None:
                 with contextlib.suppress(Exception):
@@ -778,13 +781,11 @@ class StoreView(pyfuse3.Operations):
     # -- extended attributes ----------------------------------------------------------
 
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
-        import base64
         reply = await self._call("getxattr", path=await self.path(inode), name=os.fsdecode(name))
         return base64.b64decode(reply["value"])
 
     async def setxattr(self, inode: int, name: bytes, value: bytes,
                        ctx: pyfuse3.RequestContext) -> None:
-        import base64
         await self._call("setxattr", path=await self.path(inode), name=os.fsdecode(name),
                          value=base64.b64encode(value).decode("ascii"))
 
@@ -893,7 +894,6 @@ class StoreView(pyfuse3.Operations):
         return node
 
     async def read(self, fh: int, off: int, size: int) -> bytes:
-        import base64
         node = self._node_of(fh)
         data = node.data
         if data is not None and off < node.nbd_size:
@@ -929,7 +929,6 @@ class StoreView(pyfuse3.Operations):
             raise _fail(errno.EIO) from None
 
     async def write(self, fh: int, off: int, buf: bytes) -> int:
-        import base64
         node = self._node_of(fh)
         sync = (fh >> fuseshim.FH_SYNC_SHIFT) & fuseshim.FH_SYNC_BITS
         if fh & fuseshim.FH_KILL_SUIDGID:
@@ -1105,7 +1104,6 @@ def _clear_stale_mount(mountpoint: str) -> None:
         os.stat(mountpoint)
     except OSError as e:
         if e.errno == errno.ENOTCONN:
-            import subprocess
             subprocess.run(["fusermount3", "-uz", mountpoint], check=False,
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
@@ -1172,7 +1170,6 @@ async def _report(view: StoreView, path: str) -> None:
 
 def _write_status(path: str, stats: dict[str, Any]) -> None:
     """On the run directory's tmpfs: no disk behind it, the write does not block."""
-    import json
     tmp = f"{path}.tmp"
     with contextlib.suppress(OSError):
         with open(tmp, "w") as f:

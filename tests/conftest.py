@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from .mounting import MountedDatastore, is_mounted
+from .test_remote import Site, stop_nbdkits
 
 # Problems a daemon may log that are never expected in a test that passed.
 _LOG_BUGS = ("Traceback", " ERROR ", " CRITICAL ")
@@ -120,3 +121,14 @@ def ssh_config(tmp_path: Path) -> Path:
         f"  User root\n  IdentityFile {keys}/id\n  IdentitiesOnly yes\n"
         "  UserKnownHostsFile /dev/null\n  StrictHostKeyChecking no\n  LogLevel ERROR\n")
     return config
+
+
+@pytest.fixture
+def site(tmp_path: Path) -> Iterator[Site]:
+    """A remote store's directory and key file (tests/test_remote.py's Site); every
+    nbdkit serving it must be gone at the end."""
+    s = Site(tmp_path)
+    try:
+        yield s
+    finally:
+        assert stop_nbdkits(s.dir) == [], "an nbdkit outlived its agent"

@@ -19,7 +19,7 @@ import logging
 import os
 import random
 import signal
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
@@ -30,19 +30,12 @@ from fusedisk import remote
 from fusedisk.nbdfile import NbdFile
 
 from .mounting import wait_for
-from .test_remote import Site, hole_at, nbdkits_serving, stop_nbdkits
+from .test_remote import Site, hole_at, nbdkits_serving
 
 KiB = 1 << 10
 MiB = 1 << 20
 
 
-@pytest.fixture
-def site(tmp_path: Path) -> Iterator[Site]:
-    s = Site(tmp_path)
-    try:
-        yield s
-    finally:
-        assert stop_nbdkits(s.dir) == [], "an nbdkit outlived its agent"
 
 
 def endpoint_of(store: remote.RemoteStore) -> Callable[[], Awaitable[remote.Endpoint]]:

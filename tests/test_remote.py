@@ -20,7 +20,6 @@ import signal
 import subprocess
 import sys
 import urllib.parse
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -84,13 +83,6 @@ class Site:
         return remote.parse_spec("far", self.spec_text(**options))
 
 
-@pytest.fixture
-def site(tmp_path: Path) -> Iterator[Site]:
-    s = Site(tmp_path)
-    try:
-        yield s
-    finally:
-        assert stop_nbdkits(s.dir) == [], "an nbdkit outlived its agent"
 
 
 def fusedisk(*argv: str) -> subprocess.CompletedProcess[str]:
