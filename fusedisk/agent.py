@@ -33,6 +33,7 @@ import binascii
 import contextlib
 import ctypes
 import errno
+import fcntl
 import json
 import os
 import shutil
@@ -42,6 +43,7 @@ import stat
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,7 +52,8 @@ from typing import IO, Any
 from . import __version__
 
 #: Bumped whenever a request or a reply changes meaning; both ends must agree.
-PROTOCOL_VERSION = 2
+#: 3: ``hello`` takes a ``claim`` (an agent of protocol 2 would ignore it, unlocked).
+PROTOCOL_VERSION = 3
 #: The most file data one ``read`` or ``write`` carries (the small files of a VM
 #: home; disk data goes over NBD).
 MAX_DATA = 1 << 20
@@ -70,6 +73,21 @@ EXPORT_PREFIX = ".fusedisk-x"
 #: Where a store view parks a file unlinked while it is still open (its data
 #: must outlive its last name until the view lets go of it).
 ORPHAN_PREFIX = ".fusedisk-orphan-"
+#: The claim of the store by one datastore (``hello`` with a ``claim``): the record
+#: of who holds it, and the lock every agent of that datastore holds shared for its
+#: life (a view's agent, and one a reconnect started while an old one lingers).
+CLAIM_NAME = ".fusedisk-agent-claim"
+#: The remote host's boot identity, in ``hello`` and ``serve`` replies: the same id
+#: after a reconnect means its kernel did not restart, so what it acknowledged is
+#: still in its page cache (nbdfile.py's flush-epoch rule). A test names a file of
+#: its own in ``FUSEDISK_BOOT_ID_PATH`` to stand in for a reboot.
+BOOT_ID_PATH = "/proc/sys/kernel/random/boot_id"
+#: nbdkit filters that pass every write on to the file plugin before it is
+#: answered: with only these, a write nbdkit acknowledged is in this host's page
+#: cache even if nbdkit dies (``serve`` gives the boot id only then).
+WRITE_THROUGH_FILTERS = frozenset({"delay", "error", "blocksize-policy", "log", "stats", "rate"})
+#: How long a ``hello`` waits for another agent's claim step to end.
+CLAIM_GUARD_S = 10.0
 _SEEK = {"data": os.SEEK_DATA, "hole": os.SEEK_HOLE}
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -173,6 +191,37 @@ def _parts(path: str, op: str) -> list[str]:
     return parts
 
 
+def boot_id() -> str:
+    """This host's boot identity ("" if it cannot be read: then nothing is assumed)."""
+    try:
+        with open(os.environ.get("FUSEDISK_BOOT_ID_PATH", BOOT_ID_PATH)) as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
+def _read_claim(fd: int) -> dict[str, Any]:
+    """The claim record in the claim file (``{}`` if it holds none readable)."""
+    try:
+        record = json.loads(os.pread(fd, 64 << 10, 0).decode("utf-8", errors="replace"))
+    except (OSError, ValueError):
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
+def _held_by(root: Path, holder: dict[str, Any]) -> str:
+    """The one line that refuses a claim of *root* while *holder* holds it."""
+    since = holder.get("since")
+    when = (time.strftime(" since %Y-%m-%d %H:%M:%S", time.localtime(since))
+            if isinstance(since, (int, float)) else "")
+    parts = [f"datastore {holder.get('owner', '(unknown)')}"]
+    for key, label in (("host", "on host"), ("note", ""), ("agent_pid", "agent pid")):
+        if holder.get(key) not in (None, ""):
+            parts.append(f"{label} {holder[key]}".strip())
+    return (f"{root} is in use by another fusedisk datastore ({', '.join(parts)}{when}); "
+            "it is free again once that datastore unmounts (or its agent process ends)")
+
+
 def _kind(mode: int) -> str:
     for test, name in ((stat.S_ISREG, "file"), (stat.S_ISDIR, "dir"), (stat.S_ISLNK, "symlink")):
         if test(mode):
@@ -198,6 +247,9 @@ class Agent:
         self._nbdkit_log: IO[bytes] | None = None
         self._scratch: tempfile.TemporaryDirectory[str] | None = None
         self._endpoint: dict[str, Any] | None = None
+        #: the claim file, held shared while this agent serves a claiming datastore
+        self._claim_fd = -1
+        self._claim_owner = ""
         self._ops: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
             "hello": self.op_hello, "stat": self.op_stat, "mkdir": self.op_mkdir,
             "create": self.op_create, "write": self.op_write, "read": self.op_read,
@@ -215,6 +267,9 @@ class Agent:
 
     def close(self) -> None:
         self.stop_nbdkit()
+        if self._claim_fd >= 0:
+            os.close(self._claim_fd)  # the lock goes with the descriptor
+            self._claim_fd = -1
         os.close(self.root_fd)
 
     # -- the walk ------------------------------------------------------------------
@@ -268,10 +323,75 @@ class Agent:
     # -- operations ----------------------------------------------------------------
 
     def op_hello(self, req: dict[str, Any]) -> dict[str, Any]:
+        claim = _arg(req, "claim", dict, None)
+        if claim is not None:
+            self._claim(claim)
         fs = os.statvfs(f"/proc/self/fd/{self.root_fd}")
         return {"protocol": PROTOCOL_VERSION, "version": __version__, "dir": str(self.root),
                 "free_bytes": fs.f_bavail * fs.f_frsize, "total_bytes": fs.f_blocks * fs.f_frsize,
-                "max_data": MAX_DATA, "nbd": self.nbd is not None}
+                "max_data": MAX_DATA, "nbd": self.nbd is not None, "boot_id": boot_id()}
+
+    def _claim(self, claim: dict[str, Any]) -> None:
+        """Claim the store for the datastore *claim* names (``claim["owner"]``), or
+        refuse with EBUSY naming the datastore that holds it.
+
+        Every agent of the holding datastore keeps :data:`CLAIM_NAME` locked
+        shared (``flock``) for its life, so the claim ends when the last of them
+        exits, however it ends. The step itself (is it held? by whom? take it)
+        runs under an exclusive lock of DIR, so two claims cannot interleave:
+        nobody holds it -> write the record and lock shared; the record names
+        this owner -> lock shared too (a view that reconnects while its old
+        agent lingers on a cut link); another owner -> refused.
+        """
+        owner = claim.get("owner")
+        if not isinstance(owner, str) or not owner or len(owner) > 200:
+            raise Refused("EINVAL", "hello: claim.owner must be a non-empty string")
+        if self._claim_fd >= 0:
+            if owner != self._claim_owner:
+                raise Refused("EINVAL", f"hello: this agent claims the store for "
+                              f"{self._claim_owner}, not for {owner}")
+            return
+        guard = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=self.root_fd)
+        try:
+            deadline = time.monotonic() + CLAIM_GUARD_S
+            while True:
+                try:
+                    fcntl.flock(guard, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() > deadline:
+                        raise Refused("EBUSY", f"hello: another agent kept claiming "
+                                      f"{self.root} for {CLAIM_GUARD_S:g} s") from None
+                    time.sleep(0.01)
+            fd = os.open(CLAIM_NAME, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
+                         0o600, dir_fd=self.root_fd)
+            try:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    free = True
+                except BlockingIOError:
+                    free = False
+                if not free:
+                    holder = _read_claim(fd)
+                    if holder.get("owner") != owner:
+                        raise Refused("EBUSY", _held_by(self.root, holder))
+                else:
+                    record = {str(k): v for k, v in claim.items()
+                              if isinstance(v, (str, int, float))}
+                    record.update(agent_pid=os.getpid(), since=time.time())
+                    body = json.dumps(record, sort_keys=True).encode() + b"\n"
+                    os.ftruncate(fd, 0)
+                    os.pwrite(fd, body, 0)
+                    os.fsync(fd)
+                # from exclusive (or none) to shared: not atomic, but every claim step
+                # holds the guard, so none can come between
+                fcntl.flock(fd, fcntl.LOCK_SH)
+            except BaseException:
+                os.close(fd)
+                raise
+            self._claim_fd, self._claim_owner = fd, owner
+        finally:
+            os.close(guard)  # the guard's lock goes with it
 
     def _exported(self, st: os.stat_result) -> bool:
         """Whether a regular file has its NBD export link at the top of DIR."""
@@ -698,7 +818,7 @@ class Agent:
             raise Refused("EOPNOTSUPP", "serve: this agent was started without --tls-psk, "
                           "so it serves no NBD")
         if self._nbdkit is not None and self._nbdkit.poll() is None and self._endpoint:
-            return self._endpoint
+            return {**self._endpoint, "boot_id": self._write_through_boot_id()}
         self.stop_nbdkit()
         kind, where, port = self.nbd.listen
         if kind == "tcp":
@@ -735,7 +855,15 @@ class Agent:
         finally:
             sock.close()
         self._endpoint = {**endpoint, "pid": self._nbdkit.pid}
-        return self._endpoint
+        return {**self._endpoint, "boot_id": self._write_through_boot_id()}
+
+    def _write_through_boot_id(self) -> str:
+        """The boot id, if nbdkit's acknowledged writes survive nbdkit (no filter that
+        keeps writes of its own); "" otherwise (the client then assumes the worst)."""
+        assert self.nbd is not None
+        if set(self.nbd.filters) <= WRITE_THROUGH_FILTERS:
+            return boot_id()
+        return ""
 
     def op_nbd_status(self, req: dict[str, Any]) -> dict[str, Any]:
         """Whether nbdkit runs, its exit code if not, and the last line it logged."""

@@ -16,9 +16,11 @@ import json
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -292,6 +294,13 @@ def _parser() -> argparse.ArgumentParser:
     sv.add_argument("--status-file", type=Path, default=None, metavar="FILE",
                     help="keep FILE holding the view's statistics as JSON (rewritten every "
                     "second: connection, reconnects, agent latency, NBD traffic)")
+    sv.add_argument("--owner", default=None, metavar="ID",
+                    help="claim the store on its host for this owner (a datastore's id) while "
+                    "the view runs: a view of another owner is refused until then (default: "
+                    "a new id of this view's own, so no other view may use the store)")
+    sv.add_argument("--owner-note", default="", metavar="TEXT",
+                    help="what a refused view is told about this owner (the datastore's "
+                    "state directory and mount point, say)")
     sv.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)
     sv.add_argument("--watch-fd", type=int, default=None, help=argparse.SUPPRESS)
 
@@ -713,8 +722,10 @@ def cmd_store_view(args: argparse.Namespace) -> int:
     if args.nbd_min_bytes < 0 or not 1 <= args.nbd_connections <= 16:
         raise FusediskError("store-view: --nbd-min-bytes must not be negative and "
                             "--nbd-connections must be 1..16")
+    claim = {"owner": args.owner or f"view-{uuid.uuid4().hex}", "host": socket.gethostname(),
+             "note": args.owner_note, "view_pid": os.getpid()}
     try:
-        return storeview.main(args.store, str(args.mountpoint.absolute()),
+        return storeview.main(args.store, str(args.mountpoint.absolute()), claim=claim,
                               ready_fd=args.ready_fd, watch_fd=args.watch_fd,
                               status_path=(str(args.status_file.absolute())
                                            if args.status_file else None),

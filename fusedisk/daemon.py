@@ -159,13 +159,15 @@ async def serve(config: Config, on_ready: Callable[[], None]) -> None:
         stack.callback(lambda: state.close() if prepared else state.abandon())
         # remote stores become directories (a view each): stopped after everything
         # that holds a descriptor into them is closed (the callbacks registered later)
-        views = StoreViews(config.mountpoint)
+        views = StoreViews(config.mountpoint, state.datastore_id,
+                           f"state directory {config.state_dir}, mounted on {config.mountpoint}")
         stack.callback(views.stop)
         if config.remote_stores:
             mounted = await views.start(config.remote_stores)
             config = dataclasses.replace(config, stores={**config.stores, **mounted})
             check_directories(config)
-        claims = StoreClaims(state, config.mountpoint)
+        claims = StoreClaims(state, config.mountpoint, {
+            name: f"{spec.where}:{spec.directory}" for name, spec in config.remote_stores.items()})
         stack.callback(claims.release)
         datastore = Datastore.open(config, state, claims)
         stack.callback(datastore.close)

@@ -29,6 +29,7 @@ import fcntl
 import hashlib
 import logging
 import os
+import socket
 import stat
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -221,9 +222,13 @@ class StoreClaims:
     Blocking throughout (start-up and shut-down only).
     """
 
-    def __init__(self, state: StateDir, mountpoint: Path) -> None:
+    def __init__(self, state: StateDir, mountpoint: Path,
+                 shown: dict[str, str] | None = None) -> None:
         self.state = state
         self.mountpoint = mountpoint
+        #: store name -> its root as its operator names it, where that is not the
+        #: path the daemon uses (a remote store: ``host:/dir``, not its view)
+        self.shown = shown or {}
         self._claims: list[_Claim] = []
         self._committed = False
 
@@ -247,11 +252,12 @@ class StoreClaims:
             found = None
         if not locked:
             os.close(fd)
-            raise OwnershipError(_in_use(name, path, found[1] if found else None))
+            raise OwnershipError(_in_use(name, self.shown.get(name, str(path)),
+                                         found[1] if found else None))
         self._claims.append(_Claim(name, path, root_fd, fd, created, writable,
                                    found[0] if found else 0))
         if found is not None and self._claimed_elsewhere(found[1], path):
-            raise OwnershipError(_claimed(name, path, found[1]))
+            raise OwnershipError(_claimed(name, self.shown.get(name, str(path)), found[1]))
 
     def _claimed_elsewhere(self, owner: dict[str, Any], path: Path) -> bool:
         """Whether the datastore an owner record names still claims the store at *path*."""
@@ -262,6 +268,9 @@ class StoreClaims:
             os.path.realpath(other_dir) == os.path.realpath(self.state.path)
         ):
             return False  # ours
+        host = owner.get("host")
+        if isinstance(host, str) and host and host != socket.gethostname():
+            return True  # its state directory is on another host: it cannot be asked here
         try:
             identity = read_identity(Path(other_dir))
         except StateError:
@@ -290,6 +299,7 @@ class StoreClaims:
                 "state_dir": str(self.state.path),
                 "mountpoint": str(self.mountpoint),
                 "pid": os.getpid(),
+                "host": socket.gethostname(),
                 "store": claim.store,
                 "store_path": os.path.realpath(claim.path),
             }
@@ -380,7 +390,7 @@ def _open_owner_file(
                          "is another fusedisk daemon starting on this store?")
 
 
-def _in_use(name: str, path: Path, owner: dict[str, Any] | None) -> str:
+def _in_use(name: str, path: str, owner: dict[str, Any] | None) -> str:
     if owner is None:
         who = "which one is not recorded yet"
     else:
@@ -389,11 +399,14 @@ def _in_use(name: str, path: Path, owner: dict[str, Any] | None) -> str:
     return f"store {name!r} ({path}) is in use by another fusedisk datastore ({who})"
 
 
-def _claimed(name: str, path: Path, owner: dict[str, Any]) -> str:
+def _claimed(name: str, path: str, owner: dict[str, Any]) -> str:
+    host = owner.get("host")
+    on_host = f" on host {host}" if isinstance(host, str) and host != socket.gethostname() else ""
     return (f"store {name!r} ({path}) belongs to the datastore whose state directory is "
-            f"{owner.get('state_dir')} (last mounted on {owner.get('mountpoint')}); to use it "
+            f"{owner.get('state_dir')}{on_host} (last mounted on {owner.get('mountpoint')}); "
+            "to use it "
             "here, remove it from that datastore's stores and mount that datastore once, or, "
-            f"if that datastore is gone, delete {path / OWNER_NAME} (or its state directory)")
+            f"if that datastore is gone, delete {path}/{OWNER_NAME} (or its state directory)")
 
 
 class Datastore:

@@ -38,9 +38,13 @@ Durability rule (the flush epoch). An NBD write that was acknowledged
 but not yet covered by a flush may be lost with the server that
 acknowledged it. Such writes are not kept (that would cost a copy of
 everything unflushed). Instead: a connection dropped while writes were
-acknowledged since the last successful flush bumps ``loss_epoch``; a
-flush then fails with EIO if the epoch moved while it ran, or if it moved
-before and no flush has reported it yet -- so after a possible loss the
+acknowledged since the last successful flush bumps ``loss_epoch`` --
+unless the reconnect reaches the same remote host with the same boot id
+(the endpoint's ``boot_id``, which the agent gives only when nbdkit writes
+straight into the file: no caching filter), since then those writes sit in
+that host's page cache, and the next flush makes them durable or reports
+the writeback error itself; a flush then fails with EIO if the epoch moved
+while it ran, or if it moved before and no flush has reported it yet -- so after a possible loss the
 next flush fails exactly once (like Linux's writeback-error reporting),
 and a flush that returns means every write acknowledged before it began
 is on the remote host's disk. The report is once per NbdFile: a store
@@ -103,6 +107,7 @@ class _Connection:
         self.index = index
         self.handle: Any = None
         self.endpoint_gen = -1  # which endpoint_of() answer the handle was made from
+        self.boot_id = ""  # the remote host's boot id when the handle was made
         self.queue: deque[_Request] = deque()
         self.in_flight: dict[int, _Request] = {}
         self.kick = trio.Event()
@@ -138,6 +143,9 @@ class NbdFile:
         #: bumped by a drop that may have lost acknowledged writes; see the module's rule
         self.loss_epoch = 0
         self.reported_epoch = 0
+        #: boot ids of the remote host under which dropped connections had
+        #: acknowledged writes not yet flushed: judged at the reconnect
+        self._suspect: set[str] = set()
         self._conns = [_Connection(i) for i in range(max(1, connections))]
         self._endpoint: remote.Endpoint | None = None
         self._endpoint_gen = 0
@@ -202,6 +210,7 @@ class NbdFile:
             for conn in self._conns:
                 conn.handle = await trio.to_thread.run_sync(self._endpoint.handle, self.export)
                 conn.endpoint_gen = self._endpoint_gen
+                conn.boot_id = self._endpoint.boot_id
                 self._learn(conn.handle)
             self._state = "open"
             async with trio.open_nursery() as nursery:
@@ -494,7 +503,9 @@ class NbdFile:
         """Forget a broken handle; its requests in flight go back to the queue (sent
         again after the reconnect), except those past their deadline (EIO)."""
         if self.acked_writes > self.flushed_writes:
-            self.loss_epoch += 1  # acknowledged, unflushed writes may be gone with it
+            # acknowledged, unflushed writes are gone only if the remote host restarted
+            # (or cannot say): judged when the connection is back (_judge)
+            self._suspect.add(conn.boot_id)
         remote.close_handle(conn.handle)
         conn.handle = None
         now = trio.current_time()
@@ -547,6 +558,8 @@ class NbdFile:
                 conn.endpoint_gen = self._endpoint_gen
             else:
                 conn.handle, conn.endpoint_gen, self._unreachable = h, gen, False
+                conn.boot_id = endpoint.boot_id
+                self._judge(endpoint.boot_id)
                 self._learn(h)
                 self.stats["reconnects"] += 1
                 log.info("%s: NBD connection %d reconnected to %s", self.where, conn.index,
@@ -558,10 +571,31 @@ class NbdFile:
                 break
             await trio.sleep(min(_BACKOFF_S[0] * 2 ** attempt, _BACKOFF_S[1], left))
         self._unreachable = True
+        self._judge(None)
         failed = self._fail_all(conn, errno.EIO, f"no NBD connection for {window:g} s ({last})")
         log.error("%s: NBD connection %d not back within %g s, %d requests failed with EIO: "
                   "%s", self.where, conn.index, window, failed, last)
         return False
+
+    def _judge(self, boot_id: str | None) -> None:
+        """After dropped connections with acknowledged, unflushed writes: the remote
+        host answered again with *boot_id* (None: it did not answer). Unchanged and
+        known: its kernel did not restart, so those writes are in its page cache
+        (nbdkit's ``file`` plugin writes before it answers) and the next flush
+        makes them durable; a writeback error there is the flush's own to report.
+        Anything else: they may be lost, so the next flush fails once."""
+        if not self._suspect:
+            return
+        if boot_id and self._suspect == {boot_id}:
+            log.info("%s: the remote host did not restart (same boot id): nothing "
+                     "acknowledged was lost with the connection", self.where)
+        else:
+            self.loss_epoch += 1
+            log.warning("%s: the remote host %s: acknowledged writes since the last flush "
+                        "may be lost; the next flush fails with EIO", self.where,
+                        "did not answer" if boot_id is None else "restarted (or cannot "
+                        "tell: no boot id)")
+        self._suspect.clear()
 
     async def _reopen(self, conn: _Connection, req: _Request) -> None:
         remote.close_handle(conn.handle)

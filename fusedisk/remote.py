@@ -75,6 +75,10 @@ class RemoteError(FusediskError):
     """A remote store cannot be reached, speaks another version, or failed mid-operation."""
 
 
+class StoreBusy(RemoteError):
+    """The remote store is claimed by another datastore (agent.py ``Agent._claim``)."""
+
+
 def is_remote_spec(text: str) -> bool:
     """Whether a store's directory text is a remote spec (``nbd+...://``)."""
     return text.startswith("nbd+")
@@ -373,6 +377,8 @@ class Endpoint:
     socket: str = ""
     tls_psk: Path = Path(DEFAULT_PSK)
     tls_username: str = ""
+    #: the remote host's boot identity when the agent named this endpoint ("": unknown)
+    boot_id: str = ""
 
     def __str__(self) -> str:
         return self.socket if self.socket else f"{self.host}:{self.port}"
@@ -431,6 +437,8 @@ class Hello:
     version: str
     free_bytes: int
     total_bytes: int
+    #: the remote host's boot identity ("" if it could not say)
+    boot_id: str = ""
 
 
 class RemoteStore:
@@ -512,21 +520,25 @@ def _serve(spec: RemoteSpec, agent: AgentClient, username: str) -> tuple[Endpoin
 
 def served_endpoint(spec: RemoteSpec, served: dict[str, Any], username: str) -> Endpoint:
     """Where nbdkit listens, from the agent's reply to ``serve``."""
+    boot = str(served.get("boot_id") or "")
     if "unix" in served:
         return Endpoint(spec.name, socket=str(served["unix"]), tls_psk=spec.tls_psk,
-                        tls_username=username)
+                        tls_username=username, boot_id=boot)
     host = spec.host if spec.transport == "ssh" else str(served["tcp"][0])
     return Endpoint(spec.name, host=host, port=int(served["tcp"][1]), tls_psk=spec.tls_psk,
-                    tls_username=username)
+                    tls_username=username, boot_id=boot)
 
 
-def connect(spec: RemoteSpec) -> RemoteStore:
+def connect(spec: RemoteSpec, claim: dict[str, Any] | None = None) -> RemoteStore:
     """Check a remote store up front and keep it connected; RemoteError (one line) if not.
 
     The checks, in order: the local key file holds the identity; the agent
     starts (over ssh or locally) and answers the handshake with this
-    fusedisk's protocol version; nbdkit starts on the store directory; libnbd
-    makes a TLS-PSK connection to it and lists its exports.
+    fusedisk's protocol version (and, given a *claim* — ``{"owner": ID, ...}``,
+    see agent.py ``Agent._claim`` — claims the store for that datastore, or
+    says which other one holds it: :class:`StoreBusy`); nbdkit starts on the
+    store directory; libnbd makes a TLS-PSK connection to it and lists its
+    exports.
     """
     try:
         keys = tlspsk.load_keys(spec.tls_psk)
@@ -540,13 +552,19 @@ def connect(spec: RemoteSpec) -> RemoteStore:
     agent = AgentClient(spec)
     try:
         try:
-            reply = agent.call("hello", protocol=PROTOCOL_VERSION)
+            args: dict[str, Any] = {"protocol": PROTOCOL_VERSION}
+            if claim is not None:
+                args["claim"] = claim
+            reply = agent.call("hello", **args)
             hello = Hello(int(reply["protocol"]), str(reply["version"]),
-                          int(reply["free_bytes"]), int(reply["total_bytes"]))
+                          int(reply["free_bytes"]), int(reply["total_bytes"]),
+                          str(reply.get("boot_id") or ""))
         except (KeyError, TypeError, ValueError):
             raise RemoteError(f"store {spec.name!r}: the agent on {spec.where} answered the "
                               "handshake with something else than a hello") from None
         except OSError as e:
+            if e.errno == errno.EBUSY and claim is not None:
+                raise StoreBusy(f"store {spec.name!r} on {spec.where}: {e.strerror}") from None
             raise RemoteError(f"store {spec.name!r}: the agent on {spec.where} refused the "
                               f"handshake: {e.strerror}") from None
         if hello.protocol != PROTOCOL_VERSION:

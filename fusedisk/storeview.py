@@ -113,9 +113,19 @@ class AgentLink:
     *reconnect_timeout_s*.
     """
 
-    def __init__(self, spec: remote.RemoteSpec, reconnect_timeout_s: float) -> None:
+    def __init__(self, spec: remote.RemoteSpec, reconnect_timeout_s: float,
+                 claim: dict[str, Any] | None = None) -> None:
         self.spec = spec
         self.reconnect_timeout_s = reconnect_timeout_s
+        #: what each new agent claims the store with (agent.py ``Agent._claim``)
+        self.claim = claim
+        #: why the store is lost for good: another datastore claimed it meanwhile
+        self.claim_lost = ""
+        #: the remote host's boot id at the last handshake (None: none yet), and how
+        #: often a reconnect found it changed or unknown (the host restarted, or may
+        #: have): every handle open then hears of it at its next fsync, once
+        self.boot_id: str | None = None
+        self.restarts = 0
         self.store: remote.RemoteStore | None = None
         self._send: trio.lowlevel.FdStream | None = None
         self._recv: trio.lowlevel.FdStream | None = None
@@ -131,6 +141,13 @@ class AgentLink:
 
     def attach(self, store: remote.RemoteStore, nursery: trio.Nursery) -> None:
         """Take over a checked store's agent channel (its blocking client is not used again)."""
+        boot = store.hello.boot_id
+        if self.boot_id is not None and (not boot or boot != self.boot_id):
+            self.restarts += 1
+            log.warning("store %r: %s restarted since the last connection (or cannot tell): "
+                        "every open file's next fsync fails with EIO once", self.spec.name,
+                        self.spec.where)
+        self.boot_id = boot
         self.store = store
         self._nursery = nursery
         proc = store.agent.proc
@@ -203,7 +220,15 @@ class AgentLink:
         try:
             while True:
                 try:
-                    store = await trio.to_thread.run_sync(remote.connect, self.spec)
+                    store = await trio.to_thread.run_sync(remote.connect, self.spec, self.claim)
+                except remote.StoreBusy as e:
+                    # another datastore claimed the store while the link was down: it
+                    # may be writing there now, so nothing of ours may go on
+                    log.error("store %r: cannot reconnect, and will not try again: %s",
+                              self.spec.name, e)
+                    self.claim_lost = str(e)
+                    self._up.set()
+                    return
                 except remote.RemoteError as e:
                     if trio.current_time() + delay > deadline:
                         log.error("store %r: gave up reconnecting after %g s: %s",
@@ -225,7 +250,7 @@ class AgentLink:
     async def call(self, op: str, **args: Any) -> dict[str, Any]:
         """One request; its reply, or ``OSError`` (the agent's errno; EIO if the link broke)."""
         if self.store is None and self._up.is_set() and self._nursery is not None \
-                and not self._reconnecting:
+                and not self._reconnecting and not self.claim_lost:
             # an earlier reconnect gave up: this request waits for one more try
             self._up = trio.Event()
             self._reconnecting = True
@@ -346,6 +371,7 @@ class StoreView(pyfuse3.Operations):
         self._fresh = 0
         self._fhs: dict[int, int] = {}  # fh -> ino
         self._fh_epoch: dict[int, int] = {}  # fh -> the NBD loss epoch it was told of
+        self._fh_restarts: dict[int, int] = {}  # fh -> the remote restarts it was told of
         self._next_fh = 1
         self._dirs: dict[int, list[tuple[str, dict[str, Any]]]] = {}
         self._open_nbd = open_nbd
@@ -806,6 +832,7 @@ class StoreView(pyfuse3.Operations):
         # like Linux's writeback errors: every handle open when NBD may have lost
         # acknowledged writes hears of it at its next fsync, once
         self._fh_epoch[fh] = data.loss_epoch if data is not None else 0
+        self._fh_restarts[fh] = self.agent.restarts
         return fh
 
     async def _opened(self, node: Node, size: int, truncate: bool) -> None:
@@ -1007,12 +1034,20 @@ class StoreView(pyfuse3.Operations):
                 log.error("%s", e)
                 failed = True
             if failed or data.loss_epoch != self._fh_epoch.get(key, 0):
+                # one report of a loss, whichever way it was learnt
                 self._fh_epoch[key] = data.loss_epoch
+                self._fh_restarts[key] = self.agent.restarts
                 raise _fail(errno.EIO)
         await self._call("fsync", path=await self.path(node.ino))
+        if self._fh_restarts.get(key, 0) != self.agent.restarts:
+            # the remote host restarted (or could not say) since this handle was told
+            # last: what the agent wrote for it and had not synced may be gone
+            self._fh_restarts[key] = self.agent.restarts
+            raise _fail(errno.EIO)
 
     async def release(self, fh: int) -> None:
         self._fh_epoch.pop(fh, None)
+        self._fh_restarts.pop(fh, None)
         ino = self._fhs.pop(fh, None)
         node = self.nodes.get(ino) if ino is not None else None
         if node is None:
@@ -1033,6 +1068,7 @@ class StoreView(pyfuse3.Operations):
         nbd = [n.data for n in self.nodes.values() if n.data is not None]
         return {"store": self.agent.spec.name, "where": self.agent.spec.where,
                 "connected": self.agent.store is not None, "reconnects": self.agent.reconnects,
+                "claim_lost": self.agent.claim_lost, "remote_restarts": self.agent.restarts,
                 "agent_calls": self.agent.calls,
                 "agent_latency_ms": round(self.agent.latency_s * 1e3, 3),
                 "known_inodes": len(self.nodes), "nbd_files": len(nbd),
@@ -1181,8 +1217,13 @@ def main(spec_text: str, mountpoint: str, *, ready_fd: int | None = None,
          status_path: str | None = None,
          watch_fd: int | None = None,
          reconnect_timeout_s: float = DEFAULT_RECONNECT_TIMEOUT_S,
-         nbd_min_bytes: int = NBD_MIN_BYTES, nbd_connections: int = 2) -> int:
-    """``fusedisk store-view``: mount the view of a remote store until signalled."""
+         nbd_min_bytes: int = NBD_MIN_BYTES, nbd_connections: int = 2,
+         claim: dict[str, Any] | None = None) -> int:
+    """``fusedisk store-view``: mount the view of a remote store until signalled.
+
+    *claim* (``{"owner": ID, ...}``) claims the store on its host for the life of
+    the view (agent.py ``Agent._claim``): another datastore's view is refused.
+    """
     name, sep, text = spec_text.partition("=")
     if not sep or not name or not remote.is_remote_spec(text):
         raise FusediskError(f"store-view {spec_text!r}: expected NAME=nbd+ssh://[user@]host/DIR "
@@ -1192,8 +1233,8 @@ def main(spec_text: str, mountpoint: str, *, ready_fd: int | None = None,
         _clear_stale_mount(mountpoint)
         if not os.path.isdir(mountpoint):
             raise FusediskError(f"store-view: mount point {mountpoint} is not a directory")
-    store = remote.connect(spec)
-    link = AgentLink(spec, reconnect_timeout_s)
+    store = remote.connect(spec, claim)
+    link = AgentLink(spec, reconnect_timeout_s, claim)
     view = StoreView(link, open_nbd=_nbd_opener(link), nbd_min_bytes=nbd_min_bytes,
                      nbd_connections=nbd_connections)
     fuseshim.enable_extra_ops()  # fallocate and SEEK_DATA/SEEK_HOLE reach the agent

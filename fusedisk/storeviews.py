@@ -100,8 +100,11 @@ class _View:
 class StoreViews:
     """The views of one daemon's remote stores."""
 
-    def __init__(self, mountpoint: Path) -> None:
+    def __init__(self, mountpoint: Path, owner: str = "", owner_note: str = "") -> None:
         self.mountpoint = mountpoint
+        #: the datastore id each view claims its store for (agent.py ``Agent._claim``)
+        self.owner = owner
+        self.owner_note = owner_note
         self._views: dict[str, _View] = {}
 
     async def start(self, specs: dict[str, RemoteSpec]) -> dict[str, Path]:
@@ -132,6 +135,8 @@ class StoreViews:
         argv = [sys.executable, "-m", "fusedisk", "store-view", f"{name}={spec.text}",
                 str(path), "--ready-fd", str(ready_w), "--watch-fd", str(watch_r),
                 "--status-file", str(status)]
+        if self.owner:
+            argv += ["--owner", self.owner, "--owner-note", self.owner_note]
         try:
             # stderr: the daemon's log; no new session: a signal to the daemon's group
             # (a terminal's ^C in the foreground) reaches the view too, which unmounts

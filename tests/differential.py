@@ -208,15 +208,16 @@ def _leftover(path: Path) -> bool:
     A remote store's directory also holds the store view's names (storeview.py):
     a file's NBD export link (a leftover only once the file has no other name) and
     the orphans of files unlinked while the kernel still knew them (the view's to
-    remove when the kernel forgets them, or at its next start)."""
+    remove when the kernel forgets them, or at its next start), and the agent's
+    claim of the store."""
     name = path.name
     if name.startswith(_agent.EXPORT_PREFIX):
         try:
             return os.lstat(path).st_nlink < 2
         except FileNotFoundError:
             return False
-    if name.startswith(_agent.ORPHAN_PREFIX):
-        return False
+    if name.startswith(_agent.ORPHAN_PREFIX) or name == _agent.CLAIM_NAME:
+        return False  # (the claim of the store by its datastore, on the remote host)
     return name.startswith(".fusedisk") and name != _OWNER_NAME
 
 

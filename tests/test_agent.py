@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import random
 import stat
 import subprocess
 import sys
@@ -406,3 +407,80 @@ def test_store_agent_command_line_errors(tmp_path: Path) -> None:
                               timeout=60)
         assert done.returncode == 1 and done.stdout == ""
         assert done.stderr.count("\n") == 1 and message in done.stderr, done.stderr
+
+
+def _claim(owner: str, **more: Any) -> dict[str, Any]:
+    return {"owner": owner, "host": "host-" + owner, **more}
+
+
+def test_a_store_is_claimed_by_one_datastore_at_a_time(tmp_path: Path) -> None:
+    """Agents of one owner share the claim (a view reconnecting while its old agent
+    lingers); another owner is refused with a line naming the holder; the claim ends
+    with the last agent of its owner, however it ends (EOF, SIGKILL)."""
+    root = tmp_path / "store"
+    root.mkdir()
+    first, again, other = Agent(root), Agent(root), Agent(root)
+    try:
+        first.ok("hello", protocol=PROTOCOL_VERSION, claim=_claim("A", note="state /x"))
+        again.ok("hello", protocol=PROTOCOL_VERSION, claim=_claim("A"))
+        said = other.refused("EBUSY", "hello", protocol=PROTOCOL_VERSION, claim=_claim("B"))
+        assert "in use by another fusedisk datastore" in said and "datastore A" in said
+        assert "host-A" in said and "state /x" in said and str(root) in said
+        # asking without a claim (store-check) is no claim and is not refused
+        other.ok("hello", protocol=PROTOCOL_VERSION)
+        assert first.finish()[0] == 0
+        other.refused("EBUSY", "hello", protocol=PROTOCOL_VERSION, claim=_claim("B"))
+        again.proc.kill()  # the last agent of A ends without a word
+        again.proc.wait()
+        other.ok("hello", protocol=PROTOCOL_VERSION, claim=_claim("B"))
+        other.ok("hello", protocol=PROTOCOL_VERSION, claim=_claim("B"))  # again: still B's
+        assert "claims the store for B" in other.refused("EINVAL", "hello", claim=_claim("C"))
+        assert "non-empty" in other.refused("EINVAL", "hello", claim={"owner": ""})
+        third = Agent(root)
+        try:
+            said = third.refused("EBUSY", "hello", protocol=PROTOCOL_VERSION,
+                                 claim=_claim("A"))
+            assert "datastore B" in said
+            assert third.refused("EINVAL", "hello", claim={"owner": 7})
+        finally:
+            third.finish()
+    finally:
+        for running in (first, again, other):
+            if running.proc.poll() is None:
+                running.proc.kill()
+                running.proc.wait()
+
+
+def test_claims_against_a_reference(tmp_path: Path) -> None:
+    """Random starts, hellos and ends of agents of three owners, against a model:
+    a claim is granted exactly when no live claiming agent has another owner."""
+    rng = random.Random(1717)
+    root = tmp_path / "store"
+    root.mkdir()
+    live: list[tuple[Agent, str | None]] = []  # agents, and what they claimed
+    try:
+        for _ in range(60):
+            holders = {owner for _, owner in live if owner is not None}
+            assert len(holders) <= 1
+            if live and rng.random() < 0.35:
+                running, _ = live.pop(rng.randrange(len(live)))
+                if rng.random() < 0.5:
+                    running.finish()
+                else:
+                    running.proc.kill()
+                    running.proc.wait()
+                continue
+            owner = rng.choice("ABC")
+            running = Agent(root)
+            reply = running("hello", protocol=PROTOCOL_VERSION, claim=_claim(owner))
+            granted = not holders or holders == {owner}
+            assert reply["ok"] is granted, (owner, holders, reply)
+            if not granted:
+                assert reply["errno"] == "EBUSY"
+                assert f"datastore {holders.pop()}" in reply["error"]
+            live.append((running, owner if granted else None))
+    finally:
+        for running, _ in live:
+            if running.proc.poll() is None:
+                running.proc.kill()
+                running.proc.wait()

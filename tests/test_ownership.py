@@ -77,6 +77,18 @@ class Second:
         force_unmount(self.mnt)
 
 
+def stopped_datastore(root: Path) -> MountedDatastore:
+    """A datastore mounted once, with an entry vm1 on store a, and unmounted."""
+    first = MountedDatastore(root)
+    try:
+        first.start()
+        (first.mnt / "vm1").mkdir()
+        first.stop()
+    finally:
+        first.teardown()
+    return first
+
+
 @pytest.fixture
 def second(tmp_path: Path) -> Iterator[Second]:
     other = Second(tmp_path / "second")
@@ -133,13 +145,7 @@ def test_a_store_in_use_by_another_daemon_is_refused(
 def test_a_store_claimed_by_a_stopped_datastore_is_refused(
     tmp_path: Path, second: Second, mode: list[str]
 ) -> None:
-    first = MountedDatastore(tmp_path / "first")
-    try:
-        first.start()
-        (first.mnt / "vm1").mkdir()
-        first.stop()
-    finally:
-        first.teardown()
+    first = stopped_datastore(tmp_path / "first")
     store_a = first.stores["a"]
     before = (store_a / OWNER).read_bytes()
     result = second.mount("--store", f"a={store_a}", "--store", f"s={second.spare}",
@@ -318,3 +324,29 @@ def test_one_directory_under_two_paths_is_refused(tmp_path: Path) -> None:
     finally:
         subprocess.run(["umount", str(places.b)], check=False)
         force_unmount(places.mnt)
+
+
+def test_a_store_claimed_from_another_host_is_refused(tmp_path: Path, second: Second) -> None:
+    """An owner record written on another host (a remote store, a disk shared between
+    hosts) names a state directory this host cannot look at: its datastore may well
+    still use the store, so the store is refused, and the line names that host."""
+    first = stopped_datastore(tmp_path / "first")
+    store_a = first.stores["a"]
+    seq, record = metadata.read_slotted(store_a / OWNER, "owner", metadata.OWNER_SLOT_SIZE) \
+        or (0, {})
+    assert record["host"] == os.uname().nodename
+    # as that host would have left it: its state directory is nowhere on this one
+    record.update(host="elsewhere.example", state_dir="/var/lib/fusedisk-on-elsewhere")
+    fd = os.open(store_a / OWNER, os.O_RDWR)
+    try:
+        metadata.write_slot_fd(fd, "owner", seq + 1, record, metadata.OWNER_SLOT_SIZE,
+                               str(store_a / OWNER))
+    finally:
+        os.close(fd)
+    result = second.mount("--store", f"a={store_a}", "--store", f"s={second.spare}",
+                          "--default-store", "s")
+    one_line_error(result, f"store 'a' ({store_a}) belongs to the datastore whose state "
+                   "directory is /var/lib/fusedisk-on-elsewhere on host elsewhere.example",
+                   f"delete {store_a / OWNER}")
+    second.assert_nothing_created()
+    assert (store_a / "vm1").is_dir()

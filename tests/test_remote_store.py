@@ -18,7 +18,10 @@ the entry relocates:
 - ``kill -9`` of the daemon while it copies onto the remote store: the view
   goes with it, the next mount resumes, the data is right;
 - a remote store that cannot be reached is one line at mount, and nothing
-  is left mounted or running.
+  is left mounted or running;
+- a second datastore on the same remote store is refused by the remote host
+  while the first one's view runs (and by the owner record after it), and
+  the first one goes on unharmed.
 """
 
 from __future__ import annotations
@@ -38,7 +41,14 @@ from fusedisk.storeviews import view_mountpoint
 
 from . import journal_writer
 from .conftest import require_tools
-from .mounting import MountedDatastore, fusedisk, processes, wait_for
+from .mounting import (
+    MountedDatastore,
+    force_unmount,
+    fusedisk,
+    is_mounted,
+    processes,
+    wait_for,
+)
 from .test_remote import nbdkits_serving
 
 pytestmark = pytest.mark.mount
@@ -176,7 +186,8 @@ def test_local_remote_local_under_a_guest(tmp_path: Path, ds: MountedDatastore) 
     assert placement(ds) == "near"
     # the far store keeps nothing of the entry's (its export links went with the files)
     owner = os.stat(ds.stores["far"] / ".fusedisk-owner").st_ino
-    assert sorted(os.listdir(ds.stores["far"])) == [".fusedisk-owner", f".fusedisk-x{owner}"]
+    assert sorted(os.listdir(ds.stores["far"])) == [
+        ".fusedisk-agent-claim", ".fusedisk-owner", f".fusedisk-x{owner}"]
 
 
 def agent_pids(store: Path) -> list[int]:
@@ -371,3 +382,50 @@ def test_cleanup_after_the_daemon_and_its_view_were_killed(tmp_path: Path,
     assert not view.exists()
     ds.start()
     assert _sha(ds.mnt / "vm" / "disk.img") == before
+
+
+def test_a_second_datastore_is_refused_by_the_remote_host(tmp_path: Path,
+                                                         ds: MountedDatastore) -> None:
+    """The owner file's lock is a flock on the view, which only this host sees; the
+    store's agent holds the claim on the remote host (agent.py ``Agent._claim``)."""
+    small = make_vm(ds.mnt)
+    assert "relocated vm from near to far" in migrate(ds, "far")
+    status = ds.status()
+    other = MountedDatastore(tmp_path / "other", stores=("near", "far"), default_store="near",
+                             remote=("far",))
+    other.stores["far"], other.psk = ds.stores["far"], ds.psk
+
+    def refused() -> str:
+        try:
+            done = fusedisk("mount", str(other.mnt), "--state-dir", str(other.state_dir),
+                            "--default-store", "near", "--store", other.store_spec("near"),
+                            "--store", other.store_spec("far"))
+        finally:
+            # not other.teardown(): it ends every process serving the shared directory
+            if is_mounted(other.mnt):
+                fusedisk("umount", str(other.mnt))
+            force_unmount(other.mnt)
+        assert done.returncode == 1 and done.stderr.count("\n") == 1, done
+        assert "Traceback" not in done.stderr
+        return done.stderr
+
+    line = refused()
+    assert line.startswith("fusedisk: error: store 'far' on local: "), line
+    assert f"{ds.stores['far']} is in use by another fusedisk datastore" in line, line
+    assert f"datastore {status['datastore_id']}" in line, line
+    assert f"state directory {ds.state_dir}, mounted on {ds.mnt}" in line, line
+    assert not view_mountpoint(other.mnt, "far").exists()
+    assert not other.state_dir.exists()
+    # the first one goes on: its files, and new writes, on the remote store
+    assert {n: _sha(ds.mnt / "vm" / n) for n in small} == small
+    (ds.mnt / "vm" / "after").write_bytes(b"still mine")
+    assert (ds.stores["far"] / "vm" / "after").read_bytes() == b"still mine"
+    assert ".fusedisk-agent-claim" not in os.listdir(view_mountpoint(ds.mnt, "far"))
+    ds.stop()
+    # with the first one stopped its view's claim is gone, and its owner record (its
+    # state directory still lists the store) refuses the other datastore
+    line = refused()
+    assert f"belongs to the datastore whose state directory is {ds.state_dir}" in line, line
+    assert f"delete local:{ds.stores['far']}/.fusedisk-owner" in line, line
+    ds.start()
+    assert (ds.mnt / "vm" / "after").read_bytes() == b"still mine"

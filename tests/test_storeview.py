@@ -181,8 +181,10 @@ def test_open_files_outlive_their_names(view: View) -> None:
         if not left:
             break
     assert not left, left
-    # b and its export link (files made through the view are exported at birth)
-    assert sorted(os.listdir(d)) == sorted(["b", f".fusedisk-x{os.stat(d / 'b').st_ino}"])
+    # b and its export link (files made through the view are exported at birth), and
+    # the view's claim of the store
+    assert sorted(os.listdir(d)) == sorted(["b", f".fusedisk-x{os.stat(d / 'b').st_ino}",
+                                            ".fusedisk-agent-claim"])
 
 
 def test_the_stores_own_names_are_hidden(view: View) -> None:
@@ -216,6 +218,55 @@ def test_an_agent_that_dies_is_replaced(view: View) -> None:
     assert (view.site.dir / "g").read_bytes() == b"after"
     assert view.agent_pid() != first
     assert "reconnected" in view.log.read_text()
+
+
+@pytest.mark.parametrize("host", ["same", "restarted"])
+def test_a_restart_of_the_remote_host_fails_each_open_files_next_fsync_once(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, host: str) -> None:
+    """The agent killed (and with it nbdkit) while a small file (agent path) and a
+    large one (NBD) hold writes not yet synced. The remote host still runs the same
+    kernel (same boot id): those writes are in its page cache, every fsync succeeds.
+    It restarted meanwhile (a new boot id; FUSEDISK_BOOT_ID_PATH stands in for
+    /proc/sys/kernel/random/boot_id): each handle's next fsync fails with EIO once."""
+    boot = tmp_path / "boot_id"
+    boot.write_text("boot-1\n")
+    monkeypatch.setenv("FUSEDISK_BOOT_ID_PATH", str(boot))  # the view's agents inherit it
+    with running_view(tmp_path) as view:
+        (view.mnt / "big").write_bytes(bytes(2 << 20))
+        small = os.open(view.mnt / "small", os.O_CREAT | os.O_RDWR, 0o644)
+        big = os.open(view.mnt / "big", os.O_RDWR)
+        try:
+            os.pwrite(small, b"small data", 0)
+            os.pwrite(big, b"big data", 4096)
+            if host == "restarted":
+                boot.write_text("boot-2\n")
+            first = view.agent_pid()
+            os.kill(first, signal.SIGKILL)
+            wait_for(lambda: view.agent_pid() != first if _has_agent(view) else False, 30,
+                     "the view's new agent")
+            for fd in (small, big):
+                if host == "same":
+                    os.fsync(fd)
+                else:
+                    with pytest.raises(OSError) as caught:
+                        os.fsync(fd)
+                    assert caught.value.errno == errno.EIO
+                os.fsync(fd)  # told once
+            assert os.pread(small, 100, 0) == b"small data"
+            assert os.pread(big, 8, 4096) == b"big data"
+        finally:
+            os.close(small)
+            os.close(big)
+        said = view.log.read_text()
+        assert ("restarted since the last connection" in said) is (host == "restarted"), said
+
+
+def _has_agent(view: View) -> bool:
+    try:
+        view.agent_pid()
+    except AssertionError:
+        return False
+    return True
 
 
 def test_no_store_means_eio_not_a_hang(tmp_path: Path) -> None:
