@@ -29,6 +29,7 @@ class Mount:
     mountpoint: bytes  #: as the kernel shows it to this process (absolute, unescaped)
     fstype: str  #: e.g. ``fuse.fusedisk``, ``xfs``
     source: str
+    device: str = ""  #: ``MAJOR:MINOR`` of the filesystem (its st_dev; its bdi's name)
 
 
 def parse(text: bytes) -> list[Mount]:
@@ -39,7 +40,8 @@ def parse(text: bytes) -> list[Mount]:
         try:
             sep = fields.index(b"-", 6)  # optional fields may precede the separator
             mounts.append(Mount(unescape(fields[4]), fields[sep + 1].decode(errors="replace"),
-                                unescape(fields[sep + 2]).decode(errors="replace")))
+                                unescape(fields[sep + 2]).decode(errors="replace"),
+                                fields[2].decode(errors="replace")))
         except (ValueError, IndexError):
             continue
     return mounts
@@ -50,14 +52,20 @@ def table() -> list[Mount]:
         return parse(f.read())
 
 
-def fstype_at(path: str | os.PathLike[str]) -> str | None:
-    """The fstype of the topmost mount exactly on *path* (lexically absolute), if any."""
+def mount_at(path: str | os.PathLike[str]) -> Mount | None:
+    """The topmost mount exactly on *path* (lexically absolute), if any."""
     target = os.fsencode(os.path.abspath(path))
     found = None
     for mount in table():
         if mount.mountpoint == target:
-            found = mount.fstype  # later lines are mounted over earlier ones
+            found = mount  # later lines are mounted over earlier ones
     return found
+
+
+def fstype_at(path: str | os.PathLike[str]) -> str | None:
+    """The fstype of the topmost mount exactly on *path* (lexically absolute), if any."""
+    mount = mount_at(path)
+    return mount.fstype if mount is not None else None
 
 
 def is_mounted(path: str | os.PathLike[str]) -> bool:

@@ -283,8 +283,10 @@ class AgentClient:
         self._stderr: IO[bytes] = tempfile.TemporaryFile()
         argv = spec.agent_argv()
         try:
+            # cwd /: ``python -m fusedisk`` (the local form) must not import a fusedisk
+            # checkout that happens to be the current directory
             self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                         stderr=self._stderr, start_new_session=True)
+                                         stderr=self._stderr, start_new_session=True, cwd="/")
         except OSError as e:
             self._stderr.close()
             raise RemoteError(f"store {spec.name!r}: cannot run {argv[0]} "

@@ -62,8 +62,8 @@ from typing import Any
 import pyfuse3
 import trio
 
-from . import extraops, fuseshim, nbdfile, remote
-from .agent import EXPORT_PREFIX, MAX_DATA, ORPHAN_PREFIX
+from . import extraops, fuseshim, mountinfo, nbdfile, remote
+from .agent import EXPORT_PREFIX, MAX_DATA, ORPHAN_PREFIX, PAYLOAD_KEY
 from .errors import FusediskError
 
 log = logging.getLogger(__name__)
@@ -168,19 +168,33 @@ class AgentLink:
             raise remote.RemoteError(f"store {self.spec.name!r}: not connected")
         return self.store.endpoint
 
-    async def _reader(self, stream: trio.lowlevel.FdStream, buffer: bytes) -> None:
+    async def _reader(self, stream: trio.lowlevel.FdStream, leftover: bytes) -> None:
+        buffer = bytearray(leftover)
+
+        async def more() -> None:
+            chunk = await stream.receive_some(1 << 20)
+            if not chunk:
+                raise LinkDown("the agent ended")
+            buffer.extend(chunk)
+
         try:
             while True:
-                while b"\n" not in buffer:
-                    chunk = await stream.receive_some(1 << 20)
-                    if not chunk:
-                        raise LinkDown("the agent ended")
-                    buffer += chunk
-                line, _, buffer = buffer.partition(b"\n")
+                start = 0
+                while (end := buffer.find(b"\n", start)) < 0:
+                    start = len(buffer)
+                    await more()
+                line = bytes(buffer[:end])
+                del buffer[:end + 1]
                 try:
                     reply = json.loads(line.decode("utf-8", errors="surrogateescape"))
                 except ValueError:
                     raise LinkDown(f"the agent answered {line[:80]!r}") from None
+                size = reply.get(PAYLOAD_KEY) if isinstance(reply, dict) else None
+                if isinstance(size, int) and size >= 0:  # its raw bytes follow the line
+                    while len(buffer) < size:
+                        await more()
+                    reply["payload"] = bytes(buffer[:size])
+                    del buffer[:size]
                 rid = reply.get("id") if isinstance(reply, dict) else None
                 waiter = self._waiting.pop(rid, None) if isinstance(rid, int) else None
                 if waiter is None:
@@ -247,8 +261,15 @@ class AgentLink:
         finally:
             self._reconnecting = False
 
-    async def call(self, op: str, **args: Any) -> dict[str, Any]:
-        """One request; its reply, or ``OSError`` (the agent's errno; EIO if the link broke)."""
+    async def call(self, op: str, payload: bytes | memoryview | None = None,
+                   **args: Any) -> dict[str, Any]:
+        """One request; its reply, or ``OSError`` (the agent's errno; EIO if the link broke).
+
+        *payload*: raw bytes sent after the request's line (agent.py
+        :data:`~fusedisk.agent.PAYLOAD_KEY`); a reply's raw bytes are its ``payload``.
+        """
+        if payload is not None:
+            args[PAYLOAD_KEY] = len(payload)
         if self.store is None and self._up.is_set() and self._nursery is not None \
                 and not self._reconnecting and not self.claim_lost:
             # an earlier reconnect gave up: this request waits for one more try
@@ -273,6 +294,8 @@ class AgentLink:
                 if send is not self._send:  # the link broke while this waited its turn
                     raise trio.ClosedResourceError
                 await send.send_all(line)
+                if payload is not None:
+                    await send.send_all(payload)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as e:
             self._waiting.pop(request_id, None)
             if send is self._send:  # not a link already replaced
@@ -936,8 +959,8 @@ class StoreView(pyfuse3.Operations):
         chunks = [prefix]
         while size > 0:
             reply = await self._call("read", path=await self.path(node.ino), offset=off,
-                                     length=min(size, MAX_DATA))
-            chunk = base64.b64decode(reply["data"])
+                                     length=min(size, MAX_DATA), binary=True)
+            chunk = reply["payload"]
             chunks.append(chunk)
             if not chunk or reply.get("eof"):
                 break
@@ -969,9 +992,9 @@ class StoreView(pyfuse3.Operations):
             done = head
         view = memoryview(buf)
         while done < len(buf):
-            piece = bytes(view[done:done + MAX_DATA])
+            piece = view[done:done + MAX_DATA]
             await self._call("write", path=await self.path(node.ino), offset=off + done,
-                             data=base64.b64encode(piece).decode("ascii"))
+                             payload=piece)
             done += len(piece)
         if sync and (data is None or (len(buf) > 0 and off + len(buf) > node.nbd_size)):
             await self._call("fsync", path=await self.path(node.ino))
@@ -1249,6 +1272,7 @@ def main(spec_text: str, mountpoint: str, *, ready_fd: int | None = None,
     except RuntimeError as e:
         store.close()
         raise FusediskError(f"store-view: cannot mount on {mountpoint}: {e}") from None
+    _widen_readahead(mountpoint)
     try:
         trio.run(_serve, view, link, store, ready_fd, watch_fd, status_path)
     except BaseExceptionGroup as group:
@@ -1263,6 +1287,30 @@ def main(spec_text: str, mountpoint: str, *, ready_fd: int | None = None,
         link.close()
         pyfuse3.close(unmount=True)
     return 0
+
+
+#: The view's read-ahead (its bdi's ``read_ahead_kb``). The kernel's default of 128 KiB
+#: makes a sequential reader's READs 128 KiB each, one round trip after another; at
+#: 4 MiB the kernel sends its READs of up to 1 MiB (max_pages) several at a time, and
+#: the view reads them over NBD at once (a relocation off a remote store, a guest's
+#: sequential reads). Random reads do not read ahead, whatever the window.
+VIEW_READ_AHEAD_KB = 4096
+
+
+def _widen_readahead(mountpoint: str) -> None:
+    """Set the view's read-ahead (:data:`VIEW_READ_AHEAD_KB`) through sysfs; the bdi is
+    named by the mount's device numbers, read from the mount table (a stat of the
+    mount would wait for the view, which does not serve yet). Logged if it cannot."""
+    mount = mountinfo.mount_at(mountpoint)
+    path = f"/sys/class/bdi/{mount.device}/read_ahead_kb" if mount and mount.device else ""
+    try:
+        if not path:
+            raise FileNotFoundError(errno.ENOENT, "not in the mount table")
+        with open(path, "w") as f:
+            f.write(f"{VIEW_READ_AHEAD_KB}\n")
+    except OSError as e:
+        log.info("store view %s: read-ahead left as it is (%s: %s)", mountpoint,
+                 path or "its bdi", e.strerror)
 
 
 def _nbd_opener(link: AgentLink) -> Callable[[str, int], Awaitable[Any]]:

@@ -140,7 +140,8 @@ class StoreViews:
         try:
             # stderr: the daemon's log; no new session: a signal to the daemon's group
             # (a terminal's ^C in the foreground) reaches the view too, which unmounts
-            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, pass_fds=(ready_w, watch_r))
+            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, pass_fds=(ready_w, watch_r),
+                                    cwd="/")  # python -m: never a checkout in the cwd
         except OSError as e:
             for fd in (ready_r, ready_w, watch_r, watch_w):
                 os.close(fd)

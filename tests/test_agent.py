@@ -169,6 +169,50 @@ def test_write_and_read_small_files(agent: Agent) -> None:
     agent.refused("ENOENT", "read", path="vm/none")
 
 
+def test_file_data_as_raw_bytes_after_the_line(agent: Agent) -> None:
+    """``"bytes": N`` and N raw bytes after the request line (write), and after the
+    reply line of a ``read`` with ``binary``; random pieces against a reference file,
+    one too large refused with the channel still in step, a ``_payload`` key in the
+    JSON never taken for data."""
+    assert agent.proc.stdin is not None and agent.proc.stdout is not None
+    rng = random.Random(99)
+
+    def send(req: dict[str, Any], data: bytes) -> dict[str, Any]:
+        assert agent.proc.stdin is not None and agent.proc.stdout is not None
+        agent.proc.stdin.write(json.dumps({**req, "bytes": len(data)}).encode() + b"\n" + data)
+        agent.proc.stdin.flush()
+        reply = json.loads(agent.proc.stdout.readline())
+        assert isinstance(reply, dict)
+        return reply
+
+    def read(offset: int, length: int) -> bytes:
+        reply = agent.ok("read", path="f", offset=offset, length=length, binary=True)
+        assert agent.proc.stdout is not None
+        data = agent.proc.stdout.read(reply["bytes"])
+        assert reply["bytes"] == len(data) and "data" not in reply
+        return data
+
+    reference = bytearray()
+    assert send({"op": "write", "path": "f", "create": True}, b"")["ok"]
+    for _ in range(40):
+        offset = rng.randrange(0, 3 * MAX_DATA)
+        data = rng.randbytes(rng.choice([1, 4096, rng.randrange(1, MAX_DATA + 1)]))
+        reply = send({"op": "write", "path": "f", "offset": offset, "id": 5}, data)
+        assert reply["ok"] and reply["written"] == len(data) and reply["id"] == 5, reply
+        reference.extend(bytes(max(0, offset + len(data) - len(reference))))
+        reference[offset:offset + len(data)] = data
+        offset = rng.randrange(0, len(reference) + 10)
+        length = rng.randrange(0, MAX_DATA + 1)
+        assert read(offset, length) == bytes(reference[offset:offset + length])
+    assert (agent.root / "f").read_bytes() == bytes(reference)
+    too_big = send({"op": "write", "path": "f"}, bytes(MAX_DATA + 1))
+    assert too_big["ok"] is False and too_big["errno"] == "EFBIG", too_big
+    assert agent.ok("stat", path="f")["size"] == len(reference)  # still in step
+    # a "_payload" in the JSON is no data: write wants its base64 "data" then
+    agent.refused("EINVAL", "write", path="f", _payload="x")
+    assert (agent.root / "f").read_bytes() == bytes(reference)
+
+
 def test_rename_unlink_rmdir(agent: Agent) -> None:
     agent.ok("mkdir", path=".staging-web01")
     agent.ok("write", path=".staging-web01/a", data=b64(b"A"), create=True)

@@ -25,6 +25,8 @@ from pathlib import Path
 
 import pytest
 
+from fusedisk import mountinfo, storeview
+
 from . import differential as diff
 from .mounting import wait_for
 from .test_remote import Site, stop_nbdkits, write_keys
@@ -198,6 +200,18 @@ def test_the_stores_own_names_are_hidden(view: View) -> None:
             os.stat(view.mnt / name)
         with pytest.raises(FileNotFoundError):
             (view.mnt / name).write_bytes(b"")
+
+
+def test_the_view_reads_ahead_4_mib(view: View) -> None:
+    """Its bdi's read-ahead is widened (the kernel's 128 KiB made a sequential reader's
+    READs one 128 KiB round trip after another), and a sequential read is right."""
+    mount = mountinfo.mount_at(view.mnt)
+    assert mount is not None and mount.device.startswith("0:"), mount
+    ra = Path(f"/sys/class/bdi/{mount.device}/read_ahead_kb").read_text()
+    assert int(ra) == storeview.VIEW_READ_AHEAD_KB == 4096
+    data = os.urandom(16 << 20)
+    (view.site.dir / "seq.img").write_bytes(data)
+    assert (view.mnt / "seq.img").read_bytes() == data
 
 
 def test_an_agent_that_dies_is_replaced(view: View) -> None:
