@@ -1168,16 +1168,17 @@ def _clear_stale_mount(mountpoint: str) -> None:
 
 
 async def _serve(view: StoreView, link: AgentLink, store: remote.RemoteStore,
-                 ready_fd: int | None, watch_fd: int | None, status_path: str | None) -> None:
+                 ready_fd: int | None, watch_fd: int | None, status_path: str | None,
+                 mountpoint: str) -> None:
     try:
-        await _serve_in(view, link, store, ready_fd, watch_fd, status_path)
+        await _serve_in(view, link, store, ready_fd, watch_fd, status_path, mountpoint)
     finally:
         link.detach()
 
 
 async def _serve_in(view: StoreView, link: AgentLink, store: remote.RemoteStore,
-                    ready_fd: int | None, watch_fd: int | None, status_path: str | None
-                    ) -> None:
+                    ready_fd: int | None, watch_fd: int | None, status_path: str | None,
+                    mountpoint: str) -> None:
     async with trio.open_nursery() as nursery:
         link.attach(store, nursery)
         try:
@@ -1211,6 +1212,15 @@ async def _serve_in(view: StoreView, link: AgentLink, store: remote.RemoteStore,
         if status_path is not None:
             nursery.start_soon(_report, view, status_path)
         nursery.start_soon(on_signal)
+
+        async def widen_readahead() -> None:
+            # the kernel caps the read-ahead when the INIT reply arrives: after it, so
+            # after a request of the mount's own (a stat answered by this loop)
+            with contextlib.suppress(OSError):
+                await trio.to_thread.run_sync(os.stat, mountpoint)
+            _widen_readahead(mountpoint)
+
+        nursery.start_soon(widen_readahead)
         await pyfuse3.main(min_tasks=4, max_tasks=64)
         nursery.cancel_scope.cancel()
 
@@ -1272,9 +1282,8 @@ def main(spec_text: str, mountpoint: str, *, ready_fd: int | None = None,
     except RuntimeError as e:
         store.close()
         raise FusediskError(f"store-view: cannot mount on {mountpoint}: {e}") from None
-    _widen_readahead(mountpoint)
     try:
-        trio.run(_serve, view, link, store, ready_fd, watch_fd, status_path)
+        trio.run(_serve, view, link, store, ready_fd, watch_fd, status_path, mountpoint)
     except BaseExceptionGroup as group:
         matched, rest = group.split(FusediskError)
         if matched is not None and rest is None:
@@ -1298,9 +1307,10 @@ VIEW_READ_AHEAD_KB = 4096
 
 
 def _widen_readahead(mountpoint: str) -> None:
-    """Set the view's read-ahead (:data:`VIEW_READ_AHEAD_KB`) through sysfs; the bdi is
-    named by the mount's device numbers, read from the mount table (a stat of the
-    mount would wait for the view, which does not serve yet). Logged if it cannot."""
+    """Set the view's read-ahead (:data:`VIEW_READ_AHEAD_KB`) through sysfs, once the
+    mount's INIT is answered (the kernel sets it to at most what INIT negotiated,
+    which libfuse keeps at the kernel's own 128 KiB); the bdi is named by the mount's
+    device numbers in the mount table. Logged if it cannot."""
     mount = mountinfo.mount_at(mountpoint)
     path = f"/sys/class/bdi/{mount.device}/read_ahead_kb" if mount and mount.device else ""
     try:
@@ -1309,7 +1319,7 @@ def _widen_readahead(mountpoint: str) -> None:
         with open(path, "w") as f:
             f.write(f"{VIEW_READ_AHEAD_KB}\n")
     except OSError as e:
-        log.info("store view %s: read-ahead left as it is (%s: %s)", mountpoint,
+        log.warning("store view %s: read-ahead left as it is (%s: %s)", mountpoint,
                  path or "its bdi", e.strerror)
 
 

@@ -205,12 +205,15 @@ def test_the_stores_own_names_are_hidden(view: View) -> None:
 def test_the_view_reads_ahead_4_mib(view: View) -> None:
     """Its bdi's read-ahead is widened (the kernel's 128 KiB made a sequential reader's
     READs one 128 KiB round trip after another), and a sequential read is right."""
-    mount = mountinfo.mount_at(view.mnt)
-    assert mount is not None and mount.device.startswith("0:"), mount
-    ra = Path(f"/sys/class/bdi/{mount.device}/read_ahead_kb").read_text()
-    assert int(ra) == storeview.VIEW_READ_AHEAD_KB == 4096
     data = os.urandom(16 << 20)
     (view.site.dir / "seq.img").write_bytes(data)
+    assert (view.mnt / "seq.img").read_bytes() == data  # INIT long answered by now
+    mount = mountinfo.mount_at(view.mnt)
+    assert mount is not None and mount.device.startswith("0:"), mount
+    ra = Path(f"/sys/class/bdi/{mount.device}/read_ahead_kb")
+    # set by a task of the view's once it serves: wait for it, not for a time
+    wait_for(lambda: int(ra.read_text()) == storeview.VIEW_READ_AHEAD_KB == 4096, 30,
+             f"the view's read-ahead ({ra.read_text().strip()} KiB)")
     assert (view.mnt / "seq.img").read_bytes() == data
 
 
